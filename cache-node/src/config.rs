@@ -1,0 +1,600 @@
+//! Node configuration: a TOML file, overridden by environment variables, then
+//! by command-line flags. Unknown fields are rejected and every value is
+//! validated at start-up, with errors that name the field.
+//!
+//! With no file and no flags the node runs alone on [`DEFAULT_LISTEN`] with
+//! metrics on [`DEFAULT_METRICS_LISTEN`] and one keyspace, `default`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default gRPC address: loopback only, so that a node started with no
+/// arguments is not reachable from other machines.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Default Prometheus metrics address.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9700";
+/// Default node id.
+pub const DEFAULT_NODE_ID: &str = "node-1";
+/// The keyspace that always exists.
+pub const DEFAULT_KEYSPACE: &str = "default";
+/// Default capacity of a keyspace: 64 MiB.
+pub const DEFAULT_CAPACITY_BYTES: u64 = 64 * 1024 * 1024;
+/// Default maximum key length: 1 KiB.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
+/// Default maximum value length: 1 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Default maximum TTL a write may ask for: 30 days.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default maximum number of keys in one `MultiGet` or `MultiSet`.
+pub const DEFAULT_MAX_BATCH_KEYS: usize = 1000;
+/// Default maximum size of one decoded gRPC request: 64 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// Default maximum number of keyspaces (configured plus created on demand).
+pub const DEFAULT_MAX_KEYSPACES: usize = 1024;
+/// Default time shutdown waits for in-flight requests.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Largest value the node accepts as `max_value_bytes`: the weigher counts
+/// entry sizes in a `u32`, so one entry must stay well below 4 GiB.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 512 * 1024 * 1024;
+/// Longest keyspace name.
+pub const MAX_KEYSPACE_NAME_BYTES: usize = 128;
+
+/// The node's whole configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Stable id of this node. The ring places the node by this id, so it
+    /// must stay the same when the node restarts or moves.
+    pub node_id: String,
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`); absent
+    /// turns the endpoint off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Address other parties should dial for this node, if it differs from
+    /// `listen` (for example behind NAT or in a container).
+    pub advertise_address: Option<String>,
+    /// What a request naming a keyspace that is not configured gets.
+    pub unknown_keyspaces: UnknownKeyspaces,
+    /// How long shutdown waits for in-flight requests before giving up.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Log output format; the level comes from `RUST_LOG`.
+    pub log_format: LogFormat,
+    /// Request limits.
+    pub limits: Limits,
+    /// Configured keyspaces by name. `default` is always present: if the file
+    /// does not configure it, it gets the built-in settings.
+    pub keyspaces: BTreeMap<String, KeyspaceConfig>,
+    /// Settings of keyspaces created on demand (`unknown_keyspaces =
+    /// "create"`).
+    pub created_keyspaces: KeyspaceConfig,
+    /// The membership this node reports through `Topology`.
+    pub cluster: ClusterConfig,
+}
+
+/// What happens to a request for a keyspace the node does not have.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownKeyspaces {
+    /// Refuse it with `NOT_FOUND` (the default: a typo does not silently
+    /// create a keyspace).
+    #[default]
+    Reject,
+    /// Create the keyspace with the `created_keyspaces` settings, up to
+    /// `limits.max_keyspaces`.
+    Create,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Limits on what one request may carry.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest key, in bytes.
+    pub max_key_bytes: usize,
+    /// Longest value, in bytes.
+    pub max_value_bytes: usize,
+    /// Longest TTL a write may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Most keys in one `MultiGet` or `MultiSet`.
+    pub max_batch_keys: usize,
+    /// Largest encoded gRPC request.
+    pub max_request_bytes: usize,
+    /// Most keyspaces the node holds, configured and created on demand.
+    pub max_keyspaces: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            max_ttl: DEFAULT_MAX_TTL,
+            max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_keyspaces: DEFAULT_MAX_KEYSPACES,
+        }
+    }
+}
+
+/// Settings of one keyspace on the node.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyspaceConfig {
+    /// Most bytes the keyspace holds, counting key + value + a fixed
+    /// per-entry overhead ([`crate::store::ENTRY_OVERHEAD_BYTES`]). Beyond
+    /// it, the least valuable entries are evicted.
+    pub capacity_bytes: u64,
+    /// TTL of writes that do not give one; absent means such entries never
+    /// expire (they still get evicted under memory pressure).
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Option<Duration>,
+}
+
+impl Default for KeyspaceConfig {
+    fn default() -> Self {
+        KeyspaceConfig {
+            capacity_bytes: DEFAULT_CAPACITY_BYTES,
+            default_ttl: None,
+        }
+    }
+}
+
+/// The membership this node reports through `Topology`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Version of this membership list. Clients adopt the list with the
+    /// highest epoch they see, so bump it whenever `members` changes.
+    pub epoch: u64,
+    /// All members of the pool, this node included. Empty means this node
+    /// alone (at epoch 1 when `epoch` is 0).
+    pub members: Vec<MemberConfig>,
+}
+
+/// One member of the pool.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// The member's node id.
+    pub id: String,
+    /// Address clients dial, as host:port.
+    pub address: String,
+    /// Relative share of keys (1 = normal, 0 = owns nothing).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: DEFAULT_NODE_ID.to_owned(),
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid address"),
+            metrics_listen: Some(
+                DEFAULT_METRICS_LISTEN
+                    .parse()
+                    .expect("DEFAULT_METRICS_LISTEN is a valid address"),
+            ),
+            advertise_address: None,
+            unknown_keyspaces: UnknownKeyspaces::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            log_format: LogFormat::default(),
+            limits: Limits::default(),
+            keyspaces: BTreeMap::new(),
+            created_keyspaces: KeyspaceConfig::default(),
+            cluster: ClusterConfig::default(),
+        }
+    }
+}
+
+/// Command-line flags. Each flag can also be given as the environment
+/// variable named beside it; a flag beats its variable, which beats the file.
+#[derive(Clone, Debug, Default, clap::Parser)]
+#[command(name = "cache-node", version, about = "A ringcache cache node")]
+pub struct Cli {
+    /// TOML config file; without it the built-in defaults apply.
+    #[arg(long, env = "RINGCACHE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stable id of this node.
+    #[arg(long, env = "RINGCACHE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// gRPC listen address.
+    #[arg(long, env = "RINGCACHE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus metrics listen address.
+    #[arg(long, env = "RINGCACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Turn the metrics endpoint off.
+    #[arg(long, env = "RINGCACHE_NO_METRICS", conflicts_with = "metrics_listen")]
+    pub no_metrics: bool,
+    /// Address other parties dial for this node.
+    #[arg(long, env = "RINGCACHE_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+    /// What requests for unconfigured keyspaces get.
+    #[arg(long, env = "RINGCACHE_UNKNOWN_KEYSPACES", value_enum)]
+    pub unknown_keyspaces: Option<UnknownKeyspaces>,
+    /// Log format (the level comes from RUST_LOG).
+    #[arg(long, env = "RINGCACHE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// Builds the config from the file named by `cli` (or the defaults),
+    /// applies the overrides of `cli`, and validates the result.
+    ///
+    /// # Errors
+    /// [`Error::ConfigFile`] when the file cannot be read or parsed (the
+    /// message names the line and the field), [`Error::Config`] when a value
+    /// is out of range.
+    pub fn load(cli: &Cli) -> Result<Config> {
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Config::from_toml(&text).map_err(|e| match e {
+                    Error::ConfigFile { reason, .. } => Error::ConfigFile {
+                        path: path.display().to_string(),
+                        reason,
+                    },
+                    other => other,
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(id) = &cli.node_id {
+            config.node_id = id.clone();
+        }
+        if let Some(listen) = cli.listen {
+            config.listen = listen;
+        }
+        if let Some(metrics) = cli.metrics_listen {
+            config.metrics_listen = Some(metrics);
+        }
+        if cli.no_metrics {
+            config.metrics_listen = None;
+        }
+        if let Some(address) = &cli.advertise_address {
+            config.advertise_address = Some(address.clone());
+        }
+        if let Some(policy) = cli.unknown_keyspaces {
+            config.unknown_keyspaces = policy;
+        }
+        if let Some(format) = cli.log_format {
+            config.log_format = format;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document (without validating it).
+    ///
+    /// # Errors
+    /// [`Error::ConfigFile`] naming the line and field that do not parse.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| Error::ConfigFile {
+            path: "<inline>".to_owned(),
+            reason: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Checks every value and fills in derived ones (the `default` keyspace).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first field that is out of range.
+    pub fn validate(&mut self) -> Result<()> {
+        if self.node_id.is_empty() || self.node_id.chars().any(char::is_whitespace) {
+            return Err(Error::config(
+                "node_id",
+                "must be non-empty and contain no whitespace",
+            ));
+        }
+        let limits = &self.limits;
+        if !(1..=64 * 1024).contains(&limits.max_key_bytes) {
+            return Err(Error::config(
+                "limits.max_key_bytes",
+                format!("{} is not in 1..=65536", limits.max_key_bytes),
+            ));
+        }
+        if !(1..=MAX_VALUE_BYTES_LIMIT).contains(&limits.max_value_bytes) {
+            return Err(Error::config(
+                "limits.max_value_bytes",
+                format!(
+                    "{} is not in 1..={MAX_VALUE_BYTES_LIMIT}",
+                    limits.max_value_bytes
+                ),
+            ));
+        }
+        if limits.max_ttl.is_zero() {
+            return Err(Error::config("limits.max_ttl", "must be greater than zero"));
+        }
+        if limits.max_batch_keys == 0 {
+            return Err(Error::config("limits.max_batch_keys", "must be at least 1"));
+        }
+        // One request must at least fit one maximal item plus framing.
+        let min_request = limits.max_key_bytes + limits.max_value_bytes + 1024;
+        if limits.max_request_bytes < min_request {
+            return Err(Error::config(
+                "limits.max_request_bytes",
+                format!(
+                    "{} is smaller than max_key_bytes + max_value_bytes + 1024 ({min_request})",
+                    limits.max_request_bytes
+                ),
+            ));
+        }
+        self.keyspaces
+            .entry(DEFAULT_KEYSPACE.to_owned())
+            .or_default();
+        if self.keyspaces.len() > limits.max_keyspaces {
+            return Err(Error::config(
+                "limits.max_keyspaces",
+                format!(
+                    "{} keyspaces are configured but max_keyspaces is {}",
+                    self.keyspaces.len(),
+                    limits.max_keyspaces
+                ),
+            ));
+        }
+        for (name, keyspace) in &self.keyspaces {
+            validate_keyspace_name(name)
+                .map_err(|reason| Error::config(format!("keyspaces.{name}"), reason))?;
+            keyspace.validate(&format!("keyspaces.{name}"), limits)?;
+        }
+        self.created_keyspaces
+            .validate("created_keyspaces", &self.limits)?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, member) in self.cluster.members.iter().enumerate() {
+            if member.id.is_empty() || !seen.insert(member.id.as_str()) {
+                return Err(Error::config(
+                    format!("cluster.members[{i}].id"),
+                    format!("{:?} is empty or appears twice", member.id),
+                ));
+            }
+            if member.address.is_empty() {
+                return Err(Error::config(
+                    format!("cluster.members[{i}].address"),
+                    "must not be empty",
+                ));
+            }
+        }
+        if !self.cluster.members.is_empty() && !seen.contains(self.node_id.as_str()) {
+            return Err(Error::config(
+                "cluster.members",
+                format!("does not list this node ({:?})", self.node_id),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl KeyspaceConfig {
+    fn validate(&self, field: &str, limits: &Limits) -> Result<()> {
+        // A keyspace must hold at least one maximal entry, or every large
+        // write would be evicted as soon as it is stored.
+        let min = (limits.max_key_bytes + limits.max_value_bytes) as u64
+            + crate::store::ENTRY_OVERHEAD_BYTES;
+        if self.capacity_bytes < min {
+            return Err(Error::config(
+                format!("{field}.capacity_bytes"),
+                format!(
+                    "{} is smaller than one maximal entry (max_key_bytes + max_value_bytes + overhead = {min})",
+                    self.capacity_bytes
+                ),
+            ));
+        }
+        if let Some(ttl) = self.default_ttl {
+            if ttl.is_zero() {
+                return Err(Error::config(
+                    format!("{field}.default_ttl"),
+                    "must be greater than zero (omit it for no expiry)",
+                ));
+            }
+            if ttl > limits.max_ttl {
+                return Err(Error::config(
+                    format!("{field}.default_ttl"),
+                    format!(
+                        "{} exceeds limits.max_ttl ({})",
+                        humantime::format_duration(ttl),
+                        humantime::format_duration(limits.max_ttl)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a keyspace name: 1 to [`MAX_KEYSPACE_NAME_BYTES`] bytes of ASCII
+/// letters, digits, `_`, `-` and `.`. The restriction keeps names safe in
+/// metric labels, Kafka topic names and SQL identifiers, and free of the NUL
+/// byte that the ring uses as a separator.
+pub fn validate_keyspace_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("keyspace name is empty");
+    }
+    if name.len() > MAX_KEYSPACE_NAME_BYTES {
+        return Err("keyspace name is longer than 128 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err("keyspace name may only contain ASCII letters, digits, '_', '-' and '.'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_include_the_default_keyspace() {
+        let mut config = Config::default();
+        config.validate().unwrap();
+        assert!(config.keyspaces.contains_key(DEFAULT_KEYSPACE));
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let mut config = Config::from_toml(
+            r#"
+            node_id = "n2"
+            listen = "127.0.0.1:7702"
+            metrics_listen = "127.0.0.1:9702"
+            unknown_keyspaces = "create"
+            shutdown_grace = "5s"
+            log_format = "json"
+
+            [limits]
+            max_key_bytes = 256
+            max_ttl = "1day"
+
+            [keyspaces.users]
+            capacity_bytes = 10485760
+            default_ttl = "10m"
+
+            [cluster]
+            epoch = 3
+            members = [
+              { id = "n1", address = "127.0.0.1:7701" },
+              { id = "n2", address = "127.0.0.1:7702", weight = 2 },
+            ]
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.unknown_keyspaces, UnknownKeyspaces::Create);
+        assert_eq!(
+            config.keyspaces["users"].default_ttl,
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(config.cluster.members[1].weight, 2);
+        assert_eq!(config.cluster.members[0].weight, 1);
+        assert_eq!(config.limits.max_key_bytes, 256);
+        assert_eq!(config.limits.max_value_bytes, DEFAULT_MAX_VALUE_BYTES);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err = Config::from_toml("listen = \"127.0.0.1:1\"\nlsiten = 3\n").unwrap_err();
+        assert!(err.to_string().contains("lsiten"), "{err}");
+        let err = Config::from_toml("[keyspaces.a]\ncapacity = 3\n").unwrap_err();
+        assert!(err.to_string().contains("capacity"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_field() {
+        let cases = [
+            ("node_id = \"\"", "node_id"),
+            ("[limits]\nmax_key_bytes = 0", "limits.max_key_bytes"),
+            ("[limits]\nmax_value_bytes = 0", "limits.max_value_bytes"),
+            ("[limits]\nmax_batch_keys = 0", "limits.max_batch_keys"),
+            (
+                "[limits]\nmax_request_bytes = 10",
+                "limits.max_request_bytes",
+            ),
+            (
+                "[keyspaces.a]\ncapacity_bytes = 10",
+                "keyspaces.a.capacity_bytes",
+            ),
+            (
+                "[keyspaces.a]\ndefault_ttl = \"0s\"",
+                "keyspaces.a.default_ttl",
+            ),
+            (
+                "[keyspaces.a]\ndefault_ttl = \"400days\"",
+                "keyspaces.a.default_ttl",
+            ),
+            ("[keyspaces.\"a b\"]", "keyspaces.a b"),
+            (
+                "[cluster]\nmembers = [{ id = \"x\", address = \"h:1\" }]",
+                "cluster.members",
+            ),
+            (
+                "node_id = \"x\"\n[cluster]\nmembers = [{ id = \"x\", address = \"h:1\" }, { id = \"x\", address = \"h:2\" }]",
+                "cluster.members[1].id",
+            ),
+        ];
+        for (text, field) in cases {
+            let mut config = Config::from_toml(text).unwrap();
+            let err = config.validate().unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("invalid config: {field}:")),
+                "{text:?} gave {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("ringcache-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(
+            &path,
+            "node_id = \"from-file\"\nlisten = \"127.0.0.1:7000\"\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            config: Some(path.clone()),
+            node_id: Some("from-flag".into()),
+            no_metrics: true,
+            ..Cli::default()
+        };
+        let config = Config::load(&cli).unwrap();
+        assert_eq!(config.node_id, "from-flag");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(config.metrics_listen, None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_example_validates() {
+        let text = include_str!("../../deploy/config/node.example.toml");
+        let mut config = Config::from_toml(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.cluster.members.len(), 3);
+        assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let cli = Cli {
+            config: Some("/nonexistent/ringcache.toml".into()),
+            ..Cli::default()
+        };
+        let err = Config::load(&cli).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/ringcache.toml"),
+            "{err}"
+        );
+    }
+}

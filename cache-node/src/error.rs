@@ -1,0 +1,120 @@
+//! The node's error type: everything a request or start-up can fail with.
+
+use ringcache_proto::{ErrorKind, ServiceError};
+
+/// Result alias for the node.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the node. Messages are lowercase and name
+/// the limit or field that was violated, so a client can show them as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request carried an empty key.
+    #[error("key is empty")]
+    EmptyKey,
+    /// A request carried a key longer than `limits.max_key_bytes`.
+    #[error("key of {len} bytes exceeds max_key_bytes ({max})")]
+    KeyTooLarge {
+        /// Length of the offending key.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A write carried a value longer than `limits.max_value_bytes`.
+    #[error("value of {len} bytes exceeds max_value_bytes ({max})")]
+    ValueTooLarge {
+        /// Length of the offending value.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A write asked for a TTL above `limits.max_ttl`.
+    #[error("ttl of {ttl_ms} ms exceeds max_ttl ({max_ms} ms)")]
+    TtlOutOfRange {
+        /// The requested TTL.
+        ttl_ms: u64,
+        /// The configured maximum.
+        max_ms: u64,
+    },
+    /// A batch request named more keys than `limits.max_batch_keys`.
+    #[error("batch of {len} keys exceeds max_batch_keys ({max})")]
+    BatchTooLarge {
+        /// Number of keys in the batch.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The keyspace is not configured and the node rejects unknown keyspaces.
+    #[error("unknown keyspace {name:?} (unknown_keyspaces = \"reject\")")]
+    UnknownKeyspace {
+        /// The keyspace the request named.
+        name: String,
+    },
+    /// The keyspace name is not a valid name.
+    #[error("invalid keyspace name {name:?}: {reason}")]
+    InvalidKeyspaceName {
+        /// The name the request carried.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Creating the keyspace on demand would exceed `limits.max_keyspaces`.
+    #[error("creating keyspace {name:?} would exceed max_keyspaces ({max})")]
+    TooManyKeyspaces {
+        /// The keyspace the request named.
+        name: String,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A request is malformed in a way the message names (missing field,
+    /// unknown enum value).
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// The configuration is invalid; the message names the field.
+    #[error("invalid config: {field}: {reason}")]
+    Config {
+        /// Dotted path of the offending field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The configuration file could not be read or parsed.
+    #[error("cannot load config file {path}: {reason}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// The reading or parsing error.
+        reason: String,
+    },
+    /// A listener, the gRPC server or the metrics server failed.
+    #[error("server error: {0}")]
+    Server(String),
+}
+
+impl Error {
+    pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl ServiceError for Error {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::EmptyKey
+            | Error::KeyTooLarge { .. }
+            | Error::ValueTooLarge { .. }
+            | Error::TtlOutOfRange { .. }
+            | Error::BatchTooLarge { .. }
+            | Error::InvalidKeyspaceName { .. }
+            | Error::Malformed(_) => ErrorKind::InvalidArgument,
+            Error::UnknownKeyspace { .. } => ErrorKind::NotFound,
+            Error::TooManyKeyspaces { .. } => ErrorKind::ResourceExhausted,
+            Error::Config { .. } | Error::ConfigFile { .. } | Error::Server(_) => {
+                ErrorKind::Internal
+            }
+        }
+    }
+}

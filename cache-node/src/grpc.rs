@@ -1,0 +1,247 @@
+//! The gRPC transport: converts `ringcache.v1` messages to the store's types,
+//! calls the store, and converts back. No cache logic lives here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ringcache_proto::ServiceError;
+use ringcache_proto::v1::{self, cache_node_server::CacheNode};
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::metrics::{NodeMetrics, Rpc};
+use crate::store::{Hit, SetItem, SetOutcome, SetResult, Store, WriteCondition};
+
+/// The `CacheNode` service of one node.
+pub struct CacheNodeService {
+    store: Arc<Store>,
+    metrics: Arc<NodeMetrics>,
+    topology: v1::TopologyResponse,
+    started: Instant,
+    node_id: String,
+    #[cfg(test)]
+    pub(crate) gate: Option<Arc<crate::server::tests::Gate>>,
+}
+
+impl CacheNodeService {
+    /// A service over `store` answering `Topology` from `config.cluster`;
+    /// without a member list it reports itself alone at `self_address`.
+    pub fn new(
+        config: &Config,
+        self_address: String,
+        store: Arc<Store>,
+        metrics: Arc<NodeMetrics>,
+    ) -> Self {
+        let members = if config.cluster.members.is_empty() {
+            vec![v1::Member {
+                id: config.node_id.clone(),
+                address: self_address,
+                weight: 1,
+            }]
+        } else {
+            config
+                .cluster
+                .members
+                .iter()
+                .map(|m| v1::Member {
+                    id: m.id.clone(),
+                    address: m.address.clone(),
+                    weight: m.weight,
+                })
+                .collect()
+        };
+        CacheNodeService {
+            store,
+            metrics,
+            topology: v1::TopologyResponse {
+                epoch: config.cluster.epoch.max(1),
+                members,
+                self_id: config.node_id.clone(),
+            },
+            started: Instant::now(),
+            node_id: config.node_id.clone(),
+            #[cfg(test)]
+            gate: None,
+        }
+    }
+
+    /// Runs `f` timed under `rpc`, counting and converting its error.
+    fn call<T>(
+        &self,
+        rpc: Rpc,
+        f: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<Response<T>, Status> {
+        let _timer = self.metrics.time(rpc);
+        f().map(Response::new).map_err(|error| {
+            let status = error.to_status();
+            self.metrics.count_error(rpc, status.code());
+            tracing::debug!(rpc = ?rpc, %error, "request refused");
+            status
+        })
+    }
+}
+
+fn hit_to_proto(hit: Option<Hit>) -> v1::GetResponse {
+    v1::GetResponse {
+        entry: hit.map(|hit| v1::Entry {
+            value: hit.value,
+            version: hit.version,
+            ttl_remaining_ms: hit
+                .ttl_remaining
+                // An entry with less than 1 ms left still exists: report 1,
+                // because 0 means "never expires".
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
+                .unwrap_or(0),
+        }),
+    }
+}
+
+fn item_from_proto(item: v1::SetItem) -> Result<SetItem, Error> {
+    let condition = match v1::WriteCondition::try_from(item.condition) {
+        Ok(v1::WriteCondition::Unconditional) => WriteCondition::Unconditional,
+        Ok(v1::WriteCondition::IfAbsent) => WriteCondition::IfAbsent,
+        Ok(v1::WriteCondition::IfNewerVersion) => WriteCondition::IfNewerVersion,
+        Err(_) => {
+            return Err(Error::Malformed(format!(
+                "unknown write condition {}",
+                item.condition
+            )));
+        }
+    };
+    Ok(SetItem {
+        key: item.key,
+        value: item.value,
+        version: item.version,
+        ttl: (item.ttl_ms > 0).then(|| Duration::from_millis(item.ttl_ms)),
+        condition,
+    })
+}
+
+fn set_result_to_proto(result: SetResult) -> v1::SetResponse {
+    let outcome = match result.outcome {
+        SetOutcome::Stored => v1::SetOutcome::Stored,
+        SetOutcome::Exists => v1::SetOutcome::Exists,
+        SetOutcome::StaleVersion => v1::SetOutcome::StaleVersion,
+    };
+    v1::SetResponse {
+        outcome: outcome as i32,
+        current_version: result.current_version,
+    }
+}
+
+#[tonic::async_trait]
+impl CacheNode for CacheNodeService {
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
+        #[cfg(test)]
+        if let Some(gate) = &self.gate {
+            gate.pass().await;
+        }
+        let req = request.into_inner();
+        self.call(Rpc::Get, || {
+            self.store.get(&req.keyspace, &req.key).map(hit_to_proto)
+        })
+    }
+
+    async fn set(
+        &self,
+        request: Request<v1::SetRequest>,
+    ) -> Result<Response<v1::SetResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Set, || {
+            let item = req
+                .item
+                .ok_or_else(|| Error::Malformed("set request has no item".into()))?;
+            let item = item_from_proto(item)?;
+            self.store.set(&req.keyspace, item).map(set_result_to_proto)
+        })
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteRequest>,
+    ) -> Result<Response<v1::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Delete, || {
+            let deleted = self.store.delete(&req.keyspace, &req.key)?;
+            Ok(v1::DeleteResponse { deleted })
+        })
+    }
+
+    async fn multi_get(
+        &self,
+        request: Request<v1::MultiGetRequest>,
+    ) -> Result<Response<v1::MultiGetResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::MultiGet, || {
+            let hits = self.store.multi_get(&req.keyspace, &req.keys)?;
+            Ok(v1::MultiGetResponse {
+                results: hits.into_iter().map(hit_to_proto).collect(),
+            })
+        })
+    }
+
+    async fn multi_set(
+        &self,
+        request: Request<v1::MultiSetRequest>,
+    ) -> Result<Response<v1::MultiSetResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::MultiSet, || {
+            let items = req
+                .items
+                .into_iter()
+                .map(item_from_proto)
+                .collect::<Result<Vec<_>, _>>()?;
+            let results = self.store.multi_set(&req.keyspace, items)?;
+            Ok(v1::MultiSetResponse {
+                results: results.into_iter().map(set_result_to_proto).collect(),
+            })
+        })
+    }
+
+    async fn stats(
+        &self,
+        request: Request<v1::StatsRequest>,
+    ) -> Result<Response<v1::StatsResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Stats, || {
+            let filter = (!req.keyspace.is_empty()).then_some(req.keyspace.as_str());
+            let keyspaces = self
+                .store
+                .stats(filter)?
+                .into_iter()
+                .map(|s| v1::KeyspaceStats {
+                    name: s.name,
+                    hits: s.hits,
+                    misses: s.misses,
+                    sets: s.sets,
+                    sets_refused: s.sets_refused,
+                    deletes: s.deletes,
+                    evictions: s.evictions,
+                    expirations: s.expirations,
+                    items: s.items,
+                    bytes: s.bytes,
+                    capacity_bytes: s.capacity_bytes,
+                    default_ttl_ms: s
+                        .default_ttl
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                })
+                .collect();
+            Ok(v1::StatsResponse {
+                node_id: self.node_id.clone(),
+                uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                keyspaces,
+            })
+        })
+    }
+
+    async fn topology(
+        &self,
+        _request: Request<v1::TopologyRequest>,
+    ) -> Result<Response<v1::TopologyResponse>, Status> {
+        self.call(Rpc::Topology, || Ok(self.topology.clone()))
+    }
+}

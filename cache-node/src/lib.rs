@@ -1,0 +1,22 @@
+//! A ringcache cache node.
+//!
+//! - [`config`]: the TOML/env/flag configuration and its validation.
+//! - [`store`]: the domain core: keyspaces of versioned entries in
+//!   byte-bounded moka caches. Knows nothing of gRPC.
+//! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
+//! - [`metrics`]: the node's Prometheus registry.
+//! - [`server`]: [`run`], which wires them together and drains on shutdown.
+//!
+//! A binary (`main.rs`) only parses the config, sets up tracing, binds and
+//! calls [`run`].
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod server;
+pub mod store;
+
+pub use config::{Cli, Config};
+pub use error::{Error, Result};
+pub use server::{Listeners, run};

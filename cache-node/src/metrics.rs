@@ -1,0 +1,168 @@
+//! Prometheus metrics of one node.
+//!
+//! Each node owns its recorder instead of installing a process-global one, so
+//! that several nodes in one process (the in-process tests) keep separate
+//! figures. The hot path only bumps the store's atomic counters and records
+//! one latency sample; counters and sizes are copied into the recorder when
+//! `/metrics` is scraped.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use metrics::{Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::store::Store;
+
+/// Latency buckets in seconds: 25 µs to 1 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0,
+];
+
+/// The node's RPCs, for per-RPC latency.
+#[derive(Clone, Copy, Debug)]
+pub enum Rpc {
+    /// `Get`.
+    Get,
+    /// `Set`.
+    Set,
+    /// `Delete`.
+    Delete,
+    /// `MultiGet`.
+    MultiGet,
+    /// `MultiSet`.
+    MultiSet,
+    /// `Stats`.
+    Stats,
+    /// `Topology`.
+    Topology,
+}
+
+impl Rpc {
+    const ALL: [Rpc; 7] = [
+        Rpc::Get,
+        Rpc::Set,
+        Rpc::Delete,
+        Rpc::MultiGet,
+        Rpc::MultiSet,
+        Rpc::Stats,
+        Rpc::Topology,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Rpc::Get => "Get",
+            Rpc::Set => "Set",
+            Rpc::Delete => "Delete",
+            Rpc::MultiGet => "MultiGet",
+            Rpc::MultiSet => "MultiSet",
+            Rpc::Stats => "Stats",
+            Rpc::Topology => "Topology",
+        }
+    }
+}
+
+const METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// The node's metrics registry and pre-registered hot-path handles.
+pub struct NodeMetrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    latency: Vec<Histogram>,
+    store: Arc<Store>,
+}
+
+impl NodeMetrics {
+    /// A registry over `store`'s counters.
+    pub fn new(store: Arc<Store>) -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .expect("LATENCY_BUCKETS is a non-empty constant")
+            .build_recorder();
+        let handle = recorder.handle();
+        let latency = Rpc::ALL
+            .iter()
+            .map(|rpc| {
+                let key = Key::from_parts(
+                    "ringcache_node_request_duration_seconds",
+                    vec![Label::new("rpc", rpc.name())],
+                );
+                recorder.register_histogram(&key, &METADATA)
+            })
+            .collect();
+        NodeMetrics {
+            recorder,
+            handle,
+            latency,
+            store,
+        }
+    }
+
+    /// Starts timing one request; the sample is recorded when the guard
+    /// drops, whether the request succeeded or not.
+    pub fn time(&self, rpc: Rpc) -> Timer<'_> {
+        Timer {
+            histogram: &self.latency[rpc as usize],
+            start: Instant::now(),
+        }
+    }
+
+    /// Counts a failed request by RPC and gRPC code.
+    pub fn count_error(&self, rpc: Rpc, code: tonic::Code) {
+        let key = Key::from_parts(
+            "ringcache_node_request_errors_total",
+            vec![
+                Label::new("rpc", rpc.name()),
+                Label::new("code", format!("{code:?}")),
+            ],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+    }
+
+    /// The Prometheus text exposition of everything, with per-keyspace
+    /// counters and sizes read from the store now.
+    pub fn render(&self) -> String {
+        let stats = self
+            .store
+            .stats(None)
+            .expect("stats of all keyspaces cannot name an unknown keyspace");
+        for ks in stats {
+            let labels = || vec![Label::new("keyspace", ks.name.clone())];
+            let counter = |name: &'static str, value: u64| {
+                self.recorder
+                    .register_counter(&Key::from_parts(name, labels()), &METADATA)
+                    .absolute(value);
+            };
+            counter("ringcache_node_hits_total", ks.hits);
+            counter("ringcache_node_misses_total", ks.misses);
+            counter("ringcache_node_sets_total", ks.sets);
+            counter("ringcache_node_sets_refused_total", ks.sets_refused);
+            counter("ringcache_node_deletes_total", ks.deletes);
+            counter("ringcache_node_evictions_total", ks.evictions);
+            counter("ringcache_node_expirations_total", ks.expirations);
+            let gauge = |name: &'static str, value: u64| {
+                self.recorder
+                    .register_gauge(&Key::from_parts(name, labels()), &METADATA)
+                    .set(value as f64);
+            };
+            gauge("ringcache_node_items", ks.items);
+            gauge("ringcache_node_bytes", ks.bytes);
+            gauge("ringcache_node_capacity_bytes", ks.capacity_bytes);
+        }
+        self.handle.render()
+    }
+}
+
+/// Records a latency sample on drop.
+pub struct Timer<'a> {
+    histogram: &'a Histogram,
+    start: Instant,
+}
+
+impl Drop for Timer<'_> {
+    fn drop(&mut self) {
+        self.histogram.record(self.start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,264 @@
+//! Wiring: builds the store, the gRPC services and the metrics endpoint, and
+//! runs them until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ringcache_proto::v1::{self, cache_node_server::CacheNodeServer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::grpc::CacheNodeService;
+use crate::metrics::NodeMetrics;
+use crate::store::Store;
+
+/// The sockets a node serves on, bound before [`run`] so that callers (tests,
+/// `main`) can bind port 0 and learn the address.
+pub struct Listeners {
+    /// gRPC: `ringcache.v1.CacheNode`, `grpc.health.v1.Health` and server
+    /// reflection.
+    pub grpc: TcpListener,
+    /// Prometheus `GET /metrics`, if enabled.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `config.listen` and `config.metrics_listen`.
+    ///
+    /// # Errors
+    /// [`Error::Server`] naming the address that could not be bound.
+    pub async fn bind(config: &Config) -> Result<Listeners> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::Server(format!("cannot bind listen {}: {e}", config.listen)))?;
+        let metrics =
+            match config.metrics_listen {
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    Error::Server(format!("cannot bind metrics_listen {addr}: {e}"))
+                })?),
+                None => None,
+            };
+        Ok(Listeners { grpc, metrics })
+    }
+}
+
+/// Serves a node until `shutdown` completes, then drains.
+///
+/// Shutdown order: the health service turns `NOT_SERVING` (so that probes
+/// and load balancers stop sending), the listeners stop accepting, in-flight
+/// requests finish (up to `config.shutdown_grace`), then the metrics endpoint
+/// stops.
+///
+/// # Errors
+/// [`Error::Server`] when a server fails; the config is assumed validated
+/// ([`Config::load`] does it).
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    serve(config, listeners, shutdown, Hooks::default()).await
+}
+
+/// Test-only instrumentation of [`serve`].
+#[derive(Default)]
+struct Hooks {
+    #[cfg(test)]
+    gate: Option<Arc<tests::Gate>>,
+}
+
+async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    hooks: Hooks,
+) -> Result<()> {
+    let grpc_addr = listeners
+        .grpc
+        .local_addr()
+        .map_err(|e| Error::Server(format!("listener has no address: {e}")))?;
+    // Without an explicit advertise address, others dial the address we
+    // actually bound (which differs from `config.listen` for port 0).
+    let self_address = config
+        .advertise_address
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
+    let store = Arc::new(Store::new(&config));
+    let metrics = Arc::new(NodeMetrics::new(Arc::clone(&store)));
+    #[allow(unused_mut)] // mutated only by test hooks
+    let mut service = CacheNodeService::new(&config, self_address, store, Arc::clone(&metrics));
+    #[cfg(test)]
+    {
+        service.gate = hooks.gate.clone();
+    }
+    #[cfg(not(test))]
+    let _ = hooks;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CacheNodeServer<CacheNodeService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Server(format!("cannot build the reflection service: {e}")))?;
+
+    let stop = CancellationToken::new();
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            CacheNodeServer::new(service)
+                .max_decoding_message_size(config.limits.max_request_bytes),
+        )
+        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    let mut grpc = tokio::spawn(grpc);
+
+    let metrics_server = match listeners.metrics {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::Server(format!("metrics listener has no address: {e}")))?;
+            tracing::info!(%addr, "serving metrics");
+            let router = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let metrics = Arc::clone(&metrics);
+                    async move { metrics.render() }
+                }),
+            );
+            Some(tokio::spawn(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.clone().cancelled_owned())
+                    .into_future(),
+            ))
+        }
+        None => None,
+    };
+    tracing::info!(node_id = %config.node_id, addr = %grpc_addr, "serving gRPC");
+
+    tokio::select! {
+        () = shutdown => {}
+        result = &mut grpc => {
+            // The server ended without being asked to: report why.
+            stop.cancel();
+            return match result {
+                Ok(Ok(())) => Err(Error::Server("grpc server stopped unexpectedly".into())),
+                Ok(Err(e)) => Err(Error::Server(format!("grpc server failed: {e}"))),
+                Err(e) => Err(Error::Server(format!("grpc server task failed: {e}"))),
+            };
+        }
+    }
+
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+    health
+        .set_not_serving::<CacheNodeServer<CacheNodeService>>()
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    stop.cancel();
+    #[cfg(test)]
+    if let Some(gate) = &hooks.gate {
+        gate.shutdown_started.notify_one();
+    }
+
+    let drained = tokio::time::timeout(config.shutdown_grace, &mut grpc).await;
+    let result = match drained {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(Error::Server(format!("grpc server failed: {e}"))),
+        Ok(Err(e)) => Err(Error::Server(format!("grpc server task failed: {e}"))),
+        Err(_) => {
+            tracing::warn!(grace = ?config.shutdown_grace, "in-flight requests did not finish in time; dropping them");
+            grpc.abort();
+            Ok(())
+        }
+    };
+    if let Some(metrics_server) = metrics_server {
+        match metrics_server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics server failed"),
+            Err(e) => tracing::warn!(error = %e, "metrics server task failed"),
+        }
+    }
+    tracing::info!("shut down");
+    result
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use ringcache_proto::v1::cache_node_client::CacheNodeClient;
+    use tokio::sync::{Notify, oneshot};
+
+    /// Holds `Get` requests until released, and says when shutdown began.
+    #[derive(Default)]
+    pub(crate) struct Gate {
+        entered: Notify,
+        release: Notify,
+        pub(crate) shutdown_started: Notify,
+    }
+
+    impl Gate {
+        pub(crate) async fn pass(&self) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_finishes_an_in_flight_request() {
+        let gate = Arc::new(Gate::default());
+        let mut config = Config::default();
+        config.validate().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            config,
+            Listeners {
+                grpc: listener,
+                metrics: None,
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+            Hooks {
+                gate: Some(Arc::clone(&gate)),
+            },
+        ));
+        let mut client = CacheNodeClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let request = tokio::spawn(async move {
+            client
+                .get(v1::GetRequest {
+                    keyspace: "default".into(),
+                    key: "k".into(),
+                })
+                .await
+        });
+        gate.entered.notified().await;
+        stop_tx.send(()).unwrap();
+        gate.shutdown_started.notified().await;
+        assert!(
+            !server.is_finished(),
+            "server finished with a request in flight"
+        );
+        gate.release.notify_one();
+        let reply = request
+            .await
+            .unwrap()
+            .expect("in-flight request must complete");
+        assert!(reply.into_inner().entry.is_none());
+        server.await.unwrap().expect("drained shutdown is clean");
+        // Once drained, the port no longer accepts.
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+}
