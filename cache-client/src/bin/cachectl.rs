@@ -1,0 +1,352 @@
+//! `cachectl`: inspect and poke a ringcache pool from the shell.
+//!
+//! Human-readable output by default, `--json` for scripts; on error a
+//! one-line reason on stderr and exit status 1.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use cache_client::ring::Ring;
+use cache_client::{Client, ClientConfig, SetOptions, SetOutcome};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "cachectl", version, about = "Inspect and use a ringcache pool")]
+struct Cli {
+    /// Nodes to ask for the topology, comma-separated host:port.
+    #[arg(
+        long,
+        env = "RINGCACHE_SEEDS",
+        default_value = "127.0.0.1:7700",
+        value_delimiter = ','
+    )]
+    seeds: Vec<String>,
+    /// Keyspace of keyed commands.
+    #[arg(
+        long,
+        short = 'k',
+        env = "RINGCACHE_KEYSPACE",
+        default_value = "default"
+    )]
+    keyspace: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Overall deadline of one call.
+    #[arg(long, default_value = "2s", value_parser = humantime_duration)]
+    deadline: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Read a key.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Write a key.
+    Set {
+        /// The key.
+        key: String,
+        /// The value (UTF-8 text).
+        value: String,
+        /// Version to store with the value.
+        #[arg(long, default_value_t = 0)]
+        version: u64,
+        /// Time to live, for example 30s or 5m.
+        #[arg(long, value_parser = humantime_duration)]
+        ttl: Option<Duration>,
+        /// Store only if the key is absent.
+        #[arg(long, conflicts_with = "if_newer")]
+        if_absent: bool,
+        /// Store only if the version is newer than the stored one.
+        #[arg(long)]
+        if_newer: bool,
+    },
+    /// Delete a key.
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// Read many keys.
+    Mget {
+        /// The keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Per-node, per-keyspace counters and sizes.
+    Stats,
+    /// The members and epoch the client routes by.
+    Topology,
+    /// Which nodes own a key, or how N sample keys spread across the pool.
+    Ring {
+        /// The key to place.
+        key: Option<String>,
+        /// Instead of one key, place this many sample keys and show the
+        /// balance.
+        #[arg(long, conflicts_with = "key")]
+        sample: Option<usize>,
+    },
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    text.parse::<humantime::Duration>()
+        .map(Into::into)
+        .map_err(|e| e.to_string())
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes joined, no backtrace.
+            eprintln!("cachectl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = ClientConfig::new(cli.seeds.clone()).with_deadline(cli.deadline);
+    let client = Client::connect(config)
+        .await
+        .with_context(|| format!("cannot reach the pool at {}", cli.seeds.join(",")))?;
+    let ks = cli.keyspace.as_str();
+    match cli.command {
+        Command::Get { key } => {
+            let entry = client.get(ks, &key).await?;
+            let owner = client
+                .owners(ks, key.as_bytes())
+                .first()
+                .cloned()
+                .unwrap_or_default();
+            match (entry, cli.json) {
+                (Some(e), true) => println!(
+                    "{}",
+                    json!({"key": key, "found": true, "value": text(&e.value), "version": e.version,
+                           "ttl_ms": e.ttl_remaining.map(|d| d.as_millis() as u64), "node": owner})
+                ),
+                (None, true) => println!("{}", json!({"key": key, "found": false, "node": owner})),
+                (Some(e), false) => {
+                    let ttl = e.ttl_remaining.map_or("never expires".to_owned(), |d| {
+                        format!(
+                            "expires in {}",
+                            humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
+                        )
+                    });
+                    println!(
+                        "{}  (version {}, {ttl}, node {owner})",
+                        text(&e.value),
+                        e.version
+                    );
+                }
+                (None, false) => anyhow::bail!("{key:?} not found in keyspace {ks:?}"),
+            }
+        }
+        Command::Set {
+            key,
+            value,
+            version,
+            ttl,
+            if_absent,
+            if_newer,
+        } => {
+            let mut options = SetOptions::new().version(version);
+            if let Some(ttl) = ttl {
+                options = options.ttl(ttl);
+            }
+            if if_absent {
+                options = options.if_absent();
+            }
+            if if_newer {
+                options = options.if_newer_version();
+            }
+            let outcome = client.set(ks, &key, Bytes::from(value), options).await?;
+            let (word, current) = match outcome {
+                SetOutcome::Stored => ("stored", version),
+                SetOutcome::Exists { current_version } => ("exists", current_version),
+                SetOutcome::StaleVersion { current_version } => ("stale_version", current_version),
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"key": key, "outcome": word, "current_version": current})
+                );
+            } else {
+                println!("{word} (current version {current})");
+            }
+            if !outcome.is_stored() && !cli.json {
+                anyhow::bail!("not stored: {word}");
+            }
+        }
+        Command::Del { key } => {
+            let deleted = client.delete(ks, &key).await?;
+            if cli.json {
+                println!("{}", json!({"key": key, "deleted": deleted}));
+            } else {
+                println!("{}", if deleted { "deleted" } else { "not found" });
+            }
+        }
+        Command::Mget { keys } => {
+            let raw: Vec<Bytes> = keys.iter().map(|k| Bytes::from(k.clone())).collect();
+            let entries = client.multi_get(ks, &raw).await?;
+            if cli.json {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .zip(&entries)
+                    .map(|(k, e)| match e {
+                        Some(e) => json!({"key": k, "found": true, "value": text(&e.value), "version": e.version}),
+                        None => json!({"key": k, "found": false}),
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for (k, e) in keys.iter().zip(entries) {
+                    match e {
+                        Some(e) => println!("{k}\t{}\t(version {})", text(&e.value), e.version),
+                        None => println!("{k}\t(miss)"),
+                    }
+                }
+            }
+        }
+        Command::Stats => {
+            let mut rows = Vec::new();
+            let mut failures = Vec::new();
+            for node in client.stats().await {
+                match node.stats {
+                    Ok(stats) => {
+                        for k in stats.keyspaces {
+                            rows.push(json!({"node": node.node, "keyspace": k.name, "hits": k.hits, "misses": k.misses,
+                                "sets": k.sets, "sets_refused": k.sets_refused, "deletes": k.deletes, "evictions": k.evictions,
+                                "expirations": k.expirations, "items": k.items, "bytes": k.bytes, "capacity_bytes": k.capacity_bytes}));
+                        }
+                    }
+                    Err(e) => failures.push(json!({"node": node.node, "error": e.to_string()})),
+                }
+            }
+            if cli.json {
+                println!("{}", json!({"keyspaces": rows, "unreachable": failures}));
+            } else {
+                println!(
+                    "{:<10} {:<12} {:>10} {:>10} {:>10} {:>10} {:>12}",
+                    "NODE", "KEYSPACE", "ITEMS", "HITS", "MISSES", "EVICTIONS", "BYTES"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<10} {:<12} {:>10} {:>10} {:>10} {:>10} {:>12}",
+                        r["node"].as_str().unwrap_or(""),
+                        r["keyspace"].as_str().unwrap_or(""),
+                        r["items"],
+                        r["hits"],
+                        r["misses"],
+                        r["evictions"],
+                        r["bytes"]
+                    );
+                }
+                for f in &failures {
+                    println!(
+                        "{:<10} unreachable: {}",
+                        f["node"].as_str().unwrap_or(""),
+                        f["error"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if !failures.is_empty() && rows.is_empty() {
+                anyhow::bail!("no node answered");
+            }
+        }
+        Command::Topology => {
+            let topology = client.topology();
+            if cli.json {
+                let members: Vec<_> = topology
+                    .members
+                    .iter()
+                    .map(|m| json!({"id": m.id, "address": m.address, "weight": m.weight, "up": m.up}))
+                    .collect();
+                println!("{}", json!({"epoch": topology.epoch, "members": members}));
+            } else {
+                println!("epoch {}", topology.epoch);
+                for m in topology.members {
+                    println!(
+                        "{:<12} {:<24} weight {:<3} {}",
+                        m.id,
+                        m.address,
+                        m.weight,
+                        if m.up { "up" } else { "DOWN" }
+                    );
+                }
+            }
+        }
+        Command::Ring { key, sample } => {
+            let topology = client.topology();
+            let ring = Ring::with_vnodes(
+                topology
+                    .members
+                    .iter()
+                    .map(|m| cache_client::ring::RingNode::new(m.id.clone(), m.weight)),
+                client.config().vnodes,
+            );
+            match (key, sample) {
+                (Some(key), _) => {
+                    let owners = client.owners(ks, key.as_bytes());
+                    let order: Vec<&str> = ring.successors(ks, key.as_bytes()).collect();
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({"key": key, "keyspace": ks, "hash": format!("{:016x}", Ring::key_hash(ks, key.as_bytes())), "owners": owners, "ring_order": order})
+                        );
+                    } else {
+                        println!(
+                            "{key:?} in {ks:?} hashes to {:016x}",
+                            Ring::key_hash(ks, key.as_bytes())
+                        );
+                        println!("owners: {}", owners.join(", "));
+                        println!("ring order: {}", order.join(" → "));
+                    }
+                }
+                (None, n) => {
+                    let n = n.unwrap_or(100_000);
+                    let mut counts: BTreeMap<String, usize> =
+                        topology.members.iter().map(|m| (m.id.clone(), 0)).collect();
+                    for i in 0..n {
+                        if let Some(owner) = ring.owner(ks, format!("key-{i}").as_bytes()) {
+                            *counts.entry(owner.to_owned()).or_default() += 1;
+                        }
+                    }
+                    let mean = n as f64 / counts.len().max(1) as f64;
+                    if cli.json {
+                        println!(
+                            "{}",
+                            json!({"sample": n, "keyspace": ks, "counts": counts,
+                            "max_over_mean": counts.values().copied().max().unwrap_or(0) as f64 / mean})
+                        );
+                    } else {
+                        println!(
+                            "{n} sample keys in {ks:?} over {} nodes (mean {mean:.0}):",
+                            counts.len()
+                        );
+                        for (node, count) in &counts {
+                            println!(
+                                "{node:<12} {count:>8}  {:>6.3} × mean",
+                                *count as f64 / mean
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,718 @@
+//! The client handle and its raw-bytes API.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringcache_proto::v1;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::cluster::{Cluster, NodeHandle, View};
+use crate::config::{Backoff, ClientConfig};
+use crate::error::{Error, Result};
+
+/// A cached value as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The value (shared, not copied).
+    pub value: Bytes,
+    /// The writer's version.
+    pub version: u64,
+    /// Time left before expiry; `None` if the entry never expires.
+    pub ttl_remaining: Option<Duration>,
+}
+
+/// When a write stores its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Condition {
+    /// Always (the default). Idempotent: retried on failure.
+    #[default]
+    Always,
+    /// Only if no live entry exists. Not idempotent: never retried.
+    IfAbsent,
+    /// Only if the key is absent or holds an older version. Idempotent:
+    /// retried on failure.
+    IfNewerVersion,
+}
+
+/// How to write one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SetOptions {
+    /// The version stored with the value (default 0).
+    pub version: u64,
+    /// Time to live; `None` takes the keyspace's default on the node.
+    pub ttl: Option<Duration>,
+    /// When to store.
+    pub condition: Condition,
+}
+
+impl SetOptions {
+    /// Unconditional, version 0, the keyspace's default TTL.
+    pub fn new() -> Self {
+        SetOptions::default()
+    }
+
+    /// Sets the version.
+    pub fn version(mut self, version: u64) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Sets the TTL.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Stores only if the key is absent.
+    pub fn if_absent(mut self) -> Self {
+        self.condition = Condition::IfAbsent;
+        self
+    }
+
+    /// Stores only if the version is newer than the stored one.
+    pub fn if_newer_version(mut self) -> Self {
+        self.condition = Condition::IfNewerVersion;
+        self
+    }
+}
+
+/// What a write did (as reported by the first replica in ring order that
+/// acknowledged it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// Stored.
+    Stored,
+    /// Not stored: a live entry exists (`IfAbsent`); it has this version.
+    Exists {
+        /// The stored version.
+        current_version: u64,
+    },
+    /// Not stored: the stored version is equal or newer (`IfNewerVersion`).
+    StaleVersion {
+        /// The stored version that won.
+        current_version: u64,
+    },
+}
+
+impl SetOutcome {
+    /// Whether the value was stored.
+    pub fn is_stored(self) -> bool {
+        self == SetOutcome::Stored
+    }
+}
+
+/// A member of the pool as this client sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Node id.
+    pub id: String,
+    /// Address the client dials.
+    pub address: String,
+    /// Ring weight.
+    pub weight: u32,
+    /// Whether the client currently routes to it.
+    pub up: bool,
+}
+
+/// The membership this client routes by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Epoch of the member list.
+    pub epoch: u64,
+    /// Members sorted by id.
+    pub members: Vec<Member>,
+}
+
+/// Stats of one node, as its `Stats` RPC reports them.
+#[derive(Debug)]
+pub struct NodeStats {
+    /// Node id.
+    pub node: String,
+    /// The node's reply, or why there is none.
+    pub stats: Result<v1::StatsResponse>,
+}
+
+/// A handle to a ringcache pool: cheap to clone, safe to share across tasks.
+/// Background probing and topology refresh stop when the last clone drops.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: Arc<Cluster>,
+    backoff: Backoff,
+    _stop: DropGuard,
+}
+
+/// One key of a batch call and what became of it.
+struct Slot<T> {
+    /// Successful replies, with the rank of the answering node in the key's
+    /// ring order.
+    acks: Vec<(usize, T)>,
+    /// Nodes that already answered for this key.
+    done: HashSet<String>,
+}
+
+impl Client {
+    /// Connects to the pool: asks the seeds for the topology, then keeps it
+    /// fresh in the background.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid config, [`Error::NoSeedReachable`]
+    /// when no seed answers.
+    pub async fn connect(config: ClientConfig) -> Result<Client> {
+        config.validate()?;
+        let backoff = Backoff::new(&config);
+        let cluster = Cluster::bootstrap(config).await?;
+        let stop = CancellationToken::new();
+        cluster.spawn_background(stop.clone());
+        Ok(Client {
+            inner: Arc::new(Inner {
+                cluster,
+                backoff,
+                _stop: stop.drop_guard(),
+            }),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.cluster.config
+    }
+
+    /// The membership the client routes by.
+    pub fn topology(&self) -> Topology {
+        let view = self.inner.cluster.view();
+        let mut members: Vec<Member> = view
+            .nodes
+            .values()
+            .map(|n| Member {
+                id: n.id.clone(),
+                address: n.address.clone(),
+                weight: n.weight,
+                up: !n.is_down(),
+            })
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        Topology {
+            epoch: view.epoch,
+            members,
+        }
+    }
+
+    /// The nodes that own `key` in ring order (as many as the keyspace's
+    /// replication), whatever their health.
+    pub fn owners(&self, keyspace: &str, key: &[u8]) -> Vec<String> {
+        let replicas = self.config().replication(keyspace).replicas;
+        let view = self.inner.cluster.view();
+        view.ring
+            .replicas(keyspace, key, replicas)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Re-reads the topology now instead of waiting for the next refresh.
+    ///
+    /// # Errors
+    /// The last node failure when no node answers.
+    pub async fn refresh_topology(&self) -> Result<()> {
+        self.inner.cluster.refresh().await.map(|_| ())
+    }
+
+    /// Reads one key from the first healthy node that holds it.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] for a bad key or unknown keyspace; otherwise an
+    /// availability error after the retries the deadline allows.
+    pub async fn get(&self, keyspace: &str, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
+        let keys = [Bytes::copy_from_slice(key.as_ref())];
+        let mut results = self.multi_get(keyspace, &keys).await?;
+        Ok(results.pop().flatten())
+    }
+
+    /// Reads many keys, fanning out to the owning nodes in parallel.
+    /// Results come back in request order.
+    ///
+    /// # Errors
+    /// As [`Client::get`]; the first error of any node fails the call.
+    pub async fn multi_get(&self, keyspace: &str, keys: &[Bytes]) -> Result<Vec<Option<Entry>>> {
+        let slots = self
+            .execute(
+                keyspace,
+                keys,
+                1,
+                1,
+                true,
+                |node, idxs, timeout, _fallback| {
+                    let keys: Vec<Bytes> = idxs.iter().map(|&i| keys[i].clone()).collect();
+                    read_from(node, keyspace.to_owned(), keys, timeout)
+                },
+            )
+            .await?;
+        Ok(slots
+            .into_iter()
+            .map(|slot| slot.acks.into_iter().next().and_then(|(_, hit)| hit))
+            .collect())
+    }
+
+    /// Writes one key to its replicas.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] for bad input; [`Error::QuorumNotReached`] when too
+    /// few replicas acknowledged.
+    pub async fn set(
+        &self,
+        keyspace: &str,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<SetOutcome> {
+        let item = (Bytes::copy_from_slice(key.as_ref()), value.into(), options);
+        let mut results = self.multi_set(keyspace, vec![item]).await?;
+        Ok(results
+            .pop()
+            .expect("multi_set returns one outcome per item, and there is one item"))
+    }
+
+    /// Writes many keys, each to its replicas, fanning out in parallel.
+    /// Outcomes come back in request order. Items are independent: the batch
+    /// is not atomic.
+    ///
+    /// # Errors
+    /// As [`Client::set`], for the first item that fails.
+    pub async fn multi_set(
+        &self,
+        keyspace: &str,
+        items: Vec<(Bytes, Bytes, SetOptions)>,
+    ) -> Result<Vec<SetOutcome>> {
+        let replication = self.config().replication(keyspace);
+        let idempotent = items
+            .iter()
+            .all(|(_, _, o)| o.condition != Condition::IfAbsent);
+        let keys: Vec<Bytes> = items.iter().map(|(k, _, _)| k.clone()).collect();
+        let fallback_ttl = self.config().fallback_ttl;
+        let slots = self
+            .execute(
+                keyspace,
+                &keys,
+                replication.replicas,
+                replication.write_quorum,
+                idempotent,
+                |node, idxs, timeout, fallback| {
+                    let batch = idxs
+                        .iter()
+                        .zip(fallback)
+                        .map(|(&i, fallback)| {
+                            let (key, value, options) = &items[i];
+                            to_proto_item(key, value, options, fallback.then_some(fallback_ttl))
+                        })
+                        .collect();
+                    write_to(node, keyspace.to_owned(), batch, timeout)
+                },
+            )
+            .await?;
+        Ok(slots
+            .into_iter()
+            .map(|slot| {
+                slot.acks
+                    .into_iter()
+                    .min_by_key(|(rank, _)| *rank)
+                    .map(|(_, outcome)| outcome)
+                    .expect("execute returns only slots that reached their quorum")
+            })
+            .collect())
+    }
+
+    /// Deletes one key from its replicas; true if any replica held it.
+    ///
+    /// # Errors
+    /// As [`Client::set`].
+    pub async fn delete(&self, keyspace: &str, key: impl AsRef<[u8]>) -> Result<bool> {
+        let replication = self.config().replication(keyspace);
+        let keys = [Bytes::copy_from_slice(key.as_ref())];
+        let slots = self
+            .execute(
+                keyspace,
+                &keys,
+                replication.replicas,
+                replication.write_quorum,
+                true,
+                |node, _idxs, timeout, _fallback| {
+                    delete_from(node, keyspace.to_owned(), keys[0].clone(), timeout)
+                },
+            )
+            .await?;
+        Ok(slots
+            .into_iter()
+            .flat_map(|slot| slot.acks)
+            .any(|(_, deleted)| deleted))
+    }
+
+    /// Stats of every member, asked in parallel; a member that does not
+    /// answer is reported with its error.
+    pub async fn stats(&self) -> Vec<NodeStats> {
+        let view = self.inner.cluster.view();
+        let timeout = self.config().request_timeout;
+        let mut nodes: Vec<Arc<NodeHandle>> = view.nodes.values().cloned().collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let asks = nodes.into_iter().map(|node| async move {
+            let mut client = node.client.clone();
+            let stats = call(&node, timeout, client.stats(v1::StatsRequest::default())).await;
+            NodeStats {
+                node: node.id.clone(),
+                stats,
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// The engine of every keyed call.
+    ///
+    /// Each key must be answered by `want` distinct nodes, walking the ring
+    /// from the key and skipping nodes that are down or failed during this
+    /// call; it succeeds with at least `need` answers. A node that fails is
+    /// recorded (and may be marked down) and the call moves on to the next
+    /// node, with jittered backoff, while attempts and the deadline last.
+    /// Non-idempotent calls get one attempt.
+    async fn execute<T, F, Fut>(
+        &self,
+        keyspace: &str,
+        keys: &[Bytes],
+        want: usize,
+        need: usize,
+        idempotent: bool,
+        send: F,
+    ) -> Result<Vec<Slot<T>>>
+    where
+        F: Fn(Arc<NodeHandle>, Vec<usize>, Duration, Vec<bool>) -> Fut,
+        Fut: Future<Output = Result<Vec<T>>>,
+    {
+        let config = self.config();
+        let deadline = Instant::now() + config.deadline;
+        let attempts = if idempotent { config.max_attempts } else { 1 };
+        let mut slots: Vec<Slot<T>> = keys
+            .iter()
+            .map(|_| Slot {
+                acks: Vec::new(),
+                done: HashSet::new(),
+            })
+            .collect();
+        let mut failed: HashSet<String> = HashSet::new();
+        let mut last: Option<Error> = None;
+        for attempt in 0..attempts {
+            let view = self.inner.cluster.view();
+            let plan = plan(&view, keyspace, keys, &slots, &failed, want);
+            if plan.groups.is_empty() {
+                break;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::DeadlineExceeded {
+                    deadline: config.deadline,
+                    last: describe(&last),
+                });
+            }
+            let timeout = config.request_timeout.min(remaining);
+            let sends = plan.groups.into_iter().map(|(node, members)| {
+                let idxs: Vec<usize> = members.iter().map(|t| t.index).collect();
+                let fallback: Vec<bool> = members.iter().map(|t| t.fallback).collect();
+                let fut = send(Arc::clone(&node), idxs, timeout, fallback);
+                async move { (node, members, fut.await) }
+            });
+            for (node, members, result) in futures::future::join_all(sends).await {
+                match result {
+                    Ok(replies) => {
+                        self.inner.cluster.record_success(&node);
+                        debug_assert_eq!(replies.len(), members.len());
+                        for (target, reply) in members.into_iter().zip(replies) {
+                            let slot = &mut slots[target.index];
+                            slot.acks.push((target.rank, reply));
+                            slot.done.insert(node.id.clone());
+                        }
+                    }
+                    Err(error) if error.is_node_failure() => {
+                        tracing::debug!(node = %node.id, %error, attempt, "node failed; routing around it");
+                        self.inner.cluster.record_failure(&node, &error);
+                        failed.insert(node.id.clone());
+                        last = Some(error);
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            if slots.iter().all(|s| s.acks.len() >= want) {
+                break;
+            }
+            if attempt + 1 < attempts {
+                let pause = self
+                    .inner
+                    .backoff
+                    .delay(attempt)
+                    .min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(pause).await;
+            }
+        }
+        if let Some(short) = slots.iter().find(|s| s.acks.len() < need) {
+            let acked = short.acks.len();
+            return Err(if acked == 0 && want == 1 {
+                match last {
+                    Some(e) if Instant::now() >= deadline => Error::DeadlineExceeded {
+                        deadline: config.deadline,
+                        last: e.to_string(),
+                    },
+                    Some(e) => e,
+                    None => Error::NoNodeAvailable {
+                        keyspace: keyspace.to_owned(),
+                        reason: "every node that could hold the key is down".into(),
+                    },
+                }
+            } else {
+                Error::QuorumNotReached {
+                    acked,
+                    needed: need,
+                    last: describe(&last),
+                }
+            });
+        }
+        Ok(slots)
+    }
+}
+
+fn describe(error: &Option<Error>) -> String {
+    error
+        .as_ref()
+        .map_or_else(|| "none".to_owned(), ToString::to_string)
+}
+
+/// One key sent to one node in one attempt.
+#[derive(Clone, Copy)]
+struct Target {
+    /// Index of the key in the call.
+    index: usize,
+    /// The node's place in the key's ring order (0 = owner).
+    rank: usize,
+    /// Whether the node holds the key only because an owner is down.
+    fallback: bool,
+}
+
+/// Which keys go to which node in one attempt.
+struct Plan {
+    groups: Vec<(Arc<NodeHandle>, Vec<Target>)>,
+}
+
+/// Picks, for every key still short of `want` answers, the next nodes in its
+/// ring order that are up, did not fail in this call, and did not answer yet.
+/// A node whose rank is `want` or more is a fallback: it holds the key only
+/// because an owner is down.
+fn plan<T>(
+    view: &View,
+    keyspace: &str,
+    keys: &[Bytes],
+    slots: &[Slot<T>],
+    failed: &HashSet<String>,
+    want: usize,
+) -> Plan {
+    let mut groups: HashMap<&str, Vec<Target>> = HashMap::new();
+    for (i, key) in keys.iter().enumerate() {
+        let slot = &slots[i];
+        let mut missing = want.saturating_sub(slot.acks.len());
+        if missing == 0 {
+            continue;
+        }
+        for (rank, id) in view.ring.successors(keyspace, key).enumerate() {
+            if missing == 0 {
+                break;
+            }
+            let Some(node) = view.node(id) else { continue };
+            if node.is_down() || failed.contains(id) || slot.done.contains(id) {
+                continue;
+            }
+            groups.entry(id).or_default().push(Target {
+                index: i,
+                rank,
+                fallback: rank >= want,
+            });
+            missing -= 1;
+        }
+    }
+    let mut groups: Vec<_> = groups
+        .into_iter()
+        .map(|(id, members)| {
+            let node = Arc::clone(view.node(id).expect("planned ids come from the view"));
+            (node, members)
+        })
+        .collect();
+    groups.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    Plan { groups }
+}
+
+/// Runs one RPC with a timeout, turning failures into client errors.
+async fn call<T>(
+    node: &NodeHandle,
+    timeout: Duration,
+    rpc: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, rpc).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => Err(Error::from_status(&node.id, &status)),
+        Err(_) => Err(Error::Unavailable {
+            node: node.id.clone(),
+            message: format!("no reply within {timeout:?}"),
+        }),
+    }
+}
+
+fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    // Tell the node too, so it can drop work the client gave up on.
+    request.set_timeout(timeout);
+    request
+}
+
+fn from_proto_entry(response: v1::GetResponse) -> Option<Entry> {
+    response.entry.map(|e| Entry {
+        value: e.value,
+        version: e.version,
+        ttl_remaining: (e.ttl_remaining_ms > 0).then(|| Duration::from_millis(e.ttl_remaining_ms)),
+    })
+}
+
+async fn read_from(
+    node: Arc<NodeHandle>,
+    keyspace: String,
+    mut keys: Vec<Bytes>,
+    timeout: Duration,
+) -> Result<Vec<Option<Entry>>> {
+    let mut client = node.client.clone();
+    if keys.len() == 1 {
+        let key = keys.pop().expect("length checked above");
+        let reply = call(
+            &node,
+            timeout,
+            client.get(request(v1::GetRequest { keyspace, key }, timeout)),
+        )
+        .await?;
+        return Ok(vec![from_proto_entry(reply)]);
+    }
+    let expected = keys.len();
+    let reply = call(
+        &node,
+        timeout,
+        client.multi_get(request(v1::MultiGetRequest { keyspace, keys }, timeout)),
+    )
+    .await?;
+    if reply.results.len() != expected {
+        return Err(Error::Unavailable {
+            node: node.id.clone(),
+            message: format!(
+                "MultiGet answered {} of {expected} keys",
+                reply.results.len()
+            ),
+        });
+    }
+    Ok(reply.results.into_iter().map(from_proto_entry).collect())
+}
+
+fn to_proto_item(
+    key: &Bytes,
+    value: &Bytes,
+    options: &SetOptions,
+    cap: Option<Duration>,
+) -> v1::SetItem {
+    let ttl = match (options.ttl, cap) {
+        (Some(ttl), Some(cap)) => Some(ttl.min(cap)),
+        (ttl, None) => ttl,
+        (None, cap) => cap,
+    };
+    let condition = match options.condition {
+        Condition::Always => v1::WriteCondition::Unconditional,
+        Condition::IfAbsent => v1::WriteCondition::IfAbsent,
+        Condition::IfNewerVersion => v1::WriteCondition::IfNewerVersion,
+    };
+    v1::SetItem {
+        key: key.clone(),
+        value: value.clone(),
+        version: options.version,
+        // A TTL under 1 ms would read as "keyspace default" (0): round up.
+        ttl_ms: ttl.map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        }),
+        condition: condition as i32,
+    }
+}
+
+fn from_proto_outcome(reply: v1::SetResponse) -> SetOutcome {
+    match reply.outcome() {
+        v1::SetOutcome::Exists => SetOutcome::Exists {
+            current_version: reply.current_version,
+        },
+        v1::SetOutcome::StaleVersion => SetOutcome::StaleVersion {
+            current_version: reply.current_version,
+        },
+        v1::SetOutcome::Stored | v1::SetOutcome::Unspecified => SetOutcome::Stored,
+    }
+}
+
+async fn write_to(
+    node: Arc<NodeHandle>,
+    keyspace: String,
+    mut items: Vec<v1::SetItem>,
+    timeout: Duration,
+) -> Result<Vec<SetOutcome>> {
+    let mut client = node.client.clone();
+    if items.len() == 1 {
+        let item = items.pop().expect("length checked above");
+        let reply = call(
+            &node,
+            timeout,
+            client.set(request(
+                v1::SetRequest {
+                    keyspace,
+                    item: Some(item),
+                },
+                timeout,
+            )),
+        )
+        .await?;
+        return Ok(vec![from_proto_outcome(reply)]);
+    }
+    let expected = items.len();
+    let reply = call(
+        &node,
+        timeout,
+        client.multi_set(request(v1::MultiSetRequest { keyspace, items }, timeout)),
+    )
+    .await?;
+    if reply.results.len() != expected {
+        return Err(Error::Unavailable {
+            node: node.id.clone(),
+            message: format!(
+                "MultiSet answered {} of {expected} items",
+                reply.results.len()
+            ),
+        });
+    }
+    Ok(reply.results.into_iter().map(from_proto_outcome).collect())
+}
+
+async fn delete_from(
+    node: Arc<NodeHandle>,
+    keyspace: String,
+    key: Bytes,
+    timeout: Duration,
+) -> Result<Vec<bool>> {
+    let mut client = node.client.clone();
+    let reply = call(
+        &node,
+        timeout,
+        client.delete(request(v1::DeleteRequest { keyspace, key }, timeout)),
+    )
+    .await?;
+    Ok(vec![reply.deleted])
+}

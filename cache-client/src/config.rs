@@ -1,0 +1,319 @@
+//! Client configuration: plain data with documented defaults and `with_*`
+//! setters.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::ring::DEFAULT_VNODES;
+
+/// Default per-attempt timeout.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default overall deadline of one call, retries included.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
+/// Default TCP connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default number of consecutive failures that mark a node down.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+/// Default interval between probes of a down node.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Default interval between topology refreshes.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Default number of attempts of an idempotent call.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+/// Default TTL cap of writes placed on a fallback node.
+pub const DEFAULT_FALLBACK_TTL: Duration = Duration::from_secs(10);
+/// Default first backoff delay.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(5);
+/// Default longest backoff delay.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// How a keyspace is replicated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Replication {
+    /// Copies of each key: writes and deletes go to this many distinct
+    /// healthy nodes in ring order; reads go to the first healthy one.
+    pub replicas: usize,
+    /// Replicas that must acknowledge a write or delete for it to succeed.
+    pub write_quorum: usize,
+}
+
+impl Replication {
+    /// `replicas` copies, all of which must acknowledge.
+    pub fn new(replicas: usize) -> Self {
+        Replication {
+            replicas,
+            write_quorum: replicas,
+        }
+    }
+
+    /// Sets the write quorum.
+    pub fn with_write_quorum(mut self, write_quorum: usize) -> Self {
+        self.write_quorum = write_quorum;
+        self
+    }
+}
+
+impl Default for Replication {
+    /// One copy, no replication.
+    fn default() -> Self {
+        Replication::new(1)
+    }
+}
+
+/// Everything the client needs to know. Build it with [`ClientConfig::new`]
+/// and the `with_*` setters; every field has a documented default.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// Nodes to ask for the topology at start-up, as `host:port`.
+    pub seeds: Vec<String>,
+    /// Timeout of one attempt of one request (default 500 ms).
+    pub request_timeout: Duration,
+    /// Overall deadline of one call, retries included (default 2 s).
+    pub deadline: Duration,
+    /// TCP connect timeout (default 1 s).
+    pub connect_timeout: Duration,
+    /// Consecutive failures that mark a node down (default 3).
+    pub failure_threshold: u32,
+    /// How often down nodes are probed (default 200 ms).
+    pub probe_interval: Duration,
+    /// How often the topology is refreshed (default 5 s); it is also
+    /// refreshed whenever a node is marked down.
+    pub refresh_interval: Duration,
+    /// Attempts of an idempotent call, the first included (default 4).
+    pub max_attempts: u32,
+    /// First retry delay; each retry doubles it, with full jitter (default
+    /// 5 ms).
+    pub backoff_base: Duration,
+    /// Longest retry delay (default 200 ms).
+    pub backoff_max: Duration,
+    /// Longest TTL of a write placed on a fallback node, one that is not
+    /// among the key's owners on the full ring but receives the key because
+    /// an owner is down (default 10 s). When the owner returns, readers go
+    /// back to it, and the copy left on the fallback node could otherwise
+    /// come back stale if the owner fails again later; the cap bounds that.
+    pub fallback_ttl: Duration,
+    /// Virtual points per unit of node weight (default
+    /// [`DEFAULT_VNODES`]); every client of a pool must use the same value.
+    pub vnodes: u32,
+    /// Replication of keyspaces not listed in `keyspace_replication`
+    /// (default: one copy).
+    pub default_replication: Replication,
+    /// Replication per keyspace.
+    pub keyspace_replication: HashMap<String, Replication>,
+}
+
+impl ClientConfig {
+    /// A config with the given seeds and every other field at its default.
+    pub fn new<S: Into<String>>(seeds: impl IntoIterator<Item = S>) -> Self {
+        ClientConfig {
+            seeds: seeds.into_iter().map(Into::into).collect(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            deadline: DEFAULT_DEADLINE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff_base: DEFAULT_BACKOFF_BASE,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            fallback_ttl: DEFAULT_FALLBACK_TTL,
+            vnodes: DEFAULT_VNODES,
+            default_replication: Replication::default(),
+            keyspace_replication: HashMap::new(),
+        }
+    }
+
+    /// Sets [`ClientConfig::request_timeout`].
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ClientConfig::deadline`].
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Sets [`ClientConfig::connect_timeout`].
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`ClientConfig::failure_threshold`].
+    pub fn with_failure_threshold(mut self, failures: u32) -> Self {
+        self.failure_threshold = failures;
+        self
+    }
+
+    /// Sets [`ClientConfig::probe_interval`].
+    pub fn with_probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval;
+        self
+    }
+
+    /// Sets [`ClientConfig::refresh_interval`].
+    pub fn with_refresh_interval(mut self, interval: Duration) -> Self {
+        self.refresh_interval = interval;
+        self
+    }
+
+    /// Sets [`ClientConfig::max_attempts`].
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Sets [`ClientConfig::backoff_base`] and [`ClientConfig::backoff_max`].
+    pub fn with_backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Sets [`ClientConfig::fallback_ttl`].
+    pub fn with_fallback_ttl(mut self, ttl: Duration) -> Self {
+        self.fallback_ttl = ttl;
+        self
+    }
+
+    /// Sets [`ClientConfig::vnodes`].
+    pub fn with_vnodes(mut self, vnodes: u32) -> Self {
+        self.vnodes = vnodes;
+        self
+    }
+
+    /// Sets [`ClientConfig::default_replication`].
+    pub fn with_default_replication(mut self, replication: Replication) -> Self {
+        self.default_replication = replication;
+        self
+    }
+
+    /// Sets the replication of one keyspace.
+    pub fn with_keyspace_replication(
+        mut self,
+        keyspace: impl Into<String>,
+        replication: Replication,
+    ) -> Self {
+        self.keyspace_replication
+            .insert(keyspace.into(), replication);
+        self
+    }
+
+    /// The replication of `keyspace`.
+    pub fn replication(&self, keyspace: &str) -> Replication {
+        self.keyspace_replication
+            .get(keyspace)
+            .copied()
+            .unwrap_or(self.default_replication)
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first invalid field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, reason: &str| {
+            Err(Error::Config {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.seeds.is_empty() {
+            return bad("seeds", "at least one seed is needed");
+        }
+        if self.request_timeout.is_zero() || self.deadline.is_zero() {
+            return bad("request_timeout", "timeouts must be greater than zero");
+        }
+        if self.failure_threshold == 0 {
+            return bad("failure_threshold", "must be at least 1");
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1");
+        }
+        if self.fallback_ttl.is_zero() {
+            return bad("fallback_ttl", "must be greater than zero");
+        }
+        if self.vnodes == 0 {
+            return bad("vnodes", "must be at least 1");
+        }
+        if self.probe_interval.is_zero() || self.refresh_interval.is_zero() {
+            return bad("probe_interval", "intervals must be greater than zero");
+        }
+        let replications =
+            std::iter::once(&self.default_replication).chain(self.keyspace_replication.values());
+        for r in replications {
+            if r.replicas == 0 || r.write_quorum == 0 || r.write_quorum > r.replicas {
+                return bad(
+                    "keyspace_replication",
+                    "replicas and write_quorum must be at least 1, and write_quorum at most replicas",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Jittered exponential backoff ("full jitter": a uniform delay between zero
+/// and the exponential bound), so that clients that failed together do not
+/// retry together.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Backoff {
+    base: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(config: &ClientConfig) -> Self {
+        Backoff {
+            base: config.backoff_base,
+            max: config.backoff_max,
+        }
+    }
+
+    /// The delay before retry number `retry` (0 for the first retry).
+    pub(crate) fn delay(&self, retry: u32) -> Duration {
+        let bound = self
+            .base
+            .saturating_mul(1u32 << retry.min(20))
+            .min(self.max);
+        bound.mul_f64(rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_within_its_exponential_bound() {
+        let config = ClientConfig::new(["a:1"])
+            .with_backoff(Duration::from_millis(10), Duration::from_millis(100));
+        let backoff = Backoff::new(&config);
+        for retry in 0..30 {
+            let bound =
+                Duration::from_millis(10 * (1u64 << retry.min(20))).min(Duration::from_millis(100));
+            for _ in 0..50 {
+                assert!(backoff.delay(retry) <= bound);
+            }
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let err = ClientConfig::new(Vec::<String>::new())
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("seeds"), "{err}");
+        let err = ClientConfig::new(["a:1"])
+            .with_keyspace_replication("k", Replication::new(2).with_write_quorum(3))
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("keyspace_replication"), "{err}");
+        ClientConfig::new(["a:1"]).validate().unwrap();
+    }
+}

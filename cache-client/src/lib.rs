@@ -1,0 +1,49 @@
+//! The ringcache smart client.
+//!
+//! Services link this crate to use a ringcache pool: it hashes each
+//! `(keyspace, key)` onto a consistent-hash ring of cache nodes, keeps one
+//! HTTP/2 channel per node, routes around nodes that fail, and replicates
+//! keyspaces that ask for it.
+//!
+//! - [`ring`]: the pure consistent-hash ring (placement in `docs/ring.md`).
+//! - [`config`]: [`ClientConfig`] with documented defaults.
+//! - [`Client`]: the raw-bytes API (`get`, `set`, `delete`, `multi_get`,
+//!   `multi_set`, `stats`, `topology`).
+//! - [`codec`]: typed values through a pluggable [`codec::Codec`].
+//! - [`error`]: the crate's [`Error`].
+//!
+//! # Consistency
+//! - A read goes to the first healthy node in the key's ring order; with
+//!   replication, writes and deletes go to the first `replicas` healthy
+//!   nodes and succeed once `write_quorum` of them acknowledged.
+//! - While a node is down (after `failure_threshold` consecutive failures),
+//!   its keys are served by the next nodes on the ring; writes placed there
+//!   live at most `fallback_ttl`.
+//! - A node this client routed around is flushed before the client routes to
+//!   it again, so it never serves this client a value overwritten during
+//!   the outage. Another client that never saw the outage can read such a
+//!   value until some client re-admits the node (see `docs/failover.md`).
+//! - Only idempotent calls are retried: reads, deletes, and writes that are
+//!   unconditional or version-fenced. `IfAbsent` writes are tried once.
+//!
+//! ```no_run
+//! # async fn demo() -> cache_client::Result<()> {
+//! use cache_client::{Client, ClientConfig, SetOptions};
+//! let client = Client::connect(ClientConfig::new(["127.0.0.1:7700"])).await?;
+//! client.set("default", "greeting", "hello", SetOptions::new().version(1)).await?;
+//! let entry = client.get("default", "greeting").await?;
+//! assert_eq!(entry.map(|e| e.value), Some("hello".into()));
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod client;
+mod cluster;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod ring;
+
+pub use client::{Client, Condition, Entry, Member, NodeStats, SetOptions, SetOutcome, Topology};
+pub use config::{ClientConfig, Replication};
+pub use error::{Error, Result};
