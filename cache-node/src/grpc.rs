@@ -238,6 +238,19 @@ impl CacheNode for CacheNodeService {
         })
     }
 
+    async fn flush(
+        &self,
+        request: Request<v1::FlushRequest>,
+    ) -> Result<Response<v1::FlushResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Flush, || {
+            let filter = (!req.keyspace.is_empty()).then_some(req.keyspace.as_str());
+            self.store.flush(filter)?;
+            tracing::info!(keyspace = ?filter, "flushed");
+            Ok(v1::FlushResponse {})
+        })
+    }
+
     async fn topology(
         &self,
         _request: Request<v1::TopologyRequest>,

@@ -37,10 +37,12 @@ pub enum Rpc {
     Stats,
     /// `Topology`.
     Topology,
+    /// `Flush`.
+    Flush,
 }
 
 impl Rpc {
-    const ALL: [Rpc; 7] = [
+    const ALL: [Rpc; 8] = [
         Rpc::Get,
         Rpc::Set,
         Rpc::Delete,
@@ -48,6 +50,7 @@ impl Rpc {
         Rpc::MultiSet,
         Rpc::Stats,
         Rpc::Topology,
+        Rpc::Flush,
     ];
 
     fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Rpc {
             Rpc::MultiSet => "MultiSet",
             Rpc::Stats => "Stats",
             Rpc::Topology => "Topology",
+            Rpc::Flush => "Flush",
         }
     }
 }
@@ -127,7 +131,7 @@ impl NodeMetrics {
         let stats = self
             .store
             .stats(None)
-            .expect("stats of all keyspaces cannot name an unknown keyspace");
+            .expect("stats of all keyspaces names no keyspace, so it cannot fail");
         for ks in stats {
             let labels = || vec![Label::new("keyspace", ks.name.clone())];
             let counter = |name: &'static str, value: u64| {

@@ -296,6 +296,12 @@ impl Keyspace {
         deleted
     }
 
+    /// Drops every entry. moka marks all current entries invalid at once, so
+    /// no read after this call returns an entry written before it.
+    fn flush(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Counters and sizes; runs moka's pending maintenance first so that
     /// sizes and eviction counts are settled.
     pub fn stats(&self) -> KeyspaceStats {
@@ -490,12 +496,19 @@ impl Store {
             .collect())
     }
 
-    /// Stats of one keyspace, or of all sorted by name.
+    /// Drops every entry of one keyspace, or of all.
     ///
     /// # Errors
-    /// [`Error::UnknownKeyspace`] when a named keyspace does not exist (stats
-    /// never create keyspaces).
-    pub fn stats(&self, keyspace: Option<&str>) -> Result<Vec<KeyspaceStats>> {
+    /// [`Error::UnknownKeyspace`] when a named keyspace does not exist.
+    pub fn flush(&self, keyspace: Option<&str>) -> Result<()> {
+        for keyspace in self.existing(keyspace)? {
+            keyspace.flush();
+        }
+        Ok(())
+    }
+
+    /// One existing keyspace, or all of them; never creates one.
+    fn existing(&self, keyspace: Option<&str>) -> Result<Vec<Arc<Keyspace>>> {
         match keyspace {
             Some(name) => {
                 let keyspace = self
@@ -505,21 +518,28 @@ impl Store {
                     .ok_or_else(|| Error::UnknownKeyspace {
                         name: name.to_owned(),
                     })?;
-                Ok(vec![keyspace.stats()])
+                Ok(vec![keyspace])
             }
-            None => {
-                // Collect the Arcs first so that no shard lock is held while
-                // moka runs its maintenance.
-                let all: Vec<Arc<Keyspace>> = self
-                    .keyspaces
-                    .iter()
-                    .map(|k| Arc::clone(k.value()))
-                    .collect();
-                let mut stats: Vec<KeyspaceStats> = all.iter().map(|k| k.stats()).collect();
-                stats.sort_by(|a, b| a.name.cmp(&b.name));
-                Ok(stats)
-            }
+            // Collect the Arcs first so that no shard lock is held while the
+            // caller works on them.
+            None => Ok(self
+                .keyspaces
+                .iter()
+                .map(|k| Arc::clone(k.value()))
+                .collect()),
         }
+    }
+
+    /// Stats of one keyspace, or of all sorted by name.
+    ///
+    /// # Errors
+    /// [`Error::UnknownKeyspace`] when a named keyspace does not exist (stats
+    /// never create keyspaces).
+    pub fn stats(&self, keyspace: Option<&str>) -> Result<Vec<KeyspaceStats>> {
+        let mut stats: Vec<KeyspaceStats> =
+            self.existing(keyspace)?.iter().map(|k| k.stats()).collect();
+        stats.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(stats)
     }
 }
 
@@ -735,6 +755,21 @@ mod tests {
         assert!(matches!(err, Error::TooManyKeyspaces { .. }), "{err}");
         let err = s.get("bad name", b"k").unwrap_err();
         assert!(matches!(err, Error::InvalidKeyspaceName { .. }), "{err}");
+    }
+
+    #[test]
+    fn flush_drops_every_entry_of_the_named_keyspaces() {
+        let s = store("[keyspaces.other]");
+        for ks in ["default", "other"] {
+            s.set(ks, item("k", "v", 1, WriteCondition::Unconditional))
+                .unwrap();
+        }
+        s.flush(Some("other")).unwrap();
+        assert!(s.get("other", b"k").unwrap().is_none());
+        assert!(s.get("default", b"k").unwrap().is_some());
+        s.flush(None).unwrap();
+        assert!(s.get("default", b"k").unwrap().is_none());
+        assert!(s.flush(Some("nope")).is_err());
     }
 
     #[test]

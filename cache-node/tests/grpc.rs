@@ -498,6 +498,27 @@ async fn stats_count_hits_misses_and_writes() {
 }
 
 #[tokio::test]
+async fn flush_drops_entries() {
+    let node = TestNode::start("[keyspaces.other]").await;
+    let mut c = node.client.clone();
+    for ks in ["default", "other"] {
+        set(&mut c, ks, item("k", "v", 1, WriteCondition::Unconditional))
+            .await
+            .unwrap();
+    }
+    c.flush(v1::FlushRequest {
+        keyspace: "other".into(),
+    })
+    .await
+    .unwrap();
+    assert!(get(&mut c, "other", "k").await.unwrap().is_none());
+    assert!(get(&mut c, "default", "k").await.unwrap().is_some());
+    c.flush(v1::FlushRequest::default()).await.unwrap();
+    assert!(get(&mut c, "default", "k").await.unwrap().is_none());
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn topology_reports_members_and_epoch() {
     let node = TestNode::start(
         r#"

@@ -136,21 +136,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 (Some(e), true) => println!(
                     "{}",
                     json!({"key": key, "found": true, "value": text(&e.value), "version": e.version,
-                           "ttl_ms": e.ttl_remaining.map(|d| d.as_millis() as u64), "node": owner})
+                           "ttl_ms": e.ttl_remaining.map(|d| d.as_millis() as u64), "owner": owner})
                 ),
-                (None, true) => println!("{}", json!({"key": key, "found": false, "node": owner})),
+                (None, true) => println!("{}", json!({"key": key, "found": false, "owner": owner})),
                 (Some(e), false) => {
                     let ttl = e.ttl_remaining.map_or("never expires".to_owned(), |d| {
-                        format!(
-                            "expires in {}",
-                            humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
-                        )
+                        // Whole seconds read better; below one, milliseconds.
+                        let shown = if d >= Duration::from_secs(1) {
+                            Duration::from_secs(d.as_secs())
+                        } else {
+                            Duration::from_millis(d.as_millis() as u64)
+                        };
+                        format!("expires in {}", humantime::format_duration(shown))
                     });
-                    println!(
-                        "{}  (version {}, {ttl}, node {owner})",
-                        text(&e.value),
-                        e.version
-                    );
+                    println!("{}  (version {}, {ttl})", text(&e.value), e.version);
                 }
                 (None, false) => anyhow::bail!("{key:?} not found in keyspace {ks:?}"),
             }
@@ -244,15 +243,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "NODE", "KEYSPACE", "ITEMS", "HITS", "MISSES", "EVICTIONS", "BYTES"
                 );
                 for r in &rows {
+                    let n = |field: &str| r[field].as_u64().unwrap_or(0);
                     println!(
                         "{:<10} {:<12} {:>10} {:>10} {:>10} {:>10} {:>12}",
                         r["node"].as_str().unwrap_or(""),
                         r["keyspace"].as_str().unwrap_or(""),
-                        r["items"],
-                        r["hits"],
-                        r["misses"],
-                        r["evictions"],
-                        r["bytes"]
+                        n("items"),
+                        n("hits"),
+                        n("misses"),
+                        n("evictions"),
+                        n("bytes")
                     );
                 }
                 for f in &failures {

@@ -1,0 +1,20 @@
+//! Shared helpers for ringcache integration tests.
+//!
+//! - [`pg_url`], [`kafka_brokers`]: where the PostgreSQL server and the Kafka
+//!   broker are. `cargo xtask test` starts both and exports their addresses;
+//!   a test that needs one fails (it never skips) when it is missing.
+//! - [`pg_bindir`], [`tansu_bin`]: the executables behind those services,
+//!   for tests that start or restart their own instances.
+//! - [`NodeProcess`]: the real `cache-node` binary as a child process, with a
+//!   config in a temporary directory, its log in a file, readiness polled
+//!   through the gRPC health service, and a guard that kills it on drop.
+//! - [`NodeConfig`]: the TOML config such a node runs with.
+//! - [`free_addr`]: a free loopback address for a node to listen on.
+
+mod env;
+mod node;
+
+pub use env::{kafka_brokers, pg_bindir, pg_url, tansu_bin};
+pub use node::{
+    HEALTH_TIMEOUT, NODE_HEALTH_SERVICE, NodeConfig, NodeProcess, free_addr, node_binary,
+};

@@ -1,0 +1,448 @@
+//! The real `cache-node` binary as a child process of a test.
+
+use std::{
+    fmt::Write as _,
+    fs::{self, File},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tempfile::TempDir;
+use tokio::time::Instant;
+use tonic::transport::Endpoint;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// The health service name a node registers for its cache service (the
+/// whole server is `""`).
+pub const NODE_HEALTH_SERVICE: &str = "ringcache.v1.CacheNode";
+
+/// How long [`NodeProcess::start`] waits for a node to report SERVING.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often readiness and exit are polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long one health probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many log lines error messages include.
+const LOG_TAIL_LINES: usize = 40;
+
+/// A free loopback address.
+///
+/// The port is free when this returns; nothing reserves it, so start the
+/// process that binds it soon after.
+///
+/// # Errors
+///
+/// Fails when no port can be bound.
+pub fn free_addr() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("failed to bind 127.0.0.1:0")?;
+    listener
+        .local_addr()
+        .context("failed to read the bound address")
+}
+
+/// The config a test node runs with; [`NodeConfig::to_toml`] renders the file.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The node's `node_id`.
+    pub node_id: String,
+    /// The gRPC address.
+    pub listen: SocketAddr,
+    /// The metrics address.
+    pub metrics_listen: SocketAddr,
+    /// `cluster.epoch`.
+    pub epoch: u64,
+    /// `cluster.members`: id and address of every member, this node included.
+    pub members: Vec<(String, SocketAddr)>,
+    /// Extra top-level settings, inserted before any table (e.g.
+    /// `shutdown_grace = "2s"`).
+    pub extra_top_level: String,
+    /// Extra tables appended at the end (e.g. `[limits]\nmax_key_bytes = 16`
+    /// or `[keyspaces.other]\n...`).
+    pub extra_tables: String,
+}
+
+impl NodeConfig {
+    /// A node that is its cluster's only member, on free ports, with the
+    /// `default` keyspace (64 MiB, TTL 1h).
+    ///
+    /// # Errors
+    ///
+    /// Fails when no free port can be found.
+    pub fn single(node_id: &str) -> Result<Self> {
+        let listen = free_addr()?;
+        Ok(Self {
+            node_id: node_id.to_owned(),
+            listen,
+            metrics_listen: free_addr()?,
+            epoch: 1,
+            members: vec![(node_id.to_owned(), listen)],
+            extra_top_level: String::new(),
+            extra_tables: String::new(),
+        })
+    }
+
+    /// Configs for an `n`-node cluster (`node-1` ... `node-n`) on free ports,
+    /// each listing all members.
+    ///
+    /// # Errors
+    ///
+    /// Fails when no free port can be found.
+    pub fn cluster(n: usize) -> Result<Vec<Self>> {
+        let mut nodes = (1..=n)
+            .map(|i| Self::single(&format!("node-{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let members: Vec<_> = nodes
+            .iter()
+            .map(|c| (c.node_id.clone(), c.listen))
+            .collect();
+        for node in &mut nodes {
+            node.members.clone_from(&members);
+        }
+        Ok(nodes)
+    }
+
+    /// The config file's text.
+    pub fn to_toml(&self) -> String {
+        // `write!` into a String cannot fail.
+        let mut toml = String::new();
+        let _ = writeln!(toml, "node_id = \"{}\"", self.node_id);
+        let _ = writeln!(toml, "listen = \"{}\"", self.listen);
+        let _ = writeln!(toml, "metrics_listen = \"{}\"", self.metrics_listen);
+        toml.push_str(&self.extra_top_level);
+        toml.push_str(
+            "\n[keyspaces.default]\ncapacity_bytes = 67108864\ndefault_ttl = \"1h\"\n\n[cluster]\n",
+        );
+        let _ = writeln!(toml, "epoch = {}", self.epoch);
+        toml.push_str("members = [\n");
+        for (id, address) in &self.members {
+            let _ = writeln!(toml, "  {{ id = \"{id}\", address = \"{address}\" }},");
+        }
+        toml.push_str("]\n\n");
+        toml.push_str(&self.extra_tables);
+        toml
+    }
+}
+
+/// The path of the built `cache-node` binary.
+///
+/// Cargo only exposes `CARGO_BIN_EXE_*` to tests of the crate that owns the
+/// binary, so this looks next to the running test executable instead:
+/// `target/<profile>/deps/<test>` → `target/<profile>/cache-node`. The binary
+/// must have been built first: `cargo build --bins` (which `cargo xtask
+/// test` runs), otherwise a stale or missing binary is used.
+///
+/// # Errors
+///
+/// Fails, saying how to build it, when the binary is not there.
+pub fn node_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("failed to locate the running test executable")?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("cache-node"))
+        .collect();
+    candidates
+        .iter()
+        .find(|candidate| candidate.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "the cache-node binary is not at {}: build it with `cargo build --bins` \
+                 (`cargo xtask test` does)",
+                candidates
+                    .iter()
+                    .map(|c| c.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )
+        })
+}
+
+/// A running `cache-node` process.
+///
+/// Its config and log live in a temporary directory that is removed on drop;
+/// dropping the guard SIGKILLs the process if it is still running (stopped
+/// ones included). If the test is panicking, the log's tail is printed first
+/// so that the failure report shows what the node did.
+#[derive(Debug)]
+pub struct NodeProcess {
+    config: NodeConfig,
+    log: PathBuf,
+    child: Child,
+    status: Option<ExitStatus>,
+    // Dropped after the process is killed (see `Drop`).
+    dir: TempDir,
+}
+
+impl NodeProcess {
+    /// Spawns a node with `config` and waits until it reports SERVING.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the binary is missing (see [`node_binary`]), when the node
+    /// exits first, or when it is not healthy within [`HEALTH_TIMEOUT`]; the
+    /// message includes the tail of the node's log.
+    pub async fn start(config: NodeConfig) -> Result<Self> {
+        let mut node = Self::spawn(config)?;
+        node.wait_healthy(HEALTH_TIMEOUT).await?;
+        Ok(node)
+    }
+
+    /// Spawns a node with `config` without waiting for it to be healthy.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the binary is missing or cannot be started.
+    pub fn spawn(config: NodeConfig) -> Result<Self> {
+        let binary = node_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ringcache-{}-", config.node_id))
+            .tempdir()
+            .context("failed to create the node's temporary directory")?;
+        let config_path = dir.path().join("node.toml");
+        fs::write(&config_path, config.to_toml())
+            .with_context(|| format!("failed to write {}", config_path.display()))?;
+        let log = dir.path().join("node.log");
+        let out =
+            File::create(&log).with_context(|| format!("failed to create {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .context("failed to duplicate the log handle")?;
+        let child = Command::new(&binary)
+            .arg("--config")
+            .arg(&config_path)
+            // The config file must be the only source of settings: clear what
+            // a developer's shell may have exported.
+            .env_remove("RINGCACHE_CONFIG")
+            .env_remove("RINGCACHE_LISTEN")
+            .env_remove("RINGCACHE_METRICS_LISTEN")
+            .env_remove("RINGCACHE_NODE_ID")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("failed to start {}", binary.display()))?;
+        Ok(Self {
+            config,
+            log,
+            child,
+            status: None,
+            dir,
+        })
+    }
+
+    /// The config the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.config.listen
+    }
+
+    /// The gRPC endpoint URL (`http://127.0.0.1:PORT`) for tonic clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.config.listen)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The node's log file (stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The temporary directory holding the config and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last `lines` lines of the node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        match fs::read(&self.log) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(err) => format!("(cannot read {}: {err})", self.log.display()),
+        }
+    }
+
+    /// Polls the health service until the node reports SERVING for
+    /// [`NODE_HEALTH_SERVICE`].
+    ///
+    /// # Errors
+    ///
+    /// Fails when the node exits first or `timeout` passes.
+    pub async fn wait_healthy(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                bail!(
+                    "{} exited ({status}) before becoming healthy; log tail:\n{}",
+                    self.config.node_id,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            let last = match self.probe_health().await {
+                Ok(()) => return Ok(()),
+                Err(why) => why,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} at {} not healthy after {timeout:?} ({last}); log tail:\n{}",
+                    self.config.node_id,
+                    self.addr(),
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    async fn probe_health(&self) -> Result<(), String> {
+        let channel = Endpoint::from_shared(self.endpoint())
+            .map_err(|e| format!("invalid endpoint: {e}"))?
+            // A frozen node accepts TCP but never answers; bound each probe
+            // so that the overall deadline still applies.
+            .connect_timeout(PROBE_TIMEOUT)
+            .timeout(PROBE_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = HealthClient::new(channel);
+        let reply = client
+            .check(HealthCheckRequest {
+                service: NODE_HEALTH_SERVICE.to_owned(),
+            })
+            .await
+            .map_err(|status| format!("health check: {status}"))?;
+        match reply.get_ref().status() {
+            ServingStatus::Serving => Ok(()),
+            other => Err(format!("status {other:?}")),
+        }
+    }
+
+    /// Asks the node to shut down gracefully.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigterm(&mut self) -> Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Kills the node without giving it a chance to clean up.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigkill(&mut self) -> Result<()> {
+        self.signal(Signal::SIGKILL)
+    }
+
+    /// Freezes the node: it keeps its sockets but answers nothing, like a
+    /// node stuck in a long pause.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigstop(&mut self) -> Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// Resumes a node frozen with [`NodeProcess::sigstop`].
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigcont(&mut self) -> Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&mut self, signal: Signal) -> Result<()> {
+        // Once reaped, the pid may belong to an unrelated process.
+        if let Some(status) = self.try_exit_status()? {
+            bail!(
+                "cannot send {signal} to {}: it already exited ({status})",
+                self.config.node_id
+            );
+        }
+        kill(self.pid(), signal)
+            .with_context(|| format!("failed to send {signal} to {}", self.config.node_id))
+    }
+
+    /// The exit status if the node has exited, without blocking.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the status cannot be read.
+    pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().with_context(|| {
+                format!("failed to check whether {} exited", self.config.node_id)
+            })?;
+        }
+        Ok(self.status)
+    }
+
+    /// Waits up to `timeout` for the node to exit and returns its status.
+    ///
+    /// # Errors
+    ///
+    /// Fails, with the log's tail, when the node is still running at the
+    /// deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} still running {timeout:?} later; log tail:\n{}",
+                    self.config.node_id,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} log tail ({}) ----\n{}\n----",
+                self.config.node_id,
+                self.log.display(),
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        if self.status.is_none() {
+            // SIGKILL also ends a SIGSTOPped process, and cannot be ignored,
+            // so the blocking wait below is short.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! `cargo xtask demo`: a three-node ringcache cluster on this machine.
+//!
+//! [`run`] does the plumbing (build, configs, processes, health, teardown);
+//! [`walkthrough`] is the part that shows the cluster off.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    paths,
+    process::ChildGuard,
+    readiness::{free_port, wait_for_grpc_health},
+};
+
+/// How many cache nodes the demo runs.
+const NODE_COUNT: usize = 3;
+
+/// The health service name a cache node registers for its cache service.
+const NODE_HEALTH_SERVICE: &str = "ringcache.v1.CacheNode";
+
+/// How long a node may take to report SERVING.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a node gets to drain and exit after SIGTERM before it is killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Tear the cluster down right after the walkthrough instead of waiting
+    /// for Ctrl-C.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// One running cache node of the demo cluster.
+#[derive(Debug)]
+pub struct DemoNode {
+    /// The node's `node_id`.
+    pub id: String,
+    /// Where it serves gRPC.
+    pub addr: SocketAddr,
+    /// Where it serves Prometheus metrics.
+    pub metrics_addr: SocketAddr,
+    /// Its TOML config.
+    pub config: PathBuf,
+    /// Its stdout and stderr.
+    pub log: PathBuf,
+    process: ChildGuard,
+}
+
+/// The demo cluster, as [`walkthrough`] sees it.
+#[derive(Debug)]
+pub struct DemoCluster {
+    /// The nodes, in `node_id` order (`node-1`, `node-2`, ...).
+    pub nodes: Vec<DemoNode>,
+    /// The cluster epoch written into every node's config.
+    pub epoch: u64,
+    /// Where the configs and logs are.
+    pub dir: PathBuf,
+    /// The `cache-node` binary, to restart a node.
+    pub node_binary: PathBuf,
+    /// The `cachectl` binary the walkthrough drives the cluster with.
+    pub cachectl: PathBuf,
+}
+
+/// Builds `cache-node`, starts the cluster, runs the walkthrough, then waits
+/// for Ctrl-C (unless `--no-wait`) and stops the nodes.
+pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
+    let dir = paths::new_logs_dir("demo")?;
+    eprintln!("xtask: demo configs and logs go to {}", dir.display());
+    // Later walkthrough steps need PostgreSQL and the broker; starting them
+    // is one line, and their `Drop` tears them down with the demo:
+    // let services = crate::services::Services::start(&dir, cancel).await?;
+
+    let binary = build_node(cancel).await?;
+    let mut cluster = start_cluster(&binary, &dir, cancel).await?;
+
+    let walked = walkthrough(&mut cluster, cancel).await;
+    if walked.is_ok() && !args.no_wait && !cancel.is_cancelled() {
+        eprintln!("xtask: the cluster is running; press Ctrl-C to stop it");
+        cancel.cancelled().await;
+    }
+    let stopped = stop_cluster(&mut cluster).await;
+    walked.context("the walkthrough failed")?;
+    stopped?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo build` of `cache-node` and `cachectl`, returning the node
+/// binary's path (cachectl lies beside it).
+async fn build_node(cancel: &CancellationToken) -> Result<PathBuf> {
+    let mut build = Command::new(paths::cargo());
+    build
+        .args([
+            "build",
+            "--bin",
+            "cache-node",
+            "--bin",
+            "cachectl",
+            "--features",
+            "cache-client/cli",
+        ])
+        .current_dir(paths::workspace_root());
+    let mut child = ChildGuard::spawn("cargo build", &mut build, None)?;
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        _ = cancel.cancelled() => bail!("interrupted while building cache-node"),
+    };
+    if !status.success() {
+        bail!("cargo build of cache-node and cachectl failed ({status})");
+    }
+    Ok(paths::target_dir().join("debug").join("cache-node"))
+}
+
+/// Writes the configs, spawns the nodes and waits until each is healthy.
+async fn start_cluster(
+    binary: &Path,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> Result<DemoCluster> {
+    let epoch = 1;
+    let mut members = Vec::with_capacity(NODE_COUNT);
+    for i in 1..=NODE_COUNT {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        members.push((format!("node-{i}"), addr, metrics_addr));
+    }
+
+    let mut nodes = Vec::with_capacity(NODE_COUNT);
+    for (id, addr, metrics_addr) in &members {
+        let config = dir.join(format!("{id}.toml"));
+        fs::write(
+            &config,
+            node_config(id, *addr, *metrics_addr, epoch, &members),
+        )
+        .with_context(|| format!("failed to write {}", config.display()))?;
+        let log = dir.join(format!("{id}.log"));
+        let process = spawn_node(binary, id, &config, &log)?;
+        nodes.push(DemoNode {
+            id: id.clone(),
+            addr: *addr,
+            metrics_addr: *metrics_addr,
+            config,
+            log,
+            process,
+        });
+    }
+    // All nodes start before any is waited for, so their start-ups overlap.
+    for node in &mut nodes {
+        wait_healthy(node, cancel).await?;
+    }
+    Ok(DemoCluster {
+        nodes,
+        epoch,
+        dir: dir.to_path_buf(),
+        node_binary: binary.to_path_buf(),
+        cachectl: binary.with_file_name("cachectl"),
+    })
+}
+
+fn spawn_node(binary: &Path, id: &str, config: &Path, log: &Path) -> Result<ChildGuard> {
+    let mut command = Command::new(binary);
+    command.arg("--config").arg(config).env("NO_COLOR", "1");
+    ChildGuard::spawn(id.to_owned(), &mut command, Some(log))
+}
+
+async fn wait_healthy(node: &mut DemoNode, cancel: &CancellationToken) -> Result<()> {
+    wait_for_grpc_health(
+        node.addr,
+        NODE_HEALTH_SERVICE,
+        HEALTH_TIMEOUT,
+        cancel,
+        Some(&mut node.process),
+    )
+    .await
+    .with_context(|| format!("{} did not become healthy", node.id))?;
+    eprintln!("xtask: {} is serving on {}", node.id, node.addr);
+    Ok(())
+}
+
+/// Runs `cachectl` against the demo cluster, echoing the command line and
+/// its output the way a user would see them.
+struct Ctl<'a> {
+    binary: &'a Path,
+    seeds: String,
+}
+
+impl Ctl<'_> {
+    fn output(&self, args: &[&str]) -> Result<(bool, String)> {
+        let output = Command::new(self.binary)
+            .arg("--seeds")
+            .arg(&self.seeds)
+            .args(args)
+            .output()
+            .with_context(|| format!("failed to run {}", self.binary.display()))?;
+        let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stderr));
+        Ok((output.status.success(), text.trim_end().to_owned()))
+    }
+
+    /// Runs and shows a command; it must succeed.
+    fn show(&self, args: &[&str]) -> Result<String> {
+        println!("  $ cachectl {}", args.join(" "));
+        let (ok, text) = self.output(args)?;
+        for line in text.lines() {
+            println!("    {line}");
+        }
+        if !ok {
+            bail!("cachectl {} failed: {text}", args.join(" "));
+        }
+        Ok(text)
+    }
+
+    /// Runs a command with `--json` without showing it, and parses the
+    /// reply: the walkthrough checks what it narrates.
+    fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (ok, text) = self.output(&all)?;
+        if !ok {
+            bail!("cachectl {} failed: {text}", all.join(" "));
+        }
+        serde_json::from_str(&text).with_context(|| format!("cachectl printed no JSON: {text}"))
+    }
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+/// The walkthrough: what the demo shows once all nodes are healthy. Every
+/// claim it prints is checked, so the suite (which runs `demo --no-wait`)
+/// fails when the demo stops telling the truth.
+pub async fn walkthrough(cluster: &mut DemoCluster, cancel: &CancellationToken) -> Result<()> {
+    let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let ctl = Ctl {
+        binary: &cluster.cachectl,
+        seeds: seeds.join(","),
+    };
+    println!(
+        "ringcache demo: {} cache nodes (epoch {})",
+        cluster.nodes.len(),
+        cluster.epoch
+    );
+    for node in &cluster.nodes {
+        println!(
+            "  {:<8} grpc {}  metrics http://{}/metrics  log {}",
+            node.id,
+            node.addr,
+            node.metrics_addr,
+            node.log.display()
+        );
+    }
+
+    step("1. The client learns the pool from any node");
+    ctl.show(&["topology"])?;
+
+    step("2. Keys land on different nodes, placed by the consistent-hash ring");
+    let keys: Vec<String> = (1..=6).map(|i| format!("user:{i}")).collect();
+    let mut owners = std::collections::BTreeMap::new();
+    for key in &keys {
+        ctl.show(&["set", key, &format!("profile of {key}"), "--version", "1"])?;
+        let placed = ctl.json(&["ring", key])?;
+        let owner = placed["owners"][0]
+            .as_str()
+            .context("cachectl ring names an owner")?
+            .to_owned();
+        owners.insert(key.clone(), owner);
+    }
+    for (key, owner) in &owners {
+        println!("  {key} lives on {owner}");
+    }
+    let distinct: std::collections::BTreeSet<_> = owners.values().collect();
+    if distinct.len() < 2 {
+        bail!("six keys all landed on one node: {owners:?}");
+    }
+    ctl.show(&["stats"])?;
+    let stats = ctl.json(&["stats"])?;
+    let items: u64 = stats["keyspaces"]
+        .as_array()
+        .context("stats lists keyspaces")?
+        .iter()
+        .filter_map(|k| k["items"].as_u64())
+        .sum();
+    if items != keys.len() as u64 {
+        bail!("the nodes hold {items} items, not {}", keys.len());
+    }
+
+    step("3. Entries expire with their TTL");
+    ctl.show(&["set", "session:42", "token-abc", "--ttl", "2s"])?;
+    ctl.show(&["get", "session:42"])?;
+    let written = std::time::Instant::now();
+    println!("  (waiting for the TTL to run out)");
+    loop {
+        let reply = ctl.json(&["get", "session:42"])?;
+        if reply["found"] == serde_json::Value::Bool(false) {
+            break;
+        }
+        if written.elapsed() > Duration::from_secs(20) || cancel.is_cancelled() {
+            bail!("session:42 outlived its 2 s TTL");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("  gone after {:.1} s:", written.elapsed().as_secs_f64());
+    let (_, miss) = ctl.output(&["get", "session:42"])?;
+    println!("  $ cachectl get session:42\n    {miss}");
+
+    step("4. A version-fenced write older than the stored version is refused");
+    ctl.show(&["set", "price:widget", "100", "--version", "5"])?;
+    println!("  a late writer tries to store version 4:");
+    ctl.show(&[
+        "--json",
+        "set",
+        "price:widget",
+        "90",
+        "--version",
+        "4",
+        "--if-newer",
+    ])?;
+    let refused = ctl.json(&["set", "price:widget", "90", "--version", "4", "--if-newer"])?;
+    if refused["outcome"] != "stale_version" || refused["current_version"] != 5 {
+        bail!("the fenced write was not refused: {refused}");
+    }
+    ctl.show(&["get", "price:widget"])?;
+
+    step("5. A node dies; traffic continues on the others");
+    let victim_id = owners["user:1"].clone();
+    let victim = cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.id == victim_id)
+        .context("the owner of user:1 is a demo node")?;
+    println!("  kill -9 {} (it owns user:1)", victim.id);
+    victim.process.signal(Signal::SIGKILL)?;
+    victim.process.wait().await?;
+    for key in &keys {
+        ctl.show(&["get", key]).or_else(|e| {
+            // A miss is fine (the dead node held the key); an error is not.
+            if e.to_string().contains("not found") {
+                Ok(String::new())
+            } else {
+                Err(e)
+            }
+        })?;
+    }
+    println!("  keys of the dead node miss; writes to them go to the next node on the ring,");
+    println!("  capped at the client's fallback TTL (10 s) so the copy cannot outlive the outage:");
+    ctl.show(&[
+        "set",
+        "user:1",
+        "written while its owner is down",
+        "--version",
+        "2",
+    ])?;
+    ctl.show(&["get", "user:1"])?;
+    println!("  restarting {}", victim.id);
+    victim.process = spawn_node(
+        &cluster.node_binary,
+        &victim.id,
+        &victim.config,
+        &victim.log,
+    )?;
+    wait_healthy(victim, cancel).await?;
+    ctl.show(&["topology"])?;
+    println!("\nlogs and configs: {}", cluster.dir.display());
+    Ok(())
+}
+
+/// SIGTERMs every node, then waits for each; a node that does not exit 0
+/// (or has to be killed) is reported as an error.
+async fn stop_cluster(cluster: &mut DemoCluster) -> Result<()> {
+    for node in &mut cluster.nodes {
+        node.process.signal(Signal::SIGTERM)?;
+    }
+    // One SIGTERM each, sent to all nodes first so that they drain in
+    // parallel; a second SIGTERM could read as "hurry up" to a node.
+    let mut failures = Vec::new();
+    for node in &mut cluster.nodes {
+        let status = match node.process.wait_timeout(SHUTDOWN_GRACE).await? {
+            Some(status) => status,
+            None => {
+                eprintln!(
+                    "xtask: {} still running {SHUTDOWN_GRACE:?} after SIGTERM, killing it",
+                    node.id
+                );
+                node.process.signal(Signal::SIGKILL)?;
+                node.process.wait().await?
+            }
+        };
+        if !status.success() {
+            failures.push(format!(
+                "{} exited with {status} (log: {})",
+                node.id,
+                node.log.display()
+            ));
+        }
+    }
+    if failures.is_empty() {
+        eprintln!("xtask: all nodes stopped");
+        Ok(())
+    } else {
+        bail!("not all nodes shut down cleanly: {}", failures.join("; "))
+    }
+}
+
+/// The TOML config of one node; see `cache-node`'s `Config`.
+fn node_config(
+    id: &str,
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    epoch: u64,
+    members: &[(String, SocketAddr, SocketAddr)],
+) -> String {
+    let mut toml = format!(
+        "node_id = \"{id}\"\n\
+         listen = \"{addr}\"\n\
+         metrics_listen = \"{metrics_addr}\"\n\
+         \n\
+         [keyspaces.default]\n\
+         capacity_bytes = 67108864\n\
+         default_ttl = \"1h\"\n\
+         \n\
+         [cluster]\n\
+         epoch = {epoch}\n\
+         members = [\n"
+    );
+    for (member, member_addr, _) in members {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            toml,
+            "  {{ id = \"{member}\", address = \"{member_addr}\" }},"
+        );
+    }
+    toml.push_str("]\n");
+    toml
+}
