@@ -140,22 +140,30 @@ impl Cluster {
         }
     }
 
-    /// Re-reads the topology from a healthy node and adopts it if its epoch
-    /// is newer.
+    /// Asks every member for its topology, in parallel, and adopts the
+    /// newest if its epoch is greater than ours. Members learn of a new
+    /// member list one by one as they are reconfigured, so asking only one
+    /// could miss a newer list that another already has.
     pub(crate) async fn refresh(&self) -> Result<bool> {
         let view = self.view();
+        let timeout = self.config.request_timeout;
+        let asks = view
+            .nodes
+            .values()
+            .map(|node| fetch_topology(node, timeout));
+        let mut newest: Option<v1::TopologyResponse> = None;
         let mut last = None;
-        let mut candidates: Vec<&Arc<NodeHandle>> = view.nodes.values().collect();
-        candidates.sort_by_key(|n| n.is_down());
-        for node in candidates {
-            match fetch_topology(node, self.config.request_timeout).await {
-                Ok(topology) => return self.adopt(&topology),
+        for reply in futures::future::join_all(asks).await {
+            match reply {
+                Ok(t) if newest.as_ref().is_none_or(|n| t.epoch > n.epoch) => newest = Some(t),
+                Ok(_) => {}
                 Err(e) => last = Some(e),
             }
         }
-        match last {
-            Some(e) => Err(e),
-            None => Ok(false),
+        match (newest, last) {
+            (Some(topology), _) => self.adopt(&topology),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(false),
         }
     }
 

@@ -207,6 +207,24 @@ impl NodeProcess {
     ///
     /// Fails when the binary is missing or cannot be started.
     pub fn spawn(config: NodeConfig) -> Result<Self> {
+        Self::spawn_with(config, |command, config_path| {
+            command.arg("--config").arg(config_path);
+        })
+    }
+
+    /// Spawns a node whose command line `customize` sets up. The config file
+    /// is written (its path is passed to `customize`) but only used if
+    /// `customize` passes it on; `config.listen` must be where the node will
+    /// serve, since health probes go there. The `RINGCACHE_*` variables of
+    /// the test's own environment are cleared first.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the binary is missing or cannot be started.
+    pub fn spawn_with(
+        config: NodeConfig,
+        customize: impl FnOnce(&mut Command, &Path),
+    ) -> Result<Self> {
         let binary = node_binary()?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("ringcache-{}-", config.node_id))
@@ -221,18 +239,17 @@ impl NodeProcess {
         let err = out
             .try_clone()
             .context("failed to duplicate the log handle")?;
-        let child = Command::new(&binary)
-            .arg("--config")
-            .arg(&config_path)
-            // The config file must be the only source of settings: clear what
-            // a developer's shell may have exported.
-            .env_remove("RINGCACHE_CONFIG")
-            .env_remove("RINGCACHE_LISTEN")
-            .env_remove("RINGCACHE_METRICS_LISTEN")
-            .env_remove("RINGCACHE_NODE_ID")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+        let mut command = Command::new(&binary);
+        // Settings come only from what the test passes: clear what a
+        // developer's shell may have exported.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("RINGCACHE_") {
+                command.env_remove(name);
+            }
+        }
+        command.stdin(Stdio::null()).stdout(out).stderr(err);
+        customize(&mut command, &config_path);
+        let child = command
             .spawn()
             .with_context(|| format!("failed to start {}", binary.display()))?;
         Ok(Self {
@@ -376,6 +393,15 @@ impl NodeProcess {
     /// Fails when the signal cannot be sent (the process was reaped).
     pub fn sigcont(&mut self) -> Result<()> {
         self.signal(Signal::SIGCONT)
+    }
+
+    /// Interrupts the node as Ctrl-C would.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigint(&mut self) -> Result<()> {
+        self.signal(Signal::SIGINT)
     }
 
     fn signal(&mut self, signal: Signal) -> Result<()> {

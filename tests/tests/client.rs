@@ -346,3 +346,241 @@ async fn with_two_replicas_killing_a_node_loses_no_cached_key() -> Result<()> {
     assert!(misses.is_empty(), "lost {} keys: {misses:?}", misses.len());
     Ok(())
 }
+
+/// A member list with a greater epoch replaces the one in use; the client
+/// learns it from the periodic refresh, without restarting.
+#[tokio::test]
+async fn a_newer_epoch_replaces_the_member_list() -> Result<()> {
+    let mut configs = NodeConfig::cluster(3)?;
+    let all = configs[0].members.clone();
+    for config in &mut configs[..2] {
+        config.members.truncate(2);
+    }
+    configs[2].epoch = 2;
+    let mut nodes = Vec::new();
+    for config in configs {
+        nodes.push(NodeProcess::start(config).await?);
+    }
+    let client = Client::connect(
+        ClientConfig::new([nodes[0].addr().to_string()])
+            .with_refresh_interval(Duration::from_millis(100)),
+    )
+    .await?;
+    assert_eq!(client.topology().epoch, 1);
+    assert_eq!(client.topology().members.len(), 2);
+
+    // Reconfigure node-2 with the three-member list at epoch 2.
+    nodes[1].sigterm()?;
+    nodes[1].wait_exit(Duration::from_secs(10)).await?;
+    let mut config = nodes[1].config().clone();
+    config.members = all;
+    config.epoch = 2;
+    nodes[1] = NodeProcess::start(config).await?;
+
+    eventually(Duration::from_secs(10), "adopting epoch 2", || {
+        client.topology().epoch == 2
+    })
+    .await?;
+    let ids: Vec<String> = client
+        .topology()
+        .members
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, ["node-1", "node-2", "node-3"]);
+    // node-3 now owns keys and holds them.
+    let key = (0..1000)
+        .map(|i| format!("epoch:{i}"))
+        .find(|k| client.owners("default", k.as_bytes())[0] == "node-3")
+        .context("some key belongs to node-3")?;
+    client.set("default", &key, "v", SetOptions::new()).await?;
+    let mut direct = CacheNodeClient::connect(nodes[2].endpoint()).await?;
+    let held = direct
+        .get(v1::GetRequest {
+            keyspace: "default".into(),
+            key: key.into_bytes().into(),
+        })
+        .await?
+        .into_inner();
+    assert!(held.entry.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_write_quorum_is_enforced() -> Result<()> {
+    let mut nodes = cluster(2).await?;
+    let strict = Client::connect(
+        client_config(&nodes).with_keyspace_replication("default", Replication::new(2)),
+    )
+    .await?;
+    let lenient = Client::connect(
+        client_config(&nodes)
+            .with_keyspace_replication("default", Replication::new(2).with_write_quorum(1)),
+    )
+    .await?;
+    strict
+        .set("default", "q", "both", SetOptions::new().version(1))
+        .await?;
+    nodes[1].sigkill()?;
+    let err = strict
+        .set("default", "q", "one", SetOptions::new().version(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            cache_client::Error::QuorumNotReached {
+                acked: 1,
+                needed: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    lenient
+        .set("default", "q", "one", SetOptions::new().version(3))
+        .await?;
+    Ok(())
+}
+
+/// Only idempotent calls are retried: an `IfAbsent` write to a paused owner
+/// fails after one attempt, while an unconditional write fails over.
+#[tokio::test]
+async fn only_idempotent_writes_are_retried() -> Result<()> {
+    let mut nodes = cluster(3).await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    let victim = nodes[0].config().node_id.clone();
+    let owned: Vec<String> = (0..400)
+        .map(|i| format!("retry:{i}"))
+        .filter(|k| client.owners("default", k.as_bytes())[0] == victim)
+        .take(2)
+        .collect();
+    nodes[0].sigstop()?;
+    let err = client
+        .set("default", &owned[0], "v", SetOptions::new().if_absent())
+        .await
+        .unwrap_err();
+    assert!(
+        err.is_retryable() && matches!(err, cache_client::Error::Unavailable { .. }),
+        "{err}"
+    );
+    client
+        .set("default", &owned[1], "v", SetOptions::new())
+        .await?;
+    nodes[0].sigcont()?;
+    Ok(())
+}
+
+/// Established server-side TCP connections to `port`, from /proc/net/tcp.
+fn established_to(port: u16) -> Result<usize> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1).and_then(|a| a.rsplit(':').next());
+            local_port.and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                && fields.get(3) == Some(&"01")
+        })
+        .count())
+}
+
+/// One HTTP/2 channel per node: hundreds of calls from many tasks open no
+/// more connections (the seed connection made at start-up may linger).
+#[tokio::test]
+async fn calls_reuse_one_connection_per_node() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    let mut tasks = Vec::new();
+    for t in 0..10 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..30 {
+                let key = format!("conn:{t}:{i}");
+                client.set("default", &key, "v", SetOptions::new()).await?;
+                client.get("default", &key).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    for node in &nodes {
+        let connections = established_to(node.addr().port())?;
+        assert!(
+            (1..=2).contains(&connections),
+            "{} has {connections} connections after 600 calls",
+            node.config().node_id
+        );
+    }
+    Ok(())
+}
+
+fn cachectl(nodes: &[NodeProcess], args: &[&str]) -> Result<std::process::Output> {
+    let binary = ringcache_tests::node_binary()?.with_file_name("cachectl");
+    let seeds: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+    std::process::Command::new(&binary)
+        .arg("--seeds")
+        .arg(seeds.join(","))
+        .args(args)
+        .output()
+        .with_context(|| {
+            format!(
+                "cannot run {} (built by cargo build --bins)",
+                binary.display()
+            )
+        })
+}
+
+#[tokio::test]
+async fn cachectl_commands_and_exit_status() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let run = |args: &[&str]| -> Result<(bool, String, String)> {
+        let out = cachectl(&nodes, args)?;
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
+    };
+    assert!(run(&["set", "a", "1", "--version", "3"])?.0);
+    assert!(run(&["set", "b", "2"])?.0);
+    let (ok, out, _) = run(&["--json", "mget", "a", "missing", "b"])?;
+    assert!(ok);
+    let rows: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(rows[0]["value"], "1");
+    assert_eq!(rows[0]["version"], 3);
+    assert_eq!(rows[1]["found"], false);
+    assert_eq!(rows[2]["value"], "2");
+    let (ok, out, _) = run(&["del", "a"])?;
+    assert!(ok && out.trim() == "deleted", "{out}");
+    let (ok, _, err) = run(&["get", "a"])?;
+    assert!(!ok, "a miss in text mode exits non-zero");
+    assert_eq!(err.trim().lines().count(), 1, "one-line reason: {err}");
+    let (ok, out, _) = run(&["--json", "topology"])?;
+    assert!(ok);
+    let topology: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(topology["members"].as_array().map(Vec::len), Some(3));
+    let (ok, out, _) = run(&["--json", "ring", "--sample", "30000"])?;
+    assert!(ok);
+    let balance: serde_json::Value = serde_json::from_str(&out)?;
+    assert!(
+        balance["max_over_mean"].as_f64().is_some_and(|r| r < 1.2),
+        "{balance}"
+    );
+    // An unreachable pool: exit 1 with one line naming the seeds.
+    let out =
+        std::process::Command::new(ringcache_tests::node_binary()?.with_file_name("cachectl"))
+            .args(["--seeds", "127.0.0.1:1", "--deadline", "1s", "get", "x"])
+            .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    assert!(
+        err.starts_with("cachectl: cannot reach the pool at 127.0.0.1:1"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    Ok(())
+}
