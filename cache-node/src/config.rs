@@ -39,6 +39,16 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_KEYSPACES: usize = 1024;
 /// Default time shutdown waits for in-flight requests.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default cap on how long a 2PC change may stay pending (`Prepare`'s
+/// `timeout_ms` is capped to it; 0 asks for the cap).
+pub const DEFAULT_MAX_PENDING_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default lifetime of a lease handed out by `LeaseGet`: long enough for a
+/// slow database load, short enough that a crashed holder does not block the
+/// key's fillers for long.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Default wait a `LeaseGet` miss is told to observe while another caller
+/// holds the lease (the memcache paper's short back-off).
+pub const DEFAULT_LEASE_RETRY_AFTER: Duration = Duration::from_millis(20);
 /// Largest value the node accepts as `max_value_bytes`: the weigher counts
 /// entry sizes in a `u32`, so one entry must stay well below 4 GiB.
 pub const MAX_VALUE_BYTES_LIMIT: usize = 512 * 1024 * 1024;
@@ -120,6 +130,11 @@ pub struct Limits {
     pub max_request_bytes: usize,
     /// Most keyspaces the node holds, configured and created on demand.
     pub max_keyspaces: usize,
+    /// Longest time a `Prepare`d change may stay pending before the node
+    /// drops it (and deletes the key's live entry). A `Prepare` asking for
+    /// more, or for 0, gets this.
+    #[serde(with = "humantime_serde")]
+    pub max_pending_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -131,6 +146,7 @@ impl Default for Limits {
             max_batch_keys: DEFAULT_MAX_BATCH_KEYS,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_keyspaces: DEFAULT_MAX_KEYSPACES,
+            max_pending_timeout: DEFAULT_MAX_PENDING_TIMEOUT,
         }
     }
 }
@@ -147,6 +163,21 @@ pub struct KeyspaceConfig {
     /// expire (they still get evicted under memory pressure).
     #[serde(with = "humantime_serde")]
     pub default_ttl: Option<Duration>,
+    /// How long a lease handed out by `LeaseGet` stays valid. After it, the
+    /// holder's `Fill` is refused and the next miss gets a new lease.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// The wait (`retry_after_ms`) a `LeaseGet` miss is told to observe while
+    /// another caller holds the key's lease or a change is pending.
+    #[serde(with = "humantime_serde")]
+    pub lease_retry_after: Duration,
+    /// How long a deleted value is kept as "stale", served only through
+    /// `LeaseGet`'s `stale` field to callers told to wait; absent keeps none.
+    /// Stale values live outside the byte-bounded cache, so they are further
+    /// bounded to [`crate::store::STALE_BUDGET_DIVISOR`]th of
+    /// `capacity_bytes`.
+    #[serde(with = "humantime_serde")]
+    pub keep_stale_for: Option<Duration>,
 }
 
 impl Default for KeyspaceConfig {
@@ -154,6 +185,9 @@ impl Default for KeyspaceConfig {
         KeyspaceConfig {
             capacity_bytes: DEFAULT_CAPACITY_BYTES,
             default_ttl: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            lease_retry_after: DEFAULT_LEASE_RETRY_AFTER,
+            keep_stale_for: None,
         }
     }
 }
@@ -333,6 +367,12 @@ impl Config {
         if limits.max_ttl.is_zero() {
             return Err(Error::config("limits.max_ttl", "must be greater than zero"));
         }
+        if limits.max_pending_timeout < Duration::from_millis(1) {
+            return Err(Error::config(
+                "limits.max_pending_timeout",
+                "must be at least 1ms",
+            ));
+        }
         if limits.max_batch_keys == 0 {
             return Err(Error::config("limits.max_batch_keys", "must be at least 1"));
         }
@@ -425,6 +465,41 @@ impl KeyspaceConfig {
                 ));
             }
         }
+        // The wire says "no wait" with 0 and counts in milliseconds, so both
+        // lease durations must be at least 1 ms.
+        let millisecond = Duration::from_millis(1);
+        if self.lease_ttl < millisecond || self.lease_ttl > limits.max_ttl {
+            return Err(Error::config(
+                format!("{field}.lease_ttl"),
+                format!(
+                    "{} is not between 1ms and limits.max_ttl ({})",
+                    humantime::format_duration(self.lease_ttl),
+                    humantime::format_duration(limits.max_ttl)
+                ),
+            ));
+        }
+        if self.lease_retry_after < millisecond || self.lease_retry_after > self.lease_ttl {
+            return Err(Error::config(
+                format!("{field}.lease_retry_after"),
+                format!(
+                    "{} is not between 1ms and lease_ttl ({})",
+                    humantime::format_duration(self.lease_retry_after),
+                    humantime::format_duration(self.lease_ttl)
+                ),
+            ));
+        }
+        if let Some(keep) = self.keep_stale_for
+            && (keep < millisecond || keep > limits.max_ttl)
+        {
+            return Err(Error::config(
+                format!("{field}.keep_stale_for"),
+                format!(
+                    "{} is not between 1ms and limits.max_ttl ({}) (omit it to keep no stale values)",
+                    humantime::format_duration(keep),
+                    humantime::format_duration(limits.max_ttl)
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -476,9 +551,14 @@ mod tests {
             max_key_bytes = 256
             max_ttl = "1day"
 
+            max_pending_timeout = "5s"
+
             [keyspaces.users]
             capacity_bytes = 10485760
             default_ttl = "10m"
+            lease_ttl = "2s"
+            lease_retry_after = "5ms"
+            keep_stale_for = "1s"
 
             [cluster]
             epoch = 3
@@ -499,6 +579,15 @@ mod tests {
         assert_eq!(config.cluster.members[0].weight, 1);
         assert_eq!(config.limits.max_key_bytes, 256);
         assert_eq!(config.limits.max_value_bytes, DEFAULT_MAX_VALUE_BYTES);
+        assert_eq!(config.limits.max_pending_timeout, Duration::from_secs(5));
+        let users = &config.keyspaces["users"];
+        assert_eq!(users.lease_ttl, Duration::from_secs(2));
+        assert_eq!(users.lease_retry_after, Duration::from_millis(5));
+        assert_eq!(users.keep_stale_for, Some(Duration::from_secs(1)));
+        let default = &config.keyspaces[DEFAULT_KEYSPACE];
+        assert_eq!(default.lease_ttl, DEFAULT_LEASE_TTL);
+        assert_eq!(default.lease_retry_after, DEFAULT_LEASE_RETRY_AFTER);
+        assert_eq!(default.keep_stale_for, None);
     }
 
     #[test]
@@ -531,6 +620,27 @@ mod tests {
             (
                 "[keyspaces.a]\ndefault_ttl = \"400days\"",
                 "keyspaces.a.default_ttl",
+            ),
+            (
+                "[limits]\nmax_pending_timeout = \"0s\"",
+                "limits.max_pending_timeout",
+            ),
+            ("[keyspaces.a]\nlease_ttl = \"0s\"", "keyspaces.a.lease_ttl"),
+            (
+                "[keyspaces.a]\nlease_retry_after = \"0s\"",
+                "keyspaces.a.lease_retry_after",
+            ),
+            (
+                "[keyspaces.a]\nlease_ttl = \"1s\"\nlease_retry_after = \"2s\"",
+                "keyspaces.a.lease_retry_after",
+            ),
+            (
+                "[keyspaces.a]\nkeep_stale_for = \"0s\"",
+                "keyspaces.a.keep_stale_for",
+            ),
+            (
+                "[created_keyspaces]\nlease_ttl = \"400days\"",
+                "created_keyspaces.lease_ttl",
             ),
             ("[keyspaces.\"a b\"]", "keyspaces.a b"),
             (

@@ -66,6 +66,18 @@ pub enum Error {
         /// The configured maximum.
         max: usize,
     },
+    /// A 2PC request carried an empty transaction id.
+    #[error("txn_id is empty")]
+    EmptyTxnId,
+    /// A 2PC request carried a transaction id longer than
+    /// [`crate::store::MAX_TXN_ID_BYTES`].
+    #[error("txn_id of {len} bytes exceeds {max} bytes")]
+    TxnIdTooLong {
+        /// Length of the offending id.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
     /// A request is malformed in a way the message names (missing field,
     /// unknown enum value).
     #[error("malformed request: {0}")]
@@ -108,6 +120,8 @@ impl ServiceError for Error {
             | Error::ValueTooLarge { .. }
             | Error::TtlOutOfRange { .. }
             | Error::BatchTooLarge { .. }
+            | Error::EmptyTxnId
+            | Error::TxnIdTooLong { .. }
             | Error::InvalidKeyspaceName { .. }
             | Error::Malformed(_) => ErrorKind::InvalidArgument,
             Error::UnknownKeyspace { .. } => ErrorKind::NotFound,

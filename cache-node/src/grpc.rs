@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 use crate::config::Config;
 use crate::error::Error;
 use crate::metrics::{NodeMetrics, Rpc};
-use crate::store::{Hit, SetItem, SetOutcome, SetResult, Store, WriteCondition};
+use crate::store::{
+    FillOutcome, Hit, LeaseRead, Prepare, SetItem, SetOutcome, SetResult, Store, WriteCondition,
+};
 
 /// The `CacheNode` service of one node.
 pub struct CacheNodeService {
@@ -82,19 +84,50 @@ impl CacheNodeService {
     }
 }
 
+fn entry_to_proto(hit: Hit) -> v1::Entry {
+    v1::Entry {
+        value: hit.value,
+        version: hit.version,
+        ttl_remaining_ms: hit
+            .ttl_remaining
+            // An entry with less than 1 ms left still exists: report 1,
+            // because 0 means "never expires".
+            .map(|d| millis(d).max(1))
+            .unwrap_or(0),
+    }
+}
+
 fn hit_to_proto(hit: Option<Hit>) -> v1::GetResponse {
     v1::GetResponse {
-        entry: hit.map(|hit| v1::Entry {
-            value: hit.value,
-            version: hit.version,
-            ttl_remaining_ms: hit
-                .ttl_remaining
-                // An entry with less than 1 ms left still exists: report 1,
-                // because 0 means "never expires".
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1))
-                .unwrap_or(0),
-        }),
+        entry: hit.map(entry_to_proto),
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lease_read_to_proto(read: LeaseRead) -> v1::LeaseGetResponse {
+    match read {
+        LeaseRead::Hit(hit) => v1::LeaseGetResponse {
+            entry: Some(entry_to_proto(hit)),
+            ..Default::default()
+        },
+        LeaseRead::Granted { token } => v1::LeaseGetResponse {
+            lease_token: token,
+            ..Default::default()
+        },
+        LeaseRead::Wait { retry_after, stale } => v1::LeaseGetResponse {
+            // 0 would read as "no wait"; config validation keeps it >= 1 ms.
+            retry_after_ms: millis(retry_after).max(1),
+            stale: stale.map(entry_to_proto),
+            ..Default::default()
+        },
+    }
+}
+
+fn required_item(item: Option<v1::SetItem>, rpc: &str) -> Result<SetItem, Error> {
+    item_from_proto(item.ok_or_else(|| Error::Malformed(format!("{rpc} request has no item")))?)
 }
 
 fn item_from_proto(item: v1::SetItem) -> Result<SetItem, Error> {
@@ -152,10 +185,7 @@ impl CacheNode for CacheNodeService {
     ) -> Result<Response<v1::SetResponse>, Status> {
         let req = request.into_inner();
         self.call(Rpc::Set, || {
-            let item = req
-                .item
-                .ok_or_else(|| Error::Malformed("set request has no item".into()))?;
-            let item = item_from_proto(item)?;
+            let item = required_item(req.item, "set")?;
             self.store.set(&req.keyspace, item).map(set_result_to_proto)
         })
     }
@@ -225,14 +255,20 @@ impl CacheNode for CacheNodeService {
                     items: s.items,
                     bytes: s.bytes,
                     capacity_bytes: s.capacity_bytes,
-                    default_ttl_ms: s
-                        .default_ttl
-                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    default_ttl_ms: s.default_ttl.map_or(0, millis),
+                    leases_granted: s.leases_granted,
+                    lease_waits: s.lease_waits,
+                    fills_stored: s.fills_stored,
+                    fills_refused: s.fills_refused,
+                    prepares: s.prepares,
+                    commits: s.commits,
+                    aborts: s.aborts,
+                    pending_timeouts: s.pending_timeouts,
                 })
                 .collect();
             Ok(v1::StatsResponse {
                 node_id: self.node_id.clone(),
-                uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                uptime_ms: millis(self.started.elapsed()),
                 keyspaces,
             })
         })
@@ -248,6 +284,83 @@ impl CacheNode for CacheNodeService {
             self.store.flush(filter)?;
             tracing::info!(keyspace = ?filter, "flushed");
             Ok(v1::FlushResponse {})
+        })
+    }
+
+    async fn lease_get(
+        &self,
+        request: Request<v1::LeaseGetRequest>,
+    ) -> Result<Response<v1::LeaseGetResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::LeaseGet, || {
+            self.store
+                .lease_get(&req.keyspace, &req.key)
+                .map(lease_read_to_proto)
+        })
+    }
+
+    async fn fill(
+        &self,
+        request: Request<v1::FillRequest>,
+    ) -> Result<Response<v1::FillResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Fill, || {
+            let item = required_item(req.item, "fill")?;
+            let result = self.store.fill(&req.keyspace, item, req.lease_token)?;
+            let outcome = match result.outcome {
+                FillOutcome::Stored => v1::FillOutcome::Stored,
+                FillOutcome::LeaseInvalid => v1::FillOutcome::LeaseInvalid,
+                FillOutcome::StaleVersion => v1::FillOutcome::StaleVersion,
+            };
+            Ok(v1::FillResponse {
+                outcome: outcome as i32,
+                current_version: result.current_version,
+            })
+        })
+    }
+
+    async fn prepare(
+        &self,
+        request: Request<v1::PrepareRequest>,
+    ) -> Result<Response<v1::PrepareResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Prepare, || {
+            let prepare = Prepare {
+                item: required_item(req.item, "prepare")?,
+                delete: req.delete,
+                txn_id: req.txn_id,
+                timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms)),
+            };
+            let result = self.store.prepare(&req.keyspace, prepare)?;
+            Ok(v1::PrepareResponse {
+                prepared: result.prepared,
+                current_version: result.current_version,
+            })
+        })
+    }
+
+    async fn commit(
+        &self,
+        request: Request<v1::CommitRequest>,
+    ) -> Result<Response<v1::CommitResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Commit, || {
+            let result = self.store.commit(&req.keyspace, &req.key, &req.txn_id)?;
+            Ok(v1::CommitResponse {
+                committed: result.committed,
+                current_version: result.current_version,
+            })
+        })
+    }
+
+    async fn abort(
+        &self,
+        request: Request<v1::AbortRequest>,
+    ) -> Result<Response<v1::AbortResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::Abort, || {
+            let aborted = self.store.abort(&req.keyspace, &req.key, &req.txn_id)?;
+            Ok(v1::AbortResponse { aborted })
         })
     }
 

@@ -2,10 +2,12 @@
 //!
 //! - [`config`]: the TOML/env/flag configuration and its validation.
 //! - [`store`]: the domain core: keyspaces of versioned entries in
-//!   byte-bounded moka caches. Knows nothing of gRPC.
+//!   byte-bounded moka caches, with leases and 2PC pending changes. Knows
+//!   nothing of gRPC.
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
 //! - [`metrics`]: the node's Prometheus registry.
-//! - [`server`]: [`run`], which wires them together and drains on shutdown.
+//! - [`server`]: [`run`], which wires them together, runs the sweeper that
+//!   times out pending changes, and drains on shutdown.
 //!
 //! A binary (`main.rs`) only parses the config, sets up tracing, binds and
 //! calls [`run`].

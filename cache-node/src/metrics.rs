@@ -39,10 +39,21 @@ pub enum Rpc {
     Topology,
     /// `Flush`.
     Flush,
+    /// `LeaseGet`.
+    LeaseGet,
+    /// `Fill`.
+    Fill,
+    /// `Prepare`.
+    Prepare,
+    /// `Commit`.
+    Commit,
+    /// `Abort`.
+    Abort,
 }
 
 impl Rpc {
-    const ALL: [Rpc; 8] = [
+    // In declaration order: `time` indexes by `rpc as usize`.
+    const ALL: [Rpc; 13] = [
         Rpc::Get,
         Rpc::Set,
         Rpc::Delete,
@@ -51,6 +62,11 @@ impl Rpc {
         Rpc::Stats,
         Rpc::Topology,
         Rpc::Flush,
+        Rpc::LeaseGet,
+        Rpc::Fill,
+        Rpc::Prepare,
+        Rpc::Commit,
+        Rpc::Abort,
     ];
 
     fn name(self) -> &'static str {
@@ -63,6 +79,11 @@ impl Rpc {
             Rpc::Stats => "Stats",
             Rpc::Topology => "Topology",
             Rpc::Flush => "Flush",
+            Rpc::LeaseGet => "LeaseGet",
+            Rpc::Fill => "Fill",
+            Rpc::Prepare => "Prepare",
+            Rpc::Commit => "Commit",
+            Rpc::Abort => "Abort",
         }
     }
 }
@@ -146,6 +167,14 @@ impl NodeMetrics {
             counter("ringcache_node_deletes_total", ks.deletes);
             counter("ringcache_node_evictions_total", ks.evictions);
             counter("ringcache_node_expirations_total", ks.expirations);
+            counter("ringcache_node_leases_granted_total", ks.leases_granted);
+            counter("ringcache_node_lease_waits_total", ks.lease_waits);
+            counter("ringcache_node_fills_stored_total", ks.fills_stored);
+            counter("ringcache_node_fills_refused_total", ks.fills_refused);
+            counter("ringcache_node_prepares_total", ks.prepares);
+            counter("ringcache_node_commits_total", ks.commits);
+            counter("ringcache_node_aborts_total", ks.aborts);
+            counter("ringcache_node_pending_timeouts_total", ks.pending_timeouts);
             let gauge = |name: &'static str, value: u64| {
                 self.recorder
                     .register_gauge(&Key::from_parts(name, labels()), &METADATA)

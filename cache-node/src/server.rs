@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ringcache_proto::v1::{self, cache_node_server::CacheNodeServer};
 use tokio::net::TcpListener;
@@ -15,6 +16,11 @@ use crate::error::{Error, Result};
 use crate::grpc::CacheNodeService;
 use crate::metrics::NodeMetrics;
 use crate::store::Store;
+
+/// How often the sweeper times out pending 2PC changes (and drops expired
+/// leases and stale values) that no request touches. A pending change can
+/// outlive its deadline by at most this much when nobody accesses its key.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The sockets a node serves on, bound before [`run`] so that callers (tests,
 /// `main`) can bind port 0 and learn the address.
@@ -51,7 +57,7 @@ impl Listeners {
 /// Shutdown order: the health service turns `NOT_SERVING` (so that probes
 /// and load balancers stop sending), the listeners stop accepting, in-flight
 /// requests finish (up to `config.shutdown_grace`), then the metrics endpoint
-/// stops.
+/// and the background sweeper stop.
 ///
 /// # Errors
 /// [`Error::Server`] when a server fails; the config is assumed validated
@@ -89,6 +95,12 @@ async fn serve(
         .unwrap_or_else(|| grpc_addr.to_string());
     let store = Arc::new(Store::new(&config));
     let metrics = Arc::new(NodeMetrics::new(Arc::clone(&store)));
+    // Background workers get their own token: they stop after the drain, so
+    // that a change pending while requests drain still times out.
+    let stop_workers = CancellationToken::new();
+    let sweeper = tokio::spawn(sweep(Arc::clone(&store), stop_workers.clone()));
+    // Whatever way `serve` returns (an early `?` included), the workers stop.
+    let _stop_workers_on_return = stop_workers.clone().drop_guard();
     #[allow(unused_mut)] // mutated only by test hooks
     let mut service = CacheNodeService::new(&config, self_address, store, Arc::clone(&metrics));
     #[cfg(test)]
@@ -180,6 +192,10 @@ async fn serve(
             Ok(())
         }
     };
+    stop_workers.cancel();
+    if let Err(e) = sweeper.await {
+        tracing::warn!(error = %e, "sweeper task failed");
+    }
     if let Some(metrics_server) = metrics_server {
         match metrics_server.await {
             Ok(Ok(())) => {}
@@ -189,6 +205,25 @@ async fn serve(
     }
     tracing::info!("shut down");
     result
+}
+
+/// Times out pending changes nobody touches, every [`SWEEP_INTERVAL`], until
+/// `stop` is cancelled. `Store::expire_pending` is synchronous and only
+/// walks the (small) record tables of keyspaces that have records.
+async fn sweep(store: Arc<Store>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {
+                let timed_out = store.expire_pending(Instant::now());
+                if timed_out > 0 {
+                    tracing::info!(timed_out, "pending changes timed out; live entries deleted");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,12 @@
 //! moka caches. Nothing here knows about gRPC; the transport converts its
 //! messages to these types and back.
 //!
+//! Beside the cache, each keyspace keeps a small table of *records*: per-key
+//! coordination state for leases (the memcache paper's fix for thundering
+//! herds and stale sets), for 2PC pending changes (write-through), and for
+//! recently deleted "stale" values. A key has a record only while it has a
+//! lease, a pending change or a stale value; see `KeyState`.
+//!
 //! # Invariants
 //! - **A version-fenced write never replaces an entry of an equal or newer
 //!   version.** The check and the store happen in one `and_compute_with` call,
@@ -11,13 +17,26 @@
 //!   reads compare `expires_at` with the clock themselves.
 //! - **A keyspace never holds more than its capacity** (after moka's pending
 //!   maintenance has run), counting key + value + [`ENTRY_OVERHEAD_BYTES`].
+//! - **A fill never lands after a write that invalidated its lease.** The
+//!   lease check and the store happen under the key's record lock (the
+//!   records table's shard lock, via `Records::update`); every write of a
+//!   keyspace that has records takes the same lock, drops the lease and does
+//!   its own cache operation before releasing it. See `Keyspace::set` for
+//!   why a keyspace with no records may skip the lock.
+//! - **A pending change is never visible to readers**; it lives in the
+//!   record, not in the cache, until it is committed.
+//! - **Lock order: records shard, then moka's per-key lock.** Nothing takes a
+//!   records lock while holding a moka lock (moka's listeners only bump
+//!   counters), so the two cannot deadlock.
 
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use moka::Expiry;
 use moka::notification::RemovalCause;
 use moka::ops::compute::{CompResult, Op};
@@ -31,6 +50,14 @@ use crate::error::{Error, Result};
 /// `Bytes` headers). Measured roughly; it keeps many tiny entries from
 /// looking free.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 128;
+
+/// Stale values (kept by `keep_stale_for`) live outside the byte-bounded
+/// cache; a keyspace keeps at most `capacity_bytes / STALE_BUDGET_DIVISOR`
+/// bytes of them and simply keeps no more beyond that.
+pub const STALE_BUDGET_DIVISOR: u64 = 8;
+
+/// Longest transaction id a `Prepare` may carry.
+pub const MAX_TXN_ID_BYTES: usize = 256;
 
 /// What a read returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -117,6 +144,100 @@ pub struct KeyspaceStats {
     pub capacity_bytes: u64,
     /// Default TTL.
     pub default_ttl: Option<Duration>,
+    /// `LeaseGet` misses handed a lease.
+    pub leases_granted: u64,
+    /// `LeaseGet` misses told to wait.
+    pub lease_waits: u64,
+    /// Fills that stored.
+    pub fills_stored: u64,
+    /// Fills refused (invalid lease or stale version).
+    pub fills_refused: u64,
+    /// Prepares that recorded a pending change.
+    pub prepares: u64,
+    /// Commits that applied a pending change.
+    pub commits: u64,
+    /// Aborts that dropped a pending change.
+    pub aborts: u64,
+    /// Pending changes that timed out (each deleted the live entry).
+    pub pending_timeouts: u64,
+}
+
+/// What `LeaseGet` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseRead {
+    /// A live entry.
+    Hit(Hit),
+    /// A miss; the caller now holds the key's lease and should load the value
+    /// and [`Store::fill`] it with this token (never 0).
+    Granted {
+        /// The lease token.
+        token: u64,
+    },
+    /// A miss while another caller holds the lease or a change is pending.
+    Wait {
+        /// How long the caller should wait before asking again.
+        retry_after: Duration,
+        /// The value most recently deleted, if the keyspace keeps stale
+        /// values and it is still within its window.
+        stale: Option<Hit>,
+    },
+}
+
+/// What a fill did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillOutcome {
+    /// Stored, and the lease released.
+    Stored,
+    /// Refused: the token is not the key's current, unexpired lease, or a
+    /// change is pending.
+    LeaseInvalid,
+    /// Refused: a live entry of an equal or newer version exists; the lease
+    /// is released.
+    StaleVersion,
+}
+
+/// The result of one fill.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FillResult {
+    /// What happened.
+    pub outcome: FillOutcome,
+    /// The live version afterwards; 0 when no entry is live.
+    pub current_version: u64,
+}
+
+/// A 2PC change to record as pending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepare {
+    /// Key, value, version and TTL; the condition is ignored (a commit is
+    /// always fenced against the live version). The TTL counts from the
+    /// commit.
+    pub item: SetItem,
+    /// The change is a deletion; `item.value` and `item.ttl` are ignored.
+    pub delete: bool,
+    /// The writer's transaction id.
+    pub txn_id: String,
+    /// How long the change may stay pending; `None`, or more than
+    /// `limits.max_pending_timeout`, means that cap.
+    pub timeout: Option<Duration>,
+}
+
+/// The result of a prepare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrepareResult {
+    /// Recorded (or already recorded by the same transaction).
+    pub prepared: bool,
+    /// The live version; 0 when absent.
+    pub current_version: u64,
+}
+
+/// The result of a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitResult {
+    /// The transaction's pending change existed and was applied (subject to
+    /// the version fence).
+    pub committed: bool,
+    /// The live version afterwards; 0 when absent.
+    pub current_version: u64,
 }
 
 /// An entry as the cache holds it.
@@ -171,6 +292,194 @@ struct Counters {
     deletes: AtomicU64,
     evictions: AtomicU64,
     expirations: AtomicU64,
+    leases_granted: AtomicU64,
+    lease_waits: AtomicU64,
+    fills_stored: AtomicU64,
+    fills_refused: AtomicU64,
+    prepares: AtomicU64,
+    commits: AtomicU64,
+    aborts: AtomicU64,
+    pending_timeouts: AtomicU64,
+}
+
+/// A lease on a key: the one caller allowed to fill it.
+#[derive(Clone, Debug)]
+struct Lease {
+    token: u64,
+    expires_at: Instant,
+}
+
+/// The change a pending transaction will apply on commit.
+#[derive(Clone, Debug)]
+enum Change {
+    Put { value: Bytes, ttl: Option<Duration> },
+    Delete,
+}
+
+/// A prepared, not yet committed, change.
+#[derive(Clone, Debug)]
+struct Pending {
+    txn_id: String,
+    version: u64,
+    change: Change,
+    deadline: Instant,
+}
+
+/// Coordination state of one key. A record exists only while one of the
+/// fields is set; [`Records::update`] removes it when all are empty.
+#[derive(Clone, Debug, Default)]
+struct KeyState {
+    lease: Option<Lease>,
+    pending: Option<Pending>,
+    /// The last deleted value, with `expires_at` set to the end of its stale
+    /// window. Never served as a hit.
+    stale: Option<Stored>,
+}
+
+/// What a record contributes to the table-wide tallies.
+#[derive(Clone, Copy, Default)]
+struct Footprint {
+    pending: bool,
+    stale_bytes: u64,
+}
+
+impl KeyState {
+    fn is_empty(&self) -> bool {
+        self.lease.is_none() && self.pending.is_none() && self.stale.is_none()
+    }
+
+    fn footprint(&self) -> Footprint {
+        Footprint {
+            pending: self.pending.is_some(),
+            stale_bytes: self.stale.as_ref().map_or(0, stale_weight),
+        }
+    }
+}
+
+fn stale_weight(stored: &Stored) -> u64 {
+    stored.value.len() as u64 + ENTRY_OVERHEAD_BYTES
+}
+
+/// The records of one keyspace, with tallies kept in step with the table.
+#[derive(Default)]
+struct Records {
+    table: DashMap<Bytes, KeyState>,
+    /// Number of records, never below the true number: incremented before a
+    /// record is inserted and decremented after one is removed, both under
+    /// the record's shard lock. Writers read it to skip the lock when the
+    /// keyspace has no records at all (see [`Keyspace::set`]).
+    count: AtomicUsize,
+    /// Records with a pending change; lets `Get` skip the table when 0.
+    pending: AtomicUsize,
+    /// Weight of the stale values held, for [`STALE_BUDGET_DIVISOR`].
+    stale_bytes: AtomicU64,
+}
+
+impl Records {
+    /// Runs `f` on the key's record (an empty one if there is none) under the
+    /// record's shard lock, then stores the record back, or removes it if
+    /// `f` left it empty. `f` runs synchronously and is the critical section
+    /// that makes lease checks, grants and invalidations atomic with the
+    /// cache operation it performs.
+    fn update<R>(&self, key: Bytes, f: impl FnOnce(&mut KeyState) -> R) -> R {
+        match self.table.entry(key) {
+            Entry::Occupied(mut occupied) => {
+                let before = occupied.get().footprint();
+                let result = f(occupied.get_mut());
+                self.account(before, occupied.get().footprint());
+                if occupied.get().is_empty() {
+                    occupied.remove();
+                    self.count.fetch_sub(1, Ordering::SeqCst);
+                }
+                result
+            }
+            Entry::Vacant(vacant) => {
+                let mut state = KeyState::default();
+                let result = f(&mut state);
+                if !state.is_empty() {
+                    self.account(Footprint::default(), state.footprint());
+                    // Counted before the insert, and before `update` returns
+                    // (so before any lease token leaves this call).
+                    self.count.fetch_add(1, Ordering::SeqCst);
+                    vacant.insert(state);
+                }
+                result
+            }
+        }
+    }
+
+    /// Runs `f` on every record, shard by shard under the shard's lock, and
+    /// removes the records it leaves empty.
+    fn sweep(&self, mut f: impl FnMut(&Bytes, &mut KeyState)) {
+        self.table.retain(|key, state| {
+            let before = state.footprint();
+            f(key, state);
+            self.account(before, state.footprint());
+            let keep = !state.is_empty();
+            if !keep {
+                self.count.fetch_sub(1, Ordering::SeqCst);
+            }
+            keep
+        });
+    }
+
+    fn account(&self, before: Footprint, after: Footprint) {
+        match (before.pending, after.pending) {
+            (false, true) => {
+                self.pending.fetch_add(1, Ordering::Relaxed);
+            }
+            (true, false) => {
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        if after.stale_bytes != before.stale_bytes {
+            self.stale_bytes
+                .fetch_add(after.stale_bytes, Ordering::Relaxed);
+            self.stale_bytes
+                .fetch_sub(before.stale_bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// True when the keyspace may have records. `SeqCst` pairs with the
+    /// increment in [`Records::update`]; see [`Keyspace::set`].
+    fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Lease tokens: unique per node process. A counter multiplied by an odd
+/// constant is a bijection on u64, so tokens do not repeat before 2^64 of
+/// them; the random start keeps a restarted node from handing out the
+/// tokens of its previous life, which a slow client might still present.
+struct Tokens {
+    base: u64,
+    next: AtomicU64,
+}
+
+impl Tokens {
+    fn new() -> Self {
+        // std's RandomState is seeded from the OS; no extra dependency.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        Tokens {
+            base: hasher.finish(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let token = self
+                .base
+                .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            // 0 means "no token" on the wire.
+            if token != 0 {
+                return token;
+            }
+        }
+    }
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -178,10 +487,12 @@ fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-/// One keyspace: a byte-bounded cache of versioned entries.
+/// One keyspace: a byte-bounded cache of versioned entries, and the records
+/// (leases, pending changes, stale values) of its keys.
 pub struct Keyspace {
     name: String,
     cache: Cache<Bytes, Stored>,
+    records: Records,
     config: KeyspaceConfig,
     counters: Arc<Counters>,
 }
@@ -208,6 +519,7 @@ impl Keyspace {
         Keyspace {
             name: name.to_owned(),
             cache,
+            records: Records::default(),
             config,
             counters,
         }
@@ -218,40 +530,90 @@ impl Keyspace {
         &self.name
     }
 
-    fn get(&self, key: &[u8], now: Instant) -> Option<Hit> {
-        let hit = self
-            .cache
-            .get(key)
-            .filter(|stored| stored.is_live(now))
-            .map(|stored| stored.hit(now));
+    /// The live entry, without counting the read.
+    fn lookup(&self, key: &[u8], now: Instant) -> Option<Stored> {
+        self.cache.get(key).filter(|stored| stored.is_live(now))
+    }
+
+    fn live_version(&self, key: &[u8], now: Instant) -> u64 {
+        self.lookup(key, now).map_or(0, |stored| stored.version)
+    }
+
+    fn count_read(&self, hit: bool) {
         bump(
-            if hit.is_some() {
+            if hit {
                 &self.counters.hits
             } else {
                 &self.counters.misses
             },
             1,
         );
+    }
+
+    fn get(&self, key: &[u8], now: Instant) -> Option<Hit> {
+        self.time_out_pending(key, now);
+        let hit = self.lookup(key, now).map(|stored| stored.hit(now));
+        self.count_read(hit.is_some());
         hit
     }
 
-    fn set(&self, item: SetItem, now: Instant) -> SetResult {
-        let ttl = item.ttl.or(self.config.default_ttl);
-        // Copy key and value out of the request buffer: a `Bytes` decoded by
-        // prost may be a slice of a much larger request (a whole MultiSet),
-        // and keeping it would pin that buffer while the weigher counts only
-        // the slice. The copy is on the write path; reads share the stored
-        // `Bytes` without copying.
-        let new = Stored {
-            value: Bytes::copy_from_slice(&item.value),
-            version: item.version,
-            expires_at: ttl.map(|ttl| now + ttl),
-        };
-        let key = Bytes::copy_from_slice(&item.key);
+    /// Lazy pending timeout for reads: if the key's pending change is past
+    /// its deadline, time it out now (deleting the live entry) instead of
+    /// serving the live entry until the sweeper comes by. Costs one relaxed
+    /// load while nothing is pending in the keyspace, so the read path of
+    /// keyspaces without 2PC takes no lock.
+    fn time_out_pending(&self, key: &[u8], now: Instant) {
+        if self.records.pending.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // The read guard is a temporary of this statement, dropped before
+        // `update` takes the same shard's write lock.
+        let expired = self.records.table.get(key).is_some_and(|state| {
+            state
+                .pending
+                .as_ref()
+                .is_some_and(|pending| pending.deadline <= now)
+        });
+        if expired {
+            self.records.update(Bytes::copy_from_slice(key), |state| {
+                self.settle(key, state, now)
+            });
+        }
+    }
+
+    /// Brings a record up to date at `now`: drops an expired lease and stale
+    /// value, and times out an expired pending change. A timed-out change
+    /// also deletes the key's live entry: its writer may have committed the
+    /// database and died before committing here, so the cached value may be
+    /// stale, and absent is always safe. True when a change timed out.
+    /// Called with the record's lock held.
+    fn settle(&self, key: &[u8], state: &mut KeyState, now: Instant) -> bool {
+        if state.lease.as_ref().is_some_and(|l| l.expires_at <= now) {
+            state.lease = None;
+        }
+        if state.stale.as_ref().is_some_and(|s| !s.is_live(now)) {
+            state.stale = None;
+        }
+        let timed_out = state.pending.as_ref().is_some_and(|p| p.deadline <= now);
+        if timed_out {
+            let pending = state.pending.take();
+            self.cache.invalidate(key);
+            bump(&self.counters.pending_timeouts, 1);
+            tracing::debug!(
+                keyspace = %self.name,
+                txn_id = pending.as_ref().map(|p| p.txn_id.as_str()),
+                "pending change timed out; live entry deleted"
+            );
+        }
+        timed_out
+    }
+
+    /// Stores `new` under `condition` in one moka compute; no counting.
+    fn put(&self, key: Bytes, new: Stored, condition: WriteCondition, now: Instant) -> SetResult {
         let mut refused: Option<SetResult> = None;
         let result = self.cache.entry(key).and_compute_with(|current| {
             let live = current.map(|e| e.into_value()).filter(|s| s.is_live(now));
-            match (item.condition, live) {
+            match (condition, live) {
                 (WriteCondition::IfAbsent, Some(existing)) => {
                     refused = Some(SetResult {
                         outcome: SetOutcome::Exists,
@@ -272,7 +634,6 @@ impl Keyspace {
             }
         });
         if let Some(refused) = refused {
-            bump(&self.counters.sets_refused, 1);
             return refused;
         }
         let version = match result {
@@ -281,25 +642,368 @@ impl Keyspace {
             // and `Put` always yields `Inserted` or `ReplacedWith`.
             other => unreachable!("compute returned Put but moka reported {other:?}"),
         };
-        bump(&self.counters.sets, 1);
         SetResult {
             outcome: SetOutcome::Stored,
             current_version: version,
         }
     }
 
+    /// The entry a write stores: key and value copied out of the request.
+    fn stored(&self, value: &Bytes, version: u64, ttl: Option<Duration>, now: Instant) -> Stored {
+        // Copy the value out of the request buffer: a `Bytes` decoded by
+        // prost may be a slice of a much larger request (a whole MultiSet),
+        // and keeping it would pin that buffer while the weigher counts only
+        // the slice. The copy is on the write path; reads share the stored
+        // `Bytes` without copying.
+        Stored {
+            value: Bytes::copy_from_slice(value),
+            version,
+            expires_at: ttl.or(self.config.default_ttl).map(|ttl| now + ttl),
+        }
+    }
+
+    /// Writes one key.
+    ///
+    /// # Consistency with leases
+    /// A write must invalidate the key's lease, atomically with its own cache
+    /// operation, so that a fill loaded before the write cannot land after
+    /// it. When the keyspace has records, the write does both under the
+    /// record's lock ([`Records::update`]), which a fill also holds while it
+    /// checks its lease and stores: the fill is entirely before the write
+    /// (and the write then overwrites or deletes its value) or entirely after
+    /// (and finds its lease gone).
+    ///
+    /// When the keyspace has no records at all (`Records::count` reads 0),
+    /// the write skips the lock: no lease exists to invalidate. A lease
+    /// granted concurrently is counted (`SeqCst`) before its token leaves the
+    /// node, so in the `SeqCst` order it comes after this write's check, and
+    /// that check comes after the writer's database change (the writer
+    /// touches the cache after its database). The lease holder loads only
+    /// after it receives the token, so it reads the new row, and a fill of
+    /// the new row is correct; a `Set` racing with the grant is covered by
+    /// the fill's version fence.
+    fn set(&self, item: SetItem, now: Instant) -> SetResult {
+        let key = Bytes::copy_from_slice(&item.key);
+        let new = self.stored(&item.value, item.version, item.ttl, now);
+        let result = if self.records.any() {
+            self.records.update(key.clone(), |state| {
+                self.settle(&key, state, now);
+                state.lease = None;
+                let result = self.put(key.clone(), new, item.condition, now);
+                if result.outcome == SetOutcome::Stored {
+                    // A newer value is live; the old deleted one is no use.
+                    state.stale = None;
+                }
+                result
+            })
+        } else {
+            self.put(key, new, item.condition, now)
+        };
+        bump(
+            if result.outcome == SetOutcome::Stored {
+                &self.counters.sets
+            } else {
+                &self.counters.sets_refused
+            },
+            1,
+        );
+        result
+    }
+
+    /// Deletes one key; true when a live entry went. Invalidates the lease
+    /// like [`Keyspace::set`] (same argument for the lock-free path), and
+    /// keeps the deleted value as stale if the keyspace keeps stale values.
     fn delete(&self, key: &[u8], now: Instant) -> bool {
-        let deleted = self.cache.remove(key).is_some_and(|s| s.is_live(now));
+        let deleted = if self.records.any() || self.config.keep_stale_for.is_some() {
+            self.records.update(Bytes::copy_from_slice(key), |state| {
+                self.settle(key, state, now);
+                state.lease = None;
+                let removed = self.cache.remove(key).filter(|s| s.is_live(now));
+                if let Some(removed) = &removed {
+                    self.keep_stale(state, removed, now);
+                }
+                removed.is_some()
+            })
+        } else {
+            self.cache.remove(key).is_some_and(|s| s.is_live(now))
+        };
         if deleted {
             bump(&self.counters.deletes, 1);
         }
         deleted
     }
 
-    /// Drops every entry. moka marks all current entries invalid at once, so
-    /// no read after this call returns an entry written before it.
+    /// Keeps `removed` as the key's stale value, if the keyspace keeps stale
+    /// values and the stale budget has room. Called under the record's lock.
+    fn keep_stale(&self, state: &mut KeyState, removed: &Stored, now: Instant) {
+        let Some(keep) = self.config.keep_stale_for else {
+            return;
+        };
+        let budget = self.config.capacity_bytes / STALE_BUDGET_DIVISOR;
+        // Racing deletes may each see room and overshoot the budget by a few
+        // values; the budget guards memory, not an exact figure.
+        let held = self
+            .records
+            .stale_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(state.stale.as_ref().map_or(0, stale_weight));
+        if held + stale_weight(removed) > budget {
+            // The previous stale value is older than the one that would not
+            // fit: drop it too rather than serve something staler.
+            state.stale = None;
+            return;
+        }
+        let until = now + keep;
+        state.stale = Some(Stored {
+            value: removed.value.clone(),
+            version: removed.version,
+            expires_at: Some(removed.expires_at.map_or(until, |at| at.min(until))),
+        });
+    }
+
+    /// Drops every entry and every record. Records go first: once a lease is
+    /// gone no fill can store under it, so a fill either stored before (and
+    /// `invalidate_all` then drops its value) or is refused. moka marks all
+    /// current entries invalid at once, so no read after this call returns
+    /// an entry written before it. Pending changes are dropped too: their
+    /// commits answer `committed = false`, which a writer must treat like a
+    /// failed cache update.
     fn flush(&self) {
+        self.records.sweep(|_, state| *state = KeyState::default());
         self.cache.invalidate_all();
+    }
+
+    /// `LeaseGet`: a hit, or on a miss the key's lease, or a wait.
+    fn lease_get(&self, key: &[u8], now: Instant, tokens: &Tokens) -> LeaseRead {
+        if let Some(hit) = self.get(key, now) {
+            return LeaseRead::Hit(hit);
+        }
+        // The miss is decided under the record's lock, so two racing misses
+        // cannot both be granted.
+        self.records.update(Bytes::copy_from_slice(key), |state| {
+            self.settle(key, state, now);
+            // A fill or a write may have stored a value since the unlocked
+            // read above; granting a lease then would only cause a wasted
+            // load.
+            if let Some(stored) = self.lookup(key, now) {
+                return LeaseRead::Hit(stored.hit(now));
+            }
+            if state.pending.is_none() && state.lease.is_none() {
+                let token = tokens.next();
+                state.lease = Some(Lease {
+                    token,
+                    expires_at: now + self.config.lease_ttl,
+                });
+                bump(&self.counters.leases_granted, 1);
+                return LeaseRead::Granted { token };
+            }
+            bump(&self.counters.lease_waits, 1);
+            LeaseRead::Wait {
+                retry_after: self.config.lease_retry_after,
+                stale: state.stale.as_ref().map(|s| s.hit(now)),
+            }
+        })
+    }
+
+    /// `Fill`: stores `item` if `token` is the key's current, unexpired
+    /// lease and no change is pending; always fenced (`IfNewerVersion`)
+    /// against the live entry. The check and the store are one critical
+    /// section under the record's lock (see [`Keyspace::set`]).
+    fn fill(&self, item: SetItem, token: u64, now: Instant) -> FillResult {
+        let refused = |current_version| {
+            bump(&self.counters.fills_refused, 1);
+            FillResult {
+                outcome: FillOutcome::LeaseInvalid,
+                current_version,
+            }
+        };
+        if token == 0 || !self.records.any() {
+            // No record, so no lease: nothing to lock for.
+            return refused(self.live_version(&item.key, now));
+        }
+        let key = Bytes::copy_from_slice(&item.key);
+        self.records.update(key.clone(), |state| {
+            self.settle(&key, state, now);
+            let holds =
+                state.pending.is_none() && state.lease.as_ref().is_some_and(|l| l.token == token);
+            if !holds {
+                return refused(self.live_version(&key, now));
+            }
+            // Stored or fenced off, the holder is done with the lease.
+            state.lease = None;
+            let new = self.stored(&item.value, item.version, item.ttl, now);
+            let result = self.put(key.clone(), new, WriteCondition::IfNewerVersion, now);
+            if result.outcome == SetOutcome::Stored {
+                state.stale = None;
+                bump(&self.counters.fills_stored, 1);
+                FillResult {
+                    outcome: FillOutcome::Stored,
+                    current_version: result.current_version,
+                }
+            } else {
+                bump(&self.counters.fills_refused, 1);
+                FillResult {
+                    outcome: FillOutcome::StaleVersion,
+                    current_version: result.current_version,
+                }
+            }
+        })
+    }
+
+    /// `Prepare`: records `prepare` as the key's pending change, unless
+    /// another transaction is pending or the live version is equal or newer.
+    /// Invalidates the key's lease: a fill loaded before the writer's
+    /// database change must not land.
+    fn prepare(&self, prepare: Prepare, timeout: Duration, now: Instant) -> PrepareResult {
+        let key = Bytes::copy_from_slice(&prepare.item.key);
+        self.records.update(key.clone(), |state| {
+            self.settle(&key, state, now);
+            let live = self.lookup(&key, now);
+            let current_version = live.as_ref().map_or(0, |stored| stored.version);
+            let refused = PrepareResult {
+                prepared: false,
+                current_version,
+            };
+            match &state.pending {
+                // The writer retried its prepare: idempotent.
+                Some(pending) if pending.txn_id == prepare.txn_id => {
+                    return PrepareResult {
+                        prepared: true,
+                        current_version,
+                    };
+                }
+                Some(_) => return refused,
+                None => {}
+            }
+            if live.is_some_and(|live| live.version >= prepare.item.version) {
+                return refused;
+            }
+            let change = if prepare.delete {
+                Change::Delete
+            } else {
+                Change::Put {
+                    value: Bytes::copy_from_slice(&prepare.item.value),
+                    ttl: prepare.item.ttl,
+                }
+            };
+            state.lease = None;
+            state.pending = Some(Pending {
+                txn_id: prepare.txn_id,
+                version: prepare.item.version,
+                change,
+                deadline: now + timeout,
+            });
+            bump(&self.counters.prepares, 1);
+            PrepareResult {
+                prepared: true,
+                current_version,
+            }
+        })
+    }
+
+    /// `Commit`: applies the transaction's pending change, fenced against the
+    /// live entry, and drops the pending record.
+    fn commit(&self, key: &[u8], txn_id: &str, now: Instant) -> CommitResult {
+        if !self.records.any() {
+            return CommitResult {
+                committed: false,
+                current_version: self.live_version(key, now),
+            };
+        }
+        let key = Bytes::copy_from_slice(key);
+        self.records.update(key.clone(), |state| {
+            self.settle(&key, state, now);
+            let Some(pending) = state.pending.take_if(|p| p.txn_id == txn_id) else {
+                return CommitResult {
+                    committed: false,
+                    current_version: self.live_version(&key, now),
+                };
+            };
+            bump(&self.counters.commits, 1);
+            // No lease can exist while a change is pending (prepare drops it,
+            // LeaseGet grants none), so there is none to invalidate here.
+            debug_assert!(state.lease.is_none(), "lease granted while pending");
+            let current_version = match pending.change {
+                Change::Put { value, ttl } => {
+                    let new = Stored {
+                        value,
+                        version: pending.version,
+                        expires_at: ttl.or(self.config.default_ttl).map(|ttl| now + ttl),
+                    };
+                    let result = self.put(key.clone(), new, WriteCondition::IfNewerVersion, now);
+                    if result.outcome == SetOutcome::Stored {
+                        state.stale = None;
+                    }
+                    result.current_version
+                }
+                Change::Delete => match self.remove_older(&key, pending.version, now) {
+                    Ok(removed) => {
+                        if let Some(removed) = &removed {
+                            self.keep_stale(state, removed, now);
+                        }
+                        0
+                    }
+                    Err(winner) => winner,
+                },
+            };
+            CommitResult {
+                committed: true,
+                current_version,
+            }
+        })
+    }
+
+    /// Removes the key's entry unless a live entry of `version` or newer
+    /// exists (then `Err` with that version). `Ok` carries the removed live
+    /// entry, if there was one.
+    fn remove_older(&self, key: &Bytes, version: u64, now: Instant) -> Result<Option<Stored>, u64> {
+        let mut winner = None;
+        let result = self.cache.entry(key.clone()).and_compute_with(|current| {
+            match current.map(|e| e.into_value()).filter(|s| s.is_live(now)) {
+                Some(live) if live.version >= version => {
+                    winner = Some(live.version);
+                    Op::Nop
+                }
+                _ => Op::Remove,
+            }
+        });
+        if let Some(winner) = winner {
+            return Err(winner);
+        }
+        Ok(match result {
+            CompResult::Removed(entry) => Some(entry.into_value()).filter(|s| s.is_live(now)),
+            _ => None,
+        })
+    }
+
+    /// `Abort`: drops the transaction's pending change; true when it existed.
+    fn abort(&self, key: &[u8], txn_id: &str, now: Instant) -> bool {
+        if !self.records.any() {
+            return false;
+        }
+        self.records.update(Bytes::copy_from_slice(key), |state| {
+            self.settle(key, state, now);
+            let aborted = state.pending.take_if(|p| p.txn_id == txn_id).is_some();
+            if aborted {
+                bump(&self.counters.aborts, 1);
+            }
+            aborted
+        })
+    }
+
+    /// Times out expired pending changes and drops expired leases and stale
+    /// values; returns the number of pending changes timed out.
+    fn sweep(&self, now: Instant) -> usize {
+        if !self.records.any() {
+            return 0;
+        }
+        let mut timed_out = 0;
+        self.records.sweep(|key, state| {
+            if self.settle(key, state, now) {
+                timed_out += 1;
+            }
+        });
+        timed_out
     }
 
     /// Counters and sizes; runs moka's pending maintenance first so that
@@ -321,6 +1025,14 @@ impl Keyspace {
             bytes: self.cache.weighted_size(),
             capacity_bytes: self.config.capacity_bytes,
             default_ttl: self.config.default_ttl,
+            leases_granted: load(&c.leases_granted),
+            lease_waits: load(&c.lease_waits),
+            fills_stored: load(&c.fills_stored),
+            fills_refused: load(&c.fills_refused),
+            prepares: load(&c.prepares),
+            commits: load(&c.commits),
+            aborts: load(&c.aborts),
+            pending_timeouts: load(&c.pending_timeouts),
         }
     }
 }
@@ -331,6 +1043,7 @@ pub struct Store {
     limits: Limits,
     unknown: UnknownKeyspaces,
     created: KeyspaceConfig,
+    tokens: Tokens,
 }
 
 impl Store {
@@ -348,6 +1061,7 @@ impl Store {
             limits: config.limits.clone(),
             unknown: config.unknown_keyspaces,
             created: config.created_keyspaces.clone(),
+            tokens: Tokens::new(),
         }
     }
 
@@ -430,6 +1144,19 @@ impl Store {
         Ok(())
     }
 
+    fn check_txn_id(txn_id: &str) -> Result<()> {
+        if txn_id.is_empty() {
+            return Err(Error::EmptyTxnId);
+        }
+        if txn_id.len() > MAX_TXN_ID_BYTES {
+            return Err(Error::TxnIdTooLong {
+                len: txn_id.len(),
+                max: MAX_TXN_ID_BYTES,
+            });
+        }
+        Ok(())
+    }
+
     fn check_batch(&self, len: usize) -> Result<()> {
         if len > self.limits.max_batch_keys {
             return Err(Error::BatchTooLarge {
@@ -494,6 +1221,94 @@ impl Store {
             .into_iter()
             .map(|item| keyspace.set(item, now))
             .collect())
+    }
+
+    /// Reads one key; on a miss, hands out the key's lease or says to wait.
+    /// See [`LeaseRead`].
+    ///
+    /// # Errors
+    /// Invalid key or unknown keyspace.
+    pub fn lease_get(&self, keyspace: &str, key: &[u8]) -> Result<LeaseRead> {
+        self.check_key(key)?;
+        Ok(self
+            .keyspace(keyspace)?
+            .lease_get(key, Instant::now(), &self.tokens))
+    }
+
+    /// Stores a value loaded under the lease `token`, if that lease is still
+    /// the key's current one and the value is newer than any live entry.
+    /// `item.condition` is ignored.
+    ///
+    /// # Consistency
+    /// A fill never lands after a `Set`, `Delete`, `Prepare` or `Flush` that
+    /// touched the key after the lease was granted: those invalidate the
+    /// lease atomically with respect to the fill's check and store.
+    ///
+    /// # Errors
+    /// Invalid key, value or TTL, or unknown keyspace; nothing is written.
+    pub fn fill(&self, keyspace: &str, item: SetItem, token: u64) -> Result<FillResult> {
+        self.check_item(&item)?;
+        Ok(self.keyspace(keyspace)?.fill(item, token, Instant::now()))
+    }
+
+    /// Records a pending 2PC change; see [`Prepare`]. The timeout is capped
+    /// to `limits.max_pending_timeout`.
+    ///
+    /// # Consistency
+    /// Readers keep seeing the committed entry (or a miss) until `commit`. A
+    /// change neither committed nor aborted by its deadline is dropped and
+    /// the key's live entry deleted, by the next access or the sweeper
+    /// ([`Store::expire_pending`]), whichever comes first.
+    ///
+    /// # Errors
+    /// Invalid key, value, TTL or transaction id, or unknown keyspace.
+    pub fn prepare(&self, keyspace: &str, prepare: Prepare) -> Result<PrepareResult> {
+        if prepare.delete {
+            self.check_key(&prepare.item.key)?;
+        } else {
+            self.check_item(&prepare.item)?;
+        }
+        Self::check_txn_id(&prepare.txn_id)?;
+        let cap = self.limits.max_pending_timeout;
+        let timeout = prepare.timeout.map_or(cap, |t| t.min(cap));
+        Ok(self
+            .keyspace(keyspace)?
+            .prepare(prepare, timeout, Instant::now()))
+    }
+
+    /// Applies the pending change `txn_id` prepared on `key`, fenced against
+    /// the live version. `committed` is false when no such change is pending.
+    ///
+    /// # Errors
+    /// Invalid key or transaction id, or unknown keyspace.
+    pub fn commit(&self, keyspace: &str, key: &[u8], txn_id: &str) -> Result<CommitResult> {
+        self.check_key(key)?;
+        Self::check_txn_id(txn_id)?;
+        Ok(self.keyspace(keyspace)?.commit(key, txn_id, Instant::now()))
+    }
+
+    /// Drops the pending change `txn_id` prepared on `key`, leaving the live
+    /// entry alone; false when no such change is pending.
+    ///
+    /// # Errors
+    /// Invalid key or transaction id, or unknown keyspace.
+    pub fn abort(&self, keyspace: &str, key: &[u8], txn_id: &str) -> Result<bool> {
+        self.check_key(key)?;
+        Self::check_txn_id(txn_id)?;
+        Ok(self.keyspace(keyspace)?.abort(key, txn_id, Instant::now()))
+    }
+
+    /// Times out every pending change whose deadline is at or before `now`
+    /// (deleting the key's live entry), and drops expired leases and stale
+    /// values, in every keyspace. Returns the number of changes timed out.
+    /// Synchronous and cheap for keyspaces without records; the node's
+    /// sweeper task calls it periodically so that expiry happens even for
+    /// keys nobody touches again.
+    pub fn expire_pending(&self, now: Instant) -> usize {
+        let keyspaces = self
+            .existing(None)
+            .expect("listing all keyspaces names none, so it cannot fail");
+        keyspaces.iter().map(|k| k.sweep(now)).sum()
     }
 
     /// Drops every entry of one keyspace, or of all.
@@ -785,5 +1600,684 @@ mod tests {
             (stats.sets, stats.deletes, stats.hits, stats.misses),
             (1, 1, 0, 1)
         );
+    }
+
+    // ---- leases ----
+
+    fn keyspace(toml_keyspace: &str) -> Keyspace {
+        let mut config = Config::from_toml(&format!("[keyspaces.t]\n{toml_keyspace}")).unwrap();
+        config.validate().unwrap();
+        Keyspace::new("t", config.keyspaces["t"].clone())
+    }
+
+    fn token(read: LeaseRead) -> u64 {
+        match read {
+            LeaseRead::Granted { token } => token,
+            other => panic!("expected a lease, got {other:?}"),
+        }
+    }
+
+    fn fill_item(key: &str, value: &str, version: u64) -> SetItem {
+        // The condition is ignored by fills; Unconditional proves it.
+        item(key, value, version, WriteCondition::Unconditional)
+    }
+
+    #[test]
+    fn a_cold_key_gets_one_lease_and_the_others_wait() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        let t = token(ks.lease_get(b"k", now, &tokens));
+        assert_ne!(t, 0);
+        for _ in 0..3 {
+            assert_eq!(
+                ks.lease_get(b"k", now, &tokens),
+                LeaseRead::Wait {
+                    retry_after: crate::config::DEFAULT_LEASE_RETRY_AFTER,
+                    stale: None
+                }
+            );
+        }
+        let r = ks.fill(fill_item("k", "v", 3), t, now);
+        assert_eq!(
+            r,
+            FillResult {
+                outcome: FillOutcome::Stored,
+                current_version: 3
+            }
+        );
+        let LeaseRead::Hit(hit) = ks.lease_get(b"k", now, &tokens) else {
+            panic!("filled key must hit");
+        };
+        assert_eq!((hit.value.as_ref(), hit.version), (&b"v"[..], 3));
+        // The lease was released by the fill: the record is gone.
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        let stats = ks.stats();
+        assert_eq!(
+            (
+                stats.leases_granted,
+                stats.lease_waits,
+                stats.fills_stored,
+                stats.fills_refused
+            ),
+            (1, 3, 1, 0)
+        );
+        assert_eq!((stats.hits, stats.misses), (1, 4));
+    }
+
+    #[test]
+    fn fills_without_the_current_lease_are_refused() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        // Never granted.
+        assert_eq!(
+            ks.fill(fill_item("k", "v", 1), 0, now).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        assert_eq!(
+            ks.fill(fill_item("k", "v", 1), 12345, now).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        let t = token(ks.lease_get(b"k", now, &tokens));
+        // Wrong token for this key, and a token of another key.
+        let other = token(ks.lease_get(b"other", now, &tokens));
+        assert_eq!(
+            ks.fill(fill_item("k", "v", 1), other, now).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        assert_eq!(
+            ks.fill(fill_item("k", "v", 1), t.wrapping_add(1), now)
+                .outcome,
+            FillOutcome::LeaseInvalid
+        );
+        assert_eq!(
+            ks.fill(fill_item("k", "v", 1), t, now).outcome,
+            FillOutcome::Stored
+        );
+        // Used once: the lease is released.
+        ks.delete(b"k", now);
+        assert_eq!(
+            ks.fill(fill_item("k", "v", 2), t, now).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        assert!(ks.get(b"k", now).is_none());
+        assert_eq!(ks.stats().fills_refused, 5);
+    }
+
+    #[test]
+    fn expired_leases_free_the_key() {
+        let ks = keyspace("lease_ttl = \"2s\"");
+        let tokens = Tokens::new();
+        let t0 = Instant::now();
+        let first = token(ks.lease_get(b"k", t0, &tokens));
+        assert!(matches!(
+            ks.lease_get(b"k", t0 + Duration::from_millis(1999), &tokens),
+            LeaseRead::Wait { .. }
+        ));
+        let later = t0 + Duration::from_secs(2);
+        let second = token(ks.lease_get(b"k", later, &tokens));
+        assert_ne!(first, second);
+        assert_eq!(
+            ks.fill(fill_item("k", "v", 1), first, later).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        // The new holder's lease expires too, and then its fill is refused.
+        assert_eq!(
+            ks.fill(
+                fill_item("k", "v", 1),
+                second,
+                later + Duration::from_secs(2)
+            )
+            .outcome,
+            FillOutcome::LeaseInvalid
+        );
+    }
+
+    #[test]
+    fn every_write_touching_the_key_invalidates_its_lease() {
+        let s = store("[keyspaces.other]");
+        let lease = |key: &str| token(s.lease_get("default", key.as_bytes()).unwrap());
+        let fill = |key: &str, t| {
+            s.fill("default", fill_item(key, "loaded-before", 1), t)
+                .unwrap()
+                .outcome
+        };
+
+        let t = lease("deleted");
+        s.delete("default", b"deleted").unwrap();
+        assert_eq!(fill("deleted", t), FillOutcome::LeaseInvalid);
+        assert_eq!(s.get("default", b"deleted").unwrap(), None);
+
+        let t = lease("set");
+        s.set(
+            "default",
+            item("set", "written", 0, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        assert_eq!(fill("set", t), FillOutcome::LeaseInvalid);
+        assert_eq!(s.get("default", b"set").unwrap().unwrap().value, "written");
+
+        let t = lease("multi");
+        s.multi_set(
+            "default",
+            vec![
+                item("unrelated", "x", 1, WriteCondition::Unconditional),
+                item("multi", "written", 9, WriteCondition::IfNewerVersion),
+            ],
+        )
+        .unwrap();
+        assert_eq!(fill("multi", t), FillOutcome::LeaseInvalid);
+
+        // A refused write still touched the key.
+        s.set(
+            "default",
+            item("refused", "v", 5, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        s.delete("default", b"refused").unwrap();
+        let t = lease("refused");
+        s.set("default", item("refused", "w", 0, WriteCondition::IfAbsent))
+            .unwrap();
+        assert_eq!(fill("refused", t), FillOutcome::LeaseInvalid);
+
+        let t = lease("flushed");
+        s.flush(Some("default")).unwrap();
+        assert_eq!(fill("flushed", t), FillOutcome::LeaseInvalid);
+
+        // A flush of another keyspace leaves this keyspace's leases alone.
+        let t = lease("kept");
+        s.flush(Some("other")).unwrap();
+        assert_eq!(fill("kept", t), FillOutcome::Stored);
+    }
+
+    #[test]
+    fn a_fill_is_fenced_against_a_live_entry() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        let t = token(ks.lease_get(b"k", now, &tokens));
+        // A write that raced past the lease (the lock-free path of a keyspace
+        // with no records) is modelled by storing without touching records.
+        let racing = ks.stored(&Bytes::from_static(b"new"), 7, None, now);
+        ks.put(
+            Bytes::from_static(b"k"),
+            racing,
+            WriteCondition::Unconditional,
+            now,
+        );
+        assert_eq!(
+            ks.fill(fill_item("k", "old", 7), t, now),
+            FillResult {
+                outcome: FillOutcome::StaleVersion,
+                current_version: 7
+            }
+        );
+        assert_eq!(ks.get(b"k", now).unwrap().value, "new");
+        // The lease was released all the same.
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        assert_eq!(ks.stats().fills_refused, 1);
+    }
+
+    #[test]
+    fn deleted_values_are_kept_as_stale_only_when_configured() {
+        let ks = keyspace("keep_stale_for = \"5s\"");
+        let tokens = Tokens::new();
+        let t0 = Instant::now();
+        ks.set(item("k", "old", 4, WriteCondition::Unconditional), t0);
+        assert!(ks.delete(b"k", t0));
+        // Never a hit.
+        assert_eq!(ks.get(b"k", t0), None);
+        // The lease holder gets no stale value; the waiters do.
+        let t = token(ks.lease_get(b"k", t0, &tokens));
+        let LeaseRead::Wait {
+            stale: Some(stale), ..
+        } = ks.lease_get(b"k", t0 + Duration::from_secs(1), &tokens)
+        else {
+            panic!("a waiter must get the stale value");
+        };
+        assert_eq!((stale.value.as_ref(), stale.version), (&b"old"[..], 4));
+        assert_eq!(stale.ttl_remaining, Some(Duration::from_secs(4)));
+        // After the window, no stale value.
+        assert_eq!(
+            ks.lease_get(b"k", t0 + Duration::from_secs(5), &tokens),
+            LeaseRead::Wait {
+                retry_after: crate::config::DEFAULT_LEASE_RETRY_AFTER,
+                stale: None
+            }
+        );
+        // A fill drops the stale value with the lease.
+        ks.fill(fill_item("k", "new", 5), t, t0 + Duration::from_secs(1));
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        assert_eq!(ks.records.stale_bytes.load(Ordering::Relaxed), 0);
+
+        // Without keep_stale_for, nothing is kept and no record is made.
+        let plain = keyspace("");
+        plain.set(item("k", "old", 4, WriteCondition::Unconditional), t0);
+        plain.delete(b"k", t0);
+        assert_eq!(plain.records.count.load(Ordering::SeqCst), 0);
+        token(plain.lease_get(b"k", t0, &tokens));
+        assert_eq!(
+            plain.lease_get(b"k", t0, &tokens),
+            LeaseRead::Wait {
+                retry_after: crate::config::DEFAULT_LEASE_RETRY_AFTER,
+                stale: None
+            }
+        );
+    }
+
+    #[test]
+    fn stale_values_stay_within_their_budget() {
+        // Budget: capacity / 8 = 16 KiB, so at most a few 4 KiB values.
+        let ks = keyspace("capacity_bytes = 1200000\nkeep_stale_for = \"1m\"");
+        let now = Instant::now();
+        let value = "x".repeat(100_000);
+        for i in 0..20 {
+            let key = format!("k{i}");
+            ks.set(item(&key, &value, 1, WriteCondition::Unconditional), now);
+            ks.delete(key.as_bytes(), now);
+        }
+        let held = ks.records.stale_bytes.load(Ordering::Relaxed);
+        assert!(held <= 1_200_000 / STALE_BUDGET_DIVISOR, "{held}");
+        assert!(held > 0);
+    }
+
+    #[test]
+    fn tokens_are_unique_and_never_zero() {
+        let tokens = Tokens::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100_000 {
+            let t = tokens.next();
+            assert_ne!(t, 0);
+            assert!(seen.insert(t), "token {t} repeated");
+        }
+        // Another process (here: another source) starts elsewhere.
+        assert_ne!(Tokens::new().base, tokens.base);
+    }
+
+    #[test]
+    fn the_record_table_is_swept_of_expired_leases() {
+        let ks = keyspace("lease_ttl = \"1s\"\nkeep_stale_for = \"2s\"");
+        let tokens = Tokens::new();
+        let t0 = Instant::now();
+        for i in 0..1000 {
+            token(ks.lease_get(format!("k{i}").as_bytes(), t0, &tokens));
+        }
+        ks.set(item("s", "v", 1, WriteCondition::Unconditional), t0);
+        ks.delete(b"s", t0);
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 1001);
+        assert_eq!(ks.sweep(t0 + Duration::from_millis(999)), 0);
+        assert_eq!(ks.records.table.len(), 1001);
+        ks.sweep(t0 + Duration::from_secs(1));
+        assert_eq!(ks.records.table.len(), 1, "only the stale value is left");
+        ks.sweep(t0 + Duration::from_secs(2));
+        assert_eq!(ks.records.table.len(), 0);
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        assert_eq!(ks.records.stale_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    /// The stale-set race, hammered. Each round, a writer bumps the
+    /// "database" version and then deletes the key, while readers miss, take
+    /// the lease, read the database and fill. A fill of a version read before
+    /// the bump held a lease granted before the delete, which the delete
+    /// invalidated; so once a delete has returned, no read sees an older
+    /// version, and at the end of each round the live entry (if any) holds
+    /// the latest version.
+    #[test]
+    fn no_fill_survives_a_later_delete() {
+        const ROUNDS: usize = 3000;
+        const READERS: usize = 2;
+        for keep_stale in ["", "keep_stale_for = \"1s\""] {
+            let ks = Arc::new(keyspace(keep_stale));
+            let tokens = Arc::new(Tokens::new());
+            let database = Arc::new(AtomicU64::new(1));
+            // The database version whose delete has returned.
+            let deleted_upto = Arc::new(AtomicU64::new(0));
+            let barrier = Arc::new(std::sync::Barrier::new(READERS + 1));
+            // Readers record what they saw instead of panicking, which would
+            // leave the others waiting at the barrier forever.
+            let stale_reads = Arc::new(AtomicU64::new(0));
+            let readers: Vec<_> = (0..READERS)
+                .map(|_| {
+                    let (ks, tokens, database, deleted_upto, barrier, stale_reads) = (
+                        Arc::clone(&ks),
+                        Arc::clone(&tokens),
+                        Arc::clone(&database),
+                        Arc::clone(&deleted_upto),
+                        Arc::clone(&barrier),
+                        Arc::clone(&stale_reads),
+                    );
+                    std::thread::spawn(move || {
+                        for _ in 0..ROUNDS {
+                            barrier.wait();
+                            for _ in 0..4 {
+                                let floor = deleted_upto.load(Ordering::SeqCst);
+                                match ks.lease_get(b"k", Instant::now(), &tokens) {
+                                    LeaseRead::Hit(hit) => {
+                                        if hit.version < floor {
+                                            stale_reads.fetch_add(1, Ordering::SeqCst);
+                                        }
+                                    }
+                                    LeaseRead::Granted { token } => {
+                                        let version = database.load(Ordering::SeqCst);
+                                        let loaded = SetItem {
+                                            key: Bytes::from_static(b"k"),
+                                            value: Bytes::from(version.to_string()),
+                                            version,
+                                            ttl: None,
+                                            condition: WriteCondition::Unconditional,
+                                        };
+                                        ks.fill(loaded, token, Instant::now());
+                                    }
+                                    LeaseRead::Wait { .. } => std::thread::yield_now(),
+                                }
+                            }
+                            barrier.wait();
+                        }
+                    })
+                })
+                .collect();
+            let mut survivors = 0;
+            for _ in 0..ROUNDS {
+                barrier.wait();
+                let version = database.fetch_add(1, Ordering::SeqCst) + 1;
+                ks.delete(b"k", Instant::now());
+                deleted_upto.store(version, Ordering::SeqCst);
+                barrier.wait();
+                // The readers are parked at the next round's start.
+                if ks
+                    .get(b"k", Instant::now())
+                    .is_some_and(|hit| hit.version != version)
+                {
+                    survivors += 1;
+                }
+            }
+            for reader in readers {
+                reader.join().unwrap();
+            }
+            let stats = ks.stats();
+            assert_eq!(
+                survivors, 0,
+                "fills from before a delete survived it; {stats:?}"
+            );
+            assert_eq!(
+                stale_reads.load(Ordering::SeqCst),
+                0,
+                "reads saw versions older than a returned delete; {stats:?}"
+            );
+            assert!(stats.fills_stored > 0, "{stats:?}");
+        }
+    }
+
+    // ---- 2PC pending changes ----
+
+    fn prepare(key: &str, value: &str, version: u64, txn: &str) -> Prepare {
+        Prepare {
+            item: item(key, value, version, WriteCondition::Unconditional),
+            delete: false,
+            txn_id: txn.to_owned(),
+            timeout: None,
+        }
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_pending_change_is_invisible_until_committed() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        ks.set(
+            item("k", "committed", 1, WriteCondition::Unconditional),
+            now,
+        );
+        let r = ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
+        assert_eq!(
+            r,
+            PrepareResult {
+                prepared: true,
+                current_version: 1
+            }
+        );
+        assert_eq!(ks.get(b"k", now).unwrap().value, "committed");
+        let LeaseRead::Hit(hit) = ks.lease_get(b"k", now, &tokens) else {
+            panic!("the committed entry is a hit");
+        };
+        assert_eq!(hit.value, "committed");
+        // A pending change on an absent key: misses wait, get no lease.
+        ks.prepare(prepare("new", "pending", 1, "tx2"), TIMEOUT, now);
+        assert_eq!(ks.get(b"new", now), None);
+        assert!(matches!(
+            ks.lease_get(b"new", now, &tokens),
+            LeaseRead::Wait { .. }
+        ));
+
+        let r = ks.commit(b"k", "tx", now);
+        assert_eq!(
+            r,
+            CommitResult {
+                committed: true,
+                current_version: 2
+            }
+        );
+        assert_eq!(ks.get(b"k", now).unwrap().value, "pending");
+        // Committed once: the second commit finds nothing.
+        assert!(!ks.commit(b"k", "tx", now).committed);
+    }
+
+    #[test]
+    fn prepare_invalidates_the_lease_and_refuses_fills_while_pending() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        let t = token(ks.lease_get(b"k", now, &tokens));
+        ks.prepare(prepare("k", "pending", 5, "tx"), TIMEOUT, now);
+        assert_eq!(
+            ks.fill(fill_item("k", "loaded", 4), t, now).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        assert!(ks.abort(b"k", "tx", now));
+        // After the abort the key is free again.
+        let t = token(ks.lease_get(b"k", now, &tokens));
+        assert_eq!(
+            ks.fill(fill_item("k", "loaded", 4), t, now).outcome,
+            FillOutcome::Stored
+        );
+    }
+
+    #[test]
+    fn one_transaction_per_key_and_prepare_is_idempotent() {
+        let ks = keyspace("");
+        let now = Instant::now();
+        assert!(
+            ks.prepare(prepare("k", "a", 2, "tx1"), TIMEOUT, now)
+                .prepared
+        );
+        assert!(
+            ks.prepare(prepare("k", "a", 2, "tx1"), TIMEOUT, now)
+                .prepared
+        );
+        assert!(
+            !ks.prepare(prepare("k", "b", 3, "tx2"), TIMEOUT, now)
+                .prepared
+        );
+        // Commit and abort of another transaction do nothing.
+        assert!(!ks.commit(b"k", "tx2", now).committed);
+        assert!(!ks.abort(b"k", "tx2", now));
+        assert!(ks.commit(b"k", "tx1", now).committed);
+        assert_eq!(ks.get(b"k", now).unwrap().value, "a");
+        // A change not newer than the live entry is refused.
+        let r = ks.prepare(prepare("k", "old", 2, "tx3"), TIMEOUT, now);
+        assert_eq!(
+            r,
+            PrepareResult {
+                prepared: false,
+                current_version: 2
+            }
+        );
+        assert!(
+            ks.prepare(prepare("k", "c", 3, "tx3"), TIMEOUT, now)
+                .prepared
+        );
+        let stats = ks.stats();
+        assert_eq!((stats.prepares, stats.commits, stats.aborts), (2, 1, 0));
+    }
+
+    #[test]
+    fn commit_is_fenced_and_applies_ttl_from_the_commit() {
+        let ks = keyspace("");
+        let t0 = Instant::now();
+        let mut p = prepare("k", "pending", 5, "tx");
+        p.item.ttl = Some(Duration::from_secs(60));
+        ks.prepare(p, TIMEOUT, t0);
+        let t1 = t0 + Duration::from_secs(5);
+        ks.commit(b"k", "tx", t1);
+        assert_eq!(
+            ks.get(b"k", t1).unwrap().ttl_remaining,
+            Some(Duration::from_secs(60))
+        );
+
+        // A newer write landed while the change was pending: it wins.
+        ks.prepare(prepare("k", "pending", 6, "tx2"), TIMEOUT, t1);
+        ks.set(item("k", "newer", 9, WriteCondition::Unconditional), t1);
+        assert_eq!(
+            ks.commit(b"k", "tx2", t1),
+            CommitResult {
+                committed: true,
+                current_version: 9
+            }
+        );
+        assert_eq!(ks.get(b"k", t1).unwrap().value, "newer");
+    }
+
+    #[test]
+    fn a_pending_deletion_removes_the_live_entry_on_commit() {
+        let ks = keyspace("");
+        let now = Instant::now();
+        ks.set(item("k", "v", 1, WriteCondition::Unconditional), now);
+        let mut p = prepare("k", "ignored", 2, "tx");
+        p.delete = true;
+        assert!(ks.prepare(p.clone(), TIMEOUT, now).prepared);
+        assert_eq!(ks.get(b"k", now).unwrap().value, "v");
+        assert_eq!(
+            ks.commit(b"k", "tx", now),
+            CommitResult {
+                committed: true,
+                current_version: 0
+            }
+        );
+        assert_eq!(ks.get(b"k", now), None);
+
+        // Fenced: a deletion of version 2 does not remove version 3.
+        ks.set(item("k", "v3", 1, WriteCondition::Unconditional), now);
+        p.txn_id = "tx2".into();
+        assert!(ks.prepare(p, TIMEOUT, now).prepared);
+        ks.set(item("k", "v3", 3, WriteCondition::Unconditional), now);
+        assert_eq!(ks.commit(b"k", "tx2", now).current_version, 3);
+        assert_eq!(ks.get(b"k", now).unwrap().value, "v3");
+    }
+
+    #[test]
+    fn abort_leaves_the_live_entry_alone() {
+        let ks = keyspace("");
+        let now = Instant::now();
+        ks.set(item("k", "v", 1, WriteCondition::Unconditional), now);
+        ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
+        assert!(ks.abort(b"k", "tx", now));
+        assert!(!ks.abort(b"k", "tx", now));
+        assert!(!ks.commit(b"k", "tx", now).committed);
+        assert_eq!(ks.get(b"k", now).unwrap().version, 1);
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        assert_eq!(ks.records.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_timed_out_change_is_dropped_and_deletes_the_live_entry() {
+        let ks = keyspace("");
+        let t0 = Instant::now();
+        ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0);
+        ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t0);
+        assert_eq!(ks.sweep(t0 + TIMEOUT - Duration::from_millis(1)), 0);
+        assert!(ks.get(b"k", t0).is_some());
+        assert_eq!(ks.sweep(t0 + TIMEOUT), 1);
+        assert_eq!(ks.get(b"k", t0 + TIMEOUT), None);
+        assert!(!ks.commit(b"k", "tx", t0 + TIMEOUT).committed);
+        assert_eq!(ks.stats().pending_timeouts, 1);
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        assert_eq!(ks.records.pending.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_timed_out_change_is_noticed_by_the_next_access() {
+        let at = |ks: &Keyspace, t: Instant| {
+            ks.set(item("k", "old", 1, WriteCondition::Unconditional), t);
+            ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t);
+        };
+        let t0 = Instant::now();
+        let late = t0 + TIMEOUT;
+        // A plain read.
+        let ks = keyspace("");
+        at(&ks, t0);
+        assert_eq!(ks.get(b"k", late), None);
+        assert_eq!(ks.stats().pending_timeouts, 1);
+        // A commit that comes too late.
+        let ks = keyspace("");
+        at(&ks, t0);
+        assert!(!ks.commit(b"k", "tx", late).committed);
+        assert_eq!(ks.get(b"k", late), None);
+        // An abort that comes too late still deletes: the writer's database
+        // state is unknown to the node by then.
+        let ks = keyspace("");
+        at(&ks, t0);
+        assert!(!ks.abort(b"k", "tx", late));
+        assert_eq!(ks.get(b"k", late), None);
+        // A new prepare takes over the key.
+        let ks = keyspace("");
+        at(&ks, t0);
+        assert!(
+            ks.prepare(prepare("k", "next", 3, "tx2"), TIMEOUT, late)
+                .prepared
+        );
+        assert_eq!(ks.get(b"k", late), None);
+    }
+
+    #[test]
+    fn prepare_timeouts_are_capped_by_the_node() {
+        let s = store("[limits]\nmax_pending_timeout = \"1s\"");
+        let mut p = prepare("k", "v", 1, "tx");
+        p.timeout = Some(Duration::from_secs(3600));
+        let before = Instant::now();
+        s.prepare("default", p).unwrap();
+        assert_eq!(s.expire_pending(before), 0);
+        assert_eq!(s.expire_pending(Instant::now() + Duration::from_secs(1)), 1);
+        // None means the cap as well.
+        s.prepare("default", prepare("k", "v", 1, "tx")).unwrap();
+        assert_eq!(s.expire_pending(Instant::now() + Duration::from_secs(1)), 1);
+    }
+
+    #[test]
+    fn flush_drops_pending_changes_and_leases() {
+        let s = store("");
+        s.prepare("default", prepare("k", "v", 1, "tx")).unwrap();
+        token(s.lease_get("default", b"other").unwrap());
+        s.flush(None).unwrap();
+        assert!(!s.commit("default", b"k", "tx").unwrap().committed);
+        token(s.lease_get("default", b"other").unwrap());
+    }
+
+    #[test]
+    fn transaction_ids_are_validated() {
+        let s = store("");
+        let err = s.prepare("default", prepare("k", "v", 1, "")).unwrap_err();
+        assert_eq!(err.to_string(), "txn_id is empty");
+        let long = "x".repeat(MAX_TXN_ID_BYTES + 1);
+        let err = s.commit("default", b"k", &long).unwrap_err();
+        assert_eq!(err.to_string(), "txn_id of 257 bytes exceeds 256 bytes");
+        // A deletion's value is ignored, so it is not checked either.
+        let s = store("[limits]\nmax_value_bytes = 4");
+        let mut p = prepare("k", "too long", 1, "tx");
+        assert!(s.prepare("default", p.clone()).is_err());
+        p.delete = true;
+        assert!(s.prepare("default", p).unwrap().prepared);
     }
 }

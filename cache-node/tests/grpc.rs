@@ -627,17 +627,41 @@ async fn metrics_endpoint_exposes_keyspace_counters_and_latency() {
     get(&mut c, "default", "k").await.unwrap();
     get(&mut c, "default", "nope").await.unwrap();
     let _ = get(&mut c, "default", "").await;
+    let lease = c
+        .lease_get(v1::LeaseGetRequest {
+            keyspace: "default".into(),
+            key: "leased".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.fill(v1::FillRequest {
+        keyspace: "default".into(),
+        item: Some(item("leased", "v", 1, WriteCondition::Unconditional)),
+        lease_token: lease.lease_token,
+    })
+    .await
+    .unwrap();
     let body = http_get(node.metrics_addr, "/metrics").await;
     for line in [
         "ringcache_node_hits_total{keyspace=\"default\"} 1",
-        "ringcache_node_misses_total{keyspace=\"default\"} 1",
+        "ringcache_node_misses_total{keyspace=\"default\"} 2",
         "ringcache_node_sets_total{keyspace=\"default\"} 1",
-        "ringcache_node_items{keyspace=\"default\"} 1",
+        "ringcache_node_items{keyspace=\"default\"} 2",
         "ringcache_node_request_errors_total{rpc=\"Get\",code=\"InvalidArgument\"} 1",
+        "ringcache_node_leases_granted_total{keyspace=\"default\"} 1",
+        "ringcache_node_lease_waits_total{keyspace=\"default\"} 0",
+        "ringcache_node_fills_stored_total{keyspace=\"default\"} 1",
+        "ringcache_node_fills_refused_total{keyspace=\"default\"} 0",
+        "ringcache_node_prepares_total{keyspace=\"default\"} 0",
+        "ringcache_node_commits_total{keyspace=\"default\"} 0",
+        "ringcache_node_aborts_total{keyspace=\"default\"} 0",
+        "ringcache_node_pending_timeouts_total{keyspace=\"default\"} 0",
     ] {
         assert!(body.contains(line), "missing {line:?} in\n{body}");
     }
     assert!(body.contains("ringcache_node_request_duration_seconds_bucket{rpc=\"Get\""));
+    assert!(body.contains("ringcache_node_request_duration_seconds_bucket{rpc=\"Fill\""));
     assert!(body.contains("ringcache_node_bytes{keyspace=\"default\"}"));
     node.shutdown().await;
 }
