@@ -37,19 +37,49 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many log lines error messages include.
 const LOG_TAIL_LINES: usize = 40;
 
-/// A free loopback address.
+/// First port of the range test nodes listen on: below Linux's ephemeral
+/// range (32768 and up), so that no outgoing connection and no `bind(…:0)`
+/// elsewhere can take a port between [`free_addr`] handing it out and the
+/// node binding it.
+const PORT_BASE: u32 = 20_000;
+/// Size of that range.
+const PORT_SPAN: u32 = 12_000;
+/// Next port offset of this test process. Starts at a random place so that
+/// concurrent test processes walk different parts of the range.
+static NEXT_PORT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+
+/// A free loopback address for a test node.
 ///
-/// The port is free when this returns; nothing reserves it, so start the
-/// process that binds it soon after.
+/// Every call in this process returns a different port (a counter walks the
+/// range), and the port is checked to be bindable when handed out. Handing
+/// out ports from the kernel's `bind(…:0)` instead let two concurrent tests
+/// get the same port: one node then failed to bind while its test, probing
+/// the port, talked to the other test's node.
 ///
 /// # Errors
 ///
-/// Fails when no port can be bound.
+/// Fails when no port of the range can be bound.
 pub fn free_addr() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("failed to bind 127.0.0.1:0")?;
-    listener
-        .local_addr()
-        .context("failed to read the bound address")
+    let next = NEXT_PORT.get_or_init(|| {
+        let seed = std::process::id()
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()));
+        std::sync::atomic::AtomicU32::new(seed % PORT_SPAN)
+    });
+    for _ in 0..PORT_SPAN {
+        let offset = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PORT_SPAN;
+        let port = u16::try_from(PORT_BASE + offset).context("port range fits u16")?;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener
+                .local_addr()
+                .context("failed to read the bound address");
+        }
+    }
+    bail!(
+        "no free port in 127.0.0.1:{PORT_BASE}..{}",
+        PORT_BASE + PORT_SPAN
+    )
 }
 
 /// The config a test node runs with; [`NodeConfig::to_toml`] renders the file.
@@ -353,9 +383,42 @@ impl NodeProcess {
             .await
             .map_err(|status| format!("health check: {status}"))?;
         match reply.get_ref().status() {
-            ServingStatus::Serving => Ok(()),
-            other => Err(format!("status {other:?}")),
+            ServingStatus::Serving => {}
+            other => return Err(format!("status {other:?}")),
         }
+        // Make sure the node that answered is ours and not some other
+        // process on the port: same id, same member list.
+        let mut cache = ringcache_proto::v1::cache_node_client::CacheNodeClient::new(
+            Endpoint::from_shared(self.endpoint())
+                .map_err(|e| format!("invalid endpoint: {e}"))?
+                .timeout(PROBE_TIMEOUT)
+                .connect_lazy(),
+        );
+        let topology = cache
+            .topology(ringcache_proto::v1::TopologyRequest {})
+            .await
+            .map_err(|status| format!("topology: {status}"))?
+            .into_inner();
+        let members: Vec<(String, String)> = topology
+            .members
+            .iter()
+            .map(|m| (m.id.clone(), m.address.clone()))
+            .collect();
+        let expected: Vec<(String, String)> = self
+            .config
+            .members
+            .iter()
+            .map(|(id, addr)| (id.clone(), addr.to_string()))
+            .collect();
+        if topology.self_id != self.config.node_id || (!expected.is_empty() && members != expected)
+        {
+            return Err(format!(
+                "another node answers on {}: {} with members {members:?}",
+                self.addr(),
+                topology.self_id
+            ));
+        }
+        Ok(())
     }
 
     /// Asks the node to shut down gracefully.

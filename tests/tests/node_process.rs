@@ -49,6 +49,8 @@ async fn node_exits_zero_after_sigint() -> Result<()> {
 async fn with_no_arguments_the_node_starts_on_its_documented_defaults() -> Result<()> {
     let mut config = NodeConfig::single("node-1")?;
     config.listen = cache_node::config::DEFAULT_LISTEN.parse()?;
+    // Alone, the node reports itself at the address it bound.
+    config.members = vec![(config.node_id.clone(), config.listen)];
     let mut node = NodeProcess::spawn_with(config, |_command, _config| {})?;
     node.wait_healthy(ringcache_tests::HEALTH_TIMEOUT)
         .await
