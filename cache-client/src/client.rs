@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::cluster::{Cluster, NodeHandle, View};
-use crate::config::{Backoff, ClientConfig};
+use crate::config::{Backoff, ClientConfig, Replication};
 use crate::error::{Error, Result};
 
 /// A cached value as read.
@@ -141,13 +141,29 @@ pub struct NodeStats {
 /// Background probing and topology refresh stop when the last clone drops.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    cluster: Arc<Cluster>,
-    backoff: Backoff,
+pub(crate) struct Inner {
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) backoff: Backoff,
+    /// Versions for every strategy of every keyspace (`crate::hlc`).
+    pub(crate) clock: crate::hlc::Hlc,
+    /// Strategy keyspaces and their stores.
+    pub(crate) keyspaces: crate::strategy::Registry,
     _stop: DropGuard,
+}
+
+/// What a keyed call needs: `want` answers per key from distinct nodes, at
+/// least `need` of them; whether it may be retried; whether it writes (a node
+/// routed around during a write is marked down, so that it is flushed before
+/// it is read again).
+#[derive(Clone, Copy)]
+struct Shape {
+    want: usize,
+    need: usize,
+    idempotent: bool,
+    writes: bool,
 }
 
 /// One key of a batch call and what became of it.
@@ -176,6 +192,8 @@ impl Client {
             inner: Arc::new(Inner {
                 cluster,
                 backoff,
+                clock: crate::hlc::Hlc::new(),
+                keyspaces: crate::strategy::Registry::default(),
                 _stop: stop.drop_guard(),
             }),
         })
@@ -184,6 +202,16 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.cluster.config
+    }
+
+    /// The replication of `keyspace`: its defined settings if it is a
+    /// strategy keyspace, else the config's.
+    pub fn replication(&self, keyspace: &str) -> Replication {
+        match self.inner.keyspaces.get(keyspace) {
+            Some(state) => Replication::new(state.settings.replicas)
+                .with_write_quorum(state.settings.write_quorum),
+            None => self.config().replication(keyspace),
+        }
     }
 
     /// The membership the client routes by.
@@ -209,7 +237,7 @@ impl Client {
     /// The nodes that own `key` in ring order (as many as the keyspace's
     /// replication), whatever their health.
     pub fn owners(&self, keyspace: &str, key: &[u8]) -> Vec<String> {
-        let replicas = self.config().replication(keyspace).replicas;
+        let replicas = self.replication(keyspace).replicas;
         let view = self.inner.cluster.view();
         view.ring
             .replicas(keyspace, key, replicas)
@@ -247,9 +275,12 @@ impl Client {
             .execute(
                 keyspace,
                 keys,
-                1,
-                1,
-                true,
+                Shape {
+                    want: 1,
+                    need: 1,
+                    idempotent: true,
+                    writes: false,
+                },
                 |node, idxs, timeout, _fallback| {
                     let keys: Vec<Bytes> = idxs.iter().map(|&i| keys[i].clone()).collect();
                     read_from(node, keyspace.to_owned(), keys, timeout)
@@ -292,7 +323,7 @@ impl Client {
         keyspace: &str,
         items: Vec<(Bytes, Bytes, SetOptions)>,
     ) -> Result<Vec<SetOutcome>> {
-        let replication = self.config().replication(keyspace);
+        let replication = self.replication(keyspace);
         let idempotent = items
             .iter()
             .all(|(_, _, o)| o.condition != Condition::IfAbsent);
@@ -302,9 +333,12 @@ impl Client {
             .execute(
                 keyspace,
                 &keys,
-                replication.replicas,
-                replication.write_quorum,
-                idempotent,
+                Shape {
+                    want: replication.replicas,
+                    need: replication.write_quorum,
+                    idempotent,
+                    writes: true,
+                },
                 |node, idxs, timeout, fallback| {
                     let batch = idxs
                         .iter()
@@ -335,15 +369,18 @@ impl Client {
     /// # Errors
     /// As [`Client::set`].
     pub async fn delete(&self, keyspace: &str, key: impl AsRef<[u8]>) -> Result<bool> {
-        let replication = self.config().replication(keyspace);
+        let replication = self.replication(keyspace);
         let keys = [Bytes::copy_from_slice(key.as_ref())];
         let slots = self
             .execute(
                 keyspace,
                 &keys,
-                replication.replicas,
-                replication.write_quorum,
-                true,
+                Shape {
+                    want: replication.replicas,
+                    need: replication.write_quorum,
+                    idempotent: true,
+                    writes: true,
+                },
                 |node, _idxs, timeout, _fallback| {
                     delete_from(node, keyspace.to_owned(), keys[0].clone(), timeout)
                 },
@@ -385,15 +422,19 @@ impl Client {
         &self,
         keyspace: &str,
         keys: &[Bytes],
-        want: usize,
-        need: usize,
-        idempotent: bool,
+        shape: Shape,
         send: F,
     ) -> Result<Vec<Slot<T>>>
     where
         F: Fn(Arc<NodeHandle>, Vec<usize>, Duration, Vec<bool>) -> Fut,
         Fut: Future<Output = Result<Vec<T>>>,
     {
+        let Shape {
+            want,
+            need,
+            idempotent,
+            writes,
+        } = shape;
         let config = self.config();
         let deadline = Instant::now() + config.deadline;
         let attempts = if idempotent { config.max_attempts } else { 1 };
@@ -439,7 +480,14 @@ impl Client {
                     }
                     Err(error) if error.is_node_failure() => {
                         tracing::debug!(node = %node.id, %error, attempt, "node failed; routing around it");
-                        self.inner.cluster.record_failure(&node, &error);
+                        if writes {
+                            // The node may hold an older value of these
+                            // keys that this write never reached: it must
+                            // be flushed before it serves this client again.
+                            self.inner.cluster.mark_down(&node, &error);
+                        } else {
+                            self.inner.cluster.record_failure(&node, &error);
+                        }
                         failed.insert(node.id.clone());
                         last = Some(error);
                     }
@@ -553,7 +601,7 @@ fn plan<T>(
 }
 
 /// Runs one RPC with a timeout, turning failures into client errors.
-async fn call<T>(
+pub(crate) async fn call<T>(
     node: &NodeHandle,
     timeout: Duration,
     rpc: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
@@ -568,7 +616,7 @@ async fn call<T>(
     }
 }
 
-fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     // Tell the node too, so it can drop work the client gave up on.
     request.set_timeout(timeout);
@@ -576,11 +624,15 @@ fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 }
 
 fn from_proto_entry(response: v1::GetResponse) -> Option<Entry> {
-    response.entry.map(|e| Entry {
+    response.entry.map(entry_from_proto)
+}
+
+pub(crate) fn entry_from_proto(e: v1::Entry) -> Entry {
+    Entry {
         value: e.value,
         version: e.version,
         ttl_remaining: (e.ttl_remaining_ms > 0).then(|| Duration::from_millis(e.ttl_remaining_ms)),
-    })
+    }
 }
 
 async fn read_from(
@@ -619,7 +671,7 @@ async fn read_from(
     Ok(reply.results.into_iter().map(from_proto_entry).collect())
 }
 
-fn to_proto_item(
+pub(crate) fn to_proto_item(
     key: &Bytes,
     value: &Bytes,
     options: &SetOptions,

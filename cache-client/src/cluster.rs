@@ -39,6 +39,16 @@ pub(crate) struct NodeHandle {
     down: AtomicBool,
 }
 
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle")
+            .field("id", &self.id)
+            .field("address", &self.address)
+            .field("down", &self.is_down())
+            .finish_non_exhaustive()
+    }
+}
+
 impl NodeHandle {
     fn new(id: &str, address: &str, weight: u32, config: &ClientConfig) -> Result<Self> {
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
@@ -136,6 +146,17 @@ impl Cluster {
         let failures = node.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= self.config.failure_threshold && !node.down.swap(true, Ordering::AcqRel) {
             tracing::warn!(node = %node.id, address = %node.address, failures, %error, "node marked down");
+            self.refresh_now.notify_one();
+        }
+    }
+
+    /// Marks a node down at once, whatever its failure count: used when a
+    /// write or delete had to route around it, so that the node is flushed
+    /// before this client reads from it again (it missed that write).
+    pub(crate) fn mark_down(&self, node: &NodeHandle, error: &Error) {
+        node.failures.fetch_add(1, Ordering::Relaxed);
+        if !node.down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(node = %node.id, address = %node.address, %error, "node marked down: a write routed around it");
             self.refresh_now.notify_one();
         }
     }

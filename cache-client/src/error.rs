@@ -68,6 +68,36 @@ pub enum Error {
         /// The last replica failure.
         last: String,
     },
+    /// A write-through write met another write of the same key in flight
+    /// (its change is pending on a node); retrying later succeeds once that
+    /// one commits or aborts.
+    #[error("write conflict in keyspace {keyspace:?}: {reason}")]
+    Conflict {
+        /// The keyspace of the call.
+        keyspace: String,
+        /// Which node refused and why.
+        reason: String,
+    },
+    /// A keyspace configuration is invalid; the message names the keyspace
+    /// and the field. The previous configuration stays in force.
+    #[error("invalid keyspace config: keyspaces.{keyspace}.{field}: {reason}")]
+    KeyspaceConfig {
+        /// The keyspace.
+        keyspace: String,
+        /// The field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The call needs something the keyspace does not have (a store, a
+    /// strategy that supports it).
+    #[error("keyspace {keyspace:?}: {reason}")]
+    Unsupported {
+        /// The keyspace.
+        keyspace: String,
+        /// What is missing.
+        reason: String,
+    },
     /// A typed value could not be encoded or decoded.
     #[error("codec error: {0}")]
     Codec(String),
@@ -78,6 +108,36 @@ pub enum Error {
         field: &'static str,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The data store behind a keyspace failed: a lost connection, a
+    /// timeout, a row locked by a prepared transaction, a serialization
+    /// failure. The same call may succeed later.
+    #[error("store failed: {message}")]
+    Store {
+        /// The keyspace of the call; empty for calls not tied to one
+        /// (`commit_prepared`, `abort_prepared`, `in_doubt`).
+        keyspace: String,
+        /// What failed; names the keyspace and table, or the transaction.
+        message: String,
+    },
+    /// The data store refused the request itself: a version above
+    /// `i64::MAX`, a layout whose statements do not fit its table, a
+    /// constraint violation, a transaction id already in use. Retrying fails
+    /// the same way.
+    #[error("store refused the request: {message}")]
+    StoreRejected {
+        /// The keyspace of the call; empty for calls not tied to one.
+        keyspace: String,
+        /// What was refused; names the keyspace and table, or the
+        /// transaction.
+        message: String,
+    },
+    /// No prepared transaction has this id: it was already committed or
+    /// rolled back, or never prepared.
+    #[error("no prepared transaction {txn}")]
+    TxnNotFound {
+        /// The transaction id (the PostgreSQL gid).
+        txn: String,
     },
 }
 
@@ -90,8 +150,15 @@ impl Error {
             | Error::NoNodeAvailable { .. }
             | Error::Unavailable { .. }
             | Error::DeadlineExceeded { .. }
-            | Error::QuorumNotReached { .. } => true,
-            Error::Codec(_) | Error::Config { .. } => false,
+            | Error::QuorumNotReached { .. }
+            | Error::Store { .. }
+            | Error::Conflict { .. } => true,
+            Error::Codec(_)
+            | Error::KeyspaceConfig { .. }
+            | Error::Unsupported { .. }
+            | Error::Config { .. }
+            | Error::StoreRejected { .. }
+            | Error::TxnNotFound { .. } => false,
         }
     }
 

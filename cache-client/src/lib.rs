@@ -42,7 +42,12 @@ mod cluster;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod hlc;
+pub mod keyspaces;
+mod primitives;
 pub mod ring;
+pub mod store;
+pub mod strategy;
 
 pub use client::{Client, Condition, Entry, Member, NodeStats, SetOptions, SetOutcome, Topology};
 pub use config::{ClientConfig, Replication};

@@ -78,14 +78,30 @@ pub struct DemoCluster {
 pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     let dir = paths::new_logs_dir("demo")?;
     eprintln!("xtask: demo configs and logs go to {}", dir.display());
-    // Later walkthrough steps need PostgreSQL and the broker; starting them
-    // is one line, and their `Drop` tears them down with the demo:
-    // let services = crate::services::Services::start(&dir, cancel).await?;
+    // PostgreSQL (and the broker) for the strategies; their `Drop` tears
+    // them down with the demo.
+    let services = crate::services::Services::start(&dir, cancel).await?;
+    run_with(args, &services, &dir, cancel).await
+}
 
+/// The demo against services that are already running (`cargo xtask test`
+/// reuses its own).
+pub async fn run_with(
+    args: Args,
+    services: &crate::services::Services,
+    dir: &Path,
+    cancel: &CancellationToken,
+) -> Result<ExitCode> {
+    let database = services
+        .env()
+        .into_iter()
+        .find(|(name, _)| *name == "RINGCACHE_TEST_PG_URL")
+        .map(|(_, url)| url)
+        .context("the services export a PostgreSQL URL")?;
     let binary = build_node(cancel).await?;
-    let mut cluster = start_cluster(&binary, &dir, cancel).await?;
+    let mut cluster = start_cluster(&binary, dir, cancel).await?;
 
-    let walked = walkthrough(&mut cluster, cancel).await;
+    let walked = walkthrough(&mut cluster, &database, cancel).await;
     if walked.is_ok() && !args.no_wait && !cancel.is_cancelled() {
         eprintln!("xtask: the cluster is running; press Ctrl-C to stop it");
         cancel.cancelled().await;
@@ -193,6 +209,8 @@ async fn wait_healthy(node: &mut DemoNode, cancel: &CancellationToken) -> Result
 struct Ctl<'a> {
     binary: &'a Path,
     seeds: String,
+    keyspaces: String,
+    database: String,
 }
 
 impl Ctl<'_> {
@@ -200,6 +218,8 @@ impl Ctl<'_> {
         let output = Command::new(self.binary)
             .arg("--seeds")
             .arg(&self.seeds)
+            .env("RINGCACHE_KEYSPACES", &self.keyspaces)
+            .env("RINGCACHE_DATABASE_URL", &self.database)
             .args(args)
             .output()
             .with_context(|| format!("failed to run {}", self.binary.display()))?;
@@ -241,11 +261,20 @@ fn step(title: &str) {
 /// The walkthrough: what the demo shows once all nodes are healthy. Every
 /// claim it prints is checked, so the suite (which runs `demo --no-wait`)
 /// fails when the demo stops telling the truth.
-pub async fn walkthrough(cluster: &mut DemoCluster, cancel: &CancellationToken) -> Result<()> {
+pub async fn walkthrough(
+    cluster: &mut DemoCluster,
+    database: &str,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let keyspaces = cluster.dir.join("keyspaces.toml");
+    fs::write(&keyspaces, KEYSPACES)
+        .with_context(|| format!("failed to write {}", keyspaces.display()))?;
     let ctl = Ctl {
         binary: &cluster.cachectl,
         seeds: seeds.join(","),
+        keyspaces: keyspaces.display().to_string(),
+        database: database.to_owned(),
     };
     println!(
         "ringcache demo: {} cache nodes (epoch {})",
@@ -372,7 +401,116 @@ pub async fn walkthrough(cluster: &mut DemoCluster, cancel: &CancellationToken) 
     )?;
     wait_healthy(victim, cancel).await?;
     ctl.show(&["topology"])?;
+
+    strategies(&ctl)?;
     println!("\nlogs and configs: {}", cluster.dir.display());
+    Ok(())
+}
+
+/// The keyspace file of the demo: one keyspace per strategy.
+const KEYSPACES: &str = r#"# One keyspace per caching strategy, shared by cachectl and the services.
+[keyspaces.profiles]
+strategy = "cache-aside"
+ttl = "10m"
+
+[keyspaces.catalog]
+strategy = "read-through"
+ttl = "10m"
+ttl_jitter = 0.1
+negative_ttl = "1m"
+
+[keyspaces.docs]
+strategy = "write-around"
+ttl = "10m"
+
+[keyspaces.accounts]
+strategy = "write-through"
+ttl = "10m"
+"#;
+
+/// Step 6: each strategy against PostgreSQL, with `cachectl kv` (through the
+/// strategy), `kv peek` (what the cache holds) and `kv stored` (what the
+/// database holds).
+fn strategies(ctl: &Ctl<'_>) -> Result<()> {
+    let value = |args: &[&str]| -> Result<Option<String>> {
+        let reply = ctl.json(args)?;
+        Ok(reply["value"].as_str().map(str::to_owned))
+    };
+    let expect = |what: &str, got: Option<String>, want: Option<&str>| -> Result<()> {
+        if got.as_deref() != want {
+            bail!("{what}: expected {want:?}, got {got:?}");
+        }
+        Ok(())
+    };
+
+    step("6a. write-through: the cache and PostgreSQL are updated together (two-phase commit)");
+    ctl.show(&["-k", "accounts", "kv", "put", "alice", "balance=100"])?;
+    ctl.show(&["-k", "accounts", "kv", "peek", "alice"])?;
+    ctl.show(&["-k", "accounts", "kv", "stored", "alice"])?;
+    expect(
+        "cached after write-through",
+        value(&["-k", "accounts", "kv", "peek", "alice"])?,
+        Some("balance=100"),
+    )?;
+    expect(
+        "stored after write-through",
+        value(&["-k", "accounts", "kv", "stored", "alice"])?,
+        Some("balance=100"),
+    )?;
+
+    step("6b. write-around: the write goes to PostgreSQL and deletes the cached copy");
+    ctl.show(&["-k", "docs", "kv", "put", "readme", "v1"])?;
+    ctl.show(&["-k", "docs", "kv", "get", "readme"])?;
+    println!("  the read loaded it from PostgreSQL and filled the cache under a lease:");
+    ctl.show(&["-k", "docs", "kv", "peek", "readme"])?;
+    expect(
+        "filled after the read",
+        value(&["-k", "docs", "kv", "peek", "readme"])?,
+        Some("v1"),
+    )?;
+    ctl.show(&["-k", "docs", "kv", "put", "readme", "v2"])?;
+    println!("  the write invalidated the cached v1:");
+    ctl.show(&["-k", "docs", "kv", "peek", "readme"])?;
+    expect(
+        "invalidated after the write",
+        value(&["-k", "docs", "kv", "peek", "readme"])?,
+        None,
+    )?;
+    ctl.show(&["-k", "docs", "kv", "get", "readme"])?;
+    expect(
+        "read after the write",
+        value(&["-k", "docs", "kv", "get", "readme"])?,
+        Some("v2"),
+    )?;
+
+    step("6c. read-through: a miss loads from PostgreSQL; a missing row is cached as absent");
+    ctl.show(&["-k", "catalog", "kv", "get", "widget"])?;
+    ctl.show(&["-k", "catalog", "kv", "peek", "widget"])?;
+    expect(
+        "negative entry",
+        value(&["-k", "catalog", "kv", "peek", "widget"])?,
+        Some("(absent: negative entry)"),
+    )?;
+    ctl.show(&["-k", "catalog", "kv", "put", "widget", "price=7"])?;
+    ctl.show(&["-k", "catalog", "kv", "get", "widget"])?;
+    expect(
+        "read-through after the write",
+        value(&["-k", "catalog", "kv", "get", "widget"])?,
+        Some("price=7"),
+    )?;
+
+    step(
+        "6d. cache-aside: the application writes its database, then invalidates; reads fill under a lease",
+    );
+    ctl.show(&["-k", "profiles", "kv", "put", "ada", "Ada Lovelace"])?;
+    ctl.show(&["-k", "profiles", "kv", "peek", "ada"])?;
+    ctl.show(&["-k", "profiles", "kv", "get", "ada"])?;
+    ctl.show(&["-k", "profiles", "kv", "peek", "ada"])?;
+    expect(
+        "cache-aside fill",
+        value(&["-k", "profiles", "kv", "peek", "ada"])?,
+        Some("Ada Lovelace"),
+    )?;
     Ok(())
 }
 
@@ -425,6 +563,8 @@ fn node_config(
         "node_id = \"{id}\"\n\
          listen = \"{addr}\"\n\
          metrics_listen = \"{metrics_addr}\"\n\
+         \n\
+         unknown_keyspaces = \"create\"\n\
          \n\
          [keyspaces.default]\n\
          capacity_bytes = 67108864\n\

@@ -93,7 +93,8 @@ async fn build_and_test(
     // before `cargo test` so that the test summary stays the last output.
     if args.cargo_test_args.is_empty() {
         eprintln!("xtask: running `cargo xtask demo --no-wait`");
-        crate::demo::run(crate::demo::Args { no_wait: true }, cancel)
+        let dir = paths::new_logs_dir("demo")?;
+        crate::demo::run_with(crate::demo::Args { no_wait: true }, services, &dir, cancel)
             .await
             .context("`cargo xtask demo --no-wait` failed")?;
         if cancel.is_cancelled() {

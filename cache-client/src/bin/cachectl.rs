@@ -36,6 +36,12 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Keyspace file (strategies and stores), for `kv` commands.
+    #[arg(long, env = "RINGCACHE_KEYSPACES")]
+    keyspaces: Option<std::path::PathBuf>,
+    /// PostgreSQL URL of the keyspaces' stores, for `kv` commands.
+    #[arg(long, env = "RINGCACHE_DATABASE_URL")]
+    database: Option<String>,
     /// Overall deadline of one call.
     #[arg(long, default_value = "2s", value_parser = humantime_duration)]
     deadline: Duration,
@@ -84,6 +90,12 @@ enum Command {
     Stats,
     /// The members and epoch the client routes by.
     Topology,
+    /// Read and write through the keyspace's strategy (needs --keyspaces and
+    /// --database).
+    Kv {
+        #[command(subcommand)]
+        op: KvOp,
+    },
     /// Which nodes own a key, or how N sample keys spread across the pool.
     Ring {
         /// The key to place.
@@ -92,6 +104,37 @@ enum Command {
         /// balance.
         #[arg(long, conflicts_with = "key")]
         sample: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvOp {
+    /// Read a key; a miss loads it from the store (cache-aside: cache only).
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Write a key through the strategy.
+    Put {
+        /// The key.
+        key: String,
+        /// The value (UTF-8 text).
+        value: String,
+    },
+    /// Delete a key through the strategy.
+    Del {
+        /// The key.
+        key: String,
+    },
+    /// Show what the cache holds for the key, without loading.
+    Peek {
+        /// The key.
+        key: String,
+    },
+    /// Show what the store holds for the key.
+    Stored {
+        /// The key.
+        key: String,
     },
 }
 
@@ -125,6 +168,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("cannot reach the pool at {}", cli.seeds.join(",")))?;
     let ks = cli.keyspace.as_str();
     match cli.command {
+        Command::Kv { op } => {
+            let (Some(file), Some(url)) = (&cli.keyspaces, &cli.database) else {
+                anyhow::bail!("kv commands need --keyspaces FILE and --database URL");
+            };
+            let file = cache_client::keyspaces::KeyspacesFile::read(file)?;
+            let pg = cache_client::store::PgStore::connect(url).await?;
+            pg.migrate().await?;
+            let pool = pg.clone();
+            client.apply_keyspaces(&file, &|name, layout| {
+                Ok(Some(
+                    std::sync::Arc::new(pool.clone().with_layout(name, layout)?)
+                        as std::sync::Arc<dyn cache_client::store::Store>,
+                ))
+            })?;
+            let keyspace = client.keyspace(ks);
+            let strategy = client
+                .keyspace_settings(ks)
+                .map(|s| s.strategy.to_string())
+                .with_context(|| format!("keyspace {ks:?} is not in the keyspace file"))?;
+            let (what, value, version): (&str, Option<String>, Option<u64>) = match op {
+                KvOp::Get { key } => ("get", keyspace.get(&key).await?.map(|v| text(&v)), None),
+                KvOp::Put { key, value } => {
+                    let written = keyspace.put(&key, value.clone()).await?;
+                    ("put", Some(value), Some(written.version))
+                }
+                KvOp::Del { key } => {
+                    let written = keyspace.remove(&key).await?;
+                    ("del", None, Some(written.version))
+                }
+                KvOp::Peek { key } => match client.get(ks, &key).await? {
+                    Some(entry) => {
+                        let value = cache_client::strategy::decode_cached(ks, &entry.value)?;
+                        (
+                            "cached",
+                            Some(value.map_or("(absent: negative entry)".to_owned(), |v| text(&v))),
+                            Some(entry.version),
+                        )
+                    }
+                    None => ("cached", None, None),
+                },
+                KvOp::Stored { key } => {
+                    match cache_client::store::Store::load(&pg, ks, key.as_bytes()).await? {
+                        cache_client::store::Loaded::Present(row) => {
+                            ("stored", Some(text(&row.value)), Some(row.version))
+                        }
+                        cache_client::store::Loaded::Absent { version } => {
+                            ("stored", None, (version > 0).then_some(version))
+                        }
+                    }
+                }
+            };
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"op": what, "keyspace": ks, "strategy": strategy, "value": value, "version": version})
+                );
+            } else {
+                let shown = value.unwrap_or_else(|| "(none)".to_owned());
+                match version {
+                    Some(v) => println!("{what} [{strategy}]: {shown}  (version {v})"),
+                    None => println!("{what} [{strategy}]: {shown}"),
+                }
+            }
+        }
         Command::Get { key } => {
             let entry = client.get(ks, &key).await?;
             let owner = client

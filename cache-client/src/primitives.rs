@@ -1,0 +1,275 @@
+//! The node primitives the strategies are built from: leases (`LeaseGet`,
+//! `Fill`) and two-phase commit of cache entries (`Prepare`, `Commit`,
+//! `Abort`). They address the nodes directly, without the retrying engine of
+//! `client.rs`: a lease lives on the node that granted it, and a prepared
+//! change must be committed or aborted on exactly the nodes that prepared it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ringcache_proto::v1;
+
+use crate::client::{Client, Entry, call, entry_from_proto, request};
+use crate::cluster::NodeHandle;
+use crate::error::{Error, Result};
+
+/// What `LeaseGet` answered.
+#[derive(Debug)]
+pub(crate) enum LeaseReply {
+    /// A live entry.
+    Hit(Entry),
+    /// A miss, and this caller holds the lease on `node`.
+    Lease {
+        /// The node that granted the lease; the fill must go there.
+        node: Arc<NodeHandle>,
+        /// The token to fill with.
+        token: u64,
+    },
+    /// A miss while another caller holds the lease, or a write is pending.
+    Wait {
+        /// When to ask again.
+        retry_after: Duration,
+        /// A recently deleted value, if the keyspace keeps them.
+        stale: Option<Entry>,
+    },
+}
+
+/// What a fill did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FillReply {
+    /// Stored.
+    Stored,
+    /// Refused: the lease was invalidated (by a write, delete, prepare or
+    /// flush since it was granted) or expired.
+    LeaseInvalid,
+    /// Refused: an equal or newer version is live.
+    StaleVersion,
+}
+
+impl Client {
+    /// The first healthy node of the key's ring order, or an error naming
+    /// the keyspace.
+    pub(crate) fn primary(&self, keyspace: &str, key: &[u8]) -> Result<Arc<NodeHandle>> {
+        let view = self.inner.cluster.view();
+        view.ring
+            .successors(keyspace, key)
+            .filter_map(|id| view.node(id))
+            .find(|node| !node.is_down())
+            .cloned()
+            .ok_or_else(|| Error::NoNodeAvailable {
+                keyspace: keyspace.to_owned(),
+                reason: "every node that could hold the key is down".into(),
+            })
+    }
+
+    /// The first `n` healthy nodes of the key's ring order.
+    pub(crate) fn healthy_replicas(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        n: usize,
+    ) -> Vec<Arc<NodeHandle>> {
+        let view = self.inner.cluster.view();
+        view.ring
+            .successors(keyspace, key)
+            .filter_map(|id| view.node(id))
+            .filter(|node| !node.is_down())
+            .take(n)
+            .cloned()
+            .collect()
+    }
+
+    /// Runs one call on `node`, recording its health. A failed write (a
+    /// 2PC step) marks the node down at once: it may have missed a change,
+    /// so it must be flushed before this client reads from it again.
+    async fn on_node<T>(
+        &self,
+        node: &NodeHandle,
+        writes: bool,
+        rpc: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T> {
+        let result = call(node, self.config().request_timeout, rpc).await;
+        match &result {
+            Ok(_) => self.inner.cluster.record_success(node),
+            Err(e) if e.is_node_failure() && writes => self.inner.cluster.mark_down(node, e),
+            Err(e) if e.is_node_failure() => self.inner.cluster.record_failure(node, e),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// `LeaseGet` on the key's primary. On a node failure, the next call
+    /// goes to the next healthy node once this one is marked down.
+    pub(crate) async fn lease_get(&self, keyspace: &str, key: &Bytes) -> Result<LeaseReply> {
+        let node = self.primary(keyspace, key)?;
+        let mut client = node.client.clone();
+        let timeout = self.config().request_timeout;
+        let reply = self
+            .on_node(
+                &node,
+                false,
+                client.lease_get(request(
+                    v1::LeaseGetRequest {
+                        keyspace: keyspace.to_owned(),
+                        key: key.clone(),
+                    },
+                    timeout,
+                )),
+            )
+            .await?;
+        if let Some(entry) = reply.entry {
+            self.inner.clock.observe(entry.version);
+            return Ok(LeaseReply::Hit(entry_from_proto(entry)));
+        }
+        if reply.lease_token != 0 {
+            return Ok(LeaseReply::Lease {
+                node,
+                token: reply.lease_token,
+            });
+        }
+        Ok(LeaseReply::Wait {
+            retry_after: Duration::from_millis(reply.retry_after_ms.max(1)),
+            stale: reply.stale.map(entry_from_proto),
+        })
+    }
+
+    /// `Fill` on the node that granted the lease.
+    pub(crate) async fn fill(
+        &self,
+        keyspace: &str,
+        node: &NodeHandle,
+        token: u64,
+        item: v1::SetItem,
+    ) -> Result<FillReply> {
+        let mut client = node.client.clone();
+        let timeout = self.config().request_timeout;
+        let reply = self
+            .on_node(
+                node,
+                false,
+                client.fill(request(
+                    v1::FillRequest {
+                        keyspace: keyspace.to_owned(),
+                        item: Some(item),
+                        lease_token: token,
+                    },
+                    timeout,
+                )),
+            )
+            .await?;
+        self.inner.clock.observe(reply.current_version);
+        Ok(match reply.outcome() {
+            v1::FillOutcome::Stored => FillReply::Stored,
+            v1::FillOutcome::StaleVersion => FillReply::StaleVersion,
+            v1::FillOutcome::LeaseInvalid | v1::FillOutcome::Unspecified => FillReply::LeaseInvalid,
+        })
+    }
+
+    /// Phase one on the cache: prepares the change on the first `replicas`
+    /// healthy nodes in parallel. Returns the nodes that prepared and the
+    /// first failure, if any; the caller decides with its quorum and must
+    /// abort what prepared if it gives up.
+    pub(crate) async fn prepare(
+        &self,
+        keyspace: &str,
+        item: v1::SetItem,
+        delete: bool,
+        txn: &str,
+        pending_timeout: Duration,
+        replicas: usize,
+    ) -> (Vec<Arc<NodeHandle>>, Option<Error>) {
+        let nodes = self.healthy_replicas(keyspace, &item.key, replicas);
+        if nodes.is_empty() {
+            return (
+                Vec::new(),
+                Some(Error::NoNodeAvailable {
+                    keyspace: keyspace.to_owned(),
+                    reason: "every node that could hold the key is down".into(),
+                }),
+            );
+        }
+        let timeout = self.config().request_timeout;
+        let asks = nodes.into_iter().map(|node| {
+            let message = v1::PrepareRequest {
+                keyspace: keyspace.to_owned(),
+                item: Some(item.clone()),
+                txn_id: txn.to_owned(),
+                timeout_ms: u64::try_from(pending_timeout.as_millis()).unwrap_or(u64::MAX),
+                delete,
+            };
+            async move {
+                let mut client = node.client.clone();
+                let reply = self
+                    .on_node(&node, true, client.prepare(request(message, timeout)))
+                    .await;
+                (node, reply)
+            }
+        });
+        let mut prepared = Vec::new();
+        let mut failure = None;
+        for (node, reply) in futures::future::join_all(asks).await {
+            match reply {
+                Ok(r) if r.prepared => prepared.push(node),
+                Ok(r) => {
+                    self.inner.clock.observe(r.current_version);
+                    failure = Some(Error::Conflict {
+                        keyspace: keyspace.to_owned(),
+                        reason: format!(
+                            "node {} refused the prepare (another write is pending, or version {} is live)",
+                            node.id, r.current_version
+                        ),
+                    });
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
+        (prepared, failure)
+    }
+
+    /// Phase two on the cache: commits (or aborts) `txn` on every node that
+    /// prepared it, in parallel. Returns how many acknowledged; a node that
+    /// does not lets the change time out, which removes the key there.
+    pub(crate) async fn finish(
+        &self,
+        keyspace: &str,
+        key: &Bytes,
+        txn: &str,
+        nodes: &[Arc<NodeHandle>],
+        commit: bool,
+    ) -> usize {
+        let timeout = self.config().request_timeout;
+        let asks = nodes.iter().map(|node| async move {
+            let mut client = node.client.clone();
+            if commit {
+                let message = v1::CommitRequest {
+                    keyspace: keyspace.to_owned(),
+                    key: key.clone(),
+                    txn_id: txn.to_owned(),
+                };
+                self.on_node(node, true, client.commit(request(message, timeout)))
+                    .await
+                    .map(|r| r.committed)
+            } else {
+                let message = v1::AbortRequest {
+                    keyspace: keyspace.to_owned(),
+                    key: key.clone(),
+                    txn_id: txn.to_owned(),
+                };
+                self.on_node(node, true, client.abort(request(message, timeout)))
+                    .await
+                    .map(|r| r.aborted)
+            }
+        });
+        let results = futures::future::join_all(asks).await;
+        for (node, result) in nodes.iter().zip(&results) {
+            if !matches!(result, Ok(true)) {
+                tracing::warn!(node = %node.id, keyspace, txn, commit, ?result, "cache phase two not acknowledged; the pending change will time out");
+            }
+        }
+        results
+            .into_iter()
+            .filter(|r| matches!(r, Ok(true)))
+            .count()
+    }
+}

@@ -1,0 +1,970 @@
+//! Caching strategies per keyspace: how the cache and the store stay in
+//! step. The promises each one makes are in `docs/strategies.md`.
+//!
+//! - **cache-aside**: the application loads and writes its database itself;
+//!   it reads with [`Keyspace::lookup`] / [`Keyspace::fill`] (or
+//!   [`Keyspace::get_or_load`]) and, after writing its database,
+//!   [`Keyspace::invalidate`]s.
+//! - **read-through**: [`Keyspace::get`] loads from the keyspace's store on a
+//!   miss.
+//! - **write-around**: [`Keyspace::put`] writes the store, then deletes the
+//!   key from the cache (retrying a failed delete in the background until it
+//!   succeeds or the TTL has run out).
+//! - **write-through**: [`Keyspace::put`] prepares the change on the owning
+//!   nodes and in the store, then commits both (two-phase commit).
+//!
+//! Reads of every strategy use leases: one load per key across all clients,
+//! and a load that raced a write is never filled (the write invalidated the
+//! lease). Every write of every strategy takes its version from the client's
+//! hybrid logical clock ([`crate::hlc`]), so a switch of strategy never lets
+//! an older write win.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::RwLock;
+use ringcache_proto::v1;
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::client::Client;
+use crate::cluster::NodeHandle;
+use crate::error::{Error, Result};
+use crate::primitives::{FillReply, LeaseReply};
+use crate::store::{Applied, Change, Loaded, Store, TxnId};
+
+/// Default [`KeyspaceSettings::lease_wait`].
+pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(2);
+/// Default [`KeyspaceSettings::pending_timeout`].
+pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long absence is cached when a keyspace sets no `negative_ttl`: just
+/// long enough for readers waiting on the lease to see it.
+pub const MIN_NEGATIVE_TTL: Duration = Duration::from_millis(100);
+
+/// Tag byte of a cached value in a strategy keyspace: the value follows.
+const TAG_PRESENT: u8 = 0;
+/// Tag byte of a cached absence (negative caching).
+const TAG_ABSENT: u8 = 1;
+
+/// How a keyspace keeps cache and store in step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The application loads and writes its database; the cache is filled
+    /// under leases and invalidated after writes.
+    CacheAside,
+    /// The client loads from the keyspace's store on a miss.
+    ReadThrough,
+    /// Writes go to the store, then the key is deleted from the cache.
+    WriteAround,
+    /// Writes go to the cache and the store together, by two-phase commit.
+    WriteThrough,
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::CacheAside => "cache-aside",
+            Strategy::ReadThrough => "read-through",
+            Strategy::WriteAround => "write-around",
+            Strategy::WriteThrough => "write-through",
+        })
+    }
+}
+
+/// The client-side settings of one keyspace.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct KeyspaceSettings {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// TTL of cached values; `None` takes the node's default.
+    pub ttl: Option<Duration>,
+    /// Fraction in `[0, 1)` by which each TTL is shortened at random.
+    pub ttl_jitter: f64,
+    /// How long absence is cached; `None` caches it only for
+    /// [`MIN_NEGATIVE_TTL`], long enough for waiting readers to see it.
+    pub negative_ttl: Option<Duration>,
+    /// Copies of each key.
+    pub replicas: usize,
+    /// Copies that must acknowledge a write.
+    pub write_quorum: usize,
+    /// How long a reader waits for another reader's load before it loads
+    /// itself (and does not fill).
+    pub lease_wait: Duration,
+    /// Write-through: how long a prepared change may stay pending.
+    pub pending_timeout: Duration,
+}
+
+impl KeyspaceSettings {
+    /// Settings with `strategy` and every other field at its default.
+    pub fn new(strategy: Strategy) -> Self {
+        KeyspaceSettings {
+            strategy,
+            ttl: None,
+            ttl_jitter: 0.0,
+            negative_ttl: None,
+            replicas: 1,
+            write_quorum: 1,
+            lease_wait: DEFAULT_LEASE_WAIT,
+            pending_timeout: DEFAULT_PENDING_TIMEOUT,
+        }
+    }
+
+    /// Sets the TTL.
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Sets the TTL jitter.
+    pub fn with_ttl_jitter(mut self, jitter: f64) -> Self {
+        self.ttl_jitter = jitter;
+        self
+    }
+
+    /// Sets the negative TTL.
+    pub fn with_negative_ttl(mut self, ttl: Duration) -> Self {
+        self.negative_ttl = Some(ttl);
+        self
+    }
+
+    /// Sets replicas and write quorum.
+    pub fn with_replication(mut self, replicas: usize, write_quorum: usize) -> Self {
+        self.replicas = replicas;
+        self.write_quorum = write_quorum;
+        self
+    }
+
+    /// Sets the lease wait.
+    pub fn with_lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = wait;
+        self
+    }
+
+    /// Sets the pending timeout.
+    pub fn with_pending_timeout(mut self, timeout: Duration) -> Self {
+        self.pending_timeout = timeout;
+        self
+    }
+
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`Error::KeyspaceConfig`] naming `keyspace` and the field.
+    pub fn validate(&self, keyspace: &str) -> Result<()> {
+        let bad = |field: &str, reason: &str| {
+            Err(Error::KeyspaceConfig {
+                keyspace: keyspace.to_owned(),
+                field: field.to_owned(),
+                reason: reason.to_owned(),
+            })
+        };
+        if self.ttl.is_some_and(|t| t.is_zero()) {
+            return bad(
+                "ttl",
+                "must be greater than zero (omit it for the node's default)",
+            );
+        }
+        if !(0.0..1.0).contains(&self.ttl_jitter) {
+            return bad("ttl_jitter", "must be in [0, 1)");
+        }
+        if self.negative_ttl.is_some_and(|t| t.is_zero()) {
+            return bad(
+                "negative_ttl",
+                "must be greater than zero (omit it to cache absence only briefly)",
+            );
+        }
+        if self.replicas == 0 {
+            return bad("replicas", "must be at least 1");
+        }
+        if self.write_quorum == 0 || self.write_quorum > self.replicas {
+            return bad("write_quorum", "must be between 1 and replicas");
+        }
+        if self.lease_wait.is_zero() {
+            return bad("lease_wait", "must be greater than zero");
+        }
+        if self.pending_timeout.is_zero() {
+            return bad("pending_timeout", "must be greater than zero");
+        }
+        Ok(())
+    }
+
+    /// A TTL for one write: the configured one shortened by a random part of
+    /// the jitter.
+    fn jittered_ttl(&self) -> Option<Duration> {
+        self.ttl
+            .map(|ttl| ttl.mul_f64(1.0 - self.ttl_jitter * rand::random::<f64>()))
+    }
+}
+
+/// Finds the store of a keyspace from its name and layout; `None` for a
+/// cache-aside keyspace without a store.
+pub type StoreFor<'a> =
+    dyn Fn(&str, &crate::store::StoreLayout) -> Result<Option<Arc<dyn Store>>> + Send + Sync + 'a;
+
+/// A keyspace to define: its name, settings and store.
+pub type Definition = (String, KeyspaceSettings, Option<Arc<dyn Store>>);
+
+/// One keyspace as the client runs it.
+pub(crate) struct KeyspaceState {
+    pub(crate) settings: KeyspaceSettings,
+    pub(crate) store: Option<Arc<dyn Store>>,
+}
+
+/// The keyspaces a client knows, swapped as a whole so that a reload is
+/// all-or-nothing. The lock is held only to clone or swap the map.
+#[derive(Default)]
+pub(crate) struct Registry {
+    map: RwLock<Arc<HashMap<String, Arc<KeyspaceState>>>>,
+}
+
+impl Registry {
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<KeyspaceState>> {
+        self.map.read().get(name).cloned()
+    }
+
+    pub(crate) fn all(&self) -> Arc<HashMap<String, Arc<KeyspaceState>>> {
+        Arc::clone(&self.map.read())
+    }
+
+    fn update(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, Arc<KeyspaceState>>) -> Result<()>,
+    ) -> Result<()> {
+        let mut slot = self.map.write();
+        let mut next = (**slot).clone();
+        f(&mut next)?;
+        *slot = Arc::new(next);
+        Ok(())
+    }
+}
+
+fn requires_store(strategy: Strategy) -> bool {
+    strategy != Strategy::CacheAside
+}
+
+impl Client {
+    /// A handle on one keyspace; cheap, and it sees later reconfiguration.
+    pub fn keyspace(&self, name: &str) -> Keyspace {
+        Keyspace {
+            client: self.clone(),
+            name: Arc::from(name),
+        }
+    }
+
+    /// Defines or redefines a keyspace. Takes effect for calls that start
+    /// afterwards; calls in flight finish under the settings they started
+    /// with. Versions come from one clock whatever the strategy, so a
+    /// redefinition never lets an older write win.
+    ///
+    /// # Errors
+    /// [`Error::KeyspaceConfig`] for invalid settings, or a strategy other
+    /// than cache-aside without a store; the previous definition stays.
+    pub fn define_keyspace(
+        &self,
+        name: &str,
+        settings: KeyspaceSettings,
+        store: Option<Arc<dyn Store>>,
+    ) -> Result<()> {
+        self.define_keyspaces(vec![(name.to_owned(), settings, store)])
+    }
+
+    /// Defines several keyspaces at once: all of them, or (on an error)
+    /// none.
+    ///
+    /// # Errors
+    /// As [`Client::define_keyspace`], for the first invalid keyspace.
+    pub fn define_keyspaces(&self, keyspaces: Vec<Definition>) -> Result<()> {
+        for (name, settings, store) in &keyspaces {
+            settings.validate(name)?;
+            if requires_store(settings.strategy) && store.is_none() {
+                return Err(Error::KeyspaceConfig {
+                    keyspace: name.clone(),
+                    field: "store".into(),
+                    reason: format!("strategy {} needs a store", settings.strategy),
+                });
+            }
+        }
+        self.inner.keyspaces.update(|map| {
+            for (name, settings, store) in keyspaces {
+                tracing::info!(keyspace = %name, strategy = %settings.strategy, "keyspace defined");
+                map.insert(name, Arc::new(KeyspaceState { settings, store }));
+            }
+            Ok(())
+        })
+    }
+
+    /// Applies a keyspace file (`crate::keyspaces`): every keyspace is
+    /// validated and its store obtained from `store_for` (given the name and
+    /// the layout; `None` for a cache-aside keyspace without a store) before
+    /// any of them takes effect; then all take effect at once.
+    ///
+    /// # Errors
+    /// The first invalid keyspace or failing store; nothing changes then.
+    pub fn apply_keyspaces(
+        &self,
+        file: &crate::keyspaces::KeyspacesFile,
+        store_for: &StoreFor<'_>,
+    ) -> Result<()> {
+        let mut all = Vec::new();
+        for (name, settings) in file.settings()? {
+            let entry = &file.keyspaces[&name];
+            let store = store_for(&name, &entry.store)?;
+            all.push((name, settings, store));
+        }
+        self.define_keyspaces(all)
+    }
+
+    /// Re-reads the keyspace file at `path` every `interval` and applies it
+    /// when its text changed. A file that does not parse or validate is
+    /// logged and skipped: the previous configuration stays in force. The
+    /// task ends when the last clone of the client is dropped.
+    pub fn watch_keyspaces(
+        &self,
+        path: std::path::PathBuf,
+        interval: Duration,
+        store_for: Box<StoreFor<'static>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut last: Option<String> = None;
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let client = Client { inner };
+                // Reading a small file blocks briefly: keep it off the
+                // runtime's worker threads.
+                let read = {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await
+                };
+                match read {
+                    Ok(Ok(text)) if last.as_deref() != Some(text.as_str()) => {
+                        let applied = crate::keyspaces::KeyspacesFile::parse(&text)
+                            .and_then(|file| client.apply_keyspaces(&file, &*store_for));
+                        match applied {
+                            Ok(()) => {
+                                tracing::info!(path = %path.display(), "keyspace file applied")
+                            }
+                            Err(e) => {
+                                tracing::warn!(path = %path.display(), error = %e, "keyspace file refused; the previous configuration stays")
+                            }
+                        }
+                        last = Some(text);
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot read the keyspace file")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "keyspace file reader failed"),
+                }
+                drop(client);
+                tokio::time::sleep(interval).await;
+            }
+        })
+    }
+
+    /// Changes the strategy of a defined keyspace, keeping its other
+    /// settings and its store.
+    ///
+    /// # Errors
+    /// [`Error::KeyspaceConfig`] when the keyspace is not defined or the new
+    /// strategy needs a store it does not have.
+    pub fn set_strategy(&self, name: &str, strategy: Strategy) -> Result<()> {
+        let current = self
+            .inner
+            .keyspaces
+            .get(name)
+            .ok_or_else(|| Error::KeyspaceConfig {
+                keyspace: name.to_owned(),
+                field: "strategy".into(),
+                reason: "keyspace is not defined".into(),
+            })?;
+        let mut settings = current.settings.clone();
+        settings.strategy = strategy;
+        self.define_keyspace(name, settings, current.store.clone())
+    }
+
+    /// The settings of a defined keyspace.
+    pub fn keyspace_settings(&self, name: &str) -> Option<KeyspaceSettings> {
+        self.inner.keyspaces.get(name).map(|k| k.settings.clone())
+    }
+
+    /// Resolves in-doubt prepared transactions of the write-through
+    /// keyspaces' stores: any prepared more than twice the longest pending
+    /// timeout ago is rolled back. Such a transaction was never committed,
+    /// so its writer never reported success; its cache side times out on the
+    /// nodes, which removes the key there. Returns how many were resolved.
+    ///
+    /// # Errors
+    /// The first store failure.
+    pub async fn recover_in_doubt(&self) -> Result<usize> {
+        let all = self.inner.keyspaces.all();
+        let mut stores: Vec<(Arc<dyn Store>, Duration, String)> = Vec::new();
+        for (name, state) in all.iter() {
+            if state.settings.strategy != Strategy::WriteThrough {
+                continue;
+            }
+            let Some(store) = &state.store else { continue };
+            match stores.iter_mut().find(|(s, _, _)| Arc::ptr_eq(s, store)) {
+                Some(entry) => entry.1 = entry.1.max(state.settings.pending_timeout),
+                None => stores.push((
+                    Arc::clone(store),
+                    state.settings.pending_timeout,
+                    name.clone(),
+                )),
+            }
+        }
+        let mut resolved = 0;
+        for (store, pending_timeout, keyspace) in stores {
+            for txn in store.in_doubt(pending_timeout * 2).await? {
+                match store.abort_prepared(&txn.txn).await {
+                    Ok(()) | Err(Error::TxnNotFound { .. }) => {
+                        resolved += 1;
+                        metrics::counter!("ringcache_client_twopc_recovered_total", "keyspace" => keyspace.clone()).increment(1);
+                        tracing::warn!(txn = %txn.txn.as_str(), "rolled back an in-doubt prepared transaction");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(resolved)
+    }
+}
+
+/// What [`Keyspace::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A cached value and its version.
+    Hit(Bytes, u64),
+    /// A cached absence: the store had no such row when it was loaded.
+    Absent,
+    /// A miss, and this caller holds the key's lease: load the value and
+    /// [`Keyspace::fill`] it.
+    Miss(Lease),
+    /// A miss while another caller loads the key: retry after the delay. A
+    /// recently deleted value may come along, if the keyspace keeps them.
+    Wait {
+        /// When to look again.
+        retry_after: Duration,
+        /// A possibly out-of-date value.
+        stale: Option<Bytes>,
+    },
+}
+
+/// The right to fill one key once, handed out by a miss.
+#[derive(Debug)]
+pub struct Lease {
+    key: Bytes,
+    node: Arc<NodeHandle>,
+    token: u64,
+}
+
+/// A handle on one keyspace, running its strategy.
+#[derive(Clone)]
+pub struct Keyspace {
+    client: Client,
+    name: Arc<str>,
+}
+
+fn tagged(value: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(1 + value.len());
+    out.put_u8(TAG_PRESENT);
+    out.put_slice(value);
+    out.freeze()
+}
+
+/// Decodes a value as strategy keyspaces cache it: one tag byte, then the
+/// value. `Some(value)` for a cached value, `None` for a cached absence
+/// (negative caching). Tools that read strategy keyspaces through the raw
+/// API use this.
+///
+/// # Errors
+/// [`Error::Codec`] for bytes that were not written by a strategy.
+pub fn decode_cached(keyspace: &str, cached: &Bytes) -> Result<Option<Bytes>> {
+    untag(keyspace, cached)
+}
+
+/// `Some(value)` for a cached value, `None` for a cached absence.
+fn untag(keyspace: &str, cached: &Bytes) -> Result<Option<Bytes>> {
+    match cached.first() {
+        Some(&TAG_PRESENT) => Ok(Some(cached.slice(1..))),
+        Some(&TAG_ABSENT) => Ok(None),
+        _ => Err(Error::Codec(format!(
+            "a value in strategy keyspace {keyspace:?} lacks its tag byte (was it written with the raw API?)"
+        ))),
+    }
+}
+
+fn ttl_ms(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    })
+}
+
+impl Keyspace {
+    /// The keyspace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state(&self) -> Result<Arc<KeyspaceState>> {
+        self.client
+            .inner
+            .keyspaces
+            .get(&self.name)
+            .ok_or_else(|| Error::Unsupported {
+                keyspace: self.name.to_string(),
+                reason: "keyspace is not defined (Client::define_keyspace)".into(),
+            })
+    }
+
+    fn store(&self, state: &KeyspaceState) -> Result<Arc<dyn Store>> {
+        state.store.clone().ok_or_else(|| Error::Unsupported {
+            keyspace: self.name.to_string(),
+            reason: "keyspace has no store".into(),
+        })
+    }
+
+    fn count(&self, name: &'static str) {
+        metrics::counter!(name, "keyspace" => self.name.to_string()).increment(1);
+    }
+
+    /// Reads a key. On a miss, loads it from the keyspace's store under a
+    /// lease (read-through, write-around, write-through; cache-aside with a
+    /// store); a cache-aside keyspace without a store answers from the cache
+    /// alone.
+    ///
+    /// # Errors
+    /// A store failure; a cache failure only when the cache refuses the
+    /// request itself (an unreachable cache degrades to loading from the
+    /// store).
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
+        let state = self.state()?;
+        let key = Bytes::copy_from_slice(key.as_ref());
+        match &state.store {
+            Some(store) => {
+                let store = Arc::clone(store);
+                let name = Arc::clone(&self.name);
+                let load_key = key.clone();
+                self.read(&state, key, move || {
+                    let (store, name, key) =
+                        (Arc::clone(&store), Arc::clone(&name), load_key.clone());
+                    async move { store.load(&name, &key).await }
+                })
+                .await
+            }
+            None => match self.client.get(&self.name, &key).await? {
+                Some(entry) => untag(&self.name, &entry.value),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Reads a key; on a miss, calls `loader` under the key's lease and
+    /// fills the cache with what it returns: `Some((value, version))`, or
+    /// `None` when there is no such row (cached for the negative TTL).
+    /// Concurrent misses on the key, in this process or any other, wait for
+    /// one loader instead of each calling theirs.
+    ///
+    /// # Errors
+    /// The loader's error (as [`Error::Store`]); cache errors as for
+    /// [`Keyspace::get`].
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        key: impl AsRef<[u8]>,
+        loader: F,
+    ) -> Result<Option<Bytes>>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = std::result::Result<Option<(Bytes, u64)>, E>>,
+        E: std::fmt::Display,
+    {
+        let state = self.state()?;
+        let key = Bytes::copy_from_slice(key.as_ref());
+        let name = Arc::clone(&self.name);
+        self.read(&state, key, || {
+            let fut = loader();
+            let name = Arc::clone(&name);
+            async move {
+                match fut.await {
+                    Ok(Some((value, version))) => {
+                        Ok(Loaded::Present(crate::store::Row { value, version }))
+                    }
+                    Ok(None) => Ok(Loaded::Absent { version: 0 }),
+                    Err(e) => Err(Error::Store {
+                        keyspace: name.to_string(),
+                        message: format!("loader failed: {e}"),
+                    }),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The lease-protected read shared by every strategy.
+    async fn read<L, Fut>(
+        &self,
+        state: &KeyspaceState,
+        key: Bytes,
+        load: L,
+    ) -> Result<Option<Bytes>>
+    where
+        L: Fn() -> Fut,
+        Fut: Future<Output = Result<Loaded>>,
+    {
+        let started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            match self.client.lease_get(&self.name, &key).await {
+                Ok(LeaseReply::Hit(entry)) => {
+                    let value = untag(&self.name, &entry.value)?;
+                    if value.is_none() {
+                        self.count("ringcache_client_negative_hits_total");
+                    }
+                    return Ok(value);
+                }
+                Ok(LeaseReply::Lease { node, token }) => {
+                    self.count("ringcache_client_loads_total");
+                    let loaded = load().await?;
+                    let (value, item) = self.fill_item(state, &key, loaded);
+                    self.fill_lease(&node, token, item).await;
+                    return Ok(value);
+                }
+                Ok(LeaseReply::Wait { retry_after, .. }) => {
+                    if started.elapsed() + retry_after > state.settings.lease_wait {
+                        // The lease holder is slow or gone: load without
+                        // filling, rather than keep the caller waiting.
+                        self.count("ringcache_client_loads_total");
+                        return Ok(self.fill_item(state, &key, load().await?).0);
+                    }
+                    self.count("ringcache_client_lease_waits_total");
+                    tokio::time::sleep(retry_after).await;
+                }
+                Err(e) if e.is_node_failure() || matches!(e, Error::NoNodeAvailable { .. }) => {
+                    failures += 1;
+                    if failures >= self.client.config().max_attempts {
+                        // The cache is unreachable: serve from the store.
+                        tracing::debug!(keyspace = %self.name, error = %e, "cache unreachable; loading without it");
+                        self.count("ringcache_client_loads_total");
+                        return Ok(self.fill_item(state, &key, load().await?).0);
+                    }
+                    tokio::time::sleep(self.client.inner.backoff.delay(failures)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The value to return and the cache item to fill for a load.
+    fn fill_item(
+        &self,
+        state: &KeyspaceState,
+        key: &Bytes,
+        loaded: Loaded,
+    ) -> (Option<Bytes>, v1::SetItem) {
+        let settings = &state.settings;
+        let (value, cached, version, ttl) = match loaded {
+            Loaded::Present(row) => {
+                let cached = tagged(&row.value);
+                (
+                    Some(row.value),
+                    cached,
+                    row.version,
+                    settings.jittered_ttl(),
+                )
+            }
+            Loaded::Absent { version } => (
+                None,
+                Bytes::from_static(&[TAG_ABSENT]),
+                version,
+                Some(settings.negative_ttl.unwrap_or(MIN_NEGATIVE_TTL)),
+            ),
+        };
+        self.client.inner.clock.observe(version);
+        let item = v1::SetItem {
+            key: key.clone(),
+            value: cached,
+            version,
+            ttl_ms: ttl_ms(ttl),
+            condition: v1::WriteCondition::IfNewerVersion as i32,
+        };
+        (value, item)
+    }
+
+    /// Fills under a lease; a refused fill is counted, never an error: the
+    /// caller's value was current when its read began.
+    async fn fill_lease(&self, node: &NodeHandle, token: u64, item: v1::SetItem) -> bool {
+        match self.client.fill(&self.name, node, token, item).await {
+            Ok(FillReply::Stored) => true,
+            Ok(FillReply::LeaseInvalid | FillReply::StaleVersion) => {
+                self.count("ringcache_client_fills_refused_total");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(keyspace = %self.name, error = %e, "fill failed");
+                false
+            }
+        }
+    }
+
+    /// Cache-aside: looks a key up, taking its lease on a miss.
+    ///
+    /// # Errors
+    /// A cache failure.
+    pub async fn lookup(&self, key: impl AsRef<[u8]>) -> Result<Lookup> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        Ok(match self.client.lease_get(&self.name, &key).await? {
+            LeaseReply::Hit(entry) => match untag(&self.name, &entry.value)? {
+                Some(value) => Lookup::Hit(value, entry.version),
+                None => Lookup::Absent,
+            },
+            LeaseReply::Lease { node, token } => Lookup::Miss(Lease { key, node, token }),
+            LeaseReply::Wait { retry_after, stale } => Lookup::Wait {
+                retry_after,
+                stale: stale.and_then(|e| untag(&self.name, &e.value).ok().flatten()),
+            },
+        })
+    }
+
+    /// Cache-aside: fills a key with what the application loaded, under the
+    /// lease its miss handed out. `value` `None` caches the absence of the
+    /// row. Returns whether the cache took it: a fill is refused when the key
+    /// was written or invalidated after the lease was granted, because the
+    /// loaded value may then be stale.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the keyspace is not defined.
+    pub async fn fill(&self, lease: Lease, value: Option<Bytes>, version: u64) -> Result<bool> {
+        let state = self.state()?;
+        let loaded = match value {
+            Some(value) => Loaded::Present(crate::store::Row { value, version }),
+            None => Loaded::Absent { version },
+        };
+        let (_, item) = self.fill_item(&state, &lease.key, loaded);
+        Ok(self.fill_lease(&lease.node, lease.token, item).await)
+    }
+
+    /// Deletes a key from the cache on every replica, which also invalidates
+    /// any outstanding lease. If no replica can be reached, the delete is
+    /// retried in the background until it succeeds or the keyspace's TTL
+    /// has run out; the unreachable nodes are flushed before this client
+    /// routes to them again in any case (`docs/failover.md`).
+    ///
+    /// # Errors
+    /// A refusal of the request itself (bad key).
+    pub async fn invalidate(&self, key: impl AsRef<[u8]>) -> Result<()> {
+        let key = Bytes::copy_from_slice(key.as_ref());
+        match self.client.delete(&self.name, &key).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_retryable() => {
+                let ttl = self.state().ok().and_then(|s| s.settings.ttl);
+                self.retry_invalidation(key, ttl, e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn retry_invalidation(&self, key: Bytes, ttl: Option<Duration>, first: Error) {
+        let this = self.clone();
+        // With no TTL of our own, the node default applies; give up after
+        // the longest TTL a node accepts by default.
+        let give_up = Instant::now() + ttl.unwrap_or(Duration::from_secs(30 * 24 * 3600));
+        tracing::warn!(keyspace = %self.name, error = %first, "invalidation failed; retrying in the background");
+        tokio::spawn(async move {
+            let mut attempt = 0;
+            while Instant::now() < give_up {
+                attempt += 1;
+                this.count("ringcache_client_invalidation_retries_total");
+                tokio::time::sleep(
+                    this.client
+                        .inner
+                        .backoff
+                        .delay(attempt.min(10))
+                        .max(Duration::from_millis(50)),
+                )
+                .await;
+                match this.client.delete(&this.name, &key).await {
+                    Ok(_) => return,
+                    Err(e) if e.is_retryable() => continue,
+                    Err(e) => {
+                        tracing::warn!(keyspace = %this.name, error = %e, "invalidation refused; giving up");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Writes a value through the keyspace's strategy and returns the
+    /// version it got:
+    ///
+    /// - cache-aside (with a store), read-through, write-around: the store,
+    ///   then [`Keyspace::invalidate`];
+    /// - write-through: prepared on the owning nodes and in the store, then
+    ///   committed in both (the store first).
+    ///
+    /// # Errors
+    /// A store failure (nothing was written), [`Error::Conflict`] when a
+    /// write-through write of the same key is in flight, or
+    /// [`Error::Unsupported`] for a cache-aside keyspace without a store.
+    ///
+    /// # Consistency
+    /// When `put` returns, readers through any client that routes to the key's
+    /// owners see this value or a newer one (write-through: from the cache;
+    /// otherwise by loading it), except as `docs/strategies.md` bounds it
+    /// while nodes fail.
+    pub async fn put(&self, key: impl AsRef<[u8]>, value: impl Into<Bytes>) -> Result<Written> {
+        let value = value.into();
+        self.write(Bytes::copy_from_slice(key.as_ref()), Some(value))
+            .await
+    }
+
+    /// Deletes a key through the keyspace's strategy (a tombstone in the
+    /// store, so that an older write cannot bring it back).
+    ///
+    /// # Errors
+    /// As [`Keyspace::put`].
+    pub async fn remove(&self, key: impl AsRef<[u8]>) -> Result<Written> {
+        self.write(Bytes::copy_from_slice(key.as_ref()), None).await
+    }
+
+    async fn write(&self, key: Bytes, value: Option<Bytes>) -> Result<Written> {
+        let state = self.state()?;
+        let store = self.store(&state)?;
+        let version = self.client.inner.clock.now();
+        match state.settings.strategy {
+            Strategy::WriteThrough => {
+                self.write_through(&state, &store, key, value, version)
+                    .await
+            }
+            Strategy::CacheAside | Strategy::ReadThrough | Strategy::WriteAround => {
+                let applied = match &value {
+                    Some(v) => store.store(&self.name, &key, v, version).await?,
+                    None => store.delete(&self.name, &key, version).await?,
+                };
+                self.client.inner.clock.observe(applied.version);
+                // Invalidate even when a newer write won: the cache may hold
+                // anything older than the winner.
+                self.invalidate(&key).await?;
+                Ok(Written::from(applied, version))
+            }
+        }
+    }
+
+    async fn write_through(
+        &self,
+        state: &KeyspaceState,
+        store: &Arc<dyn Store>,
+        key: Bytes,
+        value: Option<Bytes>,
+        version: u64,
+    ) -> Result<Written> {
+        let settings = &state.settings;
+        let txn = TxnId::new();
+        let item = v1::SetItem {
+            key: key.clone(),
+            value: value.as_deref().map(tagged).unwrap_or_default(),
+            version,
+            ttl_ms: ttl_ms(settings.jittered_ttl()),
+            condition: v1::WriteCondition::IfNewerVersion as i32,
+        };
+        let change = match &value {
+            Some(v) => Change::Put(v),
+            None => Change::Delete,
+        };
+        // Phase one, cache and store in parallel.
+        let ((prepared, cache_failure), db) = tokio::join!(
+            self.client.prepare(
+                &self.name,
+                item,
+                value.is_none(),
+                txn.as_str(),
+                settings.pending_timeout,
+                settings.replicas,
+            ),
+            store.prepare(&txn, &self.name, &key, change, version),
+        );
+        let cache_ok = prepared.len() >= settings.write_quorum;
+        match db {
+            Ok(applied) if applied.applied && cache_ok => {
+                // Phase two: the store decides. Once it committed, the write
+                // happened; the cache commit is best effort, because a pending
+                // change that is not committed in time removes the key.
+                if let Err(e) = store.commit_prepared(&txn).await {
+                    self.client
+                        .finish(&self.name, &key, txn.as_str(), &prepared, false)
+                        .await;
+                    self.count("ringcache_client_twopc_aborts_total");
+                    return Err(e);
+                }
+                self.client
+                    .finish(&self.name, &key, txn.as_str(), &prepared, true)
+                    .await;
+                self.count("ringcache_client_twopc_commits_total");
+                Ok(Written {
+                    version,
+                    applied: true,
+                })
+            }
+            Ok(applied) => {
+                // The store refused by version (nothing stays prepared
+                // there) or the cache side failed.
+                if applied.applied {
+                    store.abort_prepared(&txn).await?;
+                }
+                self.client
+                    .finish(&self.name, &key, txn.as_str(), &prepared, false)
+                    .await;
+                self.count("ringcache_client_twopc_aborts_total");
+                if !applied.applied {
+                    self.client.inner.clock.observe(applied.version);
+                    return Ok(Written {
+                        version: applied.version,
+                        applied: false,
+                    });
+                }
+                Err(cache_failure.unwrap_or_else(|| Error::QuorumNotReached {
+                    acked: prepared.len(),
+                    needed: settings.write_quorum,
+                    last: "too few nodes prepared".into(),
+                }))
+            }
+            Err(e) => {
+                self.client
+                    .finish(&self.name, &key, txn.as_str(), &prepared, false)
+                    .await;
+                self.count("ringcache_client_twopc_aborts_total");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The result of a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The write's version when applied; the newer stored version that won
+    /// when not.
+    pub version: u64,
+    /// False when a newer version was already stored (the write lost, as it
+    /// must: versions order writes, not arrival).
+    pub applied: bool,
+}
+
+impl Written {
+    fn from(applied: Applied, version: u64) -> Self {
+        Written {
+            version: if applied.applied {
+                version
+            } else {
+                applied.version
+            },
+            applied: applied.applied,
+        }
+    }
+}

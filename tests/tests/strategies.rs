@@ -1,0 +1,734 @@
+//! The caching strategies against real cache nodes and the real PostgreSQL
+//! that `cargo xtask test` starts: leases against the stale-set race and
+//! stampedes, negative caching and TTL jitter, write-around invalidation,
+//! write-through two-phase commit under faults, strategy switches, and bad
+//! configuration.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use async_trait::async_trait;
+use bytes::Bytes;
+use cache_client::keyspaces::KeyspacesFile;
+use cache_client::store::{Applied, Change, InDoubt, Loaded, PgStore, Store, TxnId};
+use cache_client::strategy::{KeyspaceSettings, Lookup, Strategy};
+use cache_client::{Client, ClientConfig, SetOptions};
+use ringcache_tests::{NodeConfig, NodeProcess};
+use sqlx::Connection;
+
+async fn cluster(n: usize) -> Result<Vec<NodeProcess>> {
+    let mut nodes = Vec::new();
+    for mut config in NodeConfig::cluster(n)? {
+        // Each test names its own keyspaces; the nodes create them.
+        config.extra_top_level = "unknown_keyspaces = \"create\"\n".into();
+        nodes.push(NodeProcess::start(config).await?);
+    }
+    Ok(nodes)
+}
+
+fn client_config(nodes: &[NodeProcess]) -> ClientConfig {
+    ClientConfig::new(nodes.iter().map(|n| n.addr().to_string()))
+        .with_request_timeout(Duration::from_millis(300))
+        .with_deadline(Duration::from_secs(3))
+        .with_failure_threshold(2)
+        .with_probe_interval(Duration::from_millis(100))
+}
+
+/// A PostgreSQL database of this test's own, so that prepared transactions
+/// of other tests (which `in_doubt` lists per database) stay apart.
+async fn own_database(name: &str) -> Result<Arc<PgStore>> {
+    let base = ringcache_tests::pg_url()?;
+    let mut admin = sqlx::PgConnection::connect(&base).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    let url = match base.rsplit_once('/') {
+        Some((server, _db)) => format!("{server}/{name}"),
+        None => anyhow::bail!("unexpected PostgreSQL URL {base}"),
+    };
+    let store = PgStore::connect(&url).await?;
+    store.migrate().await?;
+    Ok(Arc::new(store))
+}
+
+/// Counts loads, and can be told to fail or stall each two-phase step.
+struct Faulty {
+    inner: Arc<PgStore>,
+    loads: AtomicUsize,
+    load_delay: Duration,
+    fail_prepare: AtomicBool,
+    stall_after_prepare: AtomicBool,
+    stall_after_commit: AtomicBool,
+    prepared: tokio::sync::Notify,
+}
+
+impl Faulty {
+    fn new(inner: Arc<PgStore>) -> Arc<Self> {
+        Arc::new(Faulty {
+            inner,
+            loads: AtomicUsize::new(0),
+            load_delay: Duration::ZERO,
+            fail_prepare: AtomicBool::new(false),
+            stall_after_prepare: AtomicBool::new(false),
+            stall_after_commit: AtomicBool::new(false),
+            prepared: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+#[async_trait]
+impl Store for Faulty {
+    async fn load(&self, keyspace: &str, key: &[u8]) -> cache_client::Result<Loaded> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        if !self.load_delay.is_zero() {
+            tokio::time::sleep(self.load_delay).await; // a slow database, on purpose
+        }
+        self.inner.load(keyspace, key).await
+    }
+    async fn store(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        value: &[u8],
+        version: u64,
+    ) -> cache_client::Result<Applied> {
+        self.inner.store(keyspace, key, value, version).await
+    }
+    async fn delete(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        version: u64,
+    ) -> cache_client::Result<Applied> {
+        self.inner.delete(keyspace, key, version).await
+    }
+    async fn prepare(
+        &self,
+        txn: &TxnId,
+        keyspace: &str,
+        key: &[u8],
+        change: Change<'_>,
+        version: u64,
+    ) -> cache_client::Result<Applied> {
+        if self.fail_prepare.load(Ordering::SeqCst) {
+            return Err(cache_client::Error::Store {
+                keyspace: keyspace.into(),
+                message: "injected: the database refuses the prepare".into(),
+            });
+        }
+        let applied = self
+            .inner
+            .prepare(txn, keyspace, key, change, version)
+            .await?;
+        if self.stall_after_prepare.load(Ordering::SeqCst) {
+            self.prepared.notify_one();
+            std::future::pending::<()>().await; // the writer hangs here until dropped
+        }
+        Ok(applied)
+    }
+    async fn commit_prepared(&self, txn: &TxnId) -> cache_client::Result<()> {
+        self.inner.commit_prepared(txn).await?;
+        if self.stall_after_commit.load(Ordering::SeqCst) {
+            self.prepared.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+    async fn abort_prepared(&self, txn: &TxnId) -> cache_client::Result<()> {
+        self.inner.abort_prepared(txn).await
+    }
+    async fn in_doubt(&self, older_than: Duration) -> cache_client::Result<Vec<InDoubt>> {
+        self.inner.in_doubt(older_than).await
+    }
+}
+
+/// The cached value of `key` with its tag byte removed (`None`: absent or
+/// a cached absence), read straight from the cache.
+async fn cached(client: &Client, keyspace: &str, key: &str) -> Result<Option<(Bytes, u64)>> {
+    Ok(client
+        .get(keyspace, key)
+        .await?
+        .and_then(|e| (e.value.first() == Some(&0)).then(|| (e.value.slice(1..), e.version))))
+}
+
+async fn stored(store: &PgStore, keyspace: &str, key: &str) -> Result<Option<(Bytes, u64)>> {
+    Ok(match store.load(keyspace, key.as_bytes()).await? {
+        Loaded::Present(row) => Some((row.value, row.version)),
+        Loaded::Absent { .. } => None,
+    })
+}
+
+/// The write-through invariant: the cached value equals the stored one, or
+/// the key is absent from the cache.
+async fn consistent(client: &Client, store: &PgStore, keyspace: &str, key: &str) -> Result<bool> {
+    let cache = cached(client, keyspace, key).await?;
+    Ok(cache.is_none() || cache == stored(store, keyspace, key).await?)
+}
+
+/// Polls until `check` holds, at most `timeout`.
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let start = Instant::now();
+    while !check().await? {
+        ensure!(
+            start.elapsed() < timeout,
+            "{what} did not happen within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_stale_set_race_corrupts_without_leases_and_not_with_them() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let store = own_database("rc_stale_set").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    client.define_keyspace(
+        "users",
+        KeyspaceSettings::new(Strategy::CacheAside),
+        Some(store.clone()),
+    )?;
+    let users = client.keyspace("users");
+    let clock = cache_client::hlc::Hlc::new();
+
+    // Without leases: the reader misses and reads the old row; the writer
+    // updates the row and invalidates; the reader's fill lands afterwards.
+    let v1 = clock.now();
+    store.store("users", b"plain", b"old", v1).await?;
+    assert!(client.get("users", "plain").await?.is_none());
+    let old = stored(&store, "users", "plain")
+        .await?
+        .context("row exists")?;
+    let v2 = clock.now();
+    store.store("users", b"plain", b"new", v2).await?;
+    client.delete("users", "plain").await?;
+    let mut tagged = vec![0u8];
+    tagged.extend_from_slice(&old.0);
+    client
+        .set(
+            "users",
+            "plain",
+            tagged,
+            SetOptions::new().version(old.1).if_newer_version(),
+        )
+        .await?;
+    assert_eq!(
+        cached(&client, "users", "plain").await?.map(|c| c.0),
+        Some(Bytes::from_static(b"old")),
+        "without leases the stale fill survives: the cache says old, the database new"
+    );
+
+    // With leases: the same interleaving, and the stale fill is refused.
+    store.store("users", b"leased", b"old", clock.now()).await?;
+    let Lookup::Miss(lease) = users.lookup("leased").await? else {
+        anyhow::bail!("a cold key hands out a lease");
+    };
+    let old = stored(&store, "users", "leased")
+        .await?
+        .context("row exists")?;
+    users.put("leased", "new").await?; // database first, then invalidate
+    assert!(
+        !users.fill(lease, Some(old.0), old.1).await?,
+        "the stale fill is refused"
+    );
+    assert_eq!(
+        users
+            .get_or_load("leased", || load(&store, "leased"))
+            .await?,
+        Some(Bytes::from_static(b"new"))
+    );
+
+    // Thousands of racing readers and writers: no stale value survives.
+    let keys = 40;
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (users, store) = (users.clone(), Arc::clone(&store));
+        tasks.push(tokio::spawn(async move {
+            for i in 0..300 {
+                let key = format!("race:{}", (i * 7 + worker) % keys);
+                if (i + worker) % 3 == 0 {
+                    users.put(&key, format!("w{worker}-{i}")).await?;
+                } else {
+                    users.get_or_load(&key, || load(&store, &key)).await?;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    for k in 0..keys {
+        let key = format!("race:{k}");
+        let cache = cached(&client, "users", &key).await?;
+        let db = stored(&store, "users", &key).await?;
+        ensure!(
+            cache.is_none() || cache == db,
+            "{key}: cache {cache:?} but database {db:?}"
+        );
+    }
+    Ok(())
+}
+
+async fn load(store: &PgStore, key: &str) -> cache_client::Result<Option<(Bytes, u64)>> {
+    Ok(match store.load("users", key.as_bytes()).await? {
+        Loaded::Present(row) => Some((row.value, row.version)),
+        Loaded::Absent { .. } => None,
+    })
+}
+
+#[tokio::test]
+async fn a_stampede_on_a_cold_key_loads_it_once() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let pg = own_database("rc_stampede").await?;
+    pg.store("hot", b"key", b"value", 1).await?;
+    let mut faulty = Faulty::new(Arc::clone(&pg));
+    Arc::get_mut(&mut faulty).context("fresh")?.load_delay = Duration::from_millis(200);
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let client = Client::connect(client_config(&nodes)).await?;
+        client.define_keyspace(
+            "hot",
+            KeyspaceSettings::new(Strategy::ReadThrough).with_lease_wait(Duration::from_secs(20)),
+            Some(faulty.clone()),
+        )?;
+        clients.push(client);
+    }
+    let mut gets = Vec::new();
+    for i in 0..1000 {
+        let keyspace = clients[i % clients.len()].keyspace("hot");
+        gets.push(tokio::spawn(async move { keyspace.get("key").await }));
+    }
+    for get in gets {
+        assert_eq!(get.await??, Some(Bytes::from_static(b"value")));
+    }
+    assert_eq!(
+        faulty.loads.load(Ordering::SeqCst),
+        1,
+        "one load for 1,000 gets from 4 clients"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn absence_is_cached_and_ttls_are_jittered() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_negative").await?;
+    let faulty = Faulty::new(Arc::clone(&pg));
+    let client = Client::connect(client_config(&nodes)).await?;
+    client.define_keyspace(
+        "items",
+        KeyspaceSettings::new(Strategy::ReadThrough)
+            .with_negative_ttl(Duration::from_secs(3600))
+            .with_ttl(Duration::from_secs(100))
+            .with_ttl_jitter(0.5),
+        Some(faulty.clone()),
+    )?;
+    let items = client.keyspace("items");
+    assert_eq!(items.get("nothing").await?, None);
+    assert_eq!(items.get("nothing").await?, None);
+    assert_eq!(
+        faulty.loads.load(Ordering::SeqCst),
+        1,
+        "the second miss is a negative hit"
+    );
+    items.put("nothing", "now something").await?;
+    assert_eq!(
+        items.get("nothing").await?,
+        Some(Bytes::from_static(b"now something"))
+    );
+
+    let mut ttls = Vec::new();
+    for i in 0..100 {
+        let key = format!("j{i}");
+        pg.store("items", key.as_bytes(), b"v", 1).await?;
+        items.get(&key).await?;
+        let entry = client.get("items", &key).await?.context("filled")?;
+        ttls.push(entry.ttl_remaining.context("has a TTL")?);
+    }
+    let (min, max) = (
+        ttls.iter().min().copied().unwrap_or_default(),
+        ttls.iter().max().copied().unwrap_or_default(),
+    );
+    ensure!(
+        min >= Duration::from_secs(49) && max <= Duration::from_secs(100),
+        "ttls in [50 s, 100 s]: {min:?}..{max:?}"
+    );
+    ensure!(
+        max - min >= Duration::from_secs(20),
+        "ttls are spread: {min:?}..{max:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn write_around_never_serves_the_old_value_after_a_write() -> Result<()> {
+    let mut nodes = cluster(3).await?;
+    let pg = own_database("rc_write_around").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    client.define_keyspace(
+        "docs",
+        KeyspaceSettings::new(Strategy::WriteAround),
+        Some(pg.clone()),
+    )?;
+    let docs = client.keyspace("docs");
+    for i in 0..200 {
+        let key = format!("d{}", i % 10);
+        docs.get(&key).await?; // fill the cache with the current value
+        let value = format!("v{i}");
+        docs.put(&key, value.clone()).await?;
+        assert_eq!(
+            docs.get(&key).await?,
+            Some(Bytes::from(value)),
+            "{key} after write {i}"
+        );
+    }
+
+    // The owning node is unreachable (paused) while the write deletes the key.
+    let victim = nodes[0].config().node_id.clone();
+    let key = (0..500)
+        .map(|i| format!("paused:{i}"))
+        .find(|k| client.owners("docs", k.as_bytes())[0] == victim)
+        .context("a key of the victim")?;
+    docs.put(&key, "old").await?;
+    assert_eq!(docs.get(&key).await?, Some(Bytes::from_static(b"old")));
+    nodes[0].sigstop()?;
+    docs.put(&key, "new").await?;
+    nodes[0].sigcont()?;
+    let up = || {
+        client
+            .topology()
+            .members
+            .iter()
+            .any(|m| m.id == victim && m.up)
+    };
+    let start = Instant::now();
+    while !up() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the resumed node was re-admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(client.owners("docs", key.as_bytes())[0], victim);
+    assert_eq!(
+        docs.get(&key).await?,
+        Some(Bytes::from_static(b"new")),
+        "not served stale after it came back"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn write_through_keeps_cache_and_database_equal_under_faults() -> Result<()> {
+    let mut nodes = cluster(3).await?;
+    let pg = own_database("rc_write_through").await?;
+    let faulty = Faulty::new(Arc::clone(&pg));
+    let client = Client::connect(client_config(&nodes)).await?;
+    let settings = KeyspaceSettings::new(Strategy::WriteThrough)
+        .with_pending_timeout(Duration::from_millis(500));
+    client.define_keyspace("accounts", settings, Some(faulty.clone()))?;
+    let accounts = client.keyspace("accounts");
+
+    // The happy path: the cache holds the committed value.
+    let written = accounts.put("a", "100").await?;
+    assert!(written.applied);
+    assert_eq!(
+        cached(&client, "accounts", "a").await?,
+        Some((Bytes::from_static(b"100"), written.version))
+    );
+    assert!(consistent(&client, &pg, "accounts", "a").await?);
+
+    // 1. The database refuses the prepare: nothing changes anywhere.
+    faulty.fail_prepare.store(true, Ordering::SeqCst);
+    assert!(accounts.put("a", "200").await.is_err());
+    faulty.fail_prepare.store(false, Ordering::SeqCst);
+    assert_eq!(
+        stored(&pg, "accounts", "a").await?.map(|s| s.0),
+        Some(Bytes::from_static(b"100"))
+    );
+    assert!(consistent(&client, &pg, "accounts", "a").await?);
+
+    // 2. The writer is dropped between the database commit and the cache
+    //    commit: the pending change times out on the node and takes the
+    //    old cached value with it.
+    faulty.stall_after_commit.store(true, Ordering::SeqCst);
+    let writer = tokio::spawn({
+        let accounts = accounts.clone();
+        async move { accounts.put("a", "300").await }
+    });
+    faulty.prepared.notified().await;
+    writer.abort();
+    faulty.stall_after_commit.store(false, Ordering::SeqCst);
+    assert_eq!(
+        stored(&pg, "accounts", "a").await?.map(|s| s.0),
+        Some(Bytes::from_static(b"300"))
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the stale cached value to go",
+        || consistent(&client, &pg, "accounts", "a"),
+    )
+    .await?;
+
+    // 3. A node is killed between the phases.
+    let key = "b";
+    let owner = client.owners("accounts", key.as_bytes())[0].clone();
+    accounts.put(key, "1").await?;
+    faulty.stall_after_prepare.store(true, Ordering::SeqCst);
+    let writer = tokio::spawn({
+        let accounts = accounts.clone();
+        async move { accounts.put(key, "2").await }
+    });
+    faulty.prepared.notified().await;
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.config().node_id == owner)
+        .context("owner")?;
+    victim.sigkill()?;
+    writer.abort();
+    faulty.stall_after_prepare.store(false, Ordering::SeqCst);
+    // The database transaction is in doubt; recovery rolls it back once it
+    // is older than twice the pending timeout.
+    eventually(Duration::from_secs(20), "in-doubt recovery", || {
+        let client = client.clone();
+        async move { Ok(client.recover_in_doubt().await? >= 1) }
+    })
+    .await?;
+    assert!(
+        pg.in_doubt(Duration::ZERO).await?.is_empty(),
+        "nothing left in doubt"
+    );
+    assert_eq!(
+        stored(&pg, "accounts", key).await?.map(|s| s.0),
+        Some(Bytes::from_static(b"1"))
+    );
+    let config = victim.config().clone();
+    *victim = NodeProcess::start(config).await?;
+    eventually(
+        Duration::from_secs(10),
+        "cache equal to the database",
+        || consistent(&client, &pg, "accounts", key),
+    )
+    .await?;
+
+    // After all of it, writes work and the invariant holds for every key.
+    for k in ["a", "b", "c"] {
+        accounts.put(k, format!("final-{k}")).await?;
+        assert!(consistent(&client, &pg, "accounts", k).await?, "{k}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn switching_strategies_under_writes_loses_nothing_and_never_goes_back() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let pg = own_database("rc_switch").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    client.define_keyspace(
+        "switch",
+        KeyspaceSettings::new(Strategy::WriteAround),
+        Some(pg.clone()),
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let switcher = tokio::spawn({
+        let (client, stop) = (client.clone(), Arc::clone(&stop));
+        async move {
+            let order = [
+                Strategy::WriteThrough,
+                Strategy::ReadThrough,
+                Strategy::WriteAround,
+            ];
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                client.set_strategy("switch", order[i % order.len()])?;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await; // switch while writes run
+            }
+            anyhow::Ok(i)
+        }
+    });
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let ks = client.keyspace("switch");
+        writers.push(tokio::spawn(async move {
+            let mut last = Vec::new();
+            for i in 0..150 {
+                let key = format!("k{}", i % 5);
+                let value = format!("{w}-{i}");
+                match ks.put(&key, value.clone()).await {
+                    Ok(written) if written.applied => {
+                        // Read your own write, or a newer one.
+                        let read = ks.get(&key).await?.context("a written key reads back")?;
+                        let seen = String::from_utf8_lossy(&read).into_owned();
+                        last.push((key, value, written.version, seen));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_retryable() => {} // a write-through conflict: not acknowledged
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            anyhow::Ok(last)
+        }));
+    }
+    let mut acknowledged: std::collections::HashMap<String, (u64, String)> = Default::default();
+    for writer in writers {
+        for (key, value, version, _seen) in writer.await?? {
+            let best = acknowledged.entry(key).or_insert((0, String::new()));
+            if version > best.0 {
+                *best = (version, value);
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let switches = switcher.await??;
+    ensure!(
+        switches > 3,
+        "the strategy switched while writes ran ({switches} times)"
+    );
+    let ks = client.keyspace("switch");
+    for (key, (version, value)) in &acknowledged {
+        let row = stored(&pg, "switch", key).await?.context("row")?;
+        assert_eq!(
+            row.1, *version,
+            "{key}: the newest acknowledged write is in the database"
+        );
+        assert_eq!(row.0, value.as_str());
+        assert_eq!(
+            ks.get(key).await?,
+            Some(Bytes::from(value.clone())),
+            "{key}: no older version served"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_keyspace_config_is_refused_and_the_previous_one_stays() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_bad_config").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    client.define_keyspace(
+        "ks",
+        KeyspaceSettings::new(Strategy::ReadThrough),
+        Some(pg.clone()),
+    )?;
+
+    let err = client
+        .define_keyspace(
+            "ks",
+            KeyspaceSettings::new(Strategy::ReadThrough).with_ttl_jitter(1.5),
+            Some(pg.clone()),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid keyspace config: keyspaces.ks.ttl_jitter: must be in [0, 1)"
+    );
+    let err = client
+        .define_keyspace("ks", KeyspaceSettings::new(Strategy::WriteThrough), None)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("invalid keyspace config: keyspaces.ks.store"),
+        "{err}"
+    );
+    assert_eq!(
+        client.keyspace_settings("ks").map(|s| s.strategy),
+        Some(Strategy::ReadThrough)
+    );
+
+    let err = KeyspacesFile::parse("[keyspaces.ks]\nstrategy = \"write-sideways\"\n").unwrap_err();
+    assert!(err.to_string().contains("write-sideways"), "{err}");
+    let err = KeyspacesFile::parse("[keyspaces.ks]\nstrategy = \"read-through\"\nttl = \"-5s\"\n")
+        .unwrap_err();
+    assert!(err.to_string().contains("ttl"), "{err}");
+    let file = KeyspacesFile::parse("[keyspaces.ks]\nstrategy = \"read-through\"\nreplicas = 0\n")?;
+    let err = file.settings().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid keyspace config: keyspaces.ks.replicas: must be at least 1"
+    );
+
+    // The keyspace still works as before.
+    pg.store("ks", b"k", b"v", 1).await?;
+    assert_eq!(
+        client.keyspace("ks").get("k").await?,
+        Some(Bytes::from_static(b"v"))
+    );
+
+    // A watched file: a change of strategy takes effect while running.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("keyspaces.toml");
+    std::fs::write(
+        &path,
+        "[keyspaces.watched]\nstrategy = \"read-through\"\nttl = \"1m\"\n",
+    )?;
+    let pool = (*pg).clone();
+    let _watch = client.watch_keyspaces(
+        path.clone(),
+        Duration::from_millis(50),
+        Box::new(move |name, layout| {
+            Ok(Some(
+                Arc::new(pool.clone().with_layout(name, layout)?) as Arc<dyn Store>
+            ))
+        }),
+    );
+    let strategy = |c: &Client| c.keyspace_settings("watched").map(|s| s.strategy);
+    eventually(Duration::from_secs(10), "the file to apply", || {
+        let c = client.clone();
+        async move { Ok(strategy(&c) == Some(Strategy::ReadThrough)) }
+    })
+    .await?;
+    std::fs::write(
+        &path,
+        "[keyspaces.watched]\nstrategy = \"write-through\"\nttl = \"1m\"\n",
+    )?;
+    eventually(
+        Duration::from_secs(10),
+        "the switch to write-through",
+        || {
+            let c = client.clone();
+            async move { Ok(strategy(&c) == Some(Strategy::WriteThrough)) }
+        },
+    )
+    .await?;
+
+    // A broken file is refused as a whole: the last good config stays.
+    let pool = (*pg).clone();
+    let broken = KeyspacesFile::parse(
+        "[keyspaces.watched]\nstrategy = \"read-through\"\n[keyspaces.other]\nstrategy = \"write-around\"\nttl_jitter = 7.0\n",
+    )?;
+    let err = client
+        .apply_keyspaces(&broken, &|name, layout| {
+            Ok(Some(
+                Arc::new(pool.clone().with_layout(name, layout)?) as Arc<dyn Store>
+            ))
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid keyspace config: keyspaces.other.ttl_jitter: must be in [0, 1)"
+    );
+    assert_eq!(
+        strategy(&client),
+        Some(Strategy::WriteThrough),
+        "nothing of the broken file applied"
+    );
+    assert!(client.keyspace_settings("other").is_none());
+    client.keyspace("watched").put("x", "y").await?;
+    assert_eq!(
+        client.keyspace("watched").get("x").await?,
+        Some(Bytes::from_static(b"y"))
+    );
+    Ok(())
+}
