@@ -188,15 +188,39 @@ impl Client {
         let cluster = Cluster::bootstrap(config).await?;
         let stop = CancellationToken::new();
         cluster.spawn_background(stop.clone());
-        Ok(Client {
+        let client = Client {
             inner: Arc::new(Inner {
                 cluster,
                 backoff,
                 clock: crate::hlc::Hlc::new(),
                 keyspaces: crate::strategy::Registry::default(),
-                _stop: stop.drop_guard(),
+                _stop: stop.clone().drop_guard(),
             }),
-        })
+        };
+        client.spawn_recovery(stop);
+        Ok(client)
+    }
+
+    /// Rolls back in-doubt transactions of write-through keyspaces every
+    /// `recovery_interval`, until the last clone of the client drops.
+    fn spawn_recovery(&self, stop: CancellationToken) {
+        let weak = Arc::downgrade(&self.inner);
+        let every = self.config().recovery_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let client = Client { inner };
+                match client.recover_in_doubt().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(resolved = n, "in-doubt transactions rolled back"),
+                    Err(e) => tracing::warn!(error = %e, "in-doubt recovery failed"),
+                }
+            }
+        });
     }
 
     /// The configuration in use.

@@ -23,6 +23,8 @@ pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
 /// Default TTL cap of writes placed on a fallback node.
 pub const DEFAULT_FALLBACK_TTL: Duration = Duration::from_secs(10);
+/// Default interval of the in-doubt transaction recovery.
+pub const DEFAULT_RECOVERY_INTERVAL: Duration = Duration::from_secs(10);
 /// Default first backoff delay.
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(5);
 /// Default longest backoff delay.
@@ -95,6 +97,10 @@ pub struct ClientConfig {
     /// back to it, and the copy left on the fallback node could otherwise
     /// come back stale if the owner fails again later; the cap bounds that.
     pub fallback_ttl: Duration,
+    /// How often the client rolls back in-doubt prepared transactions of its
+    /// write-through keyspaces (default 10 s; see
+    /// `Client::recover_in_doubt`).
+    pub recovery_interval: Duration,
     /// Virtual points per unit of node weight (default
     /// [`DEFAULT_VNODES`]); every client of a pool must use the same value.
     pub vnodes: u32,
@@ -120,6 +126,7 @@ impl ClientConfig {
             backoff_base: DEFAULT_BACKOFF_BASE,
             backoff_max: DEFAULT_BACKOFF_MAX,
             fallback_ttl: DEFAULT_FALLBACK_TTL,
+            recovery_interval: DEFAULT_RECOVERY_INTERVAL,
             vnodes: DEFAULT_VNODES,
             default_replication: Replication::default(),
             keyspace_replication: HashMap::new(),
@@ -181,6 +188,12 @@ impl ClientConfig {
         self
     }
 
+    /// Sets [`ClientConfig::recovery_interval`].
+    pub fn with_recovery_interval(mut self, interval: Duration) -> Self {
+        self.recovery_interval = interval;
+        self
+    }
+
     /// Sets [`ClientConfig::vnodes`].
     pub fn with_vnodes(mut self, vnodes: u32) -> Self {
         self.vnodes = vnodes;
@@ -234,6 +247,9 @@ impl ClientConfig {
         }
         if self.max_attempts == 0 {
             return bad("max_attempts", "must be at least 1");
+        }
+        if self.recovery_interval.is_zero() {
+            return bad("recovery_interval", "must be greater than zero");
         }
         if self.fallback_ttl.is_zero() {
             return bad("fallback_ttl", "must be greater than zero");

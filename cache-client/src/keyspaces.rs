@@ -98,12 +98,18 @@ impl KeyspacesFile {
     /// [`Error::KeyspaceConfig`] naming the line and the field that do not
     /// parse (an unknown strategy, a misspelt field, a negative TTL).
     pub fn parse(text: &str) -> Result<Self> {
-        toml::from_str(text).map_err(|e| {
-            // toml names the path (`keyspaces.users.strategy`) in its message.
+        let deserializer = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            // The path names the keyspace and the field:
+            // `keyspaces.users.strategy`.
+            let path = e.path().to_string();
+            let mut parts = path.splitn(3, '.');
+            let (_, keyspace, field) = (parts.next(), parts.next(), parts.next());
+            let reason = e.inner().message().trim_end().replace('\n', " ");
             Error::KeyspaceConfig {
-                keyspace: "*".into(),
-                field: "*".into(),
-                reason: e.to_string().trim_end().replace('\n', " "),
+                keyspace: keyspace.unwrap_or("*").to_owned(),
+                field: field.unwrap_or("*").to_owned(),
+                reason,
             }
         })
     }
@@ -153,5 +159,72 @@ impl KeyspaceEntry {
             settings.pending_timeout = timeout;
         }
         settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_keyspace_and_the_field() {
+        let cases = [
+            (
+                "[keyspaces.users]\nstrategy = \"sideways\"\n",
+                "keyspaces.users.strategy",
+            ),
+            (
+                "[keyspaces.users]\nstrategy = \"read-through\"\nttl = \"-5s\"\n",
+                "keyspaces.users.ttl",
+            ),
+            (
+                "[keyspaces.users]\nstrategy = \"read-through\"\nttll = \"5s\"\n",
+                "keyspaces.users",
+            ),
+            ("[keyspaces.users]\nttl = \"5s\"\n", "keyspaces.users"),
+        ];
+        for (text, named) in cases {
+            let err = KeyspacesFile::parse(text).unwrap_err().to_string();
+            assert!(err.contains(named), "{text:?} gave {err}");
+        }
+        let file =
+            KeyspacesFile::parse("[keyspaces.a]\nstrategy = \"cache-aside\"\nttl_jitter = 2.0\n")
+                .unwrap();
+        let err = file.settings().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid keyspace config: keyspaces.a.ttl_jitter: must be in [0, 1)"
+        );
+    }
+
+    #[test]
+    fn a_full_entry_parses_with_its_store_layout() {
+        let file = KeyspacesFile::parse(
+            r#"
+            [keyspaces.users]
+            strategy = "write-through"
+            ttl = "10m"
+            ttl_jitter = 0.1
+            negative_ttl = "30s"
+            replicas = 2
+            write_quorum = 1
+            lease_wait = "1s"
+            pending_timeout = "3s"
+            capacity_bytes = 1048576
+            lease_ttl = "5s"
+            store = { table = { name = "app.users" } }
+            "#,
+        )
+        .unwrap();
+        let settings = file.settings().unwrap();
+        let (name, s) = &settings[0];
+        assert_eq!(name, "users");
+        assert_eq!(s.strategy, Strategy::WriteThrough);
+        assert_eq!((s.replicas, s.write_quorum), (2, 1));
+        assert_eq!(s.pending_timeout, Duration::from_secs(3));
+        assert!(matches!(
+            file.keyspaces["users"].store,
+            crate::store::StoreLayout::Table(_)
+        ));
     }
 }

@@ -82,6 +82,12 @@ pub struct Config {
     /// Configured keyspaces by name. `default` is always present: if the file
     /// does not configure it, it gets the built-in settings.
     pub keyspaces: BTreeMap<String, KeyspaceConfig>,
+    /// The keyspace file shared with the services (strategies, stores; see
+    /// `cache_client::keyspaces`). Its keyspaces are added to `keyspaces`,
+    /// with the node-side fields it sets (`capacity_bytes`, `ttl` as the
+    /// default TTL, `lease_ttl`, `lease_retry_after`, `keep_stale_for`); a
+    /// keyspace may not be configured in both places.
+    pub keyspaces_file: Option<PathBuf>,
     /// Settings of keyspaces created on demand (`unknown_keyspaces =
     /// "create"`).
     pub created_keyspaces: KeyspaceConfig,
@@ -239,6 +245,7 @@ impl Default for Config {
             log_format: LogFormat::default(),
             limits: Limits::default(),
             keyspaces: BTreeMap::new(),
+            keyspaces_file: None,
             created_keyspaces: KeyspaceConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -271,6 +278,9 @@ pub struct Cli {
     /// What requests for unconfigured keyspaces get.
     #[arg(long, env = "RINGCACHE_UNKNOWN_KEYSPACES", value_enum)]
     pub unknown_keyspaces: Option<UnknownKeyspaces>,
+    /// The keyspace file shared with the services.
+    #[arg(long, env = "RINGCACHE_KEYSPACES")]
+    pub keyspaces_file: Option<PathBuf>,
     /// Log format (the level comes from RUST_LOG).
     #[arg(long, env = "RINGCACHE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -322,8 +332,49 @@ impl Config {
         if let Some(format) = cli.log_format {
             config.log_format = format;
         }
+        if let Some(path) = &cli.keyspaces_file {
+            config.keyspaces_file = Some(path.clone());
+        }
+        config.merge_keyspaces_file()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Adds the keyspaces of `keyspaces_file`, if set, to `keyspaces`.
+    ///
+    /// # Errors
+    /// [`Error::ConfigFile`] when the file cannot be read or parsed (the
+    /// message names the keyspace and field), [`Error::Config`] when a
+    /// keyspace is also configured in `keyspaces`.
+    pub fn merge_keyspaces_file(&mut self) -> Result<()> {
+        let Some(path) = &self.keyspaces_file else {
+            return Ok(());
+        };
+        let file =
+            cache_client::keyspaces::KeyspacesFile::read(path).map_err(|e| Error::ConfigFile {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        for (name, entry) in file.keyspaces {
+            if self.keyspaces.contains_key(&name) {
+                return Err(Error::config(
+                    format!("keyspaces.{name}"),
+                    format!("is configured both here and in {}", path.display()),
+                ));
+            }
+            let defaults = KeyspaceConfig::default();
+            let keyspace = KeyspaceConfig {
+                capacity_bytes: entry.capacity_bytes.unwrap_or(defaults.capacity_bytes),
+                default_ttl: entry.ttl,
+                lease_ttl: entry.lease_ttl.unwrap_or(defaults.lease_ttl),
+                lease_retry_after: entry
+                    .lease_retry_after
+                    .unwrap_or(defaults.lease_retry_after),
+                keep_stale_for: entry.keep_stale_for,
+            };
+            self.keyspaces.insert(name, keyspace);
+        }
+        Ok(())
     }
 
     /// Parses a TOML document (without validating it).
@@ -693,6 +744,44 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.cluster.members.len(), 3);
         assert_eq!(config.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_shared_keyspace_file_adds_keyspaces() {
+        let dir = std::env::temp_dir().join(format!("ringcache-ksfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keyspaces.toml");
+        std::fs::write(
+            &path,
+            "[keyspaces.users]\nstrategy = \"read-through\"\nttl = \"5m\"\ncapacity_bytes = 16777216\nlease_ttl = \"3s\"\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            keyspaces_file: Some(path.clone()),
+            ..Cli::default()
+        };
+        let config = Config::load(&cli).unwrap();
+        let users = &config.keyspaces["users"];
+        assert_eq!(users.capacity_bytes, 16_777_216);
+        assert_eq!(users.default_ttl, Some(Duration::from_secs(300)));
+        assert_eq!(users.lease_ttl, Duration::from_secs(3));
+        assert!(config.keyspaces.contains_key(DEFAULT_KEYSPACE));
+
+        // A bad file names the keyspace and field; a keyspace in both places
+        // is refused.
+        std::fs::write(&path, "[keyspaces.users]\nstrategy = \"sideways\"\n").unwrap();
+        let err = Config::load(&cli).unwrap_err().to_string();
+        assert!(
+            err.contains("sideways") && err.contains("keyspaces.users"),
+            "{err}"
+        );
+        std::fs::write(&path, "[keyspaces.default]\nstrategy = \"cache-aside\"\n").unwrap();
+        let mut config =
+            Config::from_toml("[keyspaces.default]\ncapacity_bytes = 16777216").unwrap();
+        config.keyspaces_file = Some(path.clone());
+        let err = config.merge_keyspaces_file().unwrap_err().to_string();
+        assert!(err.contains("keyspaces.default"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

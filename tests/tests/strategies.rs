@@ -499,9 +499,17 @@ async fn write_through_keeps_cache_and_database_equal_under_faults() -> Result<(
     faulty.stall_after_prepare.store(false, Ordering::SeqCst);
     // The database transaction is in doubt; recovery rolls it back once it
     // is older than twice the pending timeout.
+    assert_eq!(
+        pg.in_doubt(Duration::ZERO).await?.len(),
+        1,
+        "the writer left one transaction in doubt"
+    );
     eventually(Duration::from_secs(20), "in-doubt recovery", || {
-        let client = client.clone();
-        async move { Ok(client.recover_in_doubt().await? >= 1) }
+        let (client, pg) = (client.clone(), Arc::clone(&pg));
+        async move {
+            client.recover_in_doubt().await?;
+            Ok(pg.in_doubt(Duration::ZERO).await?.is_empty())
+        }
     })
     .await?;
     assert!(
