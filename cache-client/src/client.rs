@@ -683,16 +683,25 @@ async fn read_from(
         client.multi_get(request(v1::MultiGetRequest { keyspace, keys }, timeout)),
     )
     .await?;
-    if reply.results.len() != expected {
-        return Err(Error::Unavailable {
-            node: node.id.clone(),
-            message: format!(
-                "MultiGet answered {} of {expected} keys",
-                reply.results.len()
-            ),
-        });
+    let results = answered_all(&node, "MultiGet", reply.results, expected)?;
+    Ok(results.into_iter().map(from_proto_entry).collect())
+}
+
+/// A batch reply must answer every item, in order; a node that answers fewer
+/// is broken, and the call moves on to another node.
+fn answered_all<T>(
+    node: &NodeHandle,
+    rpc: &str,
+    results: Vec<T>,
+    expected: usize,
+) -> Result<Vec<T>> {
+    if results.len() == expected {
+        return Ok(results);
     }
-    Ok(reply.results.into_iter().map(from_proto_entry).collect())
+    Err(Error::Unavailable {
+        node: node.id.clone(),
+        message: format!("{rpc} answered {} of {expected} items", results.len()),
+    })
 }
 
 pub(crate) fn to_proto_item(
@@ -765,16 +774,8 @@ async fn write_to(
         client.multi_set(request(v1::MultiSetRequest { keyspace, items }, timeout)),
     )
     .await?;
-    if reply.results.len() != expected {
-        return Err(Error::Unavailable {
-            node: node.id.clone(),
-            message: format!(
-                "MultiSet answered {} of {expected} items",
-                reply.results.len()
-            ),
-        });
-    }
-    Ok(reply.results.into_iter().map(from_proto_outcome).collect())
+    let results = answered_all(&node, "MultiSet", reply.results, expected)?;
+    Ok(results.into_iter().map(from_proto_outcome).collect())
 }
 
 async fn delete_from(

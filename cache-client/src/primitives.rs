@@ -23,6 +23,8 @@ pub(crate) enum LeaseReply {
     Lease {
         /// The node that granted the lease; the fill must go there.
         node: Arc<NodeHandle>,
+        /// Whether that node is a fallback for the key.
+        fallback: bool,
         /// The token to fill with.
         token: u64,
     },
@@ -48,36 +50,48 @@ pub(crate) enum FillReply {
 }
 
 impl Client {
-    /// The first healthy node of the key's ring order, or an error naming
-    /// the keyspace.
-    pub(crate) fn primary(&self, keyspace: &str, key: &[u8]) -> Result<Arc<NodeHandle>> {
+    /// The first `n` healthy nodes of the key's ring order, each with
+    /// whether it is a fallback: not among the key's owners on the full ring
+    /// (ranked at or past the keyspace's replica count), holding the key only
+    /// because an owner is down. What a fallback holds is capped at the
+    /// client's `fallback_ttl` (`docs/failover.md`).
+    pub(crate) fn healthy_in_order(
+        &self,
+        keyspace: &str,
+        key: &[u8],
+        n: usize,
+    ) -> Vec<(Arc<NodeHandle>, bool)> {
+        let owners = self.replication(keyspace).replicas;
         let view = self.inner.cluster.view();
         view.ring
             .successors(keyspace, key)
-            .filter_map(|id| view.node(id))
-            .find(|node| !node.is_down())
-            .cloned()
+            .enumerate()
+            .filter_map(|(rank, id)| view.node(id).map(|node| (rank, node)))
+            .filter(|(_, node)| !node.is_down())
+            .take(n)
+            .map(|(rank, node)| (Arc::clone(node), rank >= owners))
+            .collect()
+    }
+
+    /// The first healthy node of the key's ring order, or an error naming
+    /// the keyspace.
+    pub(crate) fn primary(&self, keyspace: &str, key: &[u8]) -> Result<(Arc<NodeHandle>, bool)> {
+        self.healthy_in_order(keyspace, key, 1)
+            .pop()
             .ok_or_else(|| Error::NoNodeAvailable {
                 keyspace: keyspace.to_owned(),
                 reason: "every node that could hold the key is down".into(),
             })
     }
 
-    /// The first `n` healthy nodes of the key's ring order.
-    pub(crate) fn healthy_replicas(
-        &self,
-        keyspace: &str,
-        key: &[u8],
-        n: usize,
-    ) -> Vec<Arc<NodeHandle>> {
-        let view = self.inner.cluster.view();
-        view.ring
-            .successors(keyspace, key)
-            .filter_map(|id| view.node(id))
-            .filter(|node| !node.is_down())
-            .take(n)
-            .cloned()
-            .collect()
+    /// Caps an item's TTL at the fallback TTL.
+    pub(crate) fn cap_for_fallback(&self, item: &mut v1::SetItem) {
+        let cap = u64::try_from(self.config().fallback_ttl.as_millis()).unwrap_or(u64::MAX);
+        item.ttl_ms = if item.ttl_ms == 0 {
+            cap
+        } else {
+            item.ttl_ms.min(cap)
+        };
     }
 
     /// Runs one call on `node`, recording its health. A failed write (a
@@ -102,7 +116,7 @@ impl Client {
     /// `LeaseGet` on the key's primary. On a node failure, the next call
     /// goes to the next healthy node once this one is marked down.
     pub(crate) async fn lease_get(&self, keyspace: &str, key: &Bytes) -> Result<LeaseReply> {
-        let node = self.primary(keyspace, key)?;
+        let (node, fallback) = self.primary(keyspace, key)?;
         let mut client = node.client.clone();
         let timeout = self.config().request_timeout;
         let reply = self
@@ -125,6 +139,7 @@ impl Client {
         if reply.lease_token != 0 {
             return Ok(LeaseReply::Lease {
                 node,
+                fallback,
                 token: reply.lease_token,
             });
         }
@@ -179,7 +194,7 @@ impl Client {
         pending_timeout: Duration,
         replicas: usize,
     ) -> (Vec<Arc<NodeHandle>>, Option<Error>) {
-        let nodes = self.healthy_replicas(keyspace, &item.key, replicas);
+        let nodes = self.healthy_in_order(keyspace, &item.key, replicas);
         if nodes.is_empty() {
             return (
                 Vec::new(),
@@ -190,10 +205,14 @@ impl Client {
             );
         }
         let timeout = self.config().request_timeout;
-        let asks = nodes.into_iter().map(|node| {
+        let asks = nodes.into_iter().map(|(node, fallback)| {
+            let mut item = item.clone();
+            if fallback {
+                self.cap_for_fallback(&mut item);
+            }
             let message = v1::PrepareRequest {
                 keyspace: keyspace.to_owned(),
-                item: Some(item.clone()),
+                item: Some(item),
                 txn_id: txn.to_owned(),
                 timeout_ms: u64::try_from(pending_timeout.as_millis()).unwrap_or(u64::MAX),
                 delete,

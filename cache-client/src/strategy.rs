@@ -460,6 +460,7 @@ pub enum Lookup {
 pub struct Lease {
     key: Bytes,
     node: Arc<NodeHandle>,
+    fallback: bool,
     token: u64,
 }
 
@@ -627,10 +628,17 @@ impl Keyspace {
                     }
                     return Ok(value);
                 }
-                Ok(LeaseReply::Lease { node, token }) => {
+                Ok(LeaseReply::Lease {
+                    node,
+                    token,
+                    fallback,
+                }) => {
                     self.count("ringcache_client_loads_total");
                     let loaded = load().await?;
-                    let (value, item) = self.fill_item(state, &key, loaded);
+                    let (value, mut item) = self.fill_item(state, &key, loaded);
+                    if fallback {
+                        self.client.cap_for_fallback(&mut item);
+                    }
                     self.fill_lease(&node, token, item).await;
                     return Ok(value);
                 }
@@ -722,7 +730,16 @@ impl Keyspace {
                 Some(value) => Lookup::Hit(value, entry.version),
                 None => Lookup::Absent,
             },
-            LeaseReply::Lease { node, token } => Lookup::Miss(Lease { key, node, token }),
+            LeaseReply::Lease {
+                node,
+                fallback,
+                token,
+            } => Lookup::Miss(Lease {
+                key,
+                node,
+                fallback,
+                token,
+            }),
             LeaseReply::Wait { retry_after, stale } => Lookup::Wait {
                 retry_after,
                 stale: stale.and_then(|e| untag(&self.name, &e.value).ok().flatten()),
@@ -744,7 +761,10 @@ impl Keyspace {
             Some(value) => Loaded::Present(crate::store::Row { value, version }),
             None => Loaded::Absent { version },
         };
-        let (_, item) = self.fill_item(&state, &lease.key, loaded);
+        let (_, mut item) = self.fill_item(&state, &lease.key, loaded);
+        if lease.fallback {
+            self.client.cap_for_fallback(&mut item);
+        }
         Ok(self.fill_lease(&lease.node, lease.token, item).await)
     }
 

@@ -3,59 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use cache_node::{Config, Listeners};
+mod common;
+
+use common::TestNode;
 use ringcache_proto::v1::{self, SetOutcome, WriteCondition, cache_node_client::CacheNodeClient};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::transport::Channel;
-
-struct TestNode {
-    client: CacheNodeClient<Channel>,
-    grpc_addr: std::net::SocketAddr,
-    metrics_addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<cache_node::Result<()>>,
-}
-
-impl TestNode {
-    async fn start(toml: &str) -> TestNode {
-        let mut config = Config::from_toml(toml).expect("test config parses");
-        config.validate().expect("test config is valid");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc_addr = grpc.local_addr().unwrap();
-        let metrics_addr = metrics.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(cache_node::run(
-            config,
-            Listeners {
-                grpc,
-                metrics: Some(metrics),
-            },
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        // The listener is bound before `run`, so connecting cannot race the
-        // server start: the kernel queues the connection until it accepts.
-        let client = CacheNodeClient::connect(format!("http://{grpc_addr}"))
-            .await
-            .unwrap();
-        TestNode {
-            client,
-            grpc_addr,
-            metrics_addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn shutdown(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
 
 fn item(key: &str, value: &str, version: u64, condition: WriteCondition) -> v1::SetItem {
     v1::SetItem {

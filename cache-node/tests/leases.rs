@@ -4,52 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use cache_node::{Config, Listeners};
+mod common;
+
+use common::TestNode;
 use ringcache_proto::v1::{self, FillOutcome, WriteCondition, cache_node_client::CacheNodeClient};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 use tonic::transport::Channel;
-
-struct TestNode {
-    client: CacheNodeClient<Channel>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<cache_node::Result<()>>,
-}
-
-impl TestNode {
-    async fn start(toml: &str) -> TestNode {
-        let mut config = Config::from_toml(toml).expect("test config parses");
-        config.validate().expect("test config is valid");
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(cache_node::run(
-            config,
-            Listeners {
-                grpc,
-                metrics: None,
-            },
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        // Bound before `run`: the kernel queues the connection until it
-        // accepts, so connecting cannot race the start.
-        let client = CacheNodeClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        TestNode {
-            client,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn shutdown(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
 
 fn item(key: &str, value: &str, version: u64) -> v1::SetItem {
     v1::SetItem {
