@@ -36,6 +36,53 @@ fn client_config(nodes: &[NodeProcess]) -> ClientConfig {
         .with_probe_interval(Duration::from_millis(100))
 }
 
+/// The client's metrics, recorded in memory for the whole test binary (the
+/// `metrics` facade has one global recorder). Tests read their own
+/// keyspace's counters.
+fn metrics() -> &'static metrics_util::debugging::Snapshotter {
+    static SNAPSHOTTER: std::sync::OnceLock<metrics_util::debugging::Snapshotter> =
+        std::sync::OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder of this test binary");
+        snapshotter
+    })
+}
+
+/// The value of counter `name` for `keyspace`. Snapshots drain the
+/// recorder's counters, so every snapshot is added into running totals,
+/// which all tests read.
+fn counter(name: &str, keyspace: &str) -> u64 {
+    static TOTALS: std::sync::Mutex<Vec<((String, String), u64)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut totals = TOTALS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for (key, _, _, value) in metrics().snapshot().into_vec() {
+        let metrics_util::debugging::DebugValue::Counter(n) = value else {
+            continue;
+        };
+        let label = key
+            .key()
+            .labels()
+            .find(|l| l.key() == "keyspace")
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default();
+        let id = (key.key().name().to_owned(), label);
+        match totals.iter_mut().find(|(k, _)| *k == id) {
+            Some((_, total)) => *total += n,
+            None => totals.push((id, n)),
+        }
+    }
+    totals
+        .iter()
+        .find(|((n, k), _)| n == name && k == keyspace)
+        .map_or(0, |(_, total)| *total)
+}
+
 /// A PostgreSQL database of this test's own, so that prepared transactions
 /// of other tests (which `in_doubt` lists per database) stay apart.
 async fn own_database(name: &str) -> Result<Arc<PgStore>> {
@@ -189,6 +236,7 @@ where
 
 #[tokio::test]
 async fn the_stale_set_race_corrupts_without_leases_and_not_with_them() -> Result<()> {
+    metrics(); // record this test's client metrics from the start
     let nodes = cluster(1).await?;
     let store = own_database("rc_stale_set").await?;
     let client = Client::connect(client_config(&nodes)).await?;
@@ -240,6 +288,7 @@ async fn the_stale_set_race_corrupts_without_leases_and_not_with_them() -> Resul
         !users.fill(lease, Some(old.0), old.1).await?,
         "the stale fill is refused"
     );
+    assert!(counter("ringcache_client_fills_refused_total", "users") >= 1);
     assert_eq!(
         users
             .get_or_load("leased", || load(&store, "leased"))
@@ -288,6 +337,7 @@ async fn load(store: &PgStore, key: &str) -> cache_client::Result<Option<(Bytes,
 
 #[tokio::test]
 async fn a_stampede_on_a_cold_key_loads_it_once() -> Result<()> {
+    metrics(); // record this test's client metrics from the start
     let nodes = cluster(3).await?;
     let pg = own_database("rc_stampede").await?;
     pg.store("hot", b"key", b"value", 1).await?;
@@ -316,11 +366,14 @@ async fn a_stampede_on_a_cold_key_loads_it_once() -> Result<()> {
         1,
         "one load for 1,000 gets from 4 clients"
     );
+    assert_eq!(counter("ringcache_client_loads_total", "hot"), 1);
+    assert!(counter("ringcache_client_lease_waits_total", "hot") > 0);
     Ok(())
 }
 
 #[tokio::test]
 async fn absence_is_cached_and_ttls_are_jittered() -> Result<()> {
+    metrics(); // record this test's client metrics from the start
     let nodes = cluster(1).await?;
     let pg = own_database("rc_negative").await?;
     let faulty = Faulty::new(Arc::clone(&pg));
@@ -341,6 +394,7 @@ async fn absence_is_cached_and_ttls_are_jittered() -> Result<()> {
         1,
         "the second miss is a negative hit"
     );
+    assert_eq!(counter("ringcache_client_negative_hits_total", "items"), 1);
     items.put("nothing", "now something").await?;
     assert_eq!(
         items.get("nothing").await?,
@@ -430,6 +484,7 @@ async fn write_around_never_serves_the_old_value_after_a_write() -> Result<()> {
 
 #[tokio::test]
 async fn write_through_keeps_cache_and_database_equal_under_faults() -> Result<()> {
+    metrics(); // record this test's client metrics from the start
     let mut nodes = cluster(3).await?;
     let pg = own_database("rc_write_through").await?;
     let faulty = Faulty::new(Arc::clone(&pg));
@@ -534,6 +589,9 @@ async fn write_through_keeps_cache_and_database_equal_under_faults() -> Result<(
         accounts.put(k, format!("final-{k}")).await?;
         assert!(consistent(&client, &pg, "accounts", k).await?, "{k}");
     }
+    assert!(counter("ringcache_client_twopc_commits_total", "accounts") >= 5);
+    assert!(counter("ringcache_client_twopc_aborts_total", "accounts") >= 1);
+    assert!(counter("ringcache_client_twopc_recovered_total", "accounts") >= 1);
     Ok(())
 }
 
