@@ -10,7 +10,15 @@
 //! - [`Client`]: the raw-bytes API (`get`, `set`, `delete`, `multi_get`,
 //!   `multi_set`, `stats`, `topology`).
 //! - [`codec`]: typed values through a pluggable [`codec::Codec`].
+//! - [`strategy`]: caching strategies per keyspace (cache-aside,
+//!   read-through, write-around, write-through) over a [`store::Store`],
+//!   with leases, negative caching, TTL jitter and runtime switching;
+//!   [`keyspaces`]: the keyspace file that configures them; [`hlc`]: the
+//!   version clock they share. Their promises are in `docs/strategies.md`.
+//! - [`store`]: the `Store` trait and `PgStore` (feature `postgres`).
 //! - [`error`]: the crate's [`Error`].
+//! - [`writeback`]: the write-back record format on Kafka (the contract with
+//!   the `write-back-worker`).
 //!
 //! # Consistency
 //! - A read goes to the first healthy node in the key's ring order; with
@@ -48,6 +56,7 @@ mod primitives;
 pub mod ring;
 pub mod store;
 pub mod strategy;
+pub mod writeback;
 
 pub use client::{Client, Condition, Entry, Member, NodeStats, SetOptions, SetOutcome, Topology};
 pub use config::{ClientConfig, Replication};

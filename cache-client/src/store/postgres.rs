@@ -603,3 +603,303 @@ fn key_error(keyspace: &str, st: &Statements, what: &str, err: &sqlx::Error) -> 
         err,
     )
 }
+
+/// The write-back worker's batch: rows, dead letters and consumed offsets in
+/// one transaction.
+mod write_back {
+    use sqlx::{Connection, PgConnection};
+
+    use super::{PgStore, classify, is_transient, key_error, write_query};
+    use crate::{
+        Error, Result,
+        store::db_version,
+        writeback::{BatchOutcome, DeadLetter, PartitionOffset, WriteBackBatch, WriteBackRow},
+    };
+
+    /// The table of consumed offsets (`cache-client/migrations/`).
+    const OFFSETS_TABLE: &str = "ringcache_wb_offsets";
+    /// The table of records that can never be applied.
+    const DEAD_LETTERS_TABLE: &str = "ringcache_wb_dead_letters";
+
+    /// How the rows of a batch are written.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        /// One statement per row; a row the store rejects aborts the
+        /// transaction, and the batch is redone [`Careful`](Mode::Careful)ly.
+        Fast,
+        /// Each row inside a savepoint, so that a rejected row is
+        /// dead-lettered without losing the others.
+        Careful,
+    }
+
+    /// Why a transaction did not commit without being an error.
+    enum NotCommitted {
+        /// A row was rejected in [`Mode::Fast`].
+        RowRejected,
+        /// A partition's offset moved under us.
+        Fenced(BatchOutcome),
+    }
+
+    impl PgStore {
+        /// Applies one write-back batch in one transaction: every row as a
+        /// version-guarded upsert or tombstone (each keyspace's layout, as
+        /// [`Store::store`](super::Store::store) and
+        /// [`Store::delete`](super::Store::delete) would), every dead letter
+        /// into `ringcache_wb_dead_letters`, and every partition's next
+        /// offset into `ringcache_wb_offsets`, for `batch.consumer_group`.
+        ///
+        /// A row the store rejects for good (a version above `i64::MAX`, a
+        /// broken layout) is dead-lettered in the same transaction and the
+        /// others are applied: one bad record never blocks the queue. A
+        /// dead letter already recorded for the same record is kept as is,
+        /// so a replayed batch does not duplicate it.
+        ///
+        /// # Consistency
+        /// The batch is all or nothing: after a commit, the stored offsets
+        /// say exactly which records are applied or dead-lettered. If a
+        /// partition's stored offset is not its `expected` one (another
+        /// consumer took the partition and moved on), nothing is written and
+        /// [`BatchOutcome::Fenced`] names the partition.
+        ///
+        /// # Errors
+        /// [`Error::Store`] when the database fails in a way that may pass
+        /// (retry the whole batch); [`Error::StoreRejected`] when the
+        /// bookkeeping tables are missing or broken (run
+        /// [`migrate`](PgStore::migrate)).
+        pub async fn apply_write_back_batch(&self, batch: &WriteBackBatch) -> Result<BatchOutcome> {
+            match self.write_back_tx(batch, Mode::Fast).await? {
+                Ok(outcome) | Err(NotCommitted::Fenced(outcome)) => Ok(outcome),
+                Err(NotCommitted::RowRejected) => {
+                    match self.write_back_tx(batch, Mode::Careful).await? {
+                        Ok(outcome) | Err(NotCommitted::Fenced(outcome)) => Ok(outcome),
+                        Err(NotCommitted::RowRejected) => {
+                            unreachable!("careful mode dead-letters rejected rows")
+                        }
+                    }
+                }
+            }
+        }
+
+        /// The offsets stored for `consumer_group`: where each partition's
+        /// consumption resumes.
+        ///
+        /// # Errors
+        /// When the database fails or the table is missing.
+        pub async fn write_back_offsets(
+            &self,
+            consumer_group: &str,
+        ) -> Result<Vec<PartitionOffset>> {
+            let rows: Vec<(String, i32, i64)> = sqlx::query_as(&format!(
+                "SELECT topic, kafka_partition, next_offset FROM {OFFSETS_TABLE} \
+                 WHERE consumer_group = $1 ORDER BY topic, kafka_partition"
+            ))
+            .bind(consumer_group)
+            .fetch_all(self.pool())
+            .await
+            .map_err(|err| classify("", format!("failed to read {OFFSETS_TABLE}: {err}"), &err))?;
+            Ok(rows
+                .into_iter()
+                .map(|(topic, partition, next_offset)| PartitionOffset {
+                    topic,
+                    partition,
+                    expected: Some(next_offset),
+                    next_offset,
+                })
+                .collect())
+        }
+
+        async fn write_back_tx(
+            &self,
+            batch: &WriteBackBatch,
+            mode: Mode,
+        ) -> Result<std::result::Result<BatchOutcome, NotCommitted>> {
+            let bookkeeping = |what: &str, err: sqlx::Error| {
+                classify("", format!("write-back batch: {what} failed: {err}"), &err)
+            };
+            let mut tx = self
+                .pool()
+                .begin()
+                .await
+                .map_err(|e| bookkeeping("begin", e))?;
+            let group = batch.consumer_group.as_str();
+
+            // Offsets first: the row lock serialises two consumers of one
+            // partition, and the loser sees the winner's offset and stops
+            // before writing anything.
+            let update_sql = format!(
+                "UPDATE {OFFSETS_TABLE} SET next_offset = $4, updated_at = now() \
+                 WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3 \
+                   AND next_offset = $5"
+            );
+            let insert_sql = format!(
+                "INSERT INTO {OFFSETS_TABLE} (consumer_group, topic, kafka_partition, next_offset) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING"
+            );
+            for offset in &batch.offsets {
+                let done = match offset.expected {
+                    Some(expected) => sqlx::query(&update_sql)
+                        .bind(group)
+                        .bind(&offset.topic)
+                        .bind(offset.partition)
+                        .bind(offset.next_offset)
+                        .bind(expected),
+                    None => sqlx::query(&insert_sql)
+                        .bind(group)
+                        .bind(&offset.topic)
+                        .bind(offset.partition)
+                        .bind(offset.next_offset),
+                }
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| bookkeeping("offset update", e))?;
+                if done.rows_affected() == 0 {
+                    let stored: Option<i64> = sqlx::query_scalar(&format!(
+                        "SELECT next_offset FROM {OFFSETS_TABLE} \
+                         WHERE consumer_group = $1 AND topic = $2 AND kafka_partition = $3"
+                    ))
+                    .bind(group)
+                    .bind(&offset.topic)
+                    .bind(offset.partition)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| bookkeeping("offset read", e))?;
+                    // Dropping `tx` rolls back.
+                    return Ok(Err(NotCommitted::Fenced(BatchOutcome::Fenced {
+                        topic: offset.topic.clone(),
+                        partition: offset.partition,
+                        stored,
+                    })));
+                }
+            }
+
+            let (mut applied, mut stale) = (0, 0);
+            let mut rejected = Vec::new();
+            for row in &batch.rows {
+                match write_row(self, &mut tx, row, mode).await {
+                    Ok(true) => applied += 1,
+                    Ok(false) => stale += 1,
+                    Err(err) if err.is_retryable() => return Err(err),
+                    Err(_) if mode == Mode::Fast => {
+                        return Ok(Err(NotCommitted::RowRejected));
+                    }
+                    Err(err) => rejected.push(DeadLetter::of_row(row, err.to_string())),
+                }
+            }
+
+            let mut dead_lettered = 0;
+            for letter in batch.dead_letters.iter().chain(&rejected) {
+                insert_dead_letter(&mut tx, group, letter)
+                    .await
+                    .map_err(|e| bookkeeping("dead letter insert", e))?;
+                dead_lettered += 1;
+            }
+            tx.commit().await.map_err(|e| bookkeeping("commit", e))?;
+            Ok(Ok(BatchOutcome::Committed {
+                applied,
+                stale,
+                dead_lettered,
+            }))
+        }
+    }
+
+    /// Writes one row; `Ok(false)` when the version guard refused it.
+    async fn write_row(
+        store: &PgStore,
+        conn: &mut PgConnection,
+        row: &WriteBackRow,
+        mode: Mode,
+    ) -> Result<bool> {
+        let record = &row.record;
+        let keyspace = record.keyspace.as_str();
+        // Refused before any SQL runs, so the transaction stays usable.
+        let version = db_version(keyspace, record.version)?;
+        let st = store.statements(keyspace);
+        let (sql, what) = match record.value {
+            Some(_) => (&st.store, "store"),
+            None => (&st.delete, "delete"),
+        };
+        let query = write_query(
+            st,
+            sql,
+            keyspace,
+            &record.key,
+            record.value.as_deref(),
+            version,
+        );
+        let done = match mode {
+            Mode::Fast => query.execute(&mut *conn).await,
+            Mode::Careful => {
+                let mut savepoint = conn
+                    .begin()
+                    .await
+                    .map_err(|err| key_error(keyspace, st, "savepoint", &err))?;
+                let done = query.execute(&mut *savepoint).await;
+                if done.is_ok() {
+                    savepoint
+                        .commit()
+                        .await
+                        .map_err(|err| key_error(keyspace, st, "release savepoint", &err))?;
+                } else if let Err(err) = savepoint.rollback().await {
+                    return Err(key_error(keyspace, st, "rollback to savepoint", &err));
+                }
+                done
+            }
+        };
+        let done = done.map_err(|err| {
+            if is_transient(&err) {
+                key_error(keyspace, st, what, &err)
+            } else {
+                Error::StoreRejected {
+                    keyspace: keyspace.to_owned(),
+                    message: format!(
+                        "keyspace {keyspace:?} ({}): {what} failed: {err}",
+                        st.target
+                    ),
+                }
+            }
+        })?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn insert_dead_letter(
+        conn: &mut PgConnection,
+        group: &str,
+        letter: &DeadLetter,
+    ) -> std::result::Result<(), sqlx::Error> {
+        let headers = serde_json::Value::Array(
+            letter
+                .headers
+                .iter()
+                .map(|(name, value)| serde_json::json!([name, value.as_deref().map(hex)]))
+                .collect(),
+        );
+        sqlx::query(&format!(
+            "INSERT INTO {DEAD_LETTERS_TABLE} \
+             (consumer_group, topic, kafka_partition, kafka_offset, record_key, record_value, \
+              headers, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8) ON CONFLICT DO NOTHING"
+        ))
+        .bind(group)
+        .bind(&letter.source.topic)
+        .bind(letter.source.partition)
+        .bind(letter.source.offset)
+        .bind(letter.key.as_deref())
+        .bind(letter.value.as_deref())
+        .bind(headers.to_string())
+        .bind(&letter.error)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        use std::fmt::Write;
+        bytes
+            .iter()
+            .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "{b:02x}");
+                out
+            })
+    }
+}

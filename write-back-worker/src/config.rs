@@ -1,0 +1,284 @@
+//! Worker configuration: a TOML file, overridden by environment variables,
+//! then by command-line flags (clap reads both). Unknown fields are
+//! rejected and every value is validated at start-up, with errors that name
+//! the field.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default consumer group: workers sharing it share the partitions.
+pub const DEFAULT_GROUP: &str = "ringcache-write-back";
+/// Default largest batch, in Kafka records.
+pub const DEFAULT_MAX_BATCH_RECORDS: usize = 1000;
+/// Default longest time the first record of a batch waits for the batch to
+/// fill before it is written anyway.
+pub const DEFAULT_MAX_BATCH_DELAY: Duration = Duration::from_millis(100);
+/// Default Kafka `session.timeout.ms`. Short, so that a group join (and the
+/// take-over of a dead worker's partitions) takes seconds, not the ~20 s of
+/// librdkafka's defaults.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+/// Default Kafka `heartbeat.interval.ms`; below a third of the session
+/// timeout.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default Kafka `max.poll.interval.ms`: how long one batch (with its
+/// database retries) may hold up polling before the group evicts the
+/// worker.
+pub const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
+/// Default capacity of the channel between the polling thread and the
+/// batcher, in records.
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 4096;
+
+/// The worker's whole configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka bootstrap servers, comma-separated (`host:port,...`).
+    pub brokers: String,
+    /// PostgreSQL URL of the store (`postgres://user@host:5432/db`). Its
+    /// migrations (`cache-client/migrations/`) are applied at start-up.
+    pub database_url: String,
+    /// Kafka consumer group; its consumed offsets live in PostgreSQL under
+    /// this name.
+    pub group: String,
+    /// The keyspaces to drain; each is consumed from its topic
+    /// `ringcache-wb-<keyspace>`. Rows go to the shared table
+    /// `ringcache_entries` (the `default` store layout; other layouts are not
+    /// supported by the worker yet).
+    pub keyspaces: Vec<String>,
+    /// Most Kafka records in one database transaction.
+    pub max_batch_records: usize,
+    /// Longest time a record waits for its batch to fill.
+    #[serde(with = "humantime_serde")]
+    pub max_batch_delay: Duration,
+    /// Kafka `session.timeout.ms`.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// Kafka `heartbeat.interval.ms`.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Kafka `max.poll.interval.ms`.
+    #[serde(with = "humantime_serde")]
+    pub max_poll_interval: Duration,
+    /// Records buffered between the polling thread and the batcher.
+    pub channel_capacity: usize,
+    /// Log output format; the level comes from `RUST_LOG`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            brokers: String::new(),
+            database_url: String::new(),
+            group: DEFAULT_GROUP.to_owned(),
+            keyspaces: Vec::new(),
+            max_batch_records: DEFAULT_MAX_BATCH_RECORDS,
+            max_batch_delay: DEFAULT_MAX_BATCH_DELAY,
+            session_timeout: DEFAULT_SESSION_TIMEOUT,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            max_poll_interval: DEFAULT_MAX_POLL_INTERVAL,
+            channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command-line flags; each overrides the config file.
+#[derive(Debug, Default, clap::Parser)]
+#[command(
+    name = "write-back-worker",
+    about = "Drains ringcache write-back topics into PostgreSQL"
+)]
+pub struct Cli {
+    /// TOML config file.
+    #[arg(long, env = "RINGCACHE_WB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "RINGCACHE_KAFKA_BROKERS")]
+    pub brokers: Option<String>,
+    /// PostgreSQL URL.
+    #[arg(long, env = "RINGCACHE_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Kafka consumer group.
+    #[arg(long, env = "RINGCACHE_WB_GROUP")]
+    pub group: Option<String>,
+    /// Keyspaces to drain, comma-separated.
+    #[arg(long, env = "RINGCACHE_WB_KEYSPACES", value_delimiter = ',')]
+    pub keyspaces: Option<Vec<String>>,
+    /// Log format.
+    #[arg(long)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    /// The config file named by `cli` (or the defaults), overridden by the
+    /// flags and environment variables `cli` holds, validated.
+    ///
+    /// # Errors
+    /// [`Error::ConfigFile`] when the file cannot be read or parsed,
+    /// [`Error::Config`] when a value is invalid.
+    pub fn load(cli: &Cli) -> Result<Self> {
+        let mut config = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|err| Error::ConfigFile {
+                    path: path.clone(),
+                    message: err.to_string(),
+                })?;
+                toml::from_str(&text).map_err(|err| Error::ConfigFile {
+                    path: path.clone(),
+                    message: err.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        if let Some(brokers) = &cli.brokers {
+            config.brokers.clone_from(brokers);
+        }
+        if let Some(url) = &cli.database_url {
+            config.database_url.clone_from(url);
+        }
+        if let Some(group) = &cli.group {
+            config.group.clone_from(group);
+        }
+        if let Some(keyspaces) = &cli.keyspaces {
+            config.keyspaces.clone_from(keyspaces);
+        }
+        if let Some(format) = cli.log_format {
+            config.log_format = format;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first invalid field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, message: &str| {
+            Err(Error::Config {
+                field,
+                message: message.to_owned(),
+            })
+        };
+        if self.brokers.trim().is_empty() {
+            return bad("brokers", "must name at least one broker");
+        }
+        if self.database_url.trim().is_empty() {
+            return bad("database_url", "must be set");
+        }
+        if self.group.trim().is_empty() {
+            return bad("group", "must not be empty");
+        }
+        if self.keyspaces.is_empty() {
+            return bad("keyspaces", "must name at least one keyspace");
+        }
+        for keyspace in &self.keyspaces {
+            if keyspace.is_empty() || keyspace.contains('\0') {
+                return Err(Error::Config {
+                    field: "keyspaces",
+                    message: format!("{keyspace:?} is not a keyspace name"),
+                });
+            }
+        }
+        if self.max_batch_records == 0 {
+            return bad("max_batch_records", "must be at least 1");
+        }
+        if self.max_batch_delay.is_zero() {
+            return bad("max_batch_delay", "must be positive");
+        }
+        if self.channel_capacity == 0 {
+            return bad("channel_capacity", "must be at least 1");
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.session_timeout {
+            return bad(
+                "heartbeat_interval",
+                "must be positive and below session_timeout",
+            );
+        }
+        if self.max_poll_interval < self.session_timeout {
+            return bad("max_poll_interval", "must be at least session_timeout");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        Config {
+            brokers: "127.0.0.1:9092".into(),
+            database_url: "postgres://localhost/db".into(),
+            keyspaces: vec!["users".into()],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn defaults_need_only_the_services_and_keyspaces() {
+        assert!(valid().validate().is_ok());
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid config: brokers: must name at least one broker"
+        );
+    }
+
+    #[test]
+    fn files_reject_unknown_fields_and_parse_durations() {
+        let config: Config = toml::from_str(
+            "brokers = 'b:9092'\ndatabase_url = 'postgres://x/y'\nkeyspaces = ['a']\nmax_batch_delay = '250ms'",
+        )
+        .unwrap();
+        assert_eq!(config.max_batch_delay, Duration::from_millis(250));
+        assert!(toml::from_str::<Config>("batch = 3").is_err());
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let mut config = valid();
+        config.max_batch_records = 0;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_batch_records")
+        );
+        let mut config = valid();
+        config.heartbeat_interval = config.session_timeout;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("heartbeat_interval")
+        );
+        let mut config = valid();
+        config.keyspaces.push("a\0b".into());
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("keyspaces")
+        );
+    }
+}
