@@ -184,6 +184,13 @@ pub struct KeyspaceConfig {
     /// `capacity_bytes`.
     #[serde(with = "humantime_serde")]
     pub keep_stale_for: Option<Duration>,
+    /// Most bytes (key + value + per-entry overhead) of dirty write-back
+    /// entries the keyspace holds; a dirty write beyond it is refused.
+    /// Dirty entries live outside the byte-bounded cache and are never
+    /// evicted, so this bounds their memory. Absent means
+    /// `capacity_bytes / `[`crate::store::DIRTY_BUDGET_DIVISOR`]; at most
+    /// `capacity_bytes`; 0 refuses every dirty write.
+    pub max_dirty_bytes: Option<u64>,
 }
 
 impl Default for KeyspaceConfig {
@@ -194,6 +201,7 @@ impl Default for KeyspaceConfig {
             lease_ttl: DEFAULT_LEASE_TTL,
             lease_retry_after: DEFAULT_LEASE_RETRY_AFTER,
             keep_stale_for: None,
+            max_dirty_bytes: None,
         }
     }
 }
@@ -371,6 +379,8 @@ impl Config {
                     .lease_retry_after
                     .unwrap_or(defaults.lease_retry_after),
                 keep_stale_for: entry.keep_stale_for,
+                // The shared keyspace file has no such field.
+                max_dirty_bytes: None,
             };
             self.keyspaces.insert(name, keyspace);
         }
@@ -484,6 +494,12 @@ impl Config {
 }
 
 impl KeyspaceConfig {
+    /// The effective bound on dirty bytes: `max_dirty_bytes`, or its default.
+    pub fn max_dirty_bytes(&self) -> u64 {
+        self.max_dirty_bytes
+            .unwrap_or(self.capacity_bytes / crate::store::DIRTY_BUDGET_DIVISOR)
+    }
+
     fn validate(&self, field: &str, limits: &Limits) -> Result<()> {
         // A keyspace must hold at least one maximal entry, or every large
         // write would be evicted as soon as it is stored.
@@ -549,6 +565,14 @@ impl KeyspaceConfig {
                     humantime::format_duration(keep),
                     humantime::format_duration(limits.max_ttl)
                 ),
+            ));
+        }
+        if let Some(max) = self.max_dirty_bytes
+            && max > self.capacity_bytes
+        {
+            return Err(Error::config(
+                format!("{field}.max_dirty_bytes"),
+                format!("{max} exceeds capacity_bytes ({})", self.capacity_bytes),
             ));
         }
         Ok(())
@@ -642,6 +666,18 @@ mod tests {
     }
 
     #[test]
+    fn max_dirty_bytes_defaults_to_a_quarter_of_the_capacity() {
+        let mut config = Config::from_toml(
+            "[keyspaces.a]\ncapacity_bytes = 16777216\n\
+             [keyspaces.b]\ncapacity_bytes = 16777216\nmax_dirty_bytes = 1000\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.keyspaces["a"].max_dirty_bytes(), 4_194_304);
+        assert_eq!(config.keyspaces["b"].max_dirty_bytes(), 1000);
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_with_their_name() {
         let err = Config::from_toml("listen = \"127.0.0.1:1\"\nlsiten = 3\n").unwrap_err();
         assert!(err.to_string().contains("lsiten"), "{err}");
@@ -688,6 +724,10 @@ mod tests {
             (
                 "[keyspaces.a]\nkeep_stale_for = \"0s\"",
                 "keyspaces.a.keep_stale_for",
+            ),
+            (
+                "[keyspaces.a]\ncapacity_bytes = 16777216\nmax_dirty_bytes = 16777217",
+                "keyspaces.a.max_dirty_bytes",
             ),
             (
                 "[created_keyspaces]\nlease_ttl = \"400days\"",

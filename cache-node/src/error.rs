@@ -66,6 +66,17 @@ pub enum Error {
         /// The configured maximum.
         max: usize,
     },
+    /// A dirty (write-back) write would take the keyspace's dirty entries
+    /// beyond `max_dirty_bytes`; nothing was stored.
+    #[error("dirty bytes of keyspace {keyspace:?} would exceed max_dirty_bytes ({max})")]
+    DirtyBytesExhausted {
+        /// The keyspace written to.
+        keyspace: String,
+        /// The dirty bytes the keyspace would have held with the write.
+        bytes: u64,
+        /// The configured maximum.
+        max: u64,
+    },
     /// A 2PC request carried an empty transaction id.
     #[error("txn_id is empty")]
     EmptyTxnId,
@@ -125,7 +136,9 @@ impl ServiceError for Error {
             | Error::InvalidKeyspaceName { .. }
             | Error::Malformed(_) => ErrorKind::InvalidArgument,
             Error::UnknownKeyspace { .. } => ErrorKind::NotFound,
-            Error::TooManyKeyspaces { .. } => ErrorKind::ResourceExhausted,
+            Error::TooManyKeyspaces { .. } | Error::DirtyBytesExhausted { .. } => {
+                ErrorKind::ResourceExhausted
+            }
             Error::Config { .. } | Error::ConfigFile { .. } | Error::Server(_) => {
                 ErrorKind::Internal
             }

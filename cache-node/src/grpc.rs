@@ -148,6 +148,7 @@ fn item_from_proto(item: v1::SetItem) -> Result<SetItem, Error> {
         version: item.version,
         ttl: (item.ttl_ms > 0).then(|| Duration::from_millis(item.ttl_ms)),
         condition,
+        dirty: item.dirty,
     })
 }
 
@@ -264,6 +265,10 @@ impl CacheNode for CacheNodeService {
                     commits: s.commits,
                     aborts: s.aborts,
                     pending_timeouts: s.pending_timeouts,
+                    dirty_items: s.dirty_items,
+                    dirty_bytes: s.dirty_bytes,
+                    max_dirty_bytes: s.max_dirty_bytes,
+                    dirty_refused: s.dirty_refused,
                 })
                 .collect();
             Ok(v1::StatsResponse {
@@ -361,6 +366,22 @@ impl CacheNode for CacheNodeService {
         self.call(Rpc::Abort, || {
             let aborted = self.store.abort(&req.keyspace, &req.key, &req.txn_id)?;
             Ok(v1::AbortResponse { aborted })
+        })
+    }
+
+    async fn mark_clean(
+        &self,
+        request: Request<v1::MarkCleanRequest>,
+    ) -> Result<Response<v1::MarkCleanResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::MarkClean, || {
+            let keys: Vec<_> = req.keys.into_iter().map(|k| (k.key, k.version)).collect();
+            let cleaned = self.store.mark_clean(&req.keyspace, &keys)?;
+            Ok(v1::MarkCleanResponse {
+                // At most `max_batch_keys` keys, which config caps far below
+                // u32::MAX.
+                cleaned: u32::try_from(cleaned).unwrap_or(u32::MAX),
+            })
         })
     }
 

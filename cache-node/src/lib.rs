@@ -2,8 +2,8 @@
 //!
 //! - [`config`]: the TOML/env/flag configuration and its validation.
 //! - [`store`]: the domain core: keyspaces of versioned entries in
-//!   byte-bounded moka caches, with leases and 2PC pending changes. Knows
-//!   nothing of gRPC.
+//!   byte-bounded moka caches, with leases, 2PC pending changes and
+//!   write-back dirty entries. Knows nothing of gRPC.
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that

@@ -49,11 +49,13 @@ pub enum Rpc {
     Commit,
     /// `Abort`.
     Abort,
+    /// `MarkClean`.
+    MarkClean,
 }
 
 impl Rpc {
     // In declaration order: `time` indexes by `rpc as usize`.
-    const ALL: [Rpc; 13] = [
+    const ALL: [Rpc; 14] = [
         Rpc::Get,
         Rpc::Set,
         Rpc::Delete,
@@ -67,6 +69,7 @@ impl Rpc {
         Rpc::Prepare,
         Rpc::Commit,
         Rpc::Abort,
+        Rpc::MarkClean,
     ];
 
     fn name(self) -> &'static str {
@@ -84,6 +87,7 @@ impl Rpc {
             Rpc::Prepare => "Prepare",
             Rpc::Commit => "Commit",
             Rpc::Abort => "Abort",
+            Rpc::MarkClean => "MarkClean",
         }
     }
 }
@@ -175,6 +179,7 @@ impl NodeMetrics {
             counter("ringcache_node_commits_total", ks.commits);
             counter("ringcache_node_aborts_total", ks.aborts);
             counter("ringcache_node_pending_timeouts_total", ks.pending_timeouts);
+            counter("ringcache_node_dirty_refused_total", ks.dirty_refused);
             let gauge = |name: &'static str, value: u64| {
                 self.recorder
                     .register_gauge(&Key::from_parts(name, labels()), &METADATA)
@@ -183,6 +188,9 @@ impl NodeMetrics {
             gauge("ringcache_node_items", ks.items);
             gauge("ringcache_node_bytes", ks.bytes);
             gauge("ringcache_node_capacity_bytes", ks.capacity_bytes);
+            gauge("ringcache_node_dirty_items", ks.dirty_items);
+            gauge("ringcache_node_dirty_bytes", ks.dirty_bytes);
+            gauge("ringcache_node_max_dirty_bytes", ks.max_dirty_bytes);
         }
         self.handle.render()
     }

@@ -6,7 +6,9 @@
 //! coordination state for leases (the memcache paper's fix for thundering
 //! herds and stale sets), for 2PC pending changes (write-through), and for
 //! recently deleted "stale" values. A key has a record only while it has a
-//! lease, a pending change or a stale value; see `KeyState`.
+//! lease, a pending change or a stale value; see `KeyState`. Beside both, a
+//! table of *dirty* entries holds write-back values not yet in the store
+//! (see `DirtyTable`).
 //!
 //! # Invariants
 //! - **A version-fenced write never replaces an entry of an equal or newer
@@ -25,9 +27,15 @@
 //!   why a keyspace with no records may skip the lock.
 //! - **A pending change is never visible to readers**; it lives in the
 //!   record, not in the cache, until it is committed.
-//! - **Lock order: records shard, then moka's per-key lock.** Nothing takes a
-//!   records lock while holding a moka lock (moka's listeners only bump
-//!   counters), so the two cannot deadlock.
+//! - **A dirty (write-back) entry is never evicted** and does not expire
+//!   while dirty: it lives in the keyspace's dirty table, outside moka,
+//!   within `max_dirty_bytes`, until `mark_clean` moves it into the cache.
+//!   Reads see the newer of the dirty and the cached entry; a clean write of
+//!   an equal or older version never replaces a dirty entry.
+//! - **Lock order: records shard, then dirty-table shard, then moka's
+//!   per-key lock.** Nothing takes a records lock while holding a dirty or
+//!   moka lock, nor a dirty lock while holding a moka lock (moka's listeners
+//!   only bump counters), so they cannot deadlock.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -55,6 +63,11 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 128;
 /// cache; a keyspace keeps at most `capacity_bytes / STALE_BUDGET_DIVISOR`
 /// bytes of them and simply keeps no more beyond that.
 pub const STALE_BUDGET_DIVISOR: u64 = 8;
+
+/// Dirty (write-back) entries live outside the byte-bounded cache; unless
+/// `max_dirty_bytes` says otherwise, a keyspace holds at most
+/// `capacity_bytes / DIRTY_BUDGET_DIVISOR` bytes of them.
+pub const DIRTY_BUDGET_DIVISOR: u64 = 4;
 
 /// Longest transaction id a `Prepare` may carry.
 pub const MAX_TXN_ID_BYTES: usize = 256;
@@ -95,6 +108,10 @@ pub struct SetItem {
     pub ttl: Option<Duration>,
     /// When to store.
     pub condition: WriteCondition,
+    /// Write-back: the value is not yet in the keyspace's store, so the
+    /// node keeps it as a dirty entry until [`Store::mark_clean`] names its
+    /// version. Ignored by fills and prepares.
+    pub dirty: bool,
 }
 
 /// What a write did.
@@ -160,6 +177,14 @@ pub struct KeyspaceStats {
     pub aborts: u64,
     /// Pending changes that timed out (each deleted the live entry).
     pub pending_timeouts: u64,
+    /// Dirty (write-back) entries held now.
+    pub dirty_items: u64,
+    /// Weighted bytes of the dirty entries held now.
+    pub dirty_bytes: u64,
+    /// The bound on `dirty_bytes`.
+    pub max_dirty_bytes: u64,
+    /// Dirty writes refused for `max_dirty_bytes`.
+    pub dirty_refused: u64,
 }
 
 /// What `LeaseGet` answers.
@@ -300,6 +325,7 @@ struct Counters {
     commits: AtomicU64,
     aborts: AtomicU64,
     pending_timeouts: AtomicU64,
+    dirty_refused: AtomicU64,
 }
 
 /// A lease on a key: the one caller allowed to fill it.
@@ -448,6 +474,81 @@ impl Records {
     }
 }
 
+/// A dirty (write-back) entry: written by a client, not yet stored in the
+/// keyspace's store by the write-back worker.
+#[derive(Clone, Debug)]
+struct DirtyEntry {
+    value: Bytes,
+    version: u64,
+    /// The TTL the entry gets when it becomes clean, counted from then: a
+    /// dirty entry does not expire, because dropping it before the store
+    /// has the value would lose read-your-writes.
+    ttl: Option<Duration>,
+}
+
+impl DirtyEntry {
+    /// The entry as a reader sees it: its whole TTL still ahead.
+    fn as_stored(&self, now: Instant) -> Stored {
+        Stored {
+            value: self.value.clone(),
+            version: self.version,
+            expires_at: self.ttl.map(|ttl| now + ttl),
+        }
+    }
+}
+
+fn dirty_weight(key: &[u8], entry: &DirtyEntry) -> u64 {
+    key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD_BYTES
+}
+
+/// The newer of two entries; the first on a tie (dirty entries are passed
+/// first, and a dirty and a clean entry of one version hold the same value).
+fn newest(first: Option<Stored>, second: Option<Stored>) -> Option<Stored> {
+    match (first, second) {
+        (Some(a), Some(b)) => Some(if b.version > a.version { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The dirty entries of one keyspace. They live outside moka so that no
+/// eviction policy can drop them: moka may evict any entry, whatever its
+/// weight. A key may have a dirty entry and a clean (cached) one; readers
+/// see the newer.
+#[derive(Default)]
+struct DirtyTable {
+    table: DashMap<Bytes, DirtyEntry>,
+    /// Number of dirty entries, never below the true number: incremented
+    /// before a dirty write looks at the cache and decremented after an
+    /// entry is removed (or a write stored none). Reads skip the table when
+    /// it is 0; clean writes check it inside moka's per-key compute (see
+    /// [`Keyspace::put_clean`]).
+    count: AtomicUsize,
+    /// Weight of the dirty entries held, changed under the key's shard lock;
+    /// a compare-and-swap reserves room, so `max_dirty_bytes` is exact.
+    bytes: AtomicU64,
+}
+
+impl DirtyTable {
+    fn any(&self) -> bool {
+        self.count.load(Ordering::SeqCst) > 0
+    }
+
+    /// Accounts for an entry just removed from the table.
+    fn forget(&self, key: &[u8], entry: &DirtyEntry) {
+        self.bytes
+            .fetch_sub(dirty_weight(key, entry), Ordering::SeqCst);
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The key's dirty entry, if any; one atomic load when there is none.
+    fn get(&self, key: &[u8]) -> Option<DirtyEntry> {
+        if !self.any() {
+            return None;
+        }
+        self.table.get(key).map(|entry| entry.value().clone())
+    }
+}
+
 /// Lease tokens: unique per node process. A counter multiplied by an odd
 /// constant is a bijection on u64, so tokens do not repeat before 2^64 of
 /// them; the random start keeps a restarted node from handing out the
@@ -493,6 +594,8 @@ pub struct Keyspace {
     name: String,
     cache: Cache<Bytes, Stored>,
     records: Records,
+    dirty: DirtyTable,
+    max_dirty_bytes: u64,
     config: KeyspaceConfig,
     counters: Arc<Counters>,
 }
@@ -520,6 +623,8 @@ impl Keyspace {
             name: name.to_owned(),
             cache,
             records: Records::default(),
+            dirty: DirtyTable::default(),
+            max_dirty_bytes: config.max_dirty_bytes(),
             config,
             counters,
         }
@@ -530,9 +635,15 @@ impl Keyspace {
         &self.name
     }
 
-    /// The live entry, without counting the read.
+    /// The live entry, the newer of the dirty and the cached one, without
+    /// counting the read.
     fn lookup(&self, key: &[u8], now: Instant) -> Option<Stored> {
-        self.cache.get(key).filter(|stored| stored.is_live(now))
+        // Dirty first: `mark_clean` puts the entry into the cache before it
+        // removes the dirty one (and readers of the table wait for its shard
+        // lock), so a read racing with it finds one or the other.
+        let dirty = self.dirty.get(key).map(|entry| entry.as_stored(now));
+        let clean = self.cache.get(key).filter(|stored| stored.is_live(now));
+        newest(dirty, clean)
     }
 
     fn live_version(&self, key: &[u8], now: Instant) -> u64 {
@@ -598,6 +709,17 @@ impl Keyspace {
         if timed_out {
             let pending = state.pending.take();
             self.cache.invalidate(key);
+            // A dirty entry older than the change is superseded too; a newer
+            // one was written after the prepare and stays.
+            if let Some(pending) = &pending
+                && self.dirty.any()
+                && let Some((key, entry)) = self
+                    .dirty
+                    .table
+                    .remove_if(key, |_, entry| entry.version < pending.version)
+            {
+                self.dirty.forget(&key, &entry);
+            }
             bump(&self.counters.pending_timeouts, 1);
             tracing::debug!(
                 keyspace = %self.name,
@@ -608,10 +730,211 @@ impl Keyspace {
         timed_out
     }
 
-    /// Stores `new` under `condition` in one moka compute; no counting.
-    fn put(&self, key: Bytes, new: Stored, condition: WriteCondition, now: Instant) -> SetResult {
+    /// Stores a clean `new` under `condition`, fenced by the key's dirty
+    /// entry; no counting.
+    ///
+    /// A dirty entry is the newest value the system has (the store does not
+    /// have it yet), so a clean write of an equal or older version, whatever
+    /// its condition, is refused (`StaleVersion`; `Exists` for `IfAbsent`),
+    /// and a stored newer one replaces it: the store already has something
+    /// newer.
+    ///
+    /// # Why the fast path is safe
+    /// While the keyspace has no dirty entries the write skips the table. It
+    /// re-checks the count inside moka's per-key compute, and a dirty write
+    /// increments the count before its own compute on the key: the two
+    /// computes are serialised by moka's key lock, so either this one runs
+    /// first (and the dirty write then sees its value) or it sees the count
+    /// and retries under the table's lock.
+    fn put_clean(
+        &self,
+        key: Bytes,
+        new: Stored,
+        condition: WriteCondition,
+        now: Instant,
+    ) -> SetResult {
+        if !self.dirty.any()
+            && let Some(result) = self.put(key.clone(), new.clone(), condition, now, true)
+        {
+            return result;
+        }
+        match self.dirty.table.entry(key.clone()) {
+            Entry::Occupied(dirty) => {
+                let version = dirty.get().version;
+                if condition == WriteCondition::IfAbsent {
+                    return SetResult {
+                        outcome: SetOutcome::Exists,
+                        current_version: version,
+                    };
+                }
+                if new.version <= version {
+                    return SetResult {
+                        outcome: SetOutcome::StaleVersion,
+                        current_version: version,
+                    };
+                }
+                let result = self
+                    .put(key, new, condition, now, false)
+                    .expect("put without bail always decides");
+                if result.outcome == SetOutcome::Stored {
+                    let (key, entry) = dirty.remove_entry();
+                    self.dirty.forget(&key, &entry);
+                }
+                result
+            }
+            // The vacant slot holds the shard lock: no dirty write can come
+            // in on this key until the put is done.
+            Entry::Vacant(_) => self
+                .put(key, new, condition, now, false)
+                .expect("put without bail always decides"),
+        }
+    }
+
+    /// Stores a dirty entry under `condition`, against the newer of the
+    /// key's dirty and cached entries, within `max_dirty_bytes`. A stored
+    /// dirty entry replaces both. No counting.
+    fn put_dirty(
+        &self,
+        key: Bytes,
+        new: DirtyEntry,
+        condition: WriteCondition,
+        now: Instant,
+    ) -> Result<SetResult> {
+        let weight = dirty_weight(&key, &new);
+        // Before the compute below; see `put_clean`.
+        self.dirty.count.fetch_add(1, Ordering::SeqCst);
+        let slot = self.dirty.table.entry(key.clone());
+        let old = match &slot {
+            Entry::Occupied(occupied) => Some(occupied.get().clone()),
+            Entry::Vacant(_) => None,
+        };
+        let old_weight = old.as_ref().map_or(0, |entry| dirty_weight(&key, entry));
+        let mut refused: Option<Result<SetResult>> = None;
+        self.cache.entry(key.clone()).and_compute_with(|current| {
+            let clean = current.map(|e| e.into_value()).filter(|s| s.is_live(now));
+            let had_clean = clean.is_some();
+            let live = newest(old.as_ref().map(|entry| entry.as_stored(now)), clean);
+            match (condition, live) {
+                (WriteCondition::IfAbsent, Some(existing)) => {
+                    refused = Some(Ok(SetResult {
+                        outcome: SetOutcome::Exists,
+                        current_version: existing.version,
+                    }));
+                    return Op::Nop;
+                }
+                (WriteCondition::IfNewerVersion, Some(existing))
+                    if existing.version >= new.version =>
+                {
+                    refused = Some(Ok(SetResult {
+                        outcome: SetOutcome::StaleVersion,
+                        current_version: existing.version,
+                    }));
+                    return Op::Nop;
+                }
+                _ => {}
+            }
+            let reserved =
+                self.dirty
+                    .bytes
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                        let next = held.saturating_sub(old_weight) + weight;
+                        (next <= self.max_dirty_bytes).then_some(next)
+                    });
+            if let Err(held) = reserved {
+                refused = Some(Err(Error::DirtyBytesExhausted {
+                    keyspace: self.name.clone(),
+                    bytes: held.saturating_sub(old_weight) + weight,
+                    max: self.max_dirty_bytes,
+                }));
+                return Op::Nop;
+            }
+            // The dirty entry supersedes the cached one.
+            if had_clean { Op::Remove } else { Op::Nop }
+        });
+        if let Some(refused) = refused {
+            drop(slot);
+            self.dirty.count.fetch_sub(1, Ordering::SeqCst);
+            return refused;
+        }
+        let version = new.version;
+        match slot {
+            Entry::Occupied(mut occupied) => {
+                occupied.insert(new);
+                // Replaced, not added.
+                self.dirty.count.fetch_sub(1, Ordering::SeqCst);
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(new);
+            }
+        }
+        Ok(SetResult {
+            outcome: SetOutcome::Stored,
+            current_version: version,
+        })
+    }
+
+    /// `MarkClean` of one key: if its dirty entry is of `version` or older,
+    /// it becomes a clean cached entry (evictable, TTL counted from now);
+    /// true when it did.
+    fn mark_clean(&self, key: &[u8], version: u64, now: Instant) -> bool {
+        if !self.dirty.any() {
+            return false;
+        }
+        let Entry::Occupied(dirty) = self.dirty.table.entry(Bytes::copy_from_slice(key)) else {
+            return false;
+        };
+        if dirty.get().version > version {
+            return false;
+        }
+        let clean = dirty.get().as_stored(now);
+        // Into the cache first, then out of the table (see `lookup`); fenced
+        // in case a newer clean entry is cached.
+        self.cache
+            .entry(dirty.key().clone())
+            .and_compute_with(|current| {
+                match current.map(|e| e.into_value()).filter(|s| s.is_live(now)) {
+                    Some(existing) if existing.version >= clean.version => Op::Nop,
+                    _ => Op::Put(clean),
+                }
+            });
+        let (key, entry) = dirty.remove_entry();
+        self.dirty.forget(&key, &entry);
+        true
+    }
+
+    /// Removes the key's dirty and cached entries; returns the newer live
+    /// one.
+    fn remove_entries(&self, key: &[u8], now: Instant) -> Option<Stored> {
+        let dirty = if self.dirty.any() {
+            self.dirty.table.remove(key).map(|(key, entry)| {
+                self.dirty.forget(&key, &entry);
+                entry.as_stored(now)
+            })
+        } else {
+            None
+        };
+        let clean = self.cache.remove(key).filter(|s| s.is_live(now));
+        newest(dirty, clean)
+    }
+
+    /// Stores `new` under `condition` in one moka compute; no counting. With
+    /// `bail_if_dirty`, does nothing and returns `None` if the keyspace has
+    /// dirty entries (see [`Keyspace::put_clean`]).
+    fn put(
+        &self,
+        key: Bytes,
+        new: Stored,
+        condition: WriteCondition,
+        now: Instant,
+        bail_if_dirty: bool,
+    ) -> Option<SetResult> {
         let mut refused: Option<SetResult> = None;
+        let mut bailed = false;
         let result = self.cache.entry(key).and_compute_with(|current| {
+            if bail_if_dirty && self.dirty.any() {
+                bailed = true;
+                return Op::Nop;
+            }
             let live = current.map(|e| e.into_value()).filter(|s| s.is_live(now));
             match (condition, live) {
                 (WriteCondition::IfAbsent, Some(existing)) => {
@@ -633,8 +956,11 @@ impl Keyspace {
                 _ => Op::Put(new),
             }
         });
+        if bailed {
+            return None;
+        }
         if let Some(refused) = refused {
-            return refused;
+            return Some(refused);
         }
         let version = match result {
             CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.value().version,
@@ -642,10 +968,10 @@ impl Keyspace {
             // and `Put` always yields `Inserted` or `ReplacedWith`.
             other => unreachable!("compute returned Put but moka reported {other:?}"),
         };
-        SetResult {
+        Some(SetResult {
             outcome: SetOutcome::Stored,
             current_version: version,
-        }
+        })
     }
 
     /// The entry a write stores: key and value copied out of the request.
@@ -682,32 +1008,65 @@ impl Keyspace {
     /// after it receives the token, so it reads the new row, and a fill of
     /// the new row is correct; a `Set` racing with the grant is covered by
     /// the fill's version fence.
-    fn set(&self, item: SetItem, now: Instant) -> SetResult {
+    ///
+    /// # Errors
+    /// [`Error::DirtyBytesExhausted`] for a dirty write beyond
+    /// `max_dirty_bytes`; nothing is stored (the lease is still dropped).
+    fn set(&self, item: SetItem, now: Instant) -> Result<SetResult> {
         let key = Bytes::copy_from_slice(&item.key);
-        let new = self.stored(&item.value, item.version, item.ttl, now);
+        let write = |key: Bytes| {
+            if item.dirty {
+                let new = DirtyEntry {
+                    // Copied out of the request buffer, as in `stored`.
+                    value: Bytes::copy_from_slice(&item.value),
+                    version: item.version,
+                    ttl: item.ttl.or(self.config.default_ttl),
+                };
+                self.put_dirty(key, new, item.condition, now)
+            } else {
+                let new = self.stored(&item.value, item.version, item.ttl, now);
+                Ok(self.put_clean(key, new, item.condition, now))
+            }
+        };
         let result = if self.records.any() {
             self.records.update(key.clone(), |state| {
                 self.settle(&key, state, now);
                 state.lease = None;
-                let result = self.put(key.clone(), new, item.condition, now);
-                if result.outcome == SetOutcome::Stored {
+                let result = write(key.clone());
+                if result
+                    .as_ref()
+                    .is_ok_and(|r| r.outcome == SetOutcome::Stored)
+                {
                     // A newer value is live; the old deleted one is no use.
                     state.stale = None;
                 }
                 result
             })
         } else {
-            self.put(key, new, item.condition, now)
+            write(key)
         };
-        bump(
-            if result.outcome == SetOutcome::Stored {
-                &self.counters.sets
-            } else {
-                &self.counters.sets_refused
-            },
-            1,
-        );
+        match &result {
+            Ok(r) if r.outcome == SetOutcome::Stored => bump(&self.counters.sets, 1),
+            Ok(_) => bump(&self.counters.sets_refused, 1),
+            Err(_) => bump(&self.counters.dirty_refused, 1),
+        }
         result
+    }
+
+    /// Dirty bytes the keyspace would hold after storing the dirty ones of
+    /// `items`, as far as can be told now (racing writes may change it).
+    fn dirty_bytes_after(&self, items: &[SetItem]) -> u64 {
+        items.iter().filter(|item| item.dirty).fold(
+            self.dirty.bytes.load(Ordering::SeqCst),
+            |held, item| {
+                let replaced = self
+                    .dirty
+                    .get(&item.key)
+                    .map_or(0, |old| dirty_weight(&item.key, &old));
+                (held + item.key.len() as u64 + item.value.len() as u64 + ENTRY_OVERHEAD_BYTES)
+                    .saturating_sub(replaced)
+            },
+        )
     }
 
     /// Deletes one key; true when a live entry went. Invalidates the lease
@@ -718,14 +1077,14 @@ impl Keyspace {
             self.records.update(Bytes::copy_from_slice(key), |state| {
                 self.settle(key, state, now);
                 state.lease = None;
-                let removed = self.cache.remove(key).filter(|s| s.is_live(now));
+                let removed = self.remove_entries(key, now);
                 if let Some(removed) = &removed {
                     self.keep_stale(state, removed, now);
                 }
                 removed.is_some()
             })
         } else {
-            self.cache.remove(key).is_some_and(|s| s.is_live(now))
+            self.remove_entries(key, now).is_some()
         };
         if deleted {
             bump(&self.counters.deletes, 1);
@@ -768,8 +1127,16 @@ impl Keyspace {
     /// an entry written before it. Pending changes are dropped too: their
     /// commits answer `committed = false`, which a writer must treat like a
     /// failed cache update.
+    ///
+    /// Dirty entries are dropped too: a client flushes a node only before
+    /// routing to it again, and the write-back records are in Kafka, so
+    /// only read-your-writes through this node is lost, never data.
     fn flush(&self) {
         self.records.sweep(|_, state| *state = KeyState::default());
+        self.dirty.table.retain(|key, entry| {
+            self.dirty.forget(key, entry);
+            false
+        });
         self.cache.invalidate_all();
     }
 
@@ -832,7 +1199,7 @@ impl Keyspace {
             // Stored or fenced off, the holder is done with the lease.
             state.lease = None;
             let new = self.stored(&item.value, item.version, item.ttl, now);
-            let result = self.put(key.clone(), new, WriteCondition::IfNewerVersion, now);
+            let result = self.put_clean(key.clone(), new, WriteCondition::IfNewerVersion, now);
             if result.outcome == SetOutcome::Stored {
                 state.stale = None;
                 bump(&self.counters.fills_stored, 1);
@@ -930,7 +1297,8 @@ impl Keyspace {
                         version: pending.version,
                         expires_at: ttl.or(self.config.default_ttl).map(|ttl| now + ttl),
                     };
-                    let result = self.put(key.clone(), new, WriteCondition::IfNewerVersion, now);
+                    let result =
+                        self.put_clean(key.clone(), new, WriteCondition::IfNewerVersion, now);
                     if result.outcome == SetOutcome::Stored {
                         state.stale = None;
                     }
@@ -957,6 +1325,17 @@ impl Keyspace {
     /// exists (then `Err` with that version). `Ok` carries the removed live
     /// entry, if there was one.
     fn remove_older(&self, key: &Bytes, version: u64, now: Instant) -> Result<Option<Stored>, u64> {
+        let mut removed_dirty = None;
+        if self.dirty.any()
+            && let Entry::Occupied(dirty) = self.dirty.table.entry(key.clone())
+        {
+            if dirty.get().version >= version {
+                return Err(dirty.get().version);
+            }
+            let (key, entry) = dirty.remove_entry();
+            self.dirty.forget(&key, &entry);
+            removed_dirty = Some(entry.as_stored(now));
+        }
         let mut winner = None;
         let result = self.cache.entry(key.clone()).and_compute_with(|current| {
             match current.map(|e| e.into_value()).filter(|s| s.is_live(now)) {
@@ -970,10 +1349,11 @@ impl Keyspace {
         if let Some(winner) = winner {
             return Err(winner);
         }
-        Ok(match result {
+        let removed_clean = match result {
             CompResult::Removed(entry) => Some(entry.into_value()).filter(|s| s.is_live(now)),
             _ => None,
-        })
+        };
+        Ok(newest(removed_dirty, removed_clean))
     }
 
     /// `Abort`: drops the transaction's pending change; true when it existed.
@@ -1033,6 +1413,10 @@ impl Keyspace {
             commits: load(&c.commits),
             aborts: load(&c.aborts),
             pending_timeouts: load(&c.pending_timeouts),
+            dirty_items: self.dirty.table.len() as u64,
+            dirty_bytes: self.dirty.bytes.load(Ordering::Relaxed),
+            max_dirty_bytes: self.max_dirty_bytes,
+            dirty_refused: load(&c.dirty_refused),
         }
     }
 }
@@ -1178,11 +1562,17 @@ impl Store {
 
     /// Writes one key under its condition.
     ///
+    /// A dirty item ([`SetItem::dirty`]) is kept, not cached: it is never
+    /// evicted and does not expire until [`Store::mark_clean`] names its
+    /// version, and it fences clean writes of equal or older versions.
+    ///
     /// # Errors
     /// Invalid key, value or TTL, or unknown keyspace; nothing is written.
+    /// [`Error::DirtyBytesExhausted`] when a dirty item would take the
+    /// keyspace beyond `max_dirty_bytes`; nothing is written.
     pub fn set(&self, keyspace: &str, item: SetItem) -> Result<SetResult> {
         self.check_item(&item)?;
-        Ok(self.keyspace(keyspace)?.set(item, Instant::now()))
+        self.keyspace(keyspace)?.set(item, Instant::now())
     }
 
     /// Deletes one key; true when a live entry was removed.
@@ -1211,16 +1601,49 @@ impl Store {
     ///
     /// # Errors
     /// Too many items, any invalid item, or unknown keyspace; nothing is
-    /// written.
+    /// written. [`Error::DirtyBytesExhausted`] when the batch's dirty items
+    /// would take the keyspace beyond `max_dirty_bytes`: checked for the
+    /// whole batch before anything is written, so nothing is; only racing
+    /// dirty writes can make a later item fail after earlier ones were
+    /// stored (the batch is not atomic; retrying it is safe, writes are
+    /// versioned).
     pub fn multi_set(&self, keyspace: &str, items: Vec<SetItem>) -> Result<Vec<SetResult>> {
         self.check_batch(items.len())?;
         items.iter().try_for_each(|item| self.check_item(item))?;
         let keyspace = self.keyspace(keyspace)?;
+        let after = keyspace.dirty_bytes_after(&items);
+        if after > keyspace.max_dirty_bytes {
+            bump(&keyspace.counters.dirty_refused, 1);
+            return Err(Error::DirtyBytesExhausted {
+                keyspace: keyspace.name.clone(),
+                bytes: after,
+                max: keyspace.max_dirty_bytes,
+            });
+        }
         let now = Instant::now();
-        Ok(items
+        items
             .into_iter()
             .map(|item| keyspace.set(item, now))
-            .collect())
+            .collect()
+    }
+
+    /// `MarkClean`: the write-back worker stored `version` of each key; a
+    /// dirty entry of that version or older becomes a clean cached entry
+    /// (evictable, its TTL counted from now). Newer dirty entries stay
+    /// dirty; keys with no dirty entry are ignored. Returns how many became
+    /// clean.
+    ///
+    /// # Errors
+    /// Too many keys, any invalid key, or unknown keyspace; nothing changes.
+    pub fn mark_clean(&self, keyspace: &str, keys: &[(Bytes, u64)]) -> Result<usize> {
+        self.check_batch(keys.len())?;
+        keys.iter().try_for_each(|(key, _)| self.check_key(key))?;
+        let keyspace = self.keyspace(keyspace)?;
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .filter(|(key, version)| keyspace.mark_clean(key, *version, now))
+            .count())
     }
 
     /// Reads one key; on a miss, hands out the key's lease or says to wait.
@@ -1375,6 +1798,7 @@ mod tests {
             version,
             ttl: None,
             condition,
+            dirty: false,
         }
     }
 
@@ -1446,7 +1870,7 @@ mod tests {
         let t0 = Instant::now();
         let mut it = item("k", "v", 1, WriteCondition::Unconditional);
         it.ttl = Some(Duration::from_secs(10));
-        ks.set(it, t0);
+        ks.set(it, t0).unwrap();
         assert!(ks.get(b"k", t0 + Duration::from_secs(9)).is_some());
         assert_eq!(
             ks.get(b"k", t0 + Duration::from_secs(9))
@@ -1460,7 +1884,7 @@ mod tests {
             item("k", "w", 0, WriteCondition::IfAbsent),
             t0 + Duration::from_secs(11),
         );
-        assert_eq!(r.outcome, SetOutcome::Stored);
+        assert_eq!(r.unwrap().outcome, SetOutcome::Stored);
     }
 
     #[test]
@@ -1805,6 +2229,7 @@ mod tests {
             racing,
             WriteCondition::Unconditional,
             now,
+            false,
         );
         assert_eq!(
             ks.fill(fill_item("k", "old", 7), t, now),
@@ -1824,7 +2249,8 @@ mod tests {
         let ks = keyspace("keep_stale_for = \"5s\"");
         let tokens = Tokens::new();
         let t0 = Instant::now();
-        ks.set(item("k", "old", 4, WriteCondition::Unconditional), t0);
+        ks.set(item("k", "old", 4, WriteCondition::Unconditional), t0)
+            .unwrap();
         assert!(ks.delete(b"k", t0));
         // Never a hit.
         assert_eq!(ks.get(b"k", t0), None);
@@ -1853,7 +2279,9 @@ mod tests {
 
         // Without keep_stale_for, nothing is kept and no record is made.
         let plain = keyspace("");
-        plain.set(item("k", "old", 4, WriteCondition::Unconditional), t0);
+        plain
+            .set(item("k", "old", 4, WriteCondition::Unconditional), t0)
+            .unwrap();
         plain.delete(b"k", t0);
         assert_eq!(plain.records.count.load(Ordering::SeqCst), 0);
         token(plain.lease_get(b"k", t0, &tokens));
@@ -1874,7 +2302,8 @@ mod tests {
         let value = "x".repeat(100_000);
         for i in 0..20 {
             let key = format!("k{i}");
-            ks.set(item(&key, &value, 1, WriteCondition::Unconditional), now);
+            ks.set(item(&key, &value, 1, WriteCondition::Unconditional), now)
+                .unwrap();
             ks.delete(key.as_bytes(), now);
         }
         let held = ks.records.stale_bytes.load(Ordering::Relaxed);
@@ -1903,7 +2332,8 @@ mod tests {
         for i in 0..1000 {
             token(ks.lease_get(format!("k{i}").as_bytes(), t0, &tokens));
         }
-        ks.set(item("s", "v", 1, WriteCondition::Unconditional), t0);
+        ks.set(item("s", "v", 1, WriteCondition::Unconditional), t0)
+            .unwrap();
         ks.delete(b"s", t0);
         assert_eq!(ks.records.count.load(Ordering::SeqCst), 1001);
         assert_eq!(ks.sweep(t0 + Duration::from_millis(999)), 0);
@@ -1966,6 +2396,7 @@ mod tests {
                                             version,
                                             ttl: None,
                                             condition: WriteCondition::Unconditional,
+                                            dirty: false,
                                         };
                                         ks.fill(loaded, token, Instant::now());
                                     }
@@ -2030,7 +2461,8 @@ mod tests {
         ks.set(
             item("k", "committed", 1, WriteCondition::Unconditional),
             now,
-        );
+        )
+        .unwrap();
         let r = ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
         assert_eq!(
             r,
@@ -2139,7 +2571,8 @@ mod tests {
 
         // A newer write landed while the change was pending: it wins.
         ks.prepare(prepare("k", "pending", 6, "tx2"), TIMEOUT, t1);
-        ks.set(item("k", "newer", 9, WriteCondition::Unconditional), t1);
+        ks.set(item("k", "newer", 9, WriteCondition::Unconditional), t1)
+            .unwrap();
         assert_eq!(
             ks.commit(b"k", "tx2", t1),
             CommitResult {
@@ -2154,7 +2587,8 @@ mod tests {
     fn a_pending_deletion_removes_the_live_entry_on_commit() {
         let ks = keyspace("");
         let now = Instant::now();
-        ks.set(item("k", "v", 1, WriteCondition::Unconditional), now);
+        ks.set(item("k", "v", 1, WriteCondition::Unconditional), now)
+            .unwrap();
         let mut p = prepare("k", "ignored", 2, "tx");
         p.delete = true;
         assert!(ks.prepare(p.clone(), TIMEOUT, now).prepared);
@@ -2169,10 +2603,12 @@ mod tests {
         assert_eq!(ks.get(b"k", now), None);
 
         // Fenced: a deletion of version 2 does not remove version 3.
-        ks.set(item("k", "v3", 1, WriteCondition::Unconditional), now);
+        ks.set(item("k", "v3", 1, WriteCondition::Unconditional), now)
+            .unwrap();
         p.txn_id = "tx2".into();
         assert!(ks.prepare(p, TIMEOUT, now).prepared);
-        ks.set(item("k", "v3", 3, WriteCondition::Unconditional), now);
+        ks.set(item("k", "v3", 3, WriteCondition::Unconditional), now)
+            .unwrap();
         assert_eq!(ks.commit(b"k", "tx2", now).current_version, 3);
         assert_eq!(ks.get(b"k", now).unwrap().value, "v3");
     }
@@ -2181,7 +2617,8 @@ mod tests {
     fn abort_leaves_the_live_entry_alone() {
         let ks = keyspace("");
         let now = Instant::now();
-        ks.set(item("k", "v", 1, WriteCondition::Unconditional), now);
+        ks.set(item("k", "v", 1, WriteCondition::Unconditional), now)
+            .unwrap();
         ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
         assert!(ks.abort(b"k", "tx", now));
         assert!(!ks.abort(b"k", "tx", now));
@@ -2195,7 +2632,8 @@ mod tests {
     fn a_timed_out_change_is_dropped_and_deletes_the_live_entry() {
         let ks = keyspace("");
         let t0 = Instant::now();
-        ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0);
+        ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0)
+            .unwrap();
         ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t0);
         assert_eq!(ks.sweep(t0 + TIMEOUT - Duration::from_millis(1)), 0);
         assert!(ks.get(b"k", t0).is_some());
@@ -2210,7 +2648,8 @@ mod tests {
     #[test]
     fn a_timed_out_change_is_noticed_by_the_next_access() {
         let at = |ks: &Keyspace, t: Instant| {
-            ks.set(item("k", "old", 1, WriteCondition::Unconditional), t);
+            ks.set(item("k", "old", 1, WriteCondition::Unconditional), t)
+                .unwrap();
             ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t);
         };
         let t0 = Instant::now();
@@ -2279,5 +2718,366 @@ mod tests {
         assert!(s.prepare("default", p.clone()).is_err());
         p.delete = true;
         assert!(s.prepare("default", p).unwrap().prepared);
+    }
+
+    // ---- write-back: dirty entries -------------------------------------
+
+    const SMALL: &str = "[limits]\nmax_key_bytes = 16\nmax_value_bytes = 64\n\
+        [keyspaces.small]\ncapacity_bytes = 4096\nmax_dirty_bytes = 2048\n";
+
+    fn dirty(key: &str, value: &str, version: u64, condition: WriteCondition) -> SetItem {
+        SetItem {
+            dirty: true,
+            ..item(key, value, version, condition)
+        }
+    }
+
+    fn read(s: &Store, keyspace: &str, key: &str) -> Option<(String, u64)> {
+        s.get(keyspace, key.as_bytes())
+            .unwrap()
+            .map(|hit| (String::from_utf8(hit.value.to_vec()).unwrap(), hit.version))
+    }
+
+    fn one_stats(s: &Store, keyspace: &str) -> KeyspaceStats {
+        s.stats(Some(keyspace)).unwrap().remove(0)
+    }
+
+    #[test]
+    fn dirty_entries_survive_heavy_eviction_pressure() {
+        let s = store(SMALL);
+        for i in 0..8 {
+            let r = s
+                .set(
+                    "small",
+                    dirty(
+                        &format!("d{i}"),
+                        &format!("dirty{i}"),
+                        10 + i,
+                        WriteCondition::Unconditional,
+                    ),
+                )
+                .unwrap();
+            assert_eq!(r.outcome, SetOutcome::Stored);
+        }
+        // About 200 weighted bytes each: 100 times the keyspace's capacity.
+        let filler = "x".repeat(64);
+        for round in 0..4 {
+            for i in 0..500 {
+                s.set(
+                    "small",
+                    item(
+                        &format!("c{i}"),
+                        &filler,
+                        round + 1,
+                        WriteCondition::Unconditional,
+                    ),
+                )
+                .unwrap();
+                // Reads make the clean entries look popular to TinyLFU.
+                s.get("small", format!("c{i}").as_bytes()).unwrap();
+            }
+        }
+        let stats = one_stats(&s, "small");
+        assert!(stats.evictions > 1000, "{stats:?}");
+        assert!(stats.bytes <= stats.capacity_bytes, "{stats:?}");
+        for i in 0..8 {
+            assert_eq!(
+                read(&s, "small", &format!("d{i}")),
+                Some((format!("dirty{i}"), 10 + i)),
+                "dirty entry d{i} lost"
+            );
+        }
+        assert_eq!(stats.dirty_items, 8);
+        // Key "dN" and value "dirtyN": 2 + 6 bytes plus the overhead each.
+        assert_eq!(stats.dirty_bytes, 8 * (2 + 6 + ENTRY_OVERHEAD_BYTES));
+        assert_eq!(stats.max_dirty_bytes, 2048);
+    }
+
+    #[test]
+    fn dirty_bytes_are_bounded_and_a_refused_write_stores_nothing() {
+        let s = store(SMALL);
+        let value = "v".repeat(64);
+        // 3 + 64 + 128 = 195 bytes each: ten fit in 2048, the eleventh not.
+        for i in 0..10 {
+            s.set(
+                "small",
+                dirty(
+                    &format!("k{i:02}"),
+                    &value,
+                    1,
+                    WriteCondition::Unconditional,
+                ),
+            )
+            .unwrap();
+        }
+        let err = s
+            .set(
+                "small",
+                dirty("kxx", &value, 1, WriteCondition::Unconditional),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::DirtyBytesExhausted {
+                    bytes: 2145,
+                    max: 2048,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "dirty bytes of keyspace \"small\" would exceed max_dirty_bytes (2048)"
+        );
+        assert_eq!(read(&s, "small", "kxx"), None);
+        // Replacing a dirty entry counts only the difference.
+        s.set(
+            "small",
+            dirty("k00", &value, 2, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        // A batch that cannot fit is refused before anything is written.
+        let batch = vec![
+            item("clean", "c", 1, WriteCondition::Unconditional),
+            dirty("kyy", &value, 1, WriteCondition::Unconditional),
+        ];
+        assert!(matches!(
+            s.multi_set("small", batch),
+            Err(Error::DirtyBytesExhausted { .. })
+        ));
+        assert_eq!(read(&s, "small", "clean"), None);
+        // Clean writes are not bounded by it.
+        s.set(
+            "small",
+            item("kxx", &value, 1, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        let stats = one_stats(&s, "small");
+        assert_eq!(stats.dirty_items, 10);
+        assert_eq!(stats.dirty_bytes, 1950);
+        assert_eq!(stats.dirty_refused, 2);
+    }
+
+    #[test]
+    fn mark_clean_cleans_older_or_equal_dirty_entries_only() {
+        let s = store("");
+        s.set(
+            "default",
+            dirty("k", "v5", 5, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        let key = || vec![(Bytes::from_static(b"k"), 4)];
+        // The worker stored an older version: the entry stays dirty.
+        assert_eq!(s.mark_clean("default", &key()).unwrap(), 0);
+        assert_eq!(one_stats(&s, "default").dirty_items, 1);
+        // Unknown keys are ignored.
+        assert_eq!(
+            s.mark_clean("default", &[(Bytes::from_static(b"nope"), 9)])
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            s.mark_clean("default", &[(Bytes::from_static(b"k"), 5)])
+                .unwrap(),
+            1
+        );
+        let stats = one_stats(&s, "default");
+        assert_eq!((stats.dirty_items, stats.dirty_bytes), (0, 0));
+        // Now a clean cached entry, still readable.
+        assert_eq!(read(&s, "default", "k"), Some(("v5".into(), 5)));
+        assert_eq!(stats.items, 1);
+        // Idempotent.
+        assert_eq!(
+            s.mark_clean("default", &[(Bytes::from_static(b"k"), 5)])
+                .unwrap(),
+            0
+        );
+        // A newer stored version cleans too.
+        s.set(
+            "default",
+            dirty("k", "v6", 6, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        assert_eq!(
+            s.mark_clean("default", &[(Bytes::from_static(b"k"), 9)])
+                .unwrap(),
+            1
+        );
+        assert_eq!(read(&s, "default", "k"), Some(("v6".into(), 6)));
+    }
+
+    #[test]
+    fn a_dirty_entry_does_not_expire_and_gets_its_ttl_when_clean() {
+        let ks = keyspace("default_ttl = \"1s\"");
+        let t0 = Instant::now();
+        ks.set(dirty("k", "v", 1, WriteCondition::Unconditional), t0)
+            .unwrap();
+        let later = t0 + Duration::from_secs(60);
+        let hit = ks.get(b"k", later).unwrap();
+        // The whole TTL is still ahead: it counts from when it is clean.
+        assert_eq!(hit.ttl_remaining, Some(Duration::from_secs(1)));
+        assert!(ks.mark_clean(b"k", 1, later));
+        assert!(ks.get(b"k", later + Duration::from_millis(500)).is_some());
+        assert!(ks.get(b"k", later + Duration::from_millis(1500)).is_none());
+    }
+
+    #[test]
+    fn delete_and_flush_remove_dirty_entries() {
+        let s = store("");
+        s.set("default", dirty("k", "v", 1, WriteCondition::Unconditional))
+            .unwrap();
+        assert!(s.delete("default", b"k").unwrap());
+        assert_eq!(read(&s, "default", "k"), None);
+        let stats = one_stats(&s, "default");
+        assert_eq!((stats.dirty_items, stats.dirty_bytes), (0, 0));
+        // Nothing left to clean.
+        assert_eq!(
+            s.mark_clean("default", &[(Bytes::from_static(b"k"), 1)])
+                .unwrap(),
+            0
+        );
+        s.set("default", dirty("f", "v", 1, WriteCondition::Unconditional))
+            .unwrap();
+        s.flush(None).unwrap();
+        assert_eq!(read(&s, "default", "f"), None);
+        let stats = one_stats(&s, "default");
+        assert_eq!((stats.dirty_items, stats.dirty_bytes), (0, 0));
+    }
+
+    #[test]
+    fn reads_see_the_newest_of_dirty_and_clean() {
+        let s = store("");
+        let set = |it| s.set("default", it).unwrap();
+        set(item("k", "c3", 3, WriteCondition::Unconditional));
+        assert_eq!(
+            set(dirty("k", "d5", 5, WriteCondition::IfNewerVersion)).outcome,
+            SetOutcome::Stored
+        );
+        assert_eq!(read(&s, "default", "k"), Some(("d5".into(), 5)));
+        assert_eq!(
+            s.lease_get("default", b"k").unwrap(),
+            LeaseRead::Hit(s.get("default", b"k").unwrap().unwrap())
+        );
+        // The dirty entry fences clean writes of equal or older versions,
+        // unconditional ones too.
+        for (condition, outcome) in [
+            (WriteCondition::IfNewerVersion, SetOutcome::StaleVersion),
+            (WriteCondition::Unconditional, SetOutcome::StaleVersion),
+            (WriteCondition::IfAbsent, SetOutcome::Exists),
+        ] {
+            let r = set(item("k", "c5", 5, condition));
+            assert_eq!((r.outcome, r.current_version), (outcome, 5));
+        }
+        // Dirty writes are judged against it too.
+        let r = set(dirty("k", "d4", 4, WriteCondition::IfNewerVersion));
+        assert_eq!(
+            (r.outcome, r.current_version),
+            (SetOutcome::StaleVersion, 5)
+        );
+        assert_eq!(read(&s, "default", "k"), Some(("d5".into(), 5)));
+        // A newer clean write replaces it: the store has something newer.
+        assert_eq!(
+            set(item("k", "c6", 6, WriteCondition::IfNewerVersion)).outcome,
+            SetOutcome::Stored
+        );
+        assert_eq!(read(&s, "default", "k"), Some(("c6".into(), 6)));
+        assert_eq!(one_stats(&s, "default").dirty_items, 0);
+        // A clean entry newer than a dirty one (a racing write) wins the read.
+        let ks = s.keyspace("default").unwrap();
+        let now = Instant::now();
+        set(dirty("j", "d7", 7, WriteCondition::Unconditional));
+        ks.put(
+            Bytes::from_static(b"j"),
+            ks.stored(&Bytes::from_static(b"c9"), 9, None, now),
+            WriteCondition::Unconditional,
+            now,
+            false,
+        );
+        assert_eq!(read(&s, "default", "j"), Some(("c9".into(), 9)));
+        // Cleaning the older dirty entry keeps the newer clean one.
+        assert!(ks.mark_clean(b"j", 7, now));
+        assert_eq!(read(&s, "default", "j"), Some(("c9".into(), 9)));
+    }
+
+    #[test]
+    fn fills_and_commits_are_fenced_by_dirty_entries() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        let t = token(ks.lease_get(b"k", now, &tokens));
+        ks.set(dirty("k", "d5", 5, WriteCondition::Unconditional), now)
+            .unwrap();
+        // The write dropped the lease.
+        assert_eq!(
+            ks.fill(fill_item("k", "old", 4), t, now).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        let prepare = |version, delete| Prepare {
+            item: item("k", "p", version, WriteCondition::Unconditional),
+            delete,
+            txn_id: format!("t{version}"),
+            timeout: None,
+        };
+        let timeout = Duration::from_secs(5);
+        assert!(!ks.prepare(prepare(5, false), timeout, now).prepared);
+        assert!(ks.prepare(prepare(6, true), timeout, now).prepared);
+        assert_eq!(ks.commit(b"k", "t6", now).current_version, 0);
+        assert!(ks.get(b"k", now).is_none());
+        assert_eq!(ks.stats().dirty_items, 0);
+    }
+
+    #[test]
+    fn racing_dirty_and_clean_writes_keep_the_tallies_exact() {
+        let ks = keyspace("capacity_bytes = 2000000");
+        let version = AtomicU64::new(1);
+        std::thread::scope(|scope| {
+            for thread in 0..4u64 {
+                let (ks, version) = (&ks, &version);
+                scope.spawn(move || {
+                    for i in 0..2000u64 {
+                        let key = format!("k{}", (i * 7 + thread) % 5);
+                        let v = version.fetch_add(1, Ordering::SeqCst);
+                        let now = Instant::now();
+                        match (i + thread) % 5 {
+                            0 | 1 => {
+                                let it = dirty(
+                                    &key,
+                                    &"d".repeat((i % 50) as usize),
+                                    v,
+                                    WriteCondition::IfNewerVersion,
+                                );
+                                ks.set(it, now).unwrap();
+                            }
+                            2 => {
+                                let it = item(&key, "c", v, WriteCondition::Unconditional);
+                                ks.set(it, now).unwrap();
+                            }
+                            3 => {
+                                ks.mark_clean(key.as_bytes(), v, now);
+                            }
+                            _ => {
+                                ks.delete(key.as_bytes(), now);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let held: u64 = ks
+            .dirty
+            .table
+            .iter()
+            .map(|entry| dirty_weight(entry.key(), entry.value()))
+            .sum();
+        assert_eq!(ks.dirty.count.load(Ordering::SeqCst), ks.dirty.table.len());
+        assert_eq!(ks.dirty.bytes.load(Ordering::SeqCst), held);
+        // No key has a dirty entry older than its cached one.
+        for entry in ks.dirty.table.iter() {
+            if let Some(clean) = ks.cache.get(entry.key()) {
+                assert!(clean.version < entry.value().version, "{:?}", entry.key());
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ fn item(key: &str, value: &str, version: u64, condition: WriteCondition) -> v1::
         version,
         ttl_ms: 0,
         condition: condition as i32,
+        dirty: false,
     }
 }
 

@@ -17,6 +17,7 @@ fn item(key: &str, value: &str, version: u64) -> v1::SetItem {
         version,
         ttl_ms: 0,
         condition: WriteCondition::Unconditional as i32,
+        dirty: false,
     }
 }
 

@@ -1,0 +1,241 @@
+//! In-process tests of write-back dirty entries (`SetItem.dirty`,
+//! `MarkClean`, `max_dirty_bytes`) over real gRPC: each test binds port 0
+//! and calls `cache_node::run`.
+
+mod common;
+
+use common::TestNode;
+use ringcache_proto::v1::{self, SetOutcome, WriteCondition, cache_node_client::CacheNodeClient};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A small keyspace: 4 KiB of cache, 1 KiB of dirty entries.
+const CONFIG: &str = "[limits]\nmax_key_bytes = 16\nmax_value_bytes = 64\n\
+    [keyspaces.wb]\ncapacity_bytes = 4096\nmax_dirty_bytes = 1024\n";
+
+fn item(key: &str, value: &str, version: u64, dirty: bool) -> v1::SetItem {
+    v1::SetItem {
+        key: key.as_bytes().to_vec().into(),
+        value: value.as_bytes().to_vec().into(),
+        version,
+        ttl_ms: 0,
+        condition: WriteCondition::Unconditional as i32,
+        dirty,
+    }
+}
+
+async fn set(
+    c: &mut CacheNodeClient<Channel>,
+    item: v1::SetItem,
+) -> Result<v1::SetResponse, tonic::Status> {
+    c.set(v1::SetRequest {
+        keyspace: "wb".into(),
+        item: Some(item),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn get(c: &mut CacheNodeClient<Channel>, key: &str) -> Option<(Vec<u8>, u64)> {
+    c.get(v1::GetRequest {
+        keyspace: "wb".into(),
+        key: key.as_bytes().to_vec().into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .entry
+    .map(|e| (e.value.to_vec(), e.version))
+}
+
+async fn mark_clean(c: &mut CacheNodeClient<Channel>, keys: &[(&str, u64)]) -> u32 {
+    c.mark_clean(v1::MarkCleanRequest {
+        keyspace: "wb".into(),
+        keys: keys
+            .iter()
+            .map(|(key, version)| v1::CleanKey {
+                key: key.as_bytes().to_vec().into(),
+                version: *version,
+            })
+            .collect(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .cleaned
+}
+
+async fn stats(c: &mut CacheNodeClient<Channel>) -> v1::KeyspaceStats {
+    c.stats(v1::StatsRequest {
+        keyspace: "wb".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .keyspaces
+    .remove(0)
+}
+
+#[tokio::test]
+async fn mark_clean_turns_stored_versions_clean_and_keeps_newer_ones_dirty() {
+    let node = TestNode::start(CONFIG).await;
+    let mut c = node.client.clone();
+    let stored = set(&mut c, item("a", "a3", 3, true)).await.unwrap();
+    assert_eq!(stored.outcome, SetOutcome::Stored as i32);
+    set(&mut c, item("b", "b7", 7, true)).await.unwrap();
+    assert_eq!(get(&mut c, "a").await, Some((b"a3".to_vec(), 3)));
+
+    // The worker stored a3 and b6 (b7 is still on its way), and a key the
+    // node never saw.
+    let cleaned = mark_clean(&mut c, &[("a", 3), ("b", 6), ("zz", 1)]).await;
+    assert_eq!(cleaned, 1);
+    let s = stats(&mut c).await;
+    assert_eq!(s.dirty_items, 1);
+    assert_eq!(s.items, 1, "a is now a clean cached entry");
+    assert_eq!(get(&mut c, "a").await, Some((b"a3".to_vec(), 3)));
+    assert_eq!(get(&mut c, "b").await, Some((b"b7".to_vec(), 7)));
+
+    // A clean write of an older version is fenced off by the dirty entry.
+    let refused = set(&mut c, item("b", "b5", 5, false)).await.unwrap();
+    assert_eq!(refused.outcome, SetOutcome::StaleVersion as i32);
+    assert_eq!(refused.current_version, 7);
+
+    assert_eq!(mark_clean(&mut c, &[("b", 7)]).await, 1);
+    let s = stats(&mut c).await;
+    assert_eq!((s.dirty_items, s.dirty_bytes), (0, 0));
+
+    // Keys are validated like any other.
+    let status = c
+        .mark_clean(v1::MarkCleanRequest {
+            keyspace: "wb".into(),
+            keys: vec![v1::CleanKey {
+                key: Default::default(),
+                version: 1,
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn dirty_writes_beyond_max_dirty_bytes_are_resource_exhausted() {
+    let node = TestNode::start(CONFIG).await;
+    let mut c = node.client.clone();
+    let value = "v".repeat(64);
+    // 2 + 64 + 128 = 194 bytes each: five fit in 1024, the sixth not.
+    for i in 0..5 {
+        set(&mut c, item(&format!("k{i}"), &value, 1, true))
+            .await
+            .unwrap();
+    }
+    let status = set(&mut c, item("k5", &value, 1, true)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(
+        status.message(),
+        "dirty bytes of keyspace \"wb\" would exceed max_dirty_bytes (1024)"
+    );
+    assert_eq!(get(&mut c, "k5").await, None, "nothing was stored");
+
+    let batch = c
+        .multi_set(v1::MultiSetRequest {
+            keyspace: "wb".into(),
+            items: vec![item("m1", "x", 1, false), item("m2", &value, 1, true)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(batch.code(), Code::ResourceExhausted);
+    assert_eq!(get(&mut c, "m1").await, None, "the batch stored nothing");
+
+    // Cleaning makes room again.
+    assert_eq!(mark_clean(&mut c, &[("k0", 1)]).await, 1);
+    set(&mut c, item("k5", &value, 1, true)).await.unwrap();
+
+    let s = stats(&mut c).await;
+    assert_eq!(s.dirty_items, 5);
+    assert_eq!(s.dirty_bytes, 5 * 194);
+    assert_eq!(s.max_dirty_bytes, 1024);
+    assert_eq!(s.dirty_refused, 2);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn dirty_entries_outlive_eviction_and_show_in_metrics() {
+    let node = TestNode::start(CONFIG).await;
+    let mut c = node.client.clone();
+    for i in 0..4 {
+        set(&mut c, item(&format!("d{i}"), "dirty", 10, true))
+            .await
+            .unwrap();
+    }
+    let filler = "x".repeat(64);
+    let items: Vec<_> = (0..200)
+        .map(|i| item(&format!("c{i}"), &filler, 1, false))
+        .collect();
+    for chunk in items.chunks(50) {
+        c.multi_set(v1::MultiSetRequest {
+            keyspace: "wb".into(),
+            items: chunk.to_vec(),
+        })
+        .await
+        .unwrap();
+    }
+    let s = stats(&mut c).await;
+    assert!(s.evictions > 0, "{s:?}");
+    for i in 0..4 {
+        assert_eq!(
+            get(&mut c, &format!("d{i}")).await,
+            Some((b"dirty".to_vec(), 10))
+        );
+    }
+    // A delete removes a dirty entry too.
+    let deleted = c
+        .delete(v1::DeleteRequest {
+            keyspace: "wb".into(),
+            key: b"d0".to_vec().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted;
+    assert!(deleted);
+    assert_eq!(get(&mut c, "d0").await, None);
+
+    let body = http_get(node.metrics_addr, "/metrics").await;
+    for line in [
+        "ringcache_node_dirty_items{keyspace=\"wb\"} 3",
+        "ringcache_node_dirty_bytes{keyspace=\"wb\"} 405",
+        "ringcache_node_max_dirty_bytes{keyspace=\"wb\"} 1024",
+        "ringcache_node_dirty_refused_total{keyspace=\"wb\"} 0",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in\n{body}");
+    }
+
+    // Flush drops dirty entries as well.
+    c.flush(v1::FlushRequest {
+        keyspace: "wb".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(&mut c, "d1").await, None);
+    assert_eq!(stats(&mut c).await.dirty_items, 0);
+    node.shutdown().await;
+}
+
+/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
