@@ -48,6 +48,9 @@ pub struct SetOptions {
     pub ttl: Option<Duration>,
     /// When to store.
     pub condition: Condition,
+    /// Write-back: the value is not in the store yet; the node keeps it
+    /// until the worker reports it stored.
+    pub(crate) dirty: bool,
 }
 
 impl SetOptions {
@@ -151,6 +154,12 @@ pub(crate) struct Inner {
     pub(crate) clock: crate::hlc::Hlc,
     /// Strategy keyspaces and their stores.
     pub(crate) keyspaces: crate::strategy::Registry,
+    /// The write-back producer, once `enable_write_back` was called.
+    #[cfg(feature = "kafka")]
+    pub(crate) producer: std::sync::OnceLock<Arc<crate::producer::Producer>>,
+    /// Called when a `fast` write-back write could not be queued.
+    #[cfg(feature = "kafka")]
+    pub(crate) write_back_failed: std::sync::OnceLock<Box<crate::strategy::WriteBackFailed>>,
     _stop: DropGuard,
 }
 
@@ -194,6 +203,10 @@ impl Client {
                 backoff,
                 clock: crate::hlc::Hlc::new(),
                 keyspaces: crate::strategy::Registry::default(),
+                #[cfg(feature = "kafka")]
+                producer: std::sync::OnceLock::new(),
+                #[cfg(feature = "kafka")]
+                write_back_failed: std::sync::OnceLock::new(),
                 _stop: stop.clone().drop_guard(),
             }),
         };
@@ -729,6 +742,7 @@ pub(crate) fn to_proto_item(
             u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
         }),
         condition: condition as i32,
+        dirty: options.dirty,
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! [keyspaces.users]
-//! strategy = "read-through"   # cache-aside | read-through | write-around | write-through
+//! strategy = "read-through"   # cache-aside | read-through | write-around | write-through | write-back
 //! ttl = "10m"                 # cache TTL of loaded values (absent: the node's default)
 //! ttl_jitter = 0.1            # each TTL is shortened by up to 10 %, at random
 //! negative_ttl = "30s"        # how long "no such row" is cached
@@ -11,6 +11,7 @@
 //! write_quorum = 1            # copies that must acknowledge a write
 //! lease_wait = "2s"           # how long a reader waits for another's load
 //! pending_timeout = "5s"      # write-through: how long a prepared change may stay pending
+//! ack = "durable"             # write-back: return after the broker (durable) or the cache (fast)
 //! store = "default"           # or { table = { name = "..." } } or { sql = { load = "...", ... } }
 //!
 //! # read by the cache nodes only:
@@ -68,6 +69,9 @@ pub struct KeyspaceEntry {
     /// Write-through: how long a prepared change may stay pending on a node.
     #[serde(default, with = "humantime_serde")]
     pub pending_timeout: Option<Duration>,
+    /// Write-back: when a write returns (`durable` or `fast`).
+    #[serde(default)]
+    pub ack: crate::strategy::Ack,
     /// Where the keyspace's rows live.
     #[serde(default)]
     pub store: crate::store::StoreLayout,
@@ -158,6 +162,7 @@ impl KeyspaceEntry {
         if let Some(timeout) = self.pending_timeout {
             settings.pending_timeout = timeout;
         }
+        settings.ack = self.ack;
         settings
     }
 }

@@ -53,6 +53,8 @@ pub mod error;
 pub mod hlc;
 pub mod keyspaces;
 mod primitives;
+#[cfg(feature = "kafka")]
+pub mod producer;
 pub mod ring;
 pub mod store;
 pub mod strategy;

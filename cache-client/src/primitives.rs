@@ -291,4 +291,53 @@ impl Client {
             .filter(|r| matches!(r, Ok(true)))
             .count()
     }
+
+    /// Write-back: tells the nodes that may hold the keys' dirty entries
+    /// (the first `replicas` healthy nodes of each key, and the next one in
+    /// case a write went to a fallback) that these versions are stored, so
+    /// that they treat entries of those versions or older as clean. Best
+    /// effort: returns how many entries became clean; a node that misses it
+    /// keeps the entry dirty until a later write of the key is cleaned.
+    pub async fn mark_clean(&self, keyspace: &str, stored: &[(Bytes, u64)]) -> usize {
+        let replicas = self.replication(keyspace).replicas;
+        let mut groups: std::collections::HashMap<String, (Arc<NodeHandle>, Vec<v1::CleanKey>)> =
+            std::collections::HashMap::new();
+        for (key, version) in stored {
+            for (node, _) in self.healthy_in_order(keyspace, key, replicas + 1) {
+                groups
+                    .entry(node.id.clone())
+                    .or_insert_with(|| (Arc::clone(&node), Vec::new()))
+                    .1
+                    .push(v1::CleanKey {
+                        key: key.clone(),
+                        version: *version,
+                    });
+            }
+        }
+        let timeout = self.config().request_timeout;
+        let max_batch = 1000;
+        let asks = groups.into_values().flat_map(|(node, keys)| {
+            keys.chunks(max_batch)
+                .map(|chunk| (Arc::clone(&node), chunk.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        let asks = asks.map(|(node, keys)| async move {
+            let mut client = node.client.clone();
+            let message = v1::MarkCleanRequest {
+                keyspace: keyspace.to_owned(),
+                keys,
+            };
+            match self
+                .on_node(&node, false, client.mark_clean(request(message, timeout)))
+                .await
+            {
+                Ok(reply) => reply.cleaned as usize,
+                Err(e) => {
+                    tracing::warn!(node = %node.id, keyspace, error = %e, "mark-clean failed; entries stay dirty");
+                    0
+                }
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().sum()
+    }
 }

@@ -62,6 +62,24 @@ pub enum Strategy {
     WriteAround,
     /// Writes go to the cache and the store together, by two-phase commit.
     WriteThrough,
+    /// Writes go to the cache (dirty) and a Kafka topic; the
+    /// `write-back-worker` stores them later (`docs/write-back.md`).
+    WriteBack,
+}
+
+/// When a write-back write returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ack {
+    /// After the broker acknowledged the record (the default): an
+    /// acknowledged write survives the loss of the client, the nodes and the
+    /// worker.
+    #[default]
+    Durable,
+    /// After the cache write; the record is sent in the background. A write
+    /// is lost if the client dies before the broker has it, or the send
+    /// fails (reported through metrics and the failure callback).
+    Fast,
 }
 
 impl std::fmt::Display for Strategy {
@@ -71,6 +89,7 @@ impl std::fmt::Display for Strategy {
             Strategy::ReadThrough => "read-through",
             Strategy::WriteAround => "write-around",
             Strategy::WriteThrough => "write-through",
+            Strategy::WriteBack => "write-back",
         })
     }
 }
@@ -97,6 +116,8 @@ pub struct KeyspaceSettings {
     pub lease_wait: Duration,
     /// Write-through: how long a prepared change may stay pending.
     pub pending_timeout: Duration,
+    /// Write-back: when a write returns.
+    pub ack: Ack,
 }
 
 impl KeyspaceSettings {
@@ -111,7 +132,14 @@ impl KeyspaceSettings {
             write_quorum: 1,
             lease_wait: DEFAULT_LEASE_WAIT,
             pending_timeout: DEFAULT_PENDING_TIMEOUT,
+            ack: Ack::Durable,
         }
+    }
+
+    /// Sets the write-back acknowledgement level.
+    pub fn with_ack(mut self, ack: Ack) -> Self {
+        self.ack = ack;
+        self
     }
 
     /// Sets the TTL.
@@ -281,6 +309,18 @@ impl Client {
     pub fn define_keyspaces(&self, keyspaces: Vec<Definition>) -> Result<()> {
         for (name, settings, store) in &keyspaces {
             settings.validate(name)?;
+            #[cfg(feature = "kafka")]
+            let producer_missing = self.inner.producer.get().is_none();
+            #[cfg(not(feature = "kafka"))]
+            let producer_missing = true;
+            if settings.strategy == Strategy::WriteBack && producer_missing {
+                return Err(Error::KeyspaceConfig {
+                    keyspace: name.clone(),
+                    field: "strategy".into(),
+                    reason: "write-back needs Client::enable_write_back (and the `kafka` feature)"
+                        .into(),
+                });
+            }
             if requires_store(settings.strategy) && store.is_none() {
                 return Err(Error::KeyspaceConfig {
                     keyspace: name.clone(),
@@ -699,6 +739,7 @@ impl Keyspace {
             version,
             ttl_ms: ttl_ms(ttl),
             condition: v1::WriteCondition::IfNewerVersion as i32,
+            dirty: false,
         };
         (value, item)
     }
@@ -862,6 +903,7 @@ impl Keyspace {
                 self.write_through(&state, &store, key, value, version)
                     .await
             }
+            Strategy::WriteBack => self.write_back(&state, key, value, version).await,
             Strategy::CacheAside | Strategy::ReadThrough | Strategy::WriteAround => {
                 let applied = match &value {
                     Some(v) => store.store(&self.name, &key, v, version).await?,
@@ -892,6 +934,7 @@ impl Keyspace {
             version,
             ttl_ms: ttl_ms(settings.jittered_ttl()),
             condition: v1::WriteCondition::IfNewerVersion as i32,
+            dirty: false,
         };
         let change = match &value {
             Some(v) => Change::Put(v),
@@ -965,11 +1008,155 @@ impl Keyspace {
     }
 }
 
+impl Keyspace {
+    /// Write-back: the cache first (a dirty entry the node keeps until the
+    /// worker has stored it, so readers see the write at once), then the
+    /// record on the keyspace's topic. A durable write returns once the
+    /// broker acknowledged it; if that fails, the key is invalidated so that
+    /// readers fall back to the store, and the write fails.
+    #[cfg(feature = "kafka")]
+    async fn write_back(
+        &self,
+        state: &KeyspaceState,
+        key: Bytes,
+        value: Option<Bytes>,
+        version: u64,
+    ) -> Result<Written> {
+        let producer =
+            self.client
+                .inner
+                .producer
+                .get()
+                .cloned()
+                .ok_or_else(|| Error::Unsupported {
+                    keyspace: self.name.to_string(),
+                    reason: "write-back needs Client::enable_write_back".into(),
+                })?;
+        // A delete is cached as a dirty absence, so readers see it too.
+        let cached = value
+            .as_deref()
+            .map_or_else(|| Bytes::from_static(&[TAG_ABSENT]), tagged);
+        let mut options = crate::client::SetOptions::new()
+            .version(version)
+            .if_newer_version();
+        options.dirty = true;
+        if let Some(ttl) = state.settings.jittered_ttl() {
+            options = options.ttl(ttl);
+        }
+        self.client.set(&self.name, &key, cached, options).await?;
+        let record = crate::writeback::WriteBackRecord {
+            keyspace: self.name.to_string(),
+            key: key.clone(),
+            version,
+            value,
+            written_at_ms: crate::hlc::physical_ms(version),
+        };
+        match state.settings.ack {
+            Ack::Durable => {
+                if let Err(e) = producer.send(&record).await {
+                    self.count("ringcache_client_write_back_failures_total");
+                    let _ = self.invalidate(&key).await;
+                    return Err(e);
+                }
+            }
+            Ack::Fast => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = producer.send(&record).await {
+                        this.count("ringcache_client_write_back_failures_total");
+                        tracing::error!(keyspace = %this.name, error = %e, "fast write-back write lost: the broker did not take it");
+                        let _ = this.invalidate(&record.key).await;
+                        if let Some(callback) = this.client.inner.write_back_failed.get() {
+                            callback(&record, &e);
+                        }
+                    }
+                });
+            }
+        }
+        self.count("ringcache_client_write_back_queued_total");
+        Ok(Written {
+            version,
+            applied: true,
+        })
+    }
+
+    #[cfg(not(feature = "kafka"))]
+    async fn write_back(
+        &self,
+        _state: &KeyspaceState,
+        _key: Bytes,
+        _value: Option<Bytes>,
+        _version: u64,
+    ) -> Result<Written> {
+        Err(Error::Unsupported {
+            keyspace: self.name.to_string(),
+            reason: "write-back needs the `kafka` feature".into(),
+        })
+    }
+}
+
+/// Called when a `fast` write-back write could not be queued: the record
+/// and the error.
+pub type WriteBackFailed = dyn Fn(&crate::writeback::WriteBackRecord, &Error) + Send + Sync;
+
+#[cfg(feature = "kafka")]
+impl Client {
+    /// Enables the write-back strategy: creates the Kafka producer. Call it
+    /// before defining write-back keyspaces; their topics are created when
+    /// they are defined through [`Client::ensure_write_back_topics`].
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the producer cannot be created;
+    /// [`Error::Config`] when write-back was enabled already.
+    pub fn enable_write_back(&self, config: crate::producer::WriteBackConfig) -> Result<()> {
+        let producer = Arc::new(crate::producer::Producer::new(config)?);
+        self.inner
+            .producer
+            .set(producer)
+            .map_err(|_| Error::Config {
+                field: "write_back",
+                reason: "write-back is enabled already".into(),
+            })
+    }
+
+    /// Sets the callback for `fast` write-back writes that could not be
+    /// queued (they are also counted in
+    /// `ringcache_client_write_back_failures_total`). Only the first call
+    /// takes effect.
+    pub fn on_write_back_failure(&self, callback: Box<WriteBackFailed>) {
+        let _ = self.inner.write_back_failed.set(callback);
+    }
+
+    /// Creates the topics of every write-back keyspace that do not exist.
+    ///
+    /// # Errors
+    /// The first topic that cannot be created.
+    pub async fn ensure_write_back_topics(&self) -> Result<()> {
+        let producer = self
+            .inner
+            .producer
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::Config {
+                field: "write_back",
+                reason: "write-back is not enabled".into(),
+            })?;
+        let all = self.inner.keyspaces.all();
+        for (name, state) in all.iter() {
+            if state.settings.strategy == Strategy::WriteBack {
+                producer.ensure_topic(name).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The result of a write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Written {
     /// The write's version when applied; the newer stored version that won
-    /// when not.
+    /// when not. A write-back write reports its own version and `applied`:
+    /// the version guard runs later, in the worker.
     pub version: u64,
     /// False when a newer version was already stored (the write lost, as it
     /// must: versions order writes, not arrival).

@@ -65,6 +65,11 @@ pub struct Config {
     pub max_poll_interval: Duration,
     /// Records buffered between the polling thread and the batcher.
     pub channel_capacity: usize,
+    /// Cache nodes to tell, after each committed batch, which versions are
+    /// stored (`MarkClean`), so that they treat those dirty entries as clean
+    /// and may evict them again. Empty: nobody is told, and the nodes'
+    /// dirty bytes only ever grow until `max_dirty_bytes` refuses writes.
+    pub cache_seeds: Vec<String>,
     /// Log output format; the level comes from `RUST_LOG`.
     pub log_format: LogFormat,
 }
@@ -76,6 +81,7 @@ impl Default for Config {
             database_url: String::new(),
             group: DEFAULT_GROUP.to_owned(),
             keyspaces: Vec::new(),
+            cache_seeds: Vec::new(),
             max_batch_records: DEFAULT_MAX_BATCH_RECORDS,
             max_batch_delay: DEFAULT_MAX_BATCH_DELAY,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
@@ -120,6 +126,9 @@ pub struct Cli {
     /// Keyspaces to drain, comma-separated.
     #[arg(long, env = "RINGCACHE_WB_KEYSPACES", value_delimiter = ',')]
     pub keyspaces: Option<Vec<String>>,
+    /// Cache nodes to tell what is stored, comma-separated host:port.
+    #[arg(long, env = "RINGCACHE_SEEDS", value_delimiter = ',')]
+    pub cache_seeds: Option<Vec<String>>,
     /// Log format.
     #[arg(long)]
     pub log_format: Option<LogFormat>,
@@ -157,6 +166,9 @@ impl Config {
         }
         if let Some(keyspaces) = &cli.keyspaces {
             config.keyspaces.clone_from(keyspaces);
+        }
+        if let Some(seeds) = &cli.cache_seeds {
+            config.cache_seeds.clone_from(seeds);
         }
         if let Some(format) = cli.log_format {
             config.log_format = format;

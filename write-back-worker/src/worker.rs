@@ -45,6 +45,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(Error::Store)?;
     store.migrate().await.map_err(Error::Store)?;
     let poller = Poller::start(&config, store.clone())?;
+    // The cache is told what is stored on a best-effort basis: a worker
+    // whose cache nodes are unreachable at start still drains the queue.
+    let cache = if config.cache_seeds.is_empty() {
+        None
+    } else {
+        match cache_client::Client::connect(cache_client::ClientConfig::new(
+            config.cache_seeds.clone(),
+        ))
+        .await
+        {
+            Ok(client) => Some(client),
+            Err(e) => {
+                warn!(error = %e, "cannot reach the cache nodes; dirty entries will not be marked clean");
+                None
+            }
+        }
+    };
 
     let cancel = CancellationToken::new();
     let batcher = Batcher {
@@ -53,6 +70,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         expected: Expected::new(),
         pending: Vec::new(),
         cancel: &cancel,
+        cache,
     };
     let work = async {
         let result = batcher.run(poller).await;
@@ -81,6 +99,8 @@ struct Batcher<'a> {
     /// Records of the batch being collected.
     pending: Vec<Polled>,
     cancel: &'a CancellationToken,
+    /// The cache, told after each batch which versions are stored.
+    cache: Option<cache_client::Client>,
 }
 
 impl Batcher<'_> {
@@ -225,6 +245,22 @@ impl Batcher<'_> {
         metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         if dead_lettered > 0 {
             warn!(dead_lettered, "records moved to the dead-letter table");
+        }
+        if let Some(cache) = &self.cache {
+            // Every row of the batch is now in the store at its version or
+            // a newer one (a stale row lost to a newer stored version), so
+            // entries of those versions may be clean.
+            let mut by_keyspace: std::collections::BTreeMap<&str, Vec<(bytes::Bytes, u64)>> =
+                std::collections::BTreeMap::new();
+            for row in &built.batch.rows {
+                by_keyspace
+                    .entry(row.record.keyspace.as_str())
+                    .or_default()
+                    .push((row.record.key.clone(), row.record.version));
+            }
+            for (keyspace, stored) in by_keyspace {
+                cache.mark_clean(keyspace, &stored).await;
+            }
         }
         debug!(
             records = count,

@@ -1,0 +1,182 @@
+//! The write-back strategy end to end: the client writes the cache (dirty)
+//! and the Kafka topic, the worker stores the records in PostgreSQL.
+//! Against real nodes, the broker and PostgreSQL from `cargo xtask test`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use bytes::Bytes;
+use cache_client::producer::WriteBackConfig;
+use cache_client::store::{Loaded, PgStore, Store};
+use cache_client::strategy::{Ack, KeyspaceSettings, Strategy};
+use cache_client::{Client, ClientConfig};
+use ringcache_tests::{NodeConfig, NodeProcess};
+use sqlx::Connection;
+
+async fn cluster(n: usize) -> Result<Vec<NodeProcess>> {
+    let mut nodes = Vec::new();
+    for mut config in NodeConfig::cluster(n)? {
+        config.extra_top_level = "unknown_keyspaces = \"create\"\n".into();
+        nodes.push(NodeProcess::start(config).await?);
+    }
+    Ok(nodes)
+}
+
+async fn own_database(name: &str) -> Result<(String, Arc<PgStore>)> {
+    let base = ringcache_tests::pg_url()?;
+    let mut admin = sqlx::PgConnection::connect(&base).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    let (server, _) = base.rsplit_once('/').context("a database URL")?;
+    let url = format!("{server}/{name}");
+    let store = PgStore::connect(&url).await?;
+    store.migrate().await?;
+    Ok((url, Arc::new(store)))
+}
+
+async fn client(nodes: &[NodeProcess], brokers: &str, delivery: Duration) -> Result<Client> {
+    let client = Client::connect(
+        ClientConfig::new(nodes.iter().map(|n| n.addr().to_string()))
+            .with_request_timeout(Duration::from_millis(300)),
+    )
+    .await?;
+    let mut config = WriteBackConfig::new(brokers);
+    config.delivery_timeout = delivery;
+    client.enable_write_back(config)?;
+    Ok(client)
+}
+
+#[tokio::test]
+async fn writes_are_read_back_at_once_and_stored_by_the_worker() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let (url, pg) = own_database("rc_wb_e2e").await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let client = client(&nodes, &brokers, Duration::from_secs(10)).await?;
+    client.define_keyspace(
+        "wbe2e",
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let ks = client.keyspace("wbe2e");
+
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        let key = format!("k{}", i % 20);
+        let value = format!("v{i}");
+        let written = ks.put(&key, value.clone()).await?;
+        // Read-your-writes: the cache has it before PostgreSQL does.
+        assert_eq!(ks.get(&key).await?, Some(Bytes::from(value.clone())));
+        expected.retain(|(k, _, _): &(String, String, u64)| *k != key);
+        expected.push((key, value, written.version));
+    }
+    ks.remove("k0").await?;
+    assert_eq!(ks.get("k0").await?, None, "a queued delete reads as absent");
+
+    let worker_config = write_back_worker::Config {
+        brokers: brokers.clone(),
+        database_url: url,
+        group: "rc_wb_e2e".into(),
+        keyspaces: vec!["wbe2e".into()],
+        cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
+        ..write_back_worker::Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(write_back_worker::run(worker_config, async {
+        let _ = stopped.await;
+    }));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (key, value, version) in &expected {
+        loop {
+            let row = pg.load("wbe2e", key.as_bytes()).await?;
+            let done = match (&row, key.as_str()) {
+                (Loaded::Absent { version: v }, "k0") => *v > *version,
+                (Loaded::Present(r), _) => r.version == *version && r.value == value.as_str(),
+                _ => false,
+            };
+            if done {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{key} not stored: {row:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // The worker told the nodes: no entry stays dirty.
+    let dirty = || async {
+        let mut total = 0;
+        for node in client.stats().await {
+            let stats = node.stats?;
+            total += stats
+                .keyspaces
+                .iter()
+                .filter(|k| k.name == "wbe2e")
+                .map(|k| k.dirty_items)
+                .sum::<u64>();
+        }
+        anyhow::Ok(total)
+    };
+    while dirty().await? > 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "dirty entries left: {}",
+            dirty().await?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Clean entries still read back, from the cache.
+    assert_eq!(ks.get("k1").await?, Some(Bytes::from_static(b"v21")));
+    let _ = stop.send(());
+    worker.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_durable_write_the_broker_does_not_take_fails_and_is_not_served() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let (_url, pg) = own_database("rc_wb_down").await?;
+    // Nothing listens on port 1: the broker never acknowledges.
+    let client = client(&nodes, "127.0.0.1:1", Duration::from_millis(500)).await?;
+    client.define_keyspace(
+        "wbdown",
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    let ks = client.keyspace("wbdown");
+    let err = ks.put("k", "lost").await.unwrap_err();
+    assert!(err.to_string().contains("write-back queue"), "{err}");
+    assert_eq!(
+        ks.get("k").await?,
+        None,
+        "a write that failed is not served"
+    );
+
+    // A fast write returns at once; its failure reaches the callback.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&failures);
+    client.on_write_back_failure(Box::new(move |record, _error| {
+        assert_eq!(&record.key[..], b"f");
+        seen.fetch_add(1, Ordering::SeqCst);
+    }));
+    client.define_keyspace(
+        "wbdown",
+        KeyspaceSettings::new(Strategy::WriteBack).with_ack(Ack::Fast),
+        Some(pg.clone()),
+    )?;
+    ks.put("f", "fast").await?;
+    let start = Instant::now();
+    while failures.load(Ordering::SeqCst) == 0 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the failure callback ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
