@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TestNode;
+use common::{TestNode, http_get, keyspace_stats};
 use ringcache_proto::v1::{self, SetOutcome, WriteCondition, cache_node_client::CacheNodeClient};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -66,14 +66,7 @@ async fn mark_clean(c: &mut CacheNodeClient<Channel>, keys: &[(&str, u64)]) -> u
 }
 
 async fn stats(c: &mut CacheNodeClient<Channel>) -> v1::KeyspaceStats {
-    c.stats(v1::StatsRequest {
-        keyspace: "wb".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .keyspaces
-    .remove(0)
+    keyspace_stats(c, "wb").await
 }
 
 #[tokio::test]
@@ -221,21 +214,4 @@ async fn dirty_entries_outlive_eviction_and_show_in_metrics() {
     assert_eq!(get(&mut c, "d1").await, None);
     assert_eq!(stats(&mut c).await.dirty_items, 0);
     node.shutdown().await;
-}
-
-/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
-    response
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::TestNode;
+use common::{TestNode, http_get};
 use ringcache_proto::v1::{self, SetOutcome, WriteCondition, cache_node_client::CacheNodeClient};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -618,21 +618,4 @@ async fn metrics_endpoint_exposes_keyspace_counters_and_latency() {
     assert!(body.contains("ringcache_node_request_duration_seconds_bucket{rpc=\"Fill\""));
     assert!(body.contains("ringcache_node_bytes{keyspace=\"default\"}"));
     node.shutdown().await;
-}
-
-/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
-    response
 }

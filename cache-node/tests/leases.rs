@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::TestNode;
+use common::{TestNode, keyspace_stats};
 use ringcache_proto::v1::{self, FillOutcome, WriteCondition, cache_node_client::CacheNodeClient};
 use tonic::transport::Channel;
 
@@ -91,14 +91,7 @@ async fn prepare(
 }
 
 async fn stats(c: &mut CacheNodeClient<Channel>) -> v1::KeyspaceStats {
-    c.stats(v1::StatsRequest {
-        keyspace: "default".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .keyspaces
-    .remove(0)
+    keyspace_stats(c, "default").await
 }
 
 #[tokio::test]

@@ -56,3 +56,37 @@ impl TestNode {
         self.task.await.unwrap().unwrap();
     }
 }
+
+/// One keyspace's stats, as the node reports them.
+#[allow(dead_code)] // not every test binary reads stats this way
+pub async fn keyspace_stats(
+    c: &mut CacheNodeClient<Channel>,
+    keyspace: &str,
+) -> ringcache_proto::v1::KeyspaceStats {
+    c.stats(ringcache_proto::v1::StatsRequest {
+        keyspace: keyspace.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .keyspaces
+    .remove(0)
+}
+
+#[allow(dead_code)] // not every test binary reads /metrics
+/// A minimal HTTP/1.0 GET, so the test needs no HTTP client crate.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+}
