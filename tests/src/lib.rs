@@ -9,12 +9,21 @@
 //!   config in a temporary directory, its log in a file, readiness polled
 //!   through the gRPC health service, and a guard that kills it on drop.
 //! - [`NodeConfig`]: the TOML config such a node runs with.
+//! - [`cluster`], [`own_database`], [`unique`]: a cluster of node processes,
+//!   a database of the test's own, names no other run uses.
 //! - [`free_addr`]: a free loopback address for a node to listen on.
+//! - [`WorkerProcess`]: the real `write-back-worker` binary as a child
+//!   process, run with a [`WorkerConfig`], its log in a file, restartable,
+//!   and killed on drop.
 
 mod env;
+mod fixtures;
 mod node;
+mod worker;
 
 pub use env::{kafka_brokers, pg_bindir, pg_url, tansu_bin};
+pub use fixtures::{cluster, own_database, unique};
 pub use node::{
     HEALTH_TIMEOUT, NODE_HEALTH_SERVICE, NodeConfig, NodeProcess, free_addr, node_binary,
 };
+pub use worker::{WorkerConfig, WorkerProcess, worker_binary};

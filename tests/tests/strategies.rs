@@ -15,18 +15,7 @@ use cache_client::keyspaces::KeyspacesFile;
 use cache_client::store::{Applied, Change, InDoubt, Loaded, PgStore, Store, TxnId};
 use cache_client::strategy::{KeyspaceSettings, Lookup, Strategy};
 use cache_client::{Client, ClientConfig, SetOptions};
-use ringcache_tests::{NodeConfig, NodeProcess};
-use sqlx::Connection;
-
-async fn cluster(n: usize) -> Result<Vec<NodeProcess>> {
-    let mut nodes = Vec::new();
-    for mut config in NodeConfig::cluster(n)? {
-        // Each test names its own keyspaces; the nodes create them.
-        config.extra_top_level = "unknown_keyspaces = \"create\"\n".into();
-        nodes.push(NodeProcess::start(config).await?);
-    }
-    Ok(nodes)
-}
+use ringcache_tests::{NodeProcess, cluster};
 
 fn client_config(nodes: &[NodeProcess]) -> ClientConfig {
     ClientConfig::new(nodes.iter().map(|n| n.addr().to_string()))
@@ -83,24 +72,9 @@ fn counter(name: &str, keyspace: &str) -> u64 {
         .map_or(0, |(_, total)| *total)
 }
 
-/// A PostgreSQL database of this test's own, so that prepared transactions
-/// of other tests (which `in_doubt` lists per database) stay apart.
-async fn own_database(name: &str) -> Result<Arc<PgStore>> {
-    let base = ringcache_tests::pg_url()?;
-    let mut admin = sqlx::PgConnection::connect(&base).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let url = match base.rsplit_once('/') {
-        Some((server, _db)) => format!("{server}/{name}"),
-        None => anyhow::bail!("unexpected PostgreSQL URL {base}"),
-    };
-    let store = PgStore::connect(&url).await?;
-    store.migrate().await?;
-    Ok(Arc::new(store))
+/// A database of this test's own, as a shared store.
+async fn own_database(prefix: &str) -> Result<Arc<PgStore>> {
+    Ok(Arc::new(ringcache_tests::own_database(prefix).await?.1))
 }
 
 /// Counts loads, and can be told to fail or stall each two-phase step.

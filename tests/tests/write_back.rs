@@ -6,37 +6,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use bytes::Bytes;
 use cache_client::producer::WriteBackConfig;
 use cache_client::store::{Loaded, PgStore, Store};
 use cache_client::strategy::{Ack, KeyspaceSettings, Strategy};
 use cache_client::{Client, ClientConfig};
-use ringcache_tests::{NodeConfig, NodeProcess};
-use sqlx::Connection;
+use ringcache_tests::{NodeProcess, cluster};
 
-async fn cluster(n: usize) -> Result<Vec<NodeProcess>> {
-    let mut nodes = Vec::new();
-    for mut config in NodeConfig::cluster(n)? {
-        config.extra_top_level = "unknown_keyspaces = \"create\"\n".into();
-        nodes.push(NodeProcess::start(config).await?);
-    }
-    Ok(nodes)
-}
-
-async fn own_database(name: &str) -> Result<(String, Arc<PgStore>)> {
-    let base = ringcache_tests::pg_url()?;
-    let mut admin = sqlx::PgConnection::connect(&base).await?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await?;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await?;
-    let (server, _) = base.rsplit_once('/').context("a database URL")?;
-    let url = format!("{server}/{name}");
-    let store = PgStore::connect(&url).await?;
-    store.migrate().await?;
+async fn own_database(prefix: &str) -> Result<(String, Arc<PgStore>)> {
+    let (url, store) = ringcache_tests::own_database(prefix).await?;
     Ok((url, Arc::new(store)))
 }
 

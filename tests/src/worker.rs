@@ -1,0 +1,371 @@
+//! The real `write-back-worker` binary as a child process of a test.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+/// How often exit is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How many log lines error messages include.
+const LOG_TAIL_LINES: usize = 60;
+
+/// What a test worker runs with; each field becomes the flag of the same
+/// name.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// `--brokers`: Kafka bootstrap servers.
+    pub brokers: String,
+    /// `--database-url`: the PostgreSQL store.
+    pub database_url: String,
+    /// `--group`: the consumer group, also the key of its stored offsets.
+    pub group: String,
+    /// `--keyspaces`: the keyspaces to drain.
+    pub keyspaces: Vec<String>,
+    /// `--cache-seeds`: the nodes told what is stored; none when empty.
+    pub cache_seeds: Vec<String>,
+}
+
+/// The path of the built `write-back-worker` binary, found next to the
+/// running test executable as [`node_binary`](crate::node_binary) finds
+/// `cache-node` (Cargo only exposes `CARGO_BIN_EXE_*` to the owning crate's
+/// tests).
+///
+/// # Errors
+///
+/// Fails, saying how to build it, when the binary is not there.
+pub fn worker_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("failed to locate the running test executable")?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("write-back-worker"))
+        .collect();
+    candidates
+        .iter()
+        .find(|candidate| candidate.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "the write-back-worker binary is not at {}: build it with `cargo build --bins` \
+                 (`cargo xtask test` does)",
+                candidates
+                    .iter()
+                    .map(|c| c.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            )
+        })
+}
+
+/// A running `write-back-worker` process.
+///
+/// Its log lives in a temporary directory that is removed on drop; every
+/// incarnation started by [`WorkerProcess::restart`] appends to the same log,
+/// after a marker line, so that one file tells the whole story. Dropping the
+/// guard SIGKILLs the process if it is still running. If the test is
+/// panicking, the log's tail is printed first.
+///
+/// The worker has no health endpoint: tests see it work through what it
+/// writes to PostgreSQL.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    config: WorkerConfig,
+    log: PathBuf,
+    child: Child,
+    status: Option<ExitStatus>,
+    incarnation: u32,
+    // Dropped after the process is killed (see `Drop`).
+    dir: TempDir,
+}
+
+impl WorkerProcess {
+    /// Spawns a worker with `config`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the binary is missing (see [`worker_binary`]) or cannot be
+    /// started.
+    pub fn start(config: WorkerConfig) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("ringcache-worker-{}-", config.group))
+            .tempdir()
+            .context("failed to create the worker's temporary directory")?;
+        let log = dir.path().join("worker.log");
+        File::create(&log).with_context(|| format!("failed to create {}", log.display()))?;
+        let child = spawn(&config, &log, 1)?;
+        Ok(Self {
+            config,
+            log,
+            child,
+            status: None,
+            incarnation: 1,
+            dir,
+        })
+    }
+
+    /// Starts the worker again, with the same config, once the previous
+    /// process has exited (kill it first).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the previous process is still running after `timeout`, or
+    /// when the new one cannot be started.
+    pub async fn restart(&mut self, timeout: Duration) -> Result<()> {
+        self.wait_exit(timeout).await?;
+        self.incarnation += 1;
+        self.child = spawn(&self.config, &self.log, self.incarnation)?;
+        self.status = None;
+        Ok(())
+    }
+
+    /// The config the worker runs with.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// The process id of the current incarnation.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// The worker's log file (stdout and stderr of every incarnation).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The temporary directory holding the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last `lines` lines of the worker's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        match fs::read(&self.log) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let all: Vec<&str> = text.lines().collect();
+                all[all.len().saturating_sub(lines)..].join("\n")
+            }
+            Err(err) => format!("(cannot read {}: {err})", self.log.display()),
+        }
+    }
+
+    /// The log of the current incarnation only (since its marker line).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the log cannot be read.
+    pub fn current_log(&self) -> Result<String> {
+        let bytes = fs::read(&self.log)
+            .with_context(|| format!("failed to read {}", self.log.display()))?;
+        let text = String::from_utf8_lossy(&bytes);
+        let marker = incarnation_marker(self.incarnation);
+        Ok(text
+            .rfind(&marker)
+            .map_or(&text[..], |at| &text[at + marker.len()..])
+            .to_owned())
+    }
+
+    /// Polls the current incarnation's log until it contains `needle`.
+    ///
+    /// # Errors
+    ///
+    /// Fails, with the log's tail, when the worker exits first or `timeout`
+    /// passes.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.current_log()?.contains(needle) {
+                return Ok(());
+            }
+            self.ensure_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "worker {} did not log {needle:?} within {timeout:?}; log tail:\n{}",
+                    self.config.group,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Asks the worker to finish its batch and exit.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigterm(&mut self) -> Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Kills the worker without giving it a chance to clean up.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigkill(&mut self) -> Result<()> {
+        self.signal(Signal::SIGKILL)
+    }
+
+    /// Interrupts the worker as Ctrl-C would.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigint(&mut self) -> Result<()> {
+        self.signal(Signal::SIGINT)
+    }
+
+    fn signal(&mut self, signal: Signal) -> Result<()> {
+        // Once reaped, the pid may belong to an unrelated process.
+        if let Some(status) = self.try_exit_status()? {
+            bail!(
+                "cannot send {signal} to worker {}: it already exited ({status}); log tail:\n{}",
+                self.config.group,
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        kill(self.pid(), signal)
+            .with_context(|| format!("failed to send {signal} to worker {}", self.config.group))
+    }
+
+    /// The exit status if the current incarnation has exited, without
+    /// blocking.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the status cannot be read.
+    pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().with_context(|| {
+                format!(
+                    "failed to check whether worker {} exited",
+                    self.config.group
+                )
+            })?;
+        }
+        Ok(self.status)
+    }
+
+    /// Fails, with the log's tail, when the current incarnation has exited:
+    /// for tests that wait on PostgreSQL, so that a worker that died is
+    /// reported as such instead of as a timeout.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the worker is no longer running.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        if let Some(status) = self.try_exit_status()? {
+            bail!(
+                "worker {} exited unexpectedly ({status}); log tail:\n{}",
+                self.config.group,
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the worker to exit and returns its status.
+    ///
+    /// # Errors
+    ///
+    /// Fails, with the log's tail, when the worker is still running at the
+    /// deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit_status()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "worker {} still running {timeout:?} later; log tail:\n{}",
+                    self.config.group,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// The line written to the log before incarnation `incarnation` starts.
+fn incarnation_marker(incarnation: u32) -> String {
+    format!("==== incarnation {incarnation} ====")
+}
+
+/// Starts incarnation `incarnation` of the worker, appending to `log`.
+fn spawn(config: &WorkerConfig, log: &Path, incarnation: u32) -> Result<Child> {
+    let binary = worker_binary()?;
+    let mut out = OpenOptions::new()
+        .append(true)
+        .open(log)
+        .with_context(|| format!("failed to open {}", log.display()))?;
+    writeln!(out, "{}", incarnation_marker(incarnation))
+        .with_context(|| format!("failed to write {}", log.display()))?;
+    let err = out
+        .try_clone()
+        .context("failed to duplicate the log handle")?;
+    let mut command = Command::new(&binary);
+    // Settings come only from what the test passes: clear what a developer's
+    // shell may have exported (clap reads `RINGCACHE_*` as flag values).
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("RINGCACHE_") {
+            command.env_remove(name);
+        }
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "info");
+    }
+    command
+        .arg("--brokers")
+        .arg(&config.brokers)
+        .arg("--database-url")
+        .arg(&config.database_url)
+        .arg("--group")
+        .arg(&config.group)
+        .arg("--keyspaces")
+        .arg(config.keyspaces.join(","));
+    if !config.cache_seeds.is_empty() {
+        command
+            .arg("--cache-seeds")
+            .arg(config.cache_seeds.join(","));
+    }
+    command.stdin(Stdio::null()).stdout(out).stderr(err);
+    command
+        .spawn()
+        .with_context(|| format!("failed to start {}", binary.display()))
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- worker {} log tail ({}) ----\n{}\n----",
+                self.config.group,
+                self.log.display(),
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        if self.status.is_none() {
+            // SIGKILL cannot be ignored, so the blocking wait below is short.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
