@@ -15,15 +15,23 @@
 //! - [`WorkerProcess`]: the real `write-back-worker` binary as a child
 //!   process, run with a [`WorkerConfig`], its log in a file, restartable,
 //!   and killed on drop.
+//! - [`PrivateBroker`]: a tansu broker of the test's own, which it can
+//!   SIGKILL and restart on the same address and storage.
+//! - [`PrivatePostgres`]: a PostgreSQL server of the test's own, which it
+//!   can stop and start again.
 
+mod broker;
 mod env;
 mod fixtures;
 mod node;
+mod postgres;
 mod worker;
 
+pub use broker::PrivateBroker;
 pub use env::{kafka_brokers, pg_bindir, pg_url, tansu_bin};
 pub use fixtures::{cluster, own_database, unique};
 pub use node::{
     HEALTH_TIMEOUT, NODE_HEALTH_SERVICE, NodeConfig, NodeProcess, free_addr, node_binary,
 };
+pub use postgres::PrivatePostgres;
 pub use worker::{WorkerConfig, WorkerProcess, worker_binary};

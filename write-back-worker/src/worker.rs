@@ -40,10 +40,32 @@ const RETRY_WARN_INTERVAL: Duration = Duration::from_secs(30);
 /// when another worker consumed a partition this one still held.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
-    let store = PgStore::connect(&config.database_url)
-        .await
-        .map_err(Error::Store)?;
-    store.migrate().await.map_err(Error::Store)?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    // A worker that starts while PostgreSQL is down or failing waits for it,
+    // like a running worker does: holding the queue, never failing because
+    // of a transient outage. Only a permanent failure (a bad URL or
+    // credentials, broken tables) ends it.
+    let mut backoff = RETRY_INITIAL_BACKOFF;
+    let store = loop {
+        let attempt: cache_client::Result<PgStore> = async {
+            let store = PgStore::connect(&config.database_url).await?;
+            store.migrate().await?;
+            Ok(store)
+        }
+        .await;
+        match attempt {
+            Ok(store) => break store,
+            Err(err) if err.is_retryable() => {
+                warn!(error = %err, "PostgreSQL is not available yet; retrying");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
+            }
+            Err(err) => return Err(Error::Store(err)),
+        }
+    };
     let poller = Poller::start(&config, store.clone())?;
     // The cache is told what is stored on a best-effort basis: a worker
     // whose cache nodes are unreachable at start still drains the queue.
@@ -80,7 +102,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let watch = async {
         tokio::select! {
-            () = shutdown => {
+            () = &mut shutdown => {
                 info!("shutting down: finishing the current batch");
                 cancel.cancel();
             }

@@ -150,7 +150,10 @@ impl PgStore {
         migrator.run(&self.pool).await.map_err(|err| {
             let message = format!("failed to migrate the store tables: {err}");
             match &err {
-                sqlx::migrate::MigrateError::Execute(inner) => classify("", message, inner),
+                sqlx::migrate::MigrateError::Execute(inner)
+                | sqlx::migrate::MigrateError::ExecuteMigration(inner, _) => {
+                    classify("", message, inner)
+                }
                 _ => Error::StoreRejected {
                     keyspace: String::new(),
                     message,
