@@ -26,6 +26,7 @@ mod fixtures;
 mod node;
 mod postgres;
 mod worker;
+pub mod write_back;
 
 pub use broker::PrivateBroker;
 pub use env::{kafka_brokers, pg_bindir, pg_url, tansu_bin};

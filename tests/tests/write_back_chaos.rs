@@ -11,7 +11,7 @@ use std::{
     collections::BTreeMap, os::unix::process::ExitStatusExt as _, sync::Arc, time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use cache_client::{
     Client, ClientConfig,
     producer::WriteBackConfig,
@@ -20,6 +20,7 @@ use cache_client::{
     writeback::topic_for,
 };
 use nix::sys::signal::Signal;
+use ringcache_tests::write_back::{Expected, put_acknowledged, wait_stored};
 use ringcache_tests::{NodeProcess, WorkerConfig, WorkerProcess, cluster, unique};
 use sqlx::PgPool;
 use tokio::{sync::watch, time::Instant};
@@ -115,81 +116,6 @@ async fn wait_consumed(
     }
 }
 
-/// The keyspace's rows: key → (value, version).
-async fn rows(pool: &PgPool, keyspace: &str) -> Result<Expected> {
-    let rows: Vec<(Vec<u8>, Option<Vec<u8>>, i64)> =
-        sqlx::query_as("SELECT key, value, version FROM ringcache_entries WHERE keyspace = $1")
-            .bind(keyspace)
-            .fetch_all(pool)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(key, value, version)| (key, (value, version)))
-        .collect())
-}
-
-/// key → (value, version).
-type Expected = BTreeMap<Vec<u8>, (Option<Vec<u8>>, i64)>;
-
-/// Waits until the keyspace's rows are exactly `expected`, failing early if
-/// the worker died; the error shows the keys that differ.
-async fn wait_stored(
-    pool: &PgPool,
-    worker: &mut WorkerProcess,
-    keyspace: &str,
-    expected: &Expected,
-) -> Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        worker.ensure_running()?;
-        let actual = rows(pool, keyspace).await?;
-        if &actual == expected {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let differ: Vec<String> = expected
-                .keys()
-                .chain(actual.keys())
-                .filter(|key| expected.get(*key) != actual.get(*key))
-                .take(10)
-                .map(|key| {
-                    format!(
-                        "{}: expected {:?}, stored {:?}",
-                        String::from_utf8_lossy(key),
-                        expected.get(key),
-                        actual.get(key)
-                    )
-                })
-                .collect();
-            bail!(
-                "PostgreSQL does not hold the acknowledged writes after {TIMEOUT:?}:\n{}\nworker log tail:\n{}",
-                differ.join("\n"),
-                worker.log_tail(40)
-            );
-        }
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-}
-
-/// Puts `value` until the broker acknowledges it, and returns the version.
-///
-/// A failed durable write may still be applied, and its version is not
-/// reported; retrying until a write of the key is acknowledged keeps the
-/// expectation exact, since the retry's version is newer than the failed
-/// attempt's (one client's clock only moves forward).
-async fn put_acknowledged(client: &Client, keyspace: &str, key: &str, value: &str) -> Result<u64> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match client.keyspace(keyspace).put(key, value.to_owned()).await {
-            Ok(written) => return Ok(written.version),
-            Err(err) if Instant::now() < deadline => {
-                eprintln!("put {key} failed, retrying: {err}");
-            }
-            Err(err) => return Err(err).with_context(|| format!("put {key} never acknowledged")),
-        }
-    }
-}
-
 /// Writes in `ROUNDS` rounds of this many puts.
 const ROUND: usize = 150;
 /// Rounds of writes; the worker is killed during all but the first.
@@ -244,7 +170,8 @@ async fn acknowledged_writes_survive_worker_sigkills() -> Result<()> {
                 for i in round * ROUND..(round + 1) * ROUND {
                     let key = format!("k{}", i % KEYS);
                     let value = format!("v{i}");
-                    let version = put_acknowledged(&client, &keyspace, &key, &value).await?;
+                    let version =
+                        put_acknowledged(&client, &keyspace, &key, &value, TIMEOUT).await?;
                     acknowledged.insert(key, (version, value));
                 }
             }
@@ -287,7 +214,7 @@ async fn acknowledged_writes_survive_worker_sigkills() -> Result<()> {
             Ok((key.into_bytes(), (Some(value.into_bytes()), version)))
         })
         .collect::<Result<_>>()?;
-    wait_stored(&pool, &mut worker, &keyspace, &expected).await?;
+    wait_stored(&pool, &mut worker, &keyspace, &expected, TIMEOUT).await?;
 
     // The position lives in PostgreSQL, with the rows: at least every
     // acknowledged record was consumed (failed attempts may add more).
@@ -327,13 +254,13 @@ async fn the_worker_exits_zero_on_sigterm() -> Result<()> {
     for i in 0..10 {
         let key = format!("k{i}");
         let value = format!("v{i}");
-        let version = put_acknowledged(&client, &keyspace, &key, &value).await?;
+        let version = put_acknowledged(&client, &keyspace, &key, &value, TIMEOUT).await?;
         expected.insert(
             key.into_bytes(),
             (Some(value.into_bytes()), i64::try_from(version)?),
         );
     }
-    wait_stored(&pool, &mut worker, &keyspace, &expected).await?;
+    wait_stored(&pool, &mut worker, &keyspace, &expected, TIMEOUT).await?;
 
     worker.sigterm()?;
     let status = worker.wait_exit(TIMEOUT).await?;

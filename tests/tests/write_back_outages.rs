@@ -17,13 +17,14 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use cache_client::{
     Client, ClientConfig,
     producer::WriteBackConfig,
     store::PgStore,
     strategy::{KeyspaceSettings, Strategy},
 };
+use ringcache_tests::write_back::{Expected, put_acknowledged, rows, wait_stored};
 use ringcache_tests::{
     NodeProcess, PrivateBroker, PrivatePostgres, WorkerConfig, WorkerProcess, cluster,
     kafka_brokers, own_database, unique,
@@ -37,9 +38,6 @@ use tokio::{sync::watch, time::Instant};
 const TIMEOUT: Duration = Duration::from_secs(180);
 /// How often a wait looks again.
 const POLL_EVERY: Duration = Duration::from_millis(100);
-
-/// key → (value, version).
-type Expected = BTreeMap<Vec<u8>, (Option<Vec<u8>>, i64)>;
 
 /// A client whose keyspace `keyspace` is write-back (durable
 /// acknowledgements) through `brokers` into `pool`'s database, with its
@@ -74,77 +72,6 @@ fn worker_config(brokers: &str, url: &str, keyspace: &str, nodes: &[NodeProcess]
         group: format!("{keyspace}_group"),
         keyspaces: vec![keyspace.to_owned()],
         cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
-    }
-}
-
-/// Puts `value` until the broker acknowledges it, and returns the version.
-///
-/// A failed durable write may still be applied, but the retry's version is
-/// newer (one client's clock only moves forward), so the last acknowledged
-/// version of a key is what PostgreSQL must end up with.
-async fn put_acknowledged(client: &Client, keyspace: &str, key: &str, value: &str) -> Result<u64> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        match client.keyspace(keyspace).put(key, value.to_owned()).await {
-            Ok(written) => return Ok(written.version),
-            Err(err) if Instant::now() < deadline => {
-                eprintln!("put {key} failed, retrying: {err}");
-            }
-            Err(err) => return Err(err).with_context(|| format!("put {key} never acknowledged")),
-        }
-    }
-}
-
-/// The keyspace's rows: key → (value, version).
-async fn rows(pool: &PgPool, keyspace: &str) -> Result<Expected> {
-    let rows: Vec<(Vec<u8>, Option<Vec<u8>>, i64)> =
-        sqlx::query_as("SELECT key, value, version FROM ringcache_entries WHERE keyspace = $1")
-            .bind(keyspace)
-            .fetch_all(pool)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(key, value, version)| (key, (value, version)))
-        .collect())
-}
-
-/// Waits until the keyspace's rows are exactly `expected`, failing early if
-/// the worker died; the error shows the keys that differ.
-async fn wait_stored(
-    pool: &PgPool,
-    worker: &mut WorkerProcess,
-    keyspace: &str,
-    expected: &Expected,
-) -> Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        worker.ensure_running()?;
-        let actual = rows(pool, keyspace).await?;
-        if &actual == expected {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let differ: Vec<String> = expected
-                .keys()
-                .chain(actual.keys())
-                .filter(|key| expected.get(*key) != actual.get(*key))
-                .take(10)
-                .map(|key| {
-                    format!(
-                        "{}: expected {:?}, stored {:?}",
-                        String::from_utf8_lossy(key),
-                        expected.get(key),
-                        actual.get(key)
-                    )
-                })
-                .collect();
-            bail!(
-                "PostgreSQL does not hold the acknowledged writes after {TIMEOUT:?}:\n{}\nworker log tail:\n{}",
-                differ.join("\n"),
-                worker.log_tail(40)
-            );
-        }
-        tokio::time::sleep(POLL_EVERY).await;
     }
 }
 
@@ -211,7 +138,8 @@ async fn acknowledged_writes_survive_a_broker_restart() -> Result<()> {
                 for i in round * ROUND..(round + 1) * ROUND {
                     let key = key(round, i);
                     let value = format!("v{i}");
-                    let version = put_acknowledged(&client, &keyspace, &key, &value).await?;
+                    let version =
+                        put_acknowledged(&client, &keyspace, &key, &value, TIMEOUT).await?;
                     acknowledged.insert(key, (version, value));
                     done.fetch_add(1, Ordering::SeqCst);
                 }
@@ -283,7 +211,7 @@ async fn acknowledged_writes_survive_a_broker_restart() -> Result<()> {
         "every key was written"
     );
     let expected = expected(acknowledged)?;
-    wait_stored(&pool, &mut worker, &keyspace, &expected)
+    wait_stored(&pool, &mut worker, &keyspace, &expected, TIMEOUT)
         .await
         .with_context(|| format!("broker log tail:\n{}", broker.log_tail(40)))?;
 
@@ -324,7 +252,7 @@ async fn writes_keep_working_while_postgresql_is_down() -> Result<()> {
     for i in 0..10 {
         let key = format!("before{i}");
         let value = format!("b{i}");
-        let version = put_acknowledged(&client, &keyspace, &key, &value).await?;
+        let version = put_acknowledged(&client, &keyspace, &key, &value, TIMEOUT).await?;
         acknowledged.insert(key, (version, value));
     }
     wait_stored(
@@ -332,6 +260,7 @@ async fn writes_keep_working_while_postgresql_is_down() -> Result<()> {
         &mut worker,
         &keyspace,
         &expected(acknowledged.clone())?,
+        TIMEOUT,
     )
     .await?;
 
@@ -370,9 +299,15 @@ async fn writes_keep_working_while_postgresql_is_down() -> Result<()> {
         acknowledged.len() == 10 + DOWN_KEYS,
         "every key was written"
     );
-    wait_stored(&pool, &mut worker, &keyspace, &expected(acknowledged)?)
-        .await
-        .with_context(|| format!("PostgreSQL log tail:\n{}", pg.log_tail(20)))?;
+    wait_stored(
+        &pool,
+        &mut worker,
+        &keyspace,
+        &expected(acknowledged)?,
+        TIMEOUT,
+    )
+    .await
+    .with_context(|| format!("PostgreSQL log tail:\n{}", pg.log_tail(20)))?;
 
     let dead: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM ringcache_wb_dead_letters WHERE consumer_group = $1",
