@@ -25,6 +25,7 @@ mod env;
 mod fixtures;
 mod node;
 mod postgres;
+mod process;
 mod worker;
 pub mod write_back;
 

@@ -5,16 +5,15 @@ use std::{
     fs::{self, File},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::{sys::signal::Signal, unistd::Pid};
 use tempfile::TempDir;
+
+use crate::process::Guarded;
 use tokio::time::Instant;
 use tonic::transport::Endpoint;
 use tonic_health::pb::{
@@ -210,9 +209,7 @@ pub fn node_binary() -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct NodeProcess {
     config: NodeConfig,
-    log: PathBuf,
-    child: Child,
-    status: Option<ExitStatus>,
+    process: Guarded,
     // Dropped after the process is killed (see `Drop`).
     dir: TempDir,
 }
@@ -283,10 +280,8 @@ impl NodeProcess {
             .spawn()
             .with_context(|| format!("failed to start {}", binary.display()))?;
         Ok(Self {
+            process: Guarded::new(config.node_id.clone(), log, LOG_TAIL_LINES, child),
             config,
-            log,
-            child,
-            status: None,
             dir,
         })
     }
@@ -308,12 +303,12 @@ impl NodeProcess {
 
     /// The process id.
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
+        self.process.pid()
     }
 
     /// The node's log file (stdout and stderr).
     pub fn log_path(&self) -> &Path {
-        &self.log
+        self.process.log_path()
     }
 
     /// The temporary directory holding the config and the log.
@@ -323,14 +318,7 @@ impl NodeProcess {
 
     /// The last `lines` lines of the node's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        match fs::read(&self.log) {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                let all: Vec<&str> = text.lines().collect();
-                all[all.len().saturating_sub(lines)..].join("\n")
-            }
-            Err(err) => format!("(cannot read {}: {err})", self.log.display()),
-        }
+        self.process.log_tail(lines)
     }
 
     /// Polls the health service until the node reports SERVING for
@@ -468,15 +456,7 @@ impl NodeProcess {
     }
 
     fn signal(&mut self, signal: Signal) -> Result<()> {
-        // Once reaped, the pid may belong to an unrelated process.
-        if let Some(status) = self.try_exit_status()? {
-            bail!(
-                "cannot send {signal} to {}: it already exited ({status})",
-                self.config.node_id
-            );
-        }
-        kill(self.pid(), signal)
-            .with_context(|| format!("failed to send {signal} to {}", self.config.node_id))
+        self.process.signal(signal)
     }
 
     /// The exit status if the node has exited, without blocking.
@@ -485,12 +465,7 @@ impl NodeProcess {
     ///
     /// Fails when the status cannot be read.
     pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().with_context(|| {
-                format!("failed to check whether {} exited", self.config.node_id)
-            })?;
-        }
-        Ok(self.status)
+        self.process.try_exit_status()
     }
 
     /// Waits up to `timeout` for the node to exit and returns its status.
@@ -500,38 +475,6 @@ impl NodeProcess {
     /// Fails, with the log's tail, when the node is still running at the
     /// deadline.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_exit_status()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} still running {timeout:?} later; log tail:\n{}",
-                    self.config.node_id,
-                    self.log_tail(LOG_TAIL_LINES)
-                );
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- {} log tail ({}) ----\n{}\n----",
-                self.config.node_id,
-                self.log.display(),
-                self.log_tail(LOG_TAIL_LINES)
-            );
-        }
-        if self.status.is_none() {
-            // SIGKILL also ends a SIGSTOPped process, and cannot be ignored,
-            // so the blocking wait below is short.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.process.wait_exit(timeout).await
     }
 }

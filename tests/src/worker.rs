@@ -9,11 +9,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use nix::{
-    sys::signal::{Signal, kill},
-    unistd::Pid,
-};
+use nix::{sys::signal::Signal, unistd::Pid};
 use tempfile::TempDir;
+
+use crate::process::Guarded;
 use tokio::time::Instant;
 
 /// How often exit is polled.
@@ -84,9 +83,7 @@ pub fn worker_binary() -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct WorkerProcess {
     config: WorkerConfig,
-    log: PathBuf,
-    child: Child,
-    status: Option<ExitStatus>,
+    process: Guarded,
     incarnation: u32,
     // Dropped after the process is killed (see `Drop`).
     dir: TempDir,
@@ -108,10 +105,13 @@ impl WorkerProcess {
         File::create(&log).with_context(|| format!("failed to create {}", log.display()))?;
         let child = spawn(&config, &log, 1)?;
         Ok(Self {
+            process: Guarded::new(
+                format!("worker {}", config.group),
+                log,
+                LOG_TAIL_LINES,
+                child,
+            ),
             config,
-            log,
-            child,
-            status: None,
             incarnation: 1,
             dir,
         })
@@ -127,8 +127,8 @@ impl WorkerProcess {
     pub async fn restart(&mut self, timeout: Duration) -> Result<()> {
         self.wait_exit(timeout).await?;
         self.incarnation += 1;
-        self.child = spawn(&self.config, &self.log, self.incarnation)?;
-        self.status = None;
+        let child = spawn(&self.config, self.process.log_path(), self.incarnation)?;
+        self.process.replace(child);
         Ok(())
     }
 
@@ -139,12 +139,12 @@ impl WorkerProcess {
 
     /// The process id of the current incarnation.
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
+        self.process.pid()
     }
 
     /// The worker's log file (stdout and stderr of every incarnation).
     pub fn log_path(&self) -> &Path {
-        &self.log
+        self.process.log_path()
     }
 
     /// The temporary directory holding the log.
@@ -154,14 +154,7 @@ impl WorkerProcess {
 
     /// The last `lines` lines of the worker's log.
     pub fn log_tail(&self, lines: usize) -> String {
-        match fs::read(&self.log) {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                let all: Vec<&str> = text.lines().collect();
-                all[all.len().saturating_sub(lines)..].join("\n")
-            }
-            Err(err) => format!("(cannot read {}: {err})", self.log.display()),
-        }
+        self.process.log_tail(lines)
     }
 
     /// The log of the current incarnation only (since its marker line).
@@ -170,8 +163,8 @@ impl WorkerProcess {
     ///
     /// Fails when the log cannot be read.
     pub fn current_log(&self) -> Result<String> {
-        let bytes = fs::read(&self.log)
-            .with_context(|| format!("failed to read {}", self.log.display()))?;
+        let log = self.process.log_path();
+        let bytes = fs::read(log).with_context(|| format!("failed to read {}", log.display()))?;
         let text = String::from_utf8_lossy(&bytes);
         let marker = incarnation_marker(self.incarnation);
         Ok(text
@@ -232,16 +225,7 @@ impl WorkerProcess {
     }
 
     fn signal(&mut self, signal: Signal) -> Result<()> {
-        // Once reaped, the pid may belong to an unrelated process.
-        if let Some(status) = self.try_exit_status()? {
-            bail!(
-                "cannot send {signal} to worker {}: it already exited ({status}); log tail:\n{}",
-                self.config.group,
-                self.log_tail(LOG_TAIL_LINES)
-            );
-        }
-        kill(self.pid(), signal)
-            .with_context(|| format!("failed to send {signal} to worker {}", self.config.group))
+        self.process.signal(signal)
     }
 
     /// The exit status if the current incarnation has exited, without
@@ -251,15 +235,7 @@ impl WorkerProcess {
     ///
     /// Fails when the status cannot be read.
     pub fn try_exit_status(&mut self) -> Result<Option<ExitStatus>> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().with_context(|| {
-                format!(
-                    "failed to check whether worker {} exited",
-                    self.config.group
-                )
-            })?;
-        }
-        Ok(self.status)
+        self.process.try_exit_status()
     }
 
     /// Fails, with the log's tail, when the current incarnation has exited:
@@ -287,20 +263,7 @@ impl WorkerProcess {
     /// Fails, with the log's tail, when the worker is still running at the
     /// deadline.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_exit_status()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "worker {} still running {timeout:?} later; log tail:\n{}",
-                    self.config.group,
-                    self.log_tail(LOG_TAIL_LINES)
-                );
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        self.process.wait_exit(timeout).await
     }
 }
 
@@ -350,22 +313,4 @@ fn spawn(config: &WorkerConfig, log: &Path, incarnation: u32) -> Result<Child> {
     command
         .spawn()
         .with_context(|| format!("failed to start {}", binary.display()))
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- worker {} log tail ({}) ----\n{}\n----",
-                self.config.group,
-                self.log.display(),
-                self.log_tail(LOG_TAIL_LINES)
-            );
-        }
-        if self.status.is_none() {
-            // SIGKILL cannot be ignored, so the blocking wait below is short.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
