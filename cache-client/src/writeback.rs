@@ -26,7 +26,7 @@
 //!     the wrong length, makes the record malformed.
 //!
 //! A record that does not follow this contract fails [`decode`] with a
-//! [`DecodeError`]; the worker moves it to its dead-letter table and goes
+//! [`DecodeError`]; the worker moves it to its dead-letter topic and goes
 //! on.
 //!
 //! Beside the format, this module holds the plain data the worker hands to
@@ -197,46 +197,13 @@ pub struct RecordSource {
 }
 
 /// A decoded record to apply, with where it came from (to dead-letter it if
-/// the store rejects it).
+/// the store rejects it for good).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteBackRow {
     /// The write.
     pub record: WriteBackRecord,
     /// Its Kafka record.
     pub source: RecordSource,
-}
-
-/// A Kafka record that can never be applied, as it came from Kafka.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetter {
-    /// Its Kafka record.
-    pub source: RecordSource,
-    /// The record key, if any.
-    pub key: Option<Bytes>,
-    /// The record value (`None` for a tombstone).
-    pub value: Option<Bytes>,
-    /// Every header, in order.
-    pub headers: Vec<(String, Option<Bytes>)>,
-    /// Why it cannot be applied.
-    pub error: String,
-}
-
-impl DeadLetter {
-    /// The dead letter of a decoded record the store rejected with `error`.
-    pub fn of_row(row: &WriteBackRow, error: String) -> Self {
-        DeadLetter {
-            source: row.source.clone(),
-            key: Some(Bytes::from(row.record.encode_key())),
-            value: row.record.value.clone(),
-            headers: row
-                .record
-                .headers()
-                .iter()
-                .map(|(name, bytes)| ((*name).to_owned(), Some(Bytes::copy_from_slice(bytes))))
-                .collect(),
-            error,
-        }
-    }
 }
 
 /// How far one partition was consumed: stored with the rows of the batch,
@@ -263,8 +230,6 @@ pub struct WriteBackBatch {
     /// Version-guarded upserts and tombstones, at most one per
     /// `(keyspace, key)`.
     pub rows: Vec<WriteBackRow>,
-    /// Records to move to the dead-letter table.
-    pub dead_letters: Vec<DeadLetter>,
     /// The new offset of every partition the batch read from.
     pub offsets: Vec<PartitionOffset>,
 }
@@ -279,9 +244,13 @@ pub enum BatchOutcome {
         /// Rows the version guard refused (the store had that version or a
         /// newer one): replays, or writes overtaken by another path.
         stale: usize,
-        /// Records moved to the dead-letter table, including rows the store
-        /// rejected.
-        dead_lettered: usize,
+    },
+    /// Nothing was written: the store rejected these rows for a reason
+    /// that retrying the same statement does not change (a version above
+    /// `i64::MAX`, a value the table refuses), each with the reason.
+    Rejected {
+        /// The rejected rows' Kafka records and why each was rejected.
+        rows: Vec<(RecordSource, String)>,
     },
     /// Nothing was written: a partition's stored offset is not the batch's
     /// `expected`, so another consumer has consumed it since.

@@ -37,6 +37,14 @@ pub struct WorkerConfig {
     pub cache_seeds: Vec<String>,
 }
 
+impl WorkerConfig {
+    /// The worker's dead-letter topic: one per group, so that tests do not
+    /// see each other's dead letters.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}-dlq", self.group)
+    }
+}
+
 /// The path of the built `write-back-worker` binary, found next to the
 /// running test executable as [`node_binary`](crate::node_binary) finds
 /// `cache-node` (Cargo only exposes `CARGO_BIN_EXE_*` to the owning crate's
@@ -173,6 +181,29 @@ impl WorkerProcess {
             .to_owned())
     }
 
+    /// The address of the current incarnation's metrics endpoint, read from
+    /// its log once it serves.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the worker exits first or does not serve within `timeout`.
+    pub async fn metrics_addr(&mut self, timeout: Duration) -> Result<std::net::SocketAddr> {
+        const LINE: &str = "serving metrics addr=";
+        self.wait_log(LINE, timeout).await?;
+        let log = self.current_log()?;
+        let rest = log
+            .rsplit_once(LINE)
+            .map(|(_, rest)| rest)
+            .context("the metrics line vanished")?;
+        let addr: String = rest
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .filter(|c| !matches!(c, '"' | '\u{1b}'))
+            .collect();
+        addr.parse()
+            .with_context(|| format!("cannot parse the metrics address {addr:?}"))
+    }
+
     /// Polls the current incarnation's log until it contains `needle`.
     ///
     /// # Errors
@@ -303,7 +334,12 @@ fn spawn(config: &WorkerConfig, log: &Path, incarnation: u32) -> Result<Child> {
         .arg("--group")
         .arg(&config.group)
         .arg("--keyspaces")
-        .arg(config.keyspaces.join(","));
+        .arg(config.keyspaces.join(","))
+        .arg("--dead-letter-topic")
+        .arg(config.dead_letter_topic())
+        // A free port: tests read it from the log (`metrics_addr`).
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0");
     if !config.cache_seeds.is_empty() {
         command
             .arg("--cache-seeds")

@@ -64,6 +64,7 @@ async fn writes_are_read_back_at_once_and_stored_by_the_worker() -> Result<()> {
         group: "rc_wb_e2e".into(),
         keyspaces: vec!["wbe2e".into()],
         cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
+        metrics_listen: None,
         ..write_back_worker::Config::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -24,7 +24,9 @@ use cache_client::{
     store::PgStore,
     strategy::{KeyspaceSettings, Strategy},
 };
-use ringcache_tests::write_back::{Expected, put_acknowledged, rows, wait_stored};
+use ringcache_tests::write_back::{
+    Expected, metric_sum, put_acknowledged, rows, scrape, wait_stored,
+};
 use ringcache_tests::{
     NodeProcess, PrivateBroker, PrivatePostgres, WorkerConfig, WorkerProcess, cluster,
     kafka_brokers, own_database, unique,
@@ -215,13 +217,12 @@ async fn acknowledged_writes_survive_a_broker_restart() -> Result<()> {
         .await
         .with_context(|| format!("broker log tail:\n{}", broker.log_tail(40)))?;
 
-    let dead: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM ringcache_wb_dead_letters WHERE consumer_group = $1",
+    let dead = ringcache_tests::write_back::read_topic(
+        &worker.config().brokers,
+        &worker.config().dead_letter_topic(),
     )
-    .bind(&worker.config().group)
-    .fetch_one(&pool)
     .await?;
-    ensure!(dead == 0, "{dead} records were dead-lettered");
+    ensure!(dead.is_empty(), "records were dead-lettered: {dead:?}");
     Ok(())
 }
 
@@ -290,8 +291,25 @@ async fn writes_keep_working_while_postgresql_is_down() -> Result<()> {
             "get {key} returned {read:?} while PostgreSQL was down, not the acknowledged {value:?}"
         );
     }
-    // The worker is still running, holding its batch until it can store it.
+    // The worker is still running, holding its batch until it can store it,
+    // and says so in its metrics: it retries, and the oldest write it holds
+    // ages.
     worker.ensure_running()?;
+    let metrics = worker.metrics_addr(TIMEOUT).await?;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = scrape(metrics).await?;
+        let retries = metric_sum(&text, "ringcache_wb_retries_total").unwrap_or(0.0);
+        let oldest = metric_sum(&text, "ringcache_wb_oldest_unstored_seconds").unwrap_or(0.0);
+        if retries > 0.0 && oldest > 0.0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the worker's metrics show no retries or unstored writes while PostgreSQL is down:\n{text}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
 
     tokio::task::block_in_place(|| pg.start_again())?;
     eprintln!("started PostgreSQL again");
@@ -309,12 +327,27 @@ async fn writes_keep_working_while_postgresql_is_down() -> Result<()> {
     .await
     .with_context(|| format!("PostgreSQL log tail:\n{}", pg.log_tail(20)))?;
 
-    let dead: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM ringcache_wb_dead_letters WHERE consumer_group = $1",
+    let dead = ringcache_tests::write_back::read_topic(
+        &worker.config().brokers,
+        &worker.config().dead_letter_topic(),
     )
-    .bind(&worker.config().group)
-    .fetch_one(&pool)
     .await?;
-    ensure!(dead == 0, "{dead} records were dead-lettered");
+    ensure!(dead.is_empty(), "records were dead-lettered: {dead:?}");
+    // Caught up: nothing unstored, and every partition it holds has no lag
+    // (the gauges follow the broker's statistics, every 2 s).
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = scrape(metrics).await?;
+        let oldest = metric_sum(&text, "ringcache_wb_oldest_unstored_seconds");
+        let lag = metric_sum(&text, "ringcache_wb_consumer_lag_records");
+        if oldest == Some(0.0) && lag == Some(0.0) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the worker caught up but its metrics say otherwise:\n{text}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
     Ok(())
 }

@@ -23,7 +23,10 @@ use rdkafka::{
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
 };
-use ringcache_tests::{kafka_brokers, pg_url};
+use ringcache_tests::{
+    kafka_brokers, pg_url,
+    write_back::{TopicRecord, read_topic},
+};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tokio::{sync::oneshot, task::JoinHandle};
 use write_back_worker::Config;
@@ -140,6 +143,9 @@ impl Fixture {
             keyspaces: vec![self.keyspace.clone()],
             // Small batches, so that every test spans several of them.
             max_batch_records: 7,
+            dead_letter_topic: dead_letter_topic(group),
+            dead_letter_after_attempts: 2,
+            metrics_listen: None,
             ..Config::default()
         }
     }
@@ -229,15 +235,22 @@ impl Fixture {
         Ok(sum.unwrap_or(0))
     }
 
-    /// The group's dead letters: (record key, error), by offset.
+    /// The group's dead letters: (record key, reason).
     async fn dead_letters(&self, group: &str) -> Result<Vec<(Option<Vec<u8>>, String)>> {
-        Ok(sqlx::query_as(
-            "SELECT record_key, error FROM ringcache_wb_dead_letters \
-             WHERE consumer_group = $1 ORDER BY kafka_partition, kafka_offset",
-        )
-        .bind(group)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(self
+            .dead_letter_records(group)
+            .await?
+            .into_iter()
+            .map(|r| {
+                let reason = r.header("rc-dlq-reason").unwrap_or_default();
+                (r.key, reason)
+            })
+            .collect())
+    }
+
+    /// The group's dead-letter topic, whole.
+    async fn dead_letter_records(&self, group: &str) -> Result<Vec<TopicRecord>> {
+        read_topic(&self.brokers, &dead_letter_topic(group)).await
     }
 
     /// Starts a worker in-process; it drains when the sender is used or
@@ -249,6 +262,11 @@ impl Fixture {
         }));
         Worker { stop, task }
     }
+}
+
+/// The dead-letter topic of a test's consumer group.
+fn dead_letter_topic(group: &str) -> String {
+    format!("{group}-dlq")
 }
 
 /// key, value, version, updated_at (seconds since the epoch).
@@ -514,6 +532,73 @@ async fn malformed_records_are_dead_lettered_and_the_rest_applied() -> Result<()
     ensure!(
         letters.iter().all(|(key, _)| key.is_some()),
         "dead letters keep the record key"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_the_table_refuses_goes_to_the_dead_letter_topic_after_the_attempts() -> Result<()> {
+    // Its own database: the table gets a constraint no other test expects.
+    let fx = Fixture::with_own_database("wb_refused").await?;
+    sqlx::query(
+        "ALTER TABLE ringcache_entries ADD CONSTRAINT no_poison \
+         CHECK (value IS NULL OR value <> 'poison'::bytea)",
+    )
+    .execute(&fx.pool)
+    .await?;
+    let before: Vec<_> = (0..5)
+        .map(|k| fx.record(&format!("a{k}"), 3, Some("before")))
+        .collect();
+    let poison = fx.record("p", 7, Some("poison"));
+    let after: Vec<_> = (0..20)
+        .map(|k| fx.record(&format!("b{k}"), 4, Some("after")))
+        .collect();
+    for r in before.iter().chain([&poison]).chain(&after) {
+        fx.produce(r).await?;
+    }
+
+    let worker = fx.start(&fx.group);
+    let mut good = before.clone();
+    good.extend(after.iter().cloned());
+    // Everything but the poison record is stored: it did not hold back the
+    // records behind it.
+    wait_for_rows(&fx, &expected(&good)).await?;
+    wait_for_consumed(&fx, &fx.group, good.len() + 1).await?;
+    worker.shutdown().await?;
+
+    let letters = fx.dead_letter_records(&fx.group).await?;
+    ensure!(letters.len() == 1, "dead letters: {letters:?}");
+    let letter = &letters[0];
+    ensure!(
+        letter.key.as_deref() == Some(&poison.encode_key()[..]),
+        "the dead letter keeps the record key: {letter:?}"
+    );
+    ensure!(
+        letter.value.as_deref() == Some(&b"poison"[..]),
+        "the dead letter keeps the value: {letter:?}"
+    );
+    let reason = letter.header("rc-dlq-reason").unwrap_or_default();
+    ensure!(reason.contains("no_poison"), "reason: {reason}");
+    ensure!(
+        letter.header("rc-dlq-attempts").as_deref() == Some("2"),
+        "refused in the configured 2 attempts: {letter:?}"
+    );
+    ensure!(
+        letter.header("rc-dlq-topic") == Some(topic_for(&fx.keyspace)),
+        "{letter:?}"
+    );
+    ensure!(
+        letter.header("rc-dlq-group").as_deref() == Some(fx.group.as_str()),
+        "{letter:?}"
+    );
+    let offset: i64 = letter
+        .header("rc-dlq-offset")
+        .context("rc-dlq-offset header")?
+        .parse()?;
+    ensure!(offset >= 0, "{letter:?}");
+    ensure!(
+        letter.header("rc-version").is_some(),
+        "the original headers are kept: {letter:?}"
     );
     Ok(())
 }

@@ -6,9 +6,11 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use cache_client::writeback::{
-    DeadLetter, PartitionOffset, RecordSource, WriteBackBatch, WriteBackRecord, WriteBackRow,
-    decode, keyspace_of,
+    PartitionOffset, RecordSource, WriteBackBatch, WriteBackRecord, WriteBackRow, decode,
+    keyspace_of,
 };
+
+use crate::dead_letter::DeadLetter;
 
 /// A Kafka record as the polling thread hands it over.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,9 @@ pub(crate) type Expected = HashMap<(String, i32), Option<i64>>;
 #[derive(Debug)]
 pub(crate) struct Built {
     pub batch: WriteBackBatch,
+    /// Records that cannot be decoded: dead-lettered before the batch
+    /// commits.
+    pub dead_letters: Vec<DeadLetter>,
     /// Decoded records folded into a newer write of the same key.
     pub coalesced: usize,
     /// `written_at_ms` of every decoded record (0s left out), for the lag.
@@ -67,12 +72,13 @@ pub(crate) fn build(group: &str, records: Vec<Polled>, expected: &Expected) -> B
                     }
                 }
             }
-            Err(error) => dead_letters.push(DeadLetter {
+            Err(reason) => dead_letters.push(DeadLetter {
                 source: polled.source,
                 key: polled.key,
                 value: polled.value,
                 headers: polled.headers,
-                error,
+                reason,
+                attempts: 0,
             }),
         }
     }
@@ -98,9 +104,9 @@ pub(crate) fn build(group: &str, records: Vec<Polled>, expected: &Expected) -> B
         batch: WriteBackBatch {
             consumer_group: group.to_owned(),
             rows,
-            dead_letters,
             offsets,
         },
+        dead_letters,
         coalesced,
         written_at_ms,
     }
@@ -204,10 +210,9 @@ mod tests {
         let good = polled(23, "ok", 1, Some("v"));
         let built = build("g", vec![bad, wrong_topic, too_new, good], &Expected::new());
         let errors: Vec<_> = built
-            .batch
             .dead_letters
             .iter()
-            .map(|d| (d.source.offset, d.error.as_str()))
+            .map(|d| (d.source.offset, d.reason.as_str()))
             .collect();
         assert_eq!(errors[0], (20, "header rc-version is missing"));
         assert!(

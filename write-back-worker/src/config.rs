@@ -3,6 +3,7 @@
 //! rejected and every value is validated at start-up, with errors that name
 //! the field.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +32,14 @@ pub const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
 /// Default capacity of the channel between the polling thread and the
 /// batcher, in records.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 4096;
+/// Default topic that records which can never be stored are moved to.
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "ringcache-dead-letters";
+/// Default number of batch attempts in which the database refused a record
+/// before the record is dead-lettered.
+pub const DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS: u32 = 3;
+/// Default address of the Prometheus endpoint.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9800);
 
 /// The worker's whole configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -65,6 +74,20 @@ pub struct Config {
     pub max_poll_interval: Duration,
     /// Records buffered between the polling thread and the batcher.
     pub channel_capacity: usize,
+    /// The Kafka topic that records which can never be stored go to, with
+    /// the reason in their headers (see `docs/write-back.md`). Created at
+    /// start-up when missing.
+    pub dead_letter_topic: String,
+    /// How many batch attempts the database may refuse a record in (for a
+    /// reason that is not transient, such as a value the table's
+    /// constraints refuse) before the record is dead-lettered and the rest
+    /// of its partition goes on. Until then the partition waits, so that a
+    /// refusal a DBA can fix (a constraint, a trigger) costs no data.
+    /// Records that cannot be decoded at all are dead-lettered at once.
+    pub dead_letter_after_attempts: u32,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None` serves
+    /// none. Port 0 picks a free port (logged at start-up).
+    pub metrics_listen: Option<SocketAddr>,
     /// Cache nodes to tell, after each committed batch, which versions are
     /// stored (`MarkClean`), so that they treat those dirty entries as clean
     /// and may evict them again. Empty: nobody is told, and the nodes'
@@ -88,6 +111,9 @@ impl Default for Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             max_poll_interval: DEFAULT_MAX_POLL_INTERVAL,
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
+            dead_letter_after_attempts: DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS,
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN),
             log_format: LogFormat::Text,
         }
     }
@@ -129,6 +155,23 @@ pub struct Cli {
     /// Cache nodes to tell what is stored, comma-separated host:port.
     #[arg(long, env = "RINGCACHE_SEEDS", value_delimiter = ',')]
     pub cache_seeds: Option<Vec<String>>,
+    /// Topic of records that can never be stored.
+    #[arg(long, env = "RINGCACHE_WB_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// Batch attempts the database may refuse a record in before it is
+    /// dead-lettered.
+    #[arg(long, env = "RINGCACHE_WB_DEAD_LETTER_AFTER_ATTEMPTS")]
+    pub dead_letter_after_attempts: Option<u32>,
+    /// Prometheus endpoint address (host:port; port 0 picks one).
+    #[arg(
+        long,
+        env = "RINGCACHE_WB_METRICS_LISTEN",
+        conflicts_with = "no_metrics"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve no metrics endpoint.
+    #[arg(long)]
+    pub no_metrics: bool,
     /// Log format.
     #[arg(long)]
     pub log_format: Option<LogFormat>,
@@ -169,6 +212,18 @@ impl Config {
         }
         if let Some(seeds) = &cli.cache_seeds {
             config.cache_seeds.clone_from(seeds);
+        }
+        if let Some(topic) = &cli.dead_letter_topic {
+            config.dead_letter_topic.clone_from(topic);
+        }
+        if let Some(attempts) = cli.dead_letter_after_attempts {
+            config.dead_letter_after_attempts = attempts;
+        }
+        if let Some(addr) = cli.metrics_listen {
+            config.metrics_listen = Some(addr);
+        }
+        if cli.no_metrics {
+            config.metrics_listen = None;
         }
         if let Some(format) = cli.log_format {
             config.log_format = format;
@@ -216,6 +271,22 @@ impl Config {
         }
         if self.channel_capacity == 0 {
             return bad("channel_capacity", "must be at least 1");
+        }
+        if self.dead_letter_topic.trim().is_empty() {
+            return bad("dead_letter_topic", "must not be empty");
+        }
+        if self
+            .keyspaces
+            .iter()
+            .any(|k| cache_client::writeback::topic_for(k) == self.dead_letter_topic)
+        {
+            return bad(
+                "dead_letter_topic",
+                "must not be the topic of a drained keyspace",
+            );
+        }
+        if self.dead_letter_after_attempts == 0 {
+            return bad("dead_letter_after_attempts", "must be at least 1");
         }
         if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.session_timeout {
             return bad(

@@ -23,8 +23,9 @@ use cache_client::{
     store::PgStore,
     writeback::{RecordSource, topic_for},
 };
+use dashmap::DashMap;
 use rdkafka::{
-    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
+    ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext},
     message::Headers,
     types::RDKafkaRespErr,
@@ -36,7 +37,24 @@ use crate::{
     Config,
     batch::{Expected, Polled},
     error::{Error, Result},
+    metrics as m,
 };
+
+/// How often librdkafka reports statistics, from which the lag gauges are
+/// set.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The stored offset of every partition this worker holds (`None`: nothing
+/// stored yet), kept by the batcher and the rebalance callback; the
+/// statistics callback turns it into the lag gauges.
+#[derive(Clone, Default)]
+pub(crate) struct Positions(Arc<DashMap<(String, i32), Option<i64>>>);
+
+impl Positions {
+    pub(crate) fn insert(&self, partition: (String, i32), stored: Option<i64>) {
+        self.0.insert(partition, stored);
+    }
+}
 
 /// How long one `poll` blocks; bounds how late the thread notices a stop.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -78,7 +96,7 @@ impl Drop for StopOnDrop {
 impl Poller {
     /// Creates the consumer, subscribes to the keyspaces' topics and starts
     /// polling.
-    pub(crate) fn start(config: &Config, store: PgStore) -> Result<Self> {
+    pub(crate) fn start(config: &Config, store: PgStore, positions: Positions) -> Result<Self> {
         let (events_tx, events) = mpsc::channel(config.channel_capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let context = Context {
@@ -87,6 +105,7 @@ impl Poller {
             group: config.group.clone(),
             runtime: Handle::current(),
             stop: Arc::clone(&stop),
+            positions,
         };
         let ms = |d: Duration| d.as_millis().to_string();
         let consumer: BaseConsumer<Context> = ClientConfig::new()
@@ -102,6 +121,7 @@ impl Poller {
             .set("session.timeout.ms", ms(config.session_timeout))
             .set("heartbeat.interval.ms", ms(config.heartbeat_interval))
             .set("max.poll.interval.ms", ms(config.max_poll_interval))
+            .set("statistics.interval.ms", ms(STATS_INTERVAL))
             .create_with_context(context)
             .map_err(|source| Error::Kafka {
                 what: "creating the consumer",
@@ -223,9 +243,34 @@ struct Context {
     group: String,
     runtime: Handle,
     stop: Arc<AtomicBool>,
+    positions: Positions,
 }
 
-impl ClientContext for Context {}
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, stats) in &stats.partitions {
+                let key = (topic.clone(), *partition);
+                // Only partitions this worker holds, once the broker told
+                // their high watermark.
+                let Some(stored) = self.positions.0.get(&key).map(|entry| *entry) else {
+                    continue;
+                };
+                if stats.hi_offset < 0 {
+                    continue;
+                }
+                let from = stored.unwrap_or(stats.lo_offset.max(0));
+                let lag = (stats.hi_offset - from).max(0);
+                metrics::gauge!(
+                    m::CONSUMER_LAG_RECORDS,
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for Context {
     // Replaces the default, which only assigns, to position each partition
@@ -249,6 +294,17 @@ impl ConsumerContext for Context {
                 // gone, and with it anything it held.
                 if self.events.blocking_send(Event::Revoked(ack)).is_ok() {
                     let _ = done.blocking_recv();
+                }
+                for element in tpl.elements() {
+                    let key = (element.topic().to_owned(), element.partition());
+                    if self.positions.0.remove(&key).is_some() {
+                        metrics::gauge!(
+                            m::CONSUMER_LAG_RECORDS,
+                            "topic" => key.0,
+                            "partition" => key.1.to_string()
+                        )
+                        .set(0.0);
+                    }
                 }
                 if let Err(err) = consumer.unassign() {
                     warn!(error = %err, "unassign failed");
@@ -285,6 +341,7 @@ impl Context {
                 warn!(%topic, partition, error = %err, "cannot position a partition");
             }
             info!(%topic, partition, stored = ?offset, "partition assigned");
+            self.positions.insert((topic.clone(), partition), offset);
             expected.insert((topic, partition), offset);
         }
         // Before `assign`, so the batcher knows the offsets before any record.

@@ -49,6 +49,9 @@ pub enum Error {
         /// The offset this worker expected.
         expected: Option<i64>,
     },
+    /// The metrics endpoint cannot be served.
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// The polling thread ended on its own (it panicked).
     #[error("the Kafka polling thread stopped unexpectedly")]
     PollerStopped,

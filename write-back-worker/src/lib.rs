@@ -7,13 +7,14 @@
 //! - `consumer`: the rdkafka consumer, polled on a blocking thread that
 //!   hands records, assignments and revocations over a bounded channel;
 //!   positions each assigned partition at its offset stored in PostgreSQL.
-//! - `batch`: pure: decodes records (`cache_client::writeback`), dead-letters
-//!   what can never be applied, coalesces writes of one key (highest version
+//! - `batch`: pure: decodes records (`cache_client::writeback`), sets aside
+//!   what cannot be decoded, coalesces writes of one key (highest version
 //!   wins) and computes each partition's next offset.
+//! - [`dead_letter`]: the dead-letter topic's record format and producer.
 //! - `worker`: batches by size and time, writes each batch with
 //!   `PgStore::apply_write_back_batch`, retries the database, drains on
 //!   shutdown.
-//! - [`metrics`]: metric names.
+//! - [`metrics`]: metric names and the Prometheus endpoint.
 //! - [`error`]: the crate's [`Error`].
 //!
 //! # Guarantees
@@ -22,8 +23,10 @@
 //!   exactly what was applied. Kafka's committed offsets are only a hint.
 //! - A record is applied at least once; writes are version-guarded, so
 //!   applying one again changes nothing: exactly once in effect.
-//! - A record that can never be applied is dead-lettered in the same
-//!   transaction and the partition goes on.
+//! - A record that can never be applied (it cannot be decoded, or the
+//!   database refused it in `dead_letter_after_attempts` batch attempts) is
+//!   produced to the dead-letter topic, acknowledged by the broker, before
+//!   the batch that skips it commits; the partition then goes on.
 //! - Database failures that may pass are retried with backoff; a batch is
 //!   never skipped.
 //! - Only the shared table `ringcache_entries` (the `default` layout) is
@@ -32,6 +35,8 @@
 pub mod config;
 pub mod error;
 pub mod metrics;
+
+pub mod dead_letter;
 
 mod batch;
 mod consumer;

@@ -1,5 +1,19 @@
-//! The worker's metric names (through the `metrics` facade; the binary or
-//! the embedding process installs a recorder).
+//! The worker's metrics: their names (through the `metrics` facade) and the
+//! Prometheus endpoint that serves them.
+//!
+//! The endpoint installs a Prometheus recorder as the process's global
+//! recorder the first time a worker serves metrics; workers of one process
+//! share it. An embedding process that installed its own recorder gets the
+//! metrics there instead, and the endpoint is not served.
+
+use std::{net::SocketAddr, sync::OnceLock};
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
 
 /// Counter: rows written to the store (newer than what it held).
 pub const RECORDS_APPLIED_TOTAL: &str = "ringcache_wb_records_applied_total";
@@ -11,9 +25,70 @@ pub const RECORDS_STALE_TOTAL: &str = "ringcache_wb_records_stale_total";
 pub const RECORDS_COALESCED_TOTAL: &str = "ringcache_wb_records_coalesced_total";
 /// Counter: committed batches.
 pub const BATCHES_TOTAL: &str = "ringcache_wb_batches_total";
-/// Counter: records moved to the dead-letter table.
+/// Histogram: Kafka records per committed batch.
+pub const BATCH_RECORDS: &str = "ringcache_wb_batch_records";
+/// Counter: records moved to the dead-letter topic.
 pub const DEAD_LETTERS_TOTAL: &str = "ringcache_wb_dead_letters_total";
-/// Histogram: seconds from building a batch to its commit, retries included.
+/// Counter: batch attempts that failed and were retried (the database
+/// failed or refused a record, or a dead letter could not be produced).
+pub const RETRIES_TOTAL: &str = "ringcache_wb_retries_total";
+/// Histogram: seconds from building a batch to its commit, retries included
+/// (the flush latency).
 pub const BATCH_SECONDS: &str = "ringcache_wb_batch_seconds";
 /// Histogram: seconds from a record's `rc-written-at` to its batch's commit.
 pub const LAG_SECONDS: &str = "ringcache_wb_lag_seconds";
+/// Gauge: seconds since the oldest write this worker holds unstored was
+/// queued (0 when it holds none).
+pub const OLDEST_UNSTORED_SECONDS: &str = "ringcache_wb_oldest_unstored_seconds";
+/// Gauge, labels `topic` and `partition`: records of the partition not
+/// stored yet (the broker's high watermark minus the stored offset), for
+/// the partitions this worker holds; 0 for those it gave up.
+pub const CONSUMER_LAG_RECORDS: &str = "ringcache_wb_consumer_lag_records";
+
+/// The process's Prometheus handle, once a worker installed the recorder.
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => Some(handle),
+            Err(err) => {
+                warn!(error = %err, "another metrics recorder is installed; not serving /metrics");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// Binds `addr` and serves `GET /metrics` until `stop` is cancelled.
+///
+/// # Errors
+/// [`Error::Metrics`] when the address cannot be bound.
+pub(crate) async fn serve(addr: SocketAddr, stop: CancellationToken) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|err| Error::Metrics(format!("cannot bind metrics_listen {addr}: {err}")))?;
+    let Some(handle) = handle() else {
+        return Ok(());
+    };
+    let bound = listener
+        .local_addr()
+        .map_err(|err| Error::Metrics(format!("metrics listener has no address: {err}")))?;
+    info!(addr = %bound, "serving metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(err) = served {
+            warn!(error = %err, "metrics endpoint failed");
+        }
+    });
+    Ok(())
+}

@@ -3,19 +3,24 @@
 //! skipping a batch, and drains on shutdown.
 
 use std::{
+    collections::HashMap,
     future::Future,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use cache_client::{store::PgStore, writeback::BatchOutcome};
+use cache_client::{
+    store::PgStore,
+    writeback::{BatchOutcome, RecordSource, WriteBackRow},
+};
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     Config,
-    batch::{self, Expected, Polled},
-    consumer::{Event, Poller},
+    batch::{self, Built, Expected, Polled},
+    consumer::{Event, Poller, Positions},
+    dead_letter::{DeadLetter, DeadLetters},
     error::{Error, Result},
     metrics as m,
 };
@@ -66,7 +71,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Err(err) => return Err(Error::Store(err)),
         }
     };
-    let poller = Poller::start(&config, store.clone())?;
+    let cancel = CancellationToken::new();
+    if let Some(addr) = config.metrics_listen {
+        m::serve(addr, cancel.child_token()).await?;
+    }
+    let dead_letters = DeadLetters::new(&config)?;
+    dead_letters.ensure_topic(&config).await;
+    let positions = Positions::default();
+    let poller = Poller::start(&config, store.clone(), positions.clone())?;
     // The cache is told what is stored on a best-effort basis: a worker
     // whose cache nodes are unreachable at start still drains the queue.
     let cache = if config.cache_seeds.is_empty() {
@@ -85,7 +97,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
-    let cancel = CancellationToken::new();
     let batcher = Batcher {
         config: &config,
         store,
@@ -93,6 +104,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pending: Vec::new(),
         cancel: &cancel,
         cache,
+        dead_letters,
+        positions,
     };
     let work = async {
         let result = batcher.run(poller).await;
@@ -123,6 +136,10 @@ struct Batcher<'a> {
     cancel: &'a CancellationToken,
     /// The cache, told after each batch which versions are stored.
     cache: Option<cache_client::Client>,
+    /// Where records that can never be stored go.
+    dead_letters: DeadLetters,
+    /// Stored offsets, shared with the polling thread for the lag gauges.
+    positions: Positions,
 }
 
 impl Batcher<'_> {
@@ -174,79 +191,124 @@ impl Batcher<'_> {
 
     /// Writes the pending records with their offsets, retrying retryable
     /// database failures until they succeed or the worker stops (then the
-    /// batch is left unwritten, to be consumed again).
+    /// batch is left unwritten, to be consumed again). Records the database
+    /// refuses in `dead_letter_after_attempts` attempts, and records that
+    /// cannot be decoded, are produced to the dead-letter topic first, then
+    /// the batch commits without them.
     async fn flush(&mut self, poller: &Poller) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
         let records = std::mem::take(&mut self.pending);
         let count = records.len();
-        let built = batch::build(&self.config.group, records, &self.expected);
+        let Built {
+            mut batch,
+            dead_letters,
+            coalesced,
+            written_at_ms,
+        } = batch::build(&self.config.group, records, &self.expected);
+        // Each with its decoded row, for those the database refused.
+        let mut letters: Vec<(DeadLetter, Option<WriteBackRow>)> = dead_letters
+            .into_iter()
+            .map(|letter| (letter, None))
+            .collect();
+        let oldest = written_at_ms.iter().copied().min();
         let started = Instant::now();
         let mut backoff = RETRY_INITIAL_BACKOFF;
         let mut attempts = 0u32;
         let mut last_warning: Option<Instant> = None;
-        let outcome = loop {
+        // Per record, the attempts in which the database refused it.
+        let mut refusals: HashMap<RecordSource, u32> = HashMap::new();
+        let mut dead_lettered = Vec::new();
+        let (applied, stale) = loop {
             attempts += 1;
-            match self.store.apply_write_back_batch(&built.batch).await {
-                Ok(outcome) => break outcome,
-                Err(err) if err.is_retryable() => {
-                    if last_warning.is_none_or(|at| at.elapsed() >= RETRY_WARN_INTERVAL) {
-                        warn!(attempts, records = count, error = %err, "write-back batch failed; retrying");
-                        last_warning = Some(Instant::now());
-                    } else {
-                        debug!(attempts, error = %err, "write-back batch failed; retrying");
+            set_oldest_unstored(oldest);
+            let failure = if letters.is_empty() {
+                match self.store.apply_write_back_batch(&batch).await {
+                    Ok(BatchOutcome::Committed { applied, stale }) => break (applied, stale),
+                    Ok(BatchOutcome::Fenced {
+                        topic,
+                        partition,
+                        stored,
+                    }) => {
+                        let expected = self
+                            .expected
+                            .get(&(topic.clone(), partition))
+                            .copied()
+                            .flatten();
+                        return Err(Error::Fenced {
+                            topic,
+                            partition,
+                            stored,
+                            expected,
+                        });
                     }
-                    if self.cancel.is_cancelled() {
-                        warn!(
-                            records = count,
-                            "stopping with a batch unwritten; it will be consumed again"
-                        );
-                        return Ok(());
+                    Ok(BatchOutcome::Rejected { rows }) => {
+                        let limit = self.config.dead_letter_after_attempts;
+                        for (source, reason) in rows {
+                            let refused = refusals.entry(source.clone()).or_default();
+                            *refused += 1;
+                            if *refused >= limit
+                                && let Some(at) = batch.rows.iter().position(|r| r.source == source)
+                            {
+                                let row = batch.rows.remove(at);
+                                letters.push(letter_of_row(&row, reason, *refused));
+                            }
+                        }
+                        if !letters.is_empty() {
+                            // Set aside: produce them and retry at once.
+                            continue;
+                        }
+                        format!(
+                            "the database refused {} record(s); dead-lettered after {limit} attempts",
+                            refusals.len()
+                        )
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = self.cancel.cancelled() => {}
-                    }
-                    backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
+                    Err(err) if err.is_retryable() => err.to_string(),
+                    Err(err) => return Err(Error::Store(err)),
                 }
-                Err(err) => return Err(Error::Store(err)),
+            } else {
+                match self
+                    .send_dead_letters(&mut letters, &mut dead_lettered)
+                    .await
+                {
+                    // Now commit the batch without them.
+                    Ok(()) => continue,
+                    Err(err) => format!("cannot produce a dead letter: {err}"),
+                }
+            };
+
+            metrics::counter!(m::RETRIES_TOTAL).increment(1);
+            if last_warning.is_none_or(|at| at.elapsed() >= RETRY_WARN_INTERVAL) {
+                warn!(attempts, records = count, error = %failure, "write-back batch failed; retrying");
+                last_warning = Some(Instant::now());
+            } else {
+                debug!(attempts, error = %failure, "write-back batch failed; retrying");
             }
-        };
-        let (applied, stale, dead_lettered) = match outcome {
-            BatchOutcome::Committed {
-                applied,
-                stale,
-                dead_lettered,
-            } => (applied, stale, dead_lettered),
-            BatchOutcome::Fenced {
-                topic,
-                partition,
-                stored,
-            } => {
-                let expected = self
-                    .expected
-                    .get(&(topic.clone(), partition))
-                    .copied()
-                    .flatten();
-                return Err(Error::Fenced {
-                    topic,
-                    partition,
-                    stored,
-                    expected,
-                });
+            if self.cancel.is_cancelled() {
+                warn!(
+                    records = count,
+                    "stopping with a batch unwritten; it will be consumed again"
+                );
+                return Ok(());
             }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = self.cancel.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
         };
+        set_oldest_unstored(None);
         if attempts > 1 {
             info!(attempts, "write-back batch written after retries");
         }
 
-        let mut hint = Vec::with_capacity(built.batch.offsets.len());
-        for offset in &built.batch.offsets {
-            self.expected.insert(
-                (offset.topic.clone(), offset.partition),
-                Some(offset.next_offset),
-            );
+        let mut hint = Vec::with_capacity(batch.offsets.len());
+        for offset in &batch.offsets {
+            let partition = (offset.topic.clone(), offset.partition);
+            self.expected
+                .insert(partition.clone(), Some(offset.next_offset));
+            self.positions.insert(partition, Some(offset.next_offset));
             hint.push((offset.topic.clone(), offset.partition, offset.next_offset));
         }
         poller.commit_hint(hint);
@@ -255,26 +317,26 @@ impl Batcher<'_> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default();
-        for written_at in &built.written_at_ms {
+        for written_at in &written_at_ms {
             let lag = Duration::from_millis(now_ms.saturating_sub(*written_at));
             metrics::histogram!(m::LAG_SECONDS).record(lag.as_secs_f64());
         }
         metrics::counter!(m::BATCHES_TOTAL).increment(1);
+        metrics::histogram!(m::BATCH_RECORDS).record(count as f64);
         metrics::counter!(m::RECORDS_APPLIED_TOTAL).increment(applied as u64);
         metrics::counter!(m::RECORDS_STALE_TOTAL).increment(stale as u64);
-        metrics::counter!(m::RECORDS_COALESCED_TOTAL).increment(built.coalesced as u64);
-        metrics::counter!(m::DEAD_LETTERS_TOTAL).increment(dead_lettered as u64);
+        metrics::counter!(m::RECORDS_COALESCED_TOTAL).increment(coalesced as u64);
         metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-        if dead_lettered > 0 {
-            warn!(dead_lettered, "records moved to the dead-letter table");
-        }
         if let Some(cache) = &self.cache {
             // Every row of the batch is now in the store at its version or
             // a newer one (a stale row lost to a newer stored version), so
-            // entries of those versions may be clean.
+            // entries of those versions may be clean. A dead-lettered write
+            // is marked clean too: it will never be stored, and a dirty
+            // entry would pin its bytes forever.
             let mut by_keyspace: std::collections::BTreeMap<&str, Vec<(bytes::Bytes, u64)>> =
                 std::collections::BTreeMap::new();
-            for row in &built.batch.rows {
+            let dead_rows = dead_lettered.iter().filter_map(|(row, _)| row.as_ref());
+            for row in batch.rows.iter().chain(dead_rows) {
                 by_keyspace
                     .entry(row.record.keyspace.as_str())
                     .or_default()
@@ -288,10 +350,75 @@ impl Batcher<'_> {
             records = count,
             applied,
             stale,
-            coalesced = built.coalesced,
-            dead_lettered,
+            coalesced,
+            dead_lettered = dead_lettered.len(),
             "write-back batch committed"
         );
         Ok(())
     }
+
+    /// Produces `letters` to the dead-letter topic, one at a time, moving
+    /// each one the broker acknowledged to `sent` (with its decoded row, if
+    /// it had one); stops at the first failure.
+    async fn send_dead_letters(
+        &self,
+        letters: &mut Vec<(DeadLetter, Option<WriteBackRow>)>,
+        sent: &mut Vec<(Option<WriteBackRow>, DeadLetter)>,
+    ) -> std::result::Result<(), String> {
+        while let Some((letter, row)) = letters.first() {
+            self.dead_letters.send(letter).await?;
+            warn!(
+                topic = %letter.source.topic,
+                partition = letter.source.partition,
+                offset = letter.source.offset,
+                attempts = letter.attempts,
+                reason = %letter.reason,
+                "record moved to the dead-letter topic"
+            );
+            metrics::counter!(m::DEAD_LETTERS_TOTAL).increment(1);
+            let row = row.clone();
+            let (letter, _) = letters.remove(0);
+            sent.push((row, letter));
+        }
+        Ok(())
+    }
+}
+
+/// The dead letter of a decoded row the database refused `attempts` times.
+fn letter_of_row(
+    row: &WriteBackRow,
+    reason: String,
+    attempts: u32,
+) -> (DeadLetter, Option<WriteBackRow>) {
+    let letter = DeadLetter {
+        source: row.source.clone(),
+        key: Some(bytes::Bytes::from(row.record.encode_key())),
+        value: row.record.value.clone(),
+        headers: row
+            .record
+            .headers()
+            .iter()
+            .map(|(name, bytes)| {
+                (
+                    (*name).to_owned(),
+                    Some(bytes::Bytes::copy_from_slice(bytes)),
+                )
+            })
+            .collect(),
+        reason,
+        attempts,
+    };
+    (letter, Some(row.clone()))
+}
+
+/// Sets the age gauge of the oldest write held unstored (`None`: none).
+fn set_oldest_unstored(written_at_ms: Option<u64>) {
+    let age = written_at_ms.map_or(0.0, |at| {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        Duration::from_millis(now_ms.saturating_sub(at)).as_secs_f64()
+    });
+    metrics::gauge!(m::OLDEST_UNSTORED_SECONDS).set(age);
 }

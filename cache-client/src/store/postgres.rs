@@ -607,8 +607,8 @@ fn key_error(keyspace: &str, st: &Statements, what: &str, err: &sqlx::Error) -> 
     )
 }
 
-/// The write-back worker's batch: rows, dead letters and consumed offsets in
-/// one transaction.
+/// The write-back worker's batch: rows and consumed offsets in one
+/// transaction.
 mod write_back {
     use sqlx::{Connection, PgConnection};
 
@@ -616,13 +616,11 @@ mod write_back {
     use crate::{
         Error, Result,
         store::db_version,
-        writeback::{BatchOutcome, DeadLetter, PartitionOffset, WriteBackBatch, WriteBackRow},
+        writeback::{BatchOutcome, PartitionOffset, WriteBackBatch, WriteBackRow},
     };
 
     /// The table of consumed offsets (`cache-client/migrations/`).
     const OFFSETS_TABLE: &str = "ringcache_wb_offsets";
-    /// The table of records that can never be applied.
-    const DEAD_LETTERS_TABLE: &str = "ringcache_wb_dead_letters";
 
     /// How the rows of a batch are written.
     #[derive(Clone, Copy, PartialEq, Eq)]
@@ -630,8 +628,8 @@ mod write_back {
         /// One statement per row; a row the store rejects aborts the
         /// transaction, and the batch is redone [`Careful`](Mode::Careful)ly.
         Fast,
-        /// Each row inside a savepoint, so that a rejected row is
-        /// dead-lettered without losing the others.
+        /// Each row inside a savepoint, so that every rejected row is
+        /// found, not only the first.
         Careful,
     }
 
@@ -639,30 +637,29 @@ mod write_back {
     enum NotCommitted {
         /// A row was rejected in [`Mode::Fast`].
         RowRejected,
-        /// A partition's offset moved under us.
-        Fenced(BatchOutcome),
+        /// A partition's offset moved under us, or rows were rejected in
+        /// [`Mode::Careful`].
+        Outcome(BatchOutcome),
     }
 
     impl PgStore {
         /// Applies one write-back batch in one transaction: every row as a
         /// version-guarded upsert or tombstone (each keyspace's layout, as
         /// [`Store::store`](super::Store::store) and
-        /// [`Store::delete`](super::Store::delete) would), every dead letter
-        /// into `ringcache_wb_dead_letters`, and every partition's next
-        /// offset into `ringcache_wb_offsets`, for `batch.consumer_group`.
-        ///
-        /// A row the store rejects for good (a version above `i64::MAX`, a
-        /// broken layout) is dead-lettered in the same transaction and the
-        /// others are applied: one bad record never blocks the queue. A
-        /// dead letter already recorded for the same record is kept as is,
-        /// so a replayed batch does not duplicate it.
+        /// [`Store::delete`](super::Store::delete) would), and every
+        /// partition's next offset into `ringcache_wb_offsets`, for
+        /// `batch.consumer_group`.
         ///
         /// # Consistency
         /// The batch is all or nothing: after a commit, the stored offsets
-        /// say exactly which records are applied or dead-lettered. If a
-        /// partition's stored offset is not its `expected` one (another
-        /// consumer took the partition and moved on), nothing is written and
-        /// [`BatchOutcome::Fenced`] names the partition.
+        /// say exactly which records are applied. If a partition's stored
+        /// offset is not its `expected` one (another consumer took the
+        /// partition and moved on), nothing is written and
+        /// [`BatchOutcome::Fenced`] names the partition. If the store
+        /// rejects rows for good (a version above `i64::MAX`, a value the
+        /// table refuses), nothing is written and
+        /// [`BatchOutcome::Rejected`] names every rejected row, so that the
+        /// caller can retry, or set them aside and apply the rest.
         ///
         /// # Errors
         /// [`Error::Store`] when the database fails in a way that may pass
@@ -671,12 +668,12 @@ mod write_back {
         /// [`migrate`](PgStore::migrate)).
         pub async fn apply_write_back_batch(&self, batch: &WriteBackBatch) -> Result<BatchOutcome> {
             match self.write_back_tx(batch, Mode::Fast).await? {
-                Ok(outcome) | Err(NotCommitted::Fenced(outcome)) => Ok(outcome),
+                Ok(outcome) | Err(NotCommitted::Outcome(outcome)) => Ok(outcome),
                 Err(NotCommitted::RowRejected) => {
                     match self.write_back_tx(batch, Mode::Careful).await? {
-                        Ok(outcome) | Err(NotCommitted::Fenced(outcome)) => Ok(outcome),
+                        Ok(outcome) | Err(NotCommitted::Outcome(outcome)) => Ok(outcome),
                         Err(NotCommitted::RowRejected) => {
-                            unreachable!("careful mode dead-letters rejected rows")
+                            unreachable!("careful mode collects rejected rows instead")
                         }
                     }
                 }
@@ -767,7 +764,7 @@ mod write_back {
                     .await
                     .map_err(|e| bookkeeping("offset read", e))?;
                     // Dropping `tx` rolls back.
-                    return Ok(Err(NotCommitted::Fenced(BatchOutcome::Fenced {
+                    return Ok(Err(NotCommitted::Outcome(BatchOutcome::Fenced {
                         topic: offset.topic.clone(),
                         partition: offset.partition,
                         stored,
@@ -785,23 +782,18 @@ mod write_back {
                     Err(_) if mode == Mode::Fast => {
                         return Ok(Err(NotCommitted::RowRejected));
                     }
-                    Err(err) => rejected.push(DeadLetter::of_row(row, err.to_string())),
+                    Err(err) => rejected.push((row.source.clone(), err.to_string())),
                 }
             }
-
-            let mut dead_lettered = 0;
-            for letter in batch.dead_letters.iter().chain(&rejected) {
-                insert_dead_letter(&mut tx, group, letter)
-                    .await
-                    .map_err(|e| bookkeeping("dead letter insert", e))?;
-                dead_lettered += 1;
+            if !rejected.is_empty() {
+                // Dropping `tx` rolls back: the caller decides what to do
+                // with the rejected rows.
+                return Ok(Err(NotCommitted::Outcome(BatchOutcome::Rejected {
+                    rows: rejected,
+                })));
             }
             tx.commit().await.map_err(|e| bookkeeping("commit", e))?;
-            Ok(Ok(BatchOutcome::Committed {
-                applied,
-                stale,
-                dead_lettered,
-            }))
+            Ok(Ok(BatchOutcome::Committed { applied, stale }))
         }
     }
 
@@ -862,47 +854,5 @@ mod write_back {
             }
         })?;
         Ok(done.rows_affected() > 0)
-    }
-
-    async fn insert_dead_letter(
-        conn: &mut PgConnection,
-        group: &str,
-        letter: &DeadLetter,
-    ) -> std::result::Result<(), sqlx::Error> {
-        let headers = serde_json::Value::Array(
-            letter
-                .headers
-                .iter()
-                .map(|(name, value)| serde_json::json!([name, value.as_deref().map(hex)]))
-                .collect(),
-        );
-        sqlx::query(&format!(
-            "INSERT INTO {DEAD_LETTERS_TABLE} \
-             (consumer_group, topic, kafka_partition, kafka_offset, record_key, record_value, \
-              headers, error) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8) ON CONFLICT DO NOTHING"
-        ))
-        .bind(group)
-        .bind(&letter.source.topic)
-        .bind(letter.source.partition)
-        .bind(letter.source.offset)
-        .bind(letter.key.as_deref())
-        .bind(letter.value.as_deref())
-        .bind(headers.to_string())
-        .bind(&letter.error)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
-
-    fn hex(bytes: &[u8]) -> String {
-        use std::fmt::Write;
-        bytes
-            .iter()
-            .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-                // Writing to a String cannot fail.
-                let _ = write!(out, "{b:02x}");
-                out
-            })
     }
 }
