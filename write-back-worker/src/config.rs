@@ -335,6 +335,15 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_example_parses_and_is_valid() {
+        let text = include_str!("../../deploy/config/worker.example.toml");
+        let config: Config = toml::from_str(text).expect("the example parses");
+        config.validate().expect("the example is valid");
+        assert_eq!(config.keyspaces, ["sessions", "carts"]);
+        assert_eq!(config.dead_letter_after_attempts, 3);
+    }
+
+    #[test]
     fn invalid_values_name_their_field() {
         let mut config = valid();
         config.max_batch_records = 0;
@@ -353,6 +362,15 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("heartbeat_interval")
+        );
+        let mut config = valid();
+        config.dead_letter_topic = "ringcache-wb-users".into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dead_letter_topic")
         );
         let mut config = valid();
         config.keyspaces.push("a\0b".into());
