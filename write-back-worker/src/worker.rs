@@ -29,6 +29,8 @@ use crate::{
 const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between two retries of a batch.
 const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest time the last batch may take to write once the shutdown began.
+const DRAIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shortest interval between two warnings about one failing batch.
 const RETRY_WARN_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -224,7 +226,31 @@ impl Batcher<'_> {
             attempts += 1;
             set_oldest_unstored(oldest);
             let failure = if letters.is_empty() {
-                match self.store.apply_write_back_batch(&batch).await {
+                // Raced with the shutdown: a database that hangs (a pool
+                // waiting for connections) must not hold up a SIGTERM.
+                // Dropping the attempt rolls its transaction back, or it
+                // committed, and its offsets say so either way.
+                // The drain's attempt (the shutdown had begun) gets a
+                // bounded time instead.
+                let apply = self.store.apply_write_back_batch(&batch);
+                let attempt = if self.cancel.is_cancelled() {
+                    tokio::time::timeout(DRAIN_ATTEMPT_TIMEOUT, apply)
+                        .await
+                        .ok()
+                } else {
+                    tokio::select! {
+                        attempt = apply => Some(attempt),
+                        () = self.cancel.cancelled() => None,
+                    }
+                };
+                let Some(attempt) = attempt else {
+                    warn!(
+                        records = count,
+                        "stopping with a batch unwritten; it will be consumed again"
+                    );
+                    return Ok(());
+                };
+                match attempt {
                     Ok(BatchOutcome::Committed { applied, stale }) => break (applied, stale),
                     Ok(BatchOutcome::Fenced {
                         topic,

@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     paths,
     process::ChildGuard,
-    readiness::{free_port, wait_for_grpc_health},
+    readiness::{Probe, free_port, wait_for_grpc_health, wait_for_tcp, wait_until},
+    services::Services,
 };
 
 /// How many cache nodes the demo runs.
@@ -71,6 +72,8 @@ pub struct DemoCluster {
     pub node_binary: PathBuf,
     /// The `cachectl` binary the walkthrough drives the cluster with.
     pub cachectl: PathBuf,
+    /// The write-back worker, once the walkthrough started it.
+    pub worker: Option<ChildGuard>,
 }
 
 /// Builds `cache-node`, starts the cluster, runs the walkthrough, then waits
@@ -92,16 +95,10 @@ pub async fn run_with(
     dir: &Path,
     cancel: &CancellationToken,
 ) -> Result<ExitCode> {
-    let database = services
-        .env()
-        .into_iter()
-        .find(|(name, _)| *name == "RINGCACHE_TEST_PG_URL")
-        .map(|(_, url)| url)
-        .context("the services export a PostgreSQL URL")?;
     let binary = build_node(cancel).await?;
     let mut cluster = start_cluster(&binary, dir, cancel).await?;
 
-    let walked = walkthrough(&mut cluster, &database, cancel).await;
+    let walked = walkthrough(&mut cluster, services, cancel).await;
     if walked.is_ok() && !args.no_wait && !cancel.is_cancelled() {
         eprintln!("xtask: the cluster is running; press Ctrl-C to stop it");
         cancel.cancelled().await;
@@ -123,6 +120,8 @@ async fn build_node(cancel: &CancellationToken) -> Result<PathBuf> {
             "cache-node",
             "--bin",
             "cachectl",
+            "--bin",
+            "write-back-worker",
             "--features",
             "cache-client/cli",
         ])
@@ -181,6 +180,7 @@ async fn start_cluster(
         dir: dir.to_path_buf(),
         node_binary: binary.to_path_buf(),
         cachectl: binary.with_file_name("cachectl"),
+        worker: None,
     })
 }
 
@@ -211,6 +211,7 @@ struct Ctl<'a> {
     seeds: String,
     keyspaces: String,
     database: String,
+    brokers: String,
 }
 
 impl Ctl<'_> {
@@ -220,6 +221,7 @@ impl Ctl<'_> {
             .arg(&self.seeds)
             .env("RINGCACHE_KEYSPACES", &self.keyspaces)
             .env("RINGCACHE_DATABASE_URL", &self.database)
+            .env("RINGCACHE_KAFKA_BROKERS", &self.brokers)
             .args(args)
             .output()
             .with_context(|| format!("failed to run {}", self.binary.display()))?;
@@ -263,18 +265,22 @@ fn step(title: &str) {
 /// fails when the demo stops telling the truth.
 pub async fn walkthrough(
     cluster: &mut DemoCluster,
-    database: &str,
+    services: &Services,
     cancel: &CancellationToken,
 ) -> Result<()> {
+    let database = services.postgres.url();
+    let brokers = services.broker.brokers();
     let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
     let keyspaces = cluster.dir.join("keyspaces.toml");
     fs::write(&keyspaces, KEYSPACES)
         .with_context(|| format!("failed to write {}", keyspaces.display()))?;
+    let cachectl = cluster.cachectl.clone();
     let ctl = Ctl {
-        binary: &cluster.cachectl,
+        binary: &cachectl,
         seeds: seeds.join(","),
         keyspaces: keyspaces.display().to_string(),
-        database: database.to_owned(),
+        database: database.clone(),
+        brokers: brokers.clone(),
     };
     println!(
         "ringcache demo: {} cache nodes (epoch {})",
@@ -403,6 +409,7 @@ pub async fn walkthrough(
     ctl.show(&["topology"])?;
 
     strategies(&ctl)?;
+    write_back(cluster, &ctl, services, cancel).await?;
     println!("\nlogs and configs: {}", cluster.dir.display());
     Ok(())
 }
@@ -425,6 +432,10 @@ ttl = "10m"
 
 [keyspaces.accounts]
 strategy = "write-through"
+ttl = "10m"
+
+[keyspaces.orders]
+strategy = "write-back"
 ttl = "10m"
 "#;
 
@@ -514,15 +525,190 @@ fn strategies(ctl: &Ctl<'_>) -> Result<()> {
     Ok(())
 }
 
+/// How long the write-back worker may take to store a write (its group join
+/// included) before the demo gives up.
+const WRITE_BACK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Steps 7 to 9: write-back through the broker and the worker, with
+/// PostgreSQL stopped for a while.
+async fn write_back(
+    cluster: &mut DemoCluster,
+    ctl: &Ctl<'_>,
+    services: &Services,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let log = cluster.dir.join("write-back-worker.log");
+    let mut command = Command::new(cluster.node_binary.with_file_name("write-back-worker"));
+    command
+        .arg("--brokers")
+        .arg(services.broker.brokers())
+        .arg("--database-url")
+        .arg(services.postgres.url())
+        .args(["--group", "ringcache-demo", "--keyspaces", "orders"])
+        .arg("--cache-seeds")
+        .arg(seeds.join(","))
+        .arg("--metrics-listen")
+        .arg(metrics.to_string())
+        .env("NO_COLOR", "1");
+    let worker = cluster.worker.insert(ChildGuard::spawn(
+        "write-back-worker",
+        &mut command,
+        Some(&log),
+    )?);
+    wait_for_tcp(metrics, HEALTH_TIMEOUT, cancel, Some(worker)).await?;
+    println!(
+        "\n  write-back-worker: metrics http://{metrics}/metrics  log {}",
+        log.display()
+    );
+
+    step("7. write-back: the write lands in the cache and on Kafka; the worker stores it later");
+    ctl.show(&["-k", "orders", "kv", "put", "order:1", "2 books"])?;
+    ctl.show(&["-k", "orders", "kv", "peek", "order:1"])?;
+    wait_stored(ctl, "order:1", "2 books", cancel, cluster.worker.as_mut()).await?;
+    println!("  the worker stored it in PostgreSQL:");
+    ctl.show(&["-k", "orders", "kv", "stored", "order:1"])?;
+
+    step("8. PostgreSQL stops; write-back writes and reads go on");
+    tokio::task::block_in_place(|| services.postgres.stop(cancel))?;
+    println!("  (PostgreSQL is stopped)");
+    ctl.show(&["-k", "orders", "kv", "put", "order:2", "1 lamp"])?;
+    ctl.show(&["-k", "orders", "kv", "get", "order:2"])?;
+    let read = ctl.json(&["-k", "orders", "kv", "get", "order:2"])?;
+    if read["value"].as_str() != Some("1 lamp") {
+        bail!("read-your-writes while PostgreSQL is down: got {read}");
+    }
+    println!("  $ cachectl -k orders kv stored order:2");
+    let (ok, text) = ctl.output(&["-k", "orders", "kv", "stored", "order:2"])?;
+    for line in text.lines() {
+        println!("    {line}");
+    }
+    if ok {
+        bail!("reading PostgreSQL succeeded while it was stopped: {text}");
+    }
+    // The worker holds the write and retries; its metrics say how old the
+    // oldest write it could not store yet is.
+    wait_until(
+        "the worker to report an unstored write",
+        WRITE_BACK_TIMEOUT,
+        cancel,
+        cluster.worker.as_mut(),
+        || async {
+            let text = scrape(metrics).await?;
+            let oldest = metric(&text, "ringcache_wb_oldest_unstored_seconds");
+            let retries = metric(&text, "ringcache_wb_retries_total");
+            Ok(match (oldest, retries) {
+                (Some(oldest), Some(retries)) if oldest > 0.0 && retries > 0.0 => Probe::Ready,
+                _ => Probe::NotYet(format!("oldest {oldest:?}, retries {retries:?}")),
+            })
+        },
+    )
+    .await?;
+    let text = scrape(metrics).await?;
+    println!(
+        "  the worker holds it and retries: ringcache_wb_oldest_unstored_seconds {:.1}, ringcache_wb_retries_total {}",
+        metric(&text, "ringcache_wb_oldest_unstored_seconds").unwrap_or_default(),
+        metric(&text, "ringcache_wb_retries_total").unwrap_or_default()
+    );
+
+    step("9. PostgreSQL is back; the worker catches up");
+    tokio::task::block_in_place(|| services.postgres.start_again(cancel))?;
+    println!("  (PostgreSQL is running again)");
+    wait_stored(ctl, "order:2", "1 lamp", cancel, cluster.worker.as_mut()).await?;
+    ctl.show(&["-k", "orders", "kv", "stored", "order:2"])?;
+    wait_until(
+        "the worker to report nothing unstored",
+        WRITE_BACK_TIMEOUT,
+        cancel,
+        cluster.worker.as_mut(),
+        || async {
+            let text = scrape(metrics).await?;
+            Ok(
+                match metric(&text, "ringcache_wb_oldest_unstored_seconds") {
+                    Some(0.0) => Probe::Ready,
+                    other => Probe::NotYet(format!("oldest unstored {other:?}")),
+                },
+            )
+        },
+    )
+    .await?;
+    println!("  caught up: ringcache_wb_oldest_unstored_seconds 0");
+    Ok(())
+}
+
+/// Waits until PostgreSQL holds `value` for `key` of `orders`.
+async fn wait_stored(
+    ctl: &Ctl<'_>,
+    key: &str,
+    value: &str,
+    cancel: &CancellationToken,
+    worker: Option<&mut ChildGuard>,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    wait_until(
+        &format!("the worker to store {key}"),
+        WRITE_BACK_TIMEOUT,
+        cancel,
+        worker,
+        || async {
+            let (ok, text) = ctl.output(&["--json", "-k", "orders", "kv", "stored", key])?;
+            let stored = ok
+                .then(|| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .flatten()
+                .and_then(|v| v["value"].as_str().map(str::to_owned));
+            Ok(if stored.as_deref() == Some(value) {
+                Probe::Ready
+            } else {
+                Probe::NotYet(format!("stored {stored:?}"))
+            })
+        },
+    )
+    .await?;
+    println!("  (stored after {:.1} s)", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The body of `GET /metrics` at `addr`.
+async fn scrape(addr: SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// The value of an unlabelled sample `name` in a Prometheus exposition.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|value| value.trim().parse().ok())
+}
+
 /// SIGTERMs every node, then waits for each; a node that does not exit 0
 /// (or has to be killed) is reported as an error.
 async fn stop_cluster(cluster: &mut DemoCluster) -> Result<()> {
+    let mut failures = Vec::new();
+    if let Some(worker) = &mut cluster.worker {
+        // First, so that it drains while the nodes it tells are up.
+        let status = worker.stop(Signal::SIGTERM, SHUTDOWN_GRACE).await?;
+        if !status.success() {
+            failures.push(format!("the write-back worker exited with {status}"));
+        }
+    }
     for node in &mut cluster.nodes {
         node.process.signal(Signal::SIGTERM)?;
     }
     // One SIGTERM each, sent to all nodes first so that they drain in
     // parallel; a second SIGTERM could read as "hurry up" to a node.
-    let mut failures = Vec::new();
     for node in &mut cluster.nodes {
         let status = match node.process.wait_timeout(SHUTDOWN_GRACE).await? {
             Some(status) => status,

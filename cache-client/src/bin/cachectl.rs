@@ -42,6 +42,10 @@ struct Cli {
     /// PostgreSQL URL of the keyspaces' stores, for `kv` commands.
     #[arg(long, env = "RINGCACHE_DATABASE_URL")]
     database: Option<String>,
+    /// Kafka bootstrap servers, for `kv` commands on write-back keyspaces
+    /// (their writes are queued there for the write-back worker).
+    #[arg(long, env = "RINGCACHE_KAFKA_BROKERS")]
+    brokers: Option<String>,
     /// Overall deadline of one call.
     #[arg(long, default_value = "2s", value_parser = humantime_duration)]
     deadline: Duration,
@@ -173,15 +177,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("kv commands need --keyspaces FILE and --database URL");
             };
             let file = cache_client::keyspaces::KeyspacesFile::read(file)?;
-            let pg = cache_client::store::PgStore::connect(url).await?;
-            pg.migrate().await?;
+            // Lazy: write-back writes and reads of the cache work while
+            // PostgreSQL is down.
+            let pg = cache_client::store::PgStore::connect_lazy(url)?;
             let pool = pg.clone();
+            if let Some(brokers) = &cli.brokers {
+                client.enable_write_back(cache_client::producer::WriteBackConfig::new(brokers))?;
+            }
             client.apply_keyspaces(&file, &|name, layout| {
                 Ok(Some(
                     std::sync::Arc::new(pool.clone().with_layout(name, layout)?)
                         as std::sync::Arc<dyn cache_client::store::Store>,
                 ))
             })?;
+            if cli.brokers.is_some() {
+                client.ensure_write_back_topics().await?;
+            }
+            // The tables are needed unless only the cache and the broker
+            // are (write-back keyspaces' tables are the worker's to create).
+            let write_back = client
+                .keyspace_settings(ks)
+                .is_some_and(|s| s.strategy == cache_client::strategy::Strategy::WriteBack);
+            if !write_back && !matches!(op, KvOp::Peek { .. }) {
+                pg.migrate().await?;
+            }
             let keyspace = client.keyspace(ks);
             let strategy = client
                 .keyspace_settings(ks)

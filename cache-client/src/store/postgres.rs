@@ -94,6 +94,23 @@ impl PgStore {
         Ok(Self::from_pool(pool))
     }
 
+    /// A store whose connections are opened when first needed, so that it
+    /// can be created while PostgreSQL is down (calls fail until it is up).
+    ///
+    /// # Errors
+    /// [`Error::StoreRejected`] when `url` is not a valid PostgreSQL URL.
+    pub fn connect_lazy(url: &str) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            // A down server fails a call in seconds, not the 30 s default.
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy(url)
+            .map_err(|err| Error::StoreRejected {
+                keyspace: String::new(),
+                message: format!("invalid PostgreSQL URL: {err}"),
+            })?;
+        Ok(Self::from_pool(pool))
+    }
+
     /// A store over an existing pool (its options, e.g. `lock_timeout` or
     /// `statement_timeout` set per connection, apply to every statement).
     pub fn from_pool(pool: PgPool) -> Self {

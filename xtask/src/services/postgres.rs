@@ -152,6 +152,30 @@ impl PgCluster {
         &self.bindir
     }
 
+    /// Stops the server (fast shutdown: connections are cut, committed data
+    /// stays) and waits until it is down; [`start_again`](Self::start_again)
+    /// brings it back on the same port with the same data. Blocks.
+    pub fn stop(&self, cancel: &CancellationToken) -> Result<()> {
+        let mut stop = self.pg_command("pg_ctl");
+        stop.arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "fast", "-w", "stop"]);
+        self.run("pg_ctl stop", &mut stop, cancel)
+    }
+
+    /// Starts the server stopped by [`stop`](Self::stop) again and waits
+    /// until it accepts connections. Blocks.
+    pub fn start_again(&self, cancel: &CancellationToken) -> Result<()> {
+        let mut start = self.pg_command("pg_ctl");
+        start
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", START_TIMEOUT_SECS, "start"]);
+        self.run("pg_ctl start", &mut start, cancel)
+    }
+
     /// The live server log (inside the temporary directory).
     pub fn log(&self) -> &Path {
         &self.log
