@@ -604,6 +604,61 @@ async fn a_row_the_table_refuses_goes_to_the_dead_letter_topic_after_the_attempt
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_keyspace_file_gives_the_worker_its_keyspaces_and_their_own_table() -> Result<()> {
+    let fx = Fixture::new("wb_layout").await?;
+    let table = format!("{}_rows", fx.keyspace);
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (id BYTEA PRIMARY KEY, body BYTEA, rev BIGINT NOT NULL)"
+    ))
+    .execute(&fx.pool)
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("keyspaces.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[keyspaces.{ks}]\nstrategy = \"write-back\"\n\
+             store = {{ table = {{ name = \"{table}\", key_column = \"id\", \
+             value_column = \"body\", version_column = \"rev\" }} }}\n\n\
+             [keyspaces.{ks}_other]\nstrategy = \"read-through\"\n",
+            ks = fx.keyspace
+        ),
+    )?;
+    let records = workload(&fx, "k", 6, 3, 10);
+    for r in &records {
+        fx.produce(r).await?;
+    }
+    // No `keyspaces`: the file's write-back keyspaces are drained.
+    let config = Config {
+        keyspaces: Vec::new(),
+        keyspaces_file: Some(file),
+        ..fx.config(&fx.group)
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(write_back_worker::run(config, async move {
+        let _ = stopped.await;
+    }));
+    let worker = Worker { stop, task };
+    let want = expected(&records);
+    wait_until("the rows in the keyspace's own table", || async {
+        let rows: Vec<(Vec<u8>, Option<Vec<u8>>, i64)> =
+            sqlx::query_as(&format!("SELECT id, body, rev FROM {table}"))
+                .fetch_all(&fx.pool)
+                .await?;
+        let rows: Expected = rows.into_iter().map(|(k, v, r)| (k, (v, r))).collect();
+        Ok(rows == want)
+    })
+    .await?;
+    wait_for_consumed(&fx, &fx.group, records.len()).await?;
+    worker.shutdown().await?;
+    ensure!(
+        fx.contents().await?.is_empty(),
+        "nothing went to the shared table"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_crashed_worker_loses_nothing_after_a_restart() -> Result<()> {
     let fx = Fixture::new("wb_crash").await?;
     let first = workload(&fx, "k", 20, 10, 1_000);

@@ -54,10 +54,14 @@ pub struct Config {
     /// this name.
     pub group: String,
     /// The keyspaces to drain; each is consumed from its topic
-    /// `ringcache-wb-<keyspace>`. Rows go to the shared table
-    /// `ringcache_entries` (the `default` store layout; other layouts are not
-    /// supported by the worker yet).
+    /// `ringcache-wb-<keyspace>`. Empty with a `keyspaces_file`: every
+    /// write-back keyspace of the file.
     pub keyspaces: Vec<String>,
+    /// The keyspace file shared with the services and the nodes: the store
+    /// layout of each keyspace (its table and columns, or its statements)
+    /// comes from it. Without it, every keyspace's rows go to the shared
+    /// table `ringcache_entries` (the `default` layout).
+    pub keyspaces_file: Option<PathBuf>,
     /// Most Kafka records in one database transaction.
     pub max_batch_records: usize,
     /// Longest time a record waits for its batch to fill.
@@ -104,6 +108,7 @@ impl Default for Config {
             database_url: String::new(),
             group: DEFAULT_GROUP.to_owned(),
             keyspaces: Vec::new(),
+            keyspaces_file: None,
             cache_seeds: Vec::new(),
             max_batch_records: DEFAULT_MAX_BATCH_RECORDS,
             max_batch_delay: DEFAULT_MAX_BATCH_DELAY,
@@ -152,6 +157,10 @@ pub struct Cli {
     /// Keyspaces to drain, comma-separated.
     #[arg(long, env = "RINGCACHE_WB_KEYSPACES", value_delimiter = ',')]
     pub keyspaces: Option<Vec<String>>,
+    /// The keyspace file shared with the services (store layouts; the
+    /// write-back keyspaces to drain when --keyspaces is not given).
+    #[arg(long, env = "RINGCACHE_KEYSPACES")]
+    pub keyspaces_file: Option<PathBuf>,
     /// Cache nodes to tell what is stored, comma-separated host:port.
     #[arg(long, env = "RINGCACHE_SEEDS", value_delimiter = ',')]
     pub cache_seeds: Option<Vec<String>>,
@@ -210,6 +219,9 @@ impl Config {
         if let Some(keyspaces) = &cli.keyspaces {
             config.keyspaces.clone_from(keyspaces);
         }
+        if let Some(path) = &cli.keyspaces_file {
+            config.keyspaces_file = Some(path.clone());
+        }
         if let Some(seeds) = &cli.cache_seeds {
             config.cache_seeds.clone_from(seeds);
         }
@@ -232,6 +244,58 @@ impl Config {
         Ok(config)
     }
 
+    /// The keyspaces to drain, each with its store layout: `keyspaces` (or,
+    /// when empty, the write-back keyspaces of `keyspaces_file`), with the
+    /// layouts the file gives them.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the file cannot be read or parsed, names a
+    /// drained keyspace with another strategy, or leaves nothing to drain.
+    pub fn drained(&self) -> Result<Vec<(String, cache_client::store::StoreLayout)>> {
+        use cache_client::{keyspaces::KeyspacesFile, store::StoreLayout, strategy::Strategy};
+        let file = match &self.keyspaces_file {
+            Some(path) => Some(KeyspacesFile::read(path).map_err(|err| Error::Config {
+                field: "keyspaces_file",
+                message: err.to_string(),
+            })?),
+            None => None,
+        };
+        let names: Vec<String> = match (&file, self.keyspaces.is_empty()) {
+            (Some(file), true) => file
+                .keyspaces
+                .iter()
+                .filter(|(_, entry)| entry.strategy == Strategy::WriteBack)
+                .map(|(name, _)| name.clone())
+                .collect(),
+            _ => self.keyspaces.clone(),
+        };
+        if names.is_empty() {
+            return Err(Error::Config {
+                field: "keyspaces",
+                message: "must name at least one keyspace (or keyspaces_file must have a write-back keyspace)".into(),
+            });
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let layout = match file.as_ref().and_then(|f| f.keyspaces.get(&name)) {
+                    Some(entry) if entry.strategy != Strategy::WriteBack => {
+                        return Err(Error::Config {
+                            field: "keyspaces",
+                            message: format!(
+                                "keyspace {name:?} is {} in the keyspace file, not write-back",
+                                entry.strategy
+                            ),
+                        });
+                    }
+                    Some(entry) => entry.store.clone(),
+                    None => StoreLayout::default(),
+                };
+                Ok((name, layout))
+            })
+            .collect()
+    }
+
     /// Checks every value.
     ///
     /// # Errors
@@ -252,7 +316,7 @@ impl Config {
         if self.group.trim().is_empty() {
             return bad("group", "must not be empty");
         }
-        if self.keyspaces.is_empty() {
+        if self.keyspaces.is_empty() && self.keyspaces_file.is_none() {
             return bad("keyspaces", "must name at least one keyspace");
         }
         for keyspace in &self.keyspaces {

@@ -96,7 +96,12 @@ impl Drop for StopOnDrop {
 impl Poller {
     /// Creates the consumer, subscribes to the keyspaces' topics and starts
     /// polling.
-    pub(crate) fn start(config: &Config, store: PgStore, positions: Positions) -> Result<Self> {
+    pub(crate) fn start(
+        config: &Config,
+        keyspaces: &[String],
+        store: PgStore,
+        positions: Positions,
+    ) -> Result<Self> {
         let (events_tx, events) = mpsc::channel(config.channel_capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let context = Context {
@@ -127,7 +132,7 @@ impl Poller {
                 what: "creating the consumer",
                 source,
             })?;
-        let topics: Vec<String> = config.keyspaces.iter().map(|k| topic_for(k)).collect();
+        let topics: Vec<String> = keyspaces.iter().map(|k| topic_for(k)).collect();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topic_refs)

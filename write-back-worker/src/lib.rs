@@ -29,8 +29,9 @@
 //!   the batch that skips it commits; the partition then goes on.
 //! - Database failures that may pass are retried with backoff; a batch is
 //!   never skipped.
-//! - Only the shared table `ringcache_entries` (the `default` layout) is
-//!   written for now.
+//! - Each keyspace's rows go where its store layout says (the keyspace file
+//!   shared with the services, `keyspaces_file`), or to the shared table
+//!   `ringcache_entries`.
 
 pub mod config;
 pub mod error;

@@ -47,6 +47,17 @@ const RETRY_WARN_INTERVAL: Duration = Duration::from_secs(30);
 /// when another worker consumed a partition this one still held.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     config.validate()?;
+    let drained = config.drained()?;
+    let keyspaces: Vec<String> = drained.iter().map(|(name, _)| name.clone()).collect();
+    if keyspaces
+        .iter()
+        .any(|k| cache_client::writeback::topic_for(k) == config.dead_letter_topic)
+    {
+        return Err(Error::Config {
+            field: "dead_letter_topic",
+            message: "must not be the topic of a drained keyspace".into(),
+        });
+    }
     let mut shutdown = std::pin::pin!(shutdown);
     // A worker that starts while PostgreSQL is down or failing waits for it,
     // like a running worker does: holding the queue, never failing because
@@ -55,7 +66,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut backoff = RETRY_INITIAL_BACKOFF;
     let store = loop {
         let attempt: cache_client::Result<PgStore> = async {
-            let store = PgStore::connect(&config.database_url).await?;
+            let mut store = PgStore::connect(&config.database_url).await?;
+            for (keyspace, layout) in &drained {
+                store = store.with_layout(keyspace.as_str(), layout)?;
+            }
             store.migrate().await?;
             Ok(store)
         }
@@ -80,7 +94,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let dead_letters = DeadLetters::new(&config)?;
     dead_letters.ensure_topic(&config).await;
     let positions = Positions::default();
-    let poller = Poller::start(&config, store.clone(), positions.clone())?;
+    info!(keyspaces = ?keyspaces, "draining");
+    let poller = Poller::start(&config, &keyspaces, store.clone(), positions.clone())?;
     // The cache is told what is stored on a best-effort basis: a worker
     // whose cache nodes are unreachable at start still drains the queue.
     let cache = if config.cache_seeds.is_empty() {
