@@ -432,10 +432,8 @@ impl Client {
     /// Stats of every member, asked in parallel; a member that does not
     /// answer is reported with its error.
     pub async fn stats(&self) -> Vec<NodeStats> {
-        let view = self.inner.cluster.view();
         let timeout = self.config().request_timeout;
-        let mut nodes: Vec<Arc<NodeHandle>> = view.nodes.values().cloned().collect();
-        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let nodes = self.member_nodes();
         let asks = nodes.into_iter().map(|node| async move {
             let mut client = node.client.clone();
             let stats = call(&node, timeout, client.stats(v1::StatsRequest::default())).await;
@@ -445,6 +443,14 @@ impl Client {
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    /// Every member of the current view, in id order.
+    pub(crate) fn member_nodes(&self) -> Vec<Arc<NodeHandle>> {
+        let view = self.inner.cluster.view();
+        let mut nodes: Vec<Arc<NodeHandle>> = view.nodes.values().cloned().collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        nodes
     }
 
     /// The engine of every keyed call.

@@ -340,4 +340,52 @@ impl Client {
         });
         futures::future::join_all(asks).await.into_iter().sum()
     }
+
+    /// Every node's dirty entries of `keyspace` made dirty at least
+    /// `min_age` ago, as `(key, version)`, each node paged through in key
+    /// order. The write-back worker compares them with the store and marks
+    /// the stored ones clean (see [`mark_clean`](Client::mark_clean)), which
+    /// repairs entries whose `MarkClean` was lost. A node that does not
+    /// answer is skipped (and logged): its entries are looked at next time.
+    pub async fn dirty_entries(&self, keyspace: &str, min_age: Duration) -> Vec<(Bytes, u64)> {
+        /// Keys asked for per call.
+        const PAGE: u32 = 1000;
+        let view = self.member_nodes();
+        let timeout = self.config().request_timeout;
+        let min_age_ms = u64::try_from(min_age.as_millis()).unwrap_or(u64::MAX);
+        let asks = view.into_iter().map(|node| async move {
+            let mut found = Vec::new();
+            let mut after = Bytes::new();
+            loop {
+                let mut client = node.client.clone();
+                let message = v1::ListDirtyRequest {
+                    keyspace: keyspace.to_owned(),
+                    min_age_ms,
+                    after_key: after.clone(),
+                    limit: PAGE,
+                };
+                match call(&node, timeout, client.list_dirty(message)).await {
+                    Ok(reply) => {
+                        if let Some(last) = reply.keys.last() {
+                            after = last.key.clone();
+                        }
+                        found.extend(reply.keys.into_iter().map(|k| (k.key, k.version)));
+                        if !reply.more {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %node.id, keyspace, error = %e, "cannot list dirty entries");
+                        break;
+                    }
+                }
+            }
+            found
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
 }

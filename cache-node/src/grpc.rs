@@ -385,6 +385,32 @@ impl CacheNode for CacheNodeService {
         })
     }
 
+    async fn list_dirty(
+        &self,
+        request: Request<v1::ListDirtyRequest>,
+    ) -> Result<Response<v1::ListDirtyResponse>, Status> {
+        let req = request.into_inner();
+        self.call(Rpc::ListDirty, || {
+            let limit = match req.limit {
+                0 => usize::MAX,
+                n => n as usize,
+            };
+            let (keys, more) = self.store.list_dirty(
+                &req.keyspace,
+                Duration::from_millis(req.min_age_ms),
+                &req.after_key,
+                limit,
+            )?;
+            Ok(v1::ListDirtyResponse {
+                keys: keys
+                    .into_iter()
+                    .map(|(key, version)| v1::CleanKey { key, version })
+                    .collect(),
+                more,
+            })
+        })
+    }
+
     async fn topology(
         &self,
         _request: Request<v1::TopologyRequest>,

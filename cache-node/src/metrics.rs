@@ -51,11 +51,13 @@ pub enum Rpc {
     Abort,
     /// `MarkClean`.
     MarkClean,
+    /// `ListDirty`.
+    ListDirty,
 }
 
 impl Rpc {
     // In declaration order: `time` indexes by `rpc as usize`.
-    const ALL: [Rpc; 14] = [
+    const ALL: [Rpc; 15] = [
         Rpc::Get,
         Rpc::Set,
         Rpc::Delete,
@@ -70,6 +72,7 @@ impl Rpc {
         Rpc::Commit,
         Rpc::Abort,
         Rpc::MarkClean,
+        Rpc::ListDirty,
     ];
 
     fn name(self) -> &'static str {
@@ -88,6 +91,7 @@ impl Rpc {
             Rpc::Commit => "Commit",
             Rpc::Abort => "Abort",
             Rpc::MarkClean => "MarkClean",
+            Rpc::ListDirty => "ListDirty",
         }
     }
 }

@@ -484,6 +484,8 @@ struct DirtyEntry {
     /// dirty entry does not expire, because dropping it before the store
     /// has the value would lose read-your-writes.
     ttl: Option<Duration>,
+    /// When it was written, for [`Store::list_dirty`].
+    since: Instant,
 }
 
 impl DirtyEntry {
@@ -902,6 +904,32 @@ impl Keyspace {
         true
     }
 
+    /// The dirty entries written at least `min_age` before `now`, in key
+    /// order after `after`, at most `limit`; and whether more follow.
+    fn list_dirty(
+        &self,
+        min_age: Duration,
+        after: &[u8],
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<(Bytes, u64)>, bool) {
+        if !self.dirty.any() {
+            return (Vec::new(), false);
+        }
+        // One shard read lock at a time; nothing else is locked meanwhile.
+        let mut old: Vec<(Bytes, u64)> = self
+            .dirty
+            .table
+            .iter()
+            .filter(|e| e.key().as_ref() > after && now.duration_since(e.since) >= min_age)
+            .map(|e| (e.key().clone(), e.version))
+            .collect();
+        old.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let more = old.len() > limit;
+        old.truncate(limit);
+        (old, more)
+    }
+
     /// Removes the key's dirty and cached entries; returns the newer live
     /// one.
     fn remove_entries(&self, key: &[u8], now: Instant) -> Option<Stored> {
@@ -1021,6 +1049,7 @@ impl Keyspace {
                     value: Bytes::copy_from_slice(&item.value),
                     version: item.version,
                     ttl: item.ttl.or(self.config.default_ttl),
+                    since: now,
                 };
                 self.put_dirty(key, new, item.condition, now)
             } else {
@@ -1644,6 +1673,26 @@ impl Store {
             .iter()
             .filter(|(key, version)| keyspace.mark_clean(key, *version, now))
             .count())
+    }
+
+    /// The keyspace's dirty entries written at least `min_age` ago, in key
+    /// order after `after` (empty: from the start), at most `limit` (capped
+    /// by `max_batch_keys`); and whether more follow. The write-back worker
+    /// repairs with it the entries whose `MarkClean` was lost.
+    ///
+    /// # Errors
+    /// Unknown keyspace.
+    pub fn list_dirty(
+        &self,
+        keyspace: &str,
+        min_age: Duration,
+        after: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<(Bytes, u64)>, bool)> {
+        let limit = limit.clamp(1, self.limits.max_batch_keys);
+        Ok(self
+            .keyspace(keyspace)?
+            .list_dirty(min_age, after, limit, Instant::now()))
     }
 
     /// Reads one key; on a miss, hands out the key's lease or says to wait.

@@ -215,3 +215,48 @@ async fn dirty_entries_outlive_eviction_and_show_in_metrics() {
     assert_eq!(stats(&mut c).await.dirty_items, 0);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn list_dirty_pages_through_old_dirty_entries_in_key_order() {
+    let node = TestNode::start(CONFIG).await;
+    let mut c = node.client.clone();
+    for (i, key) in ["d", "b", "e", "a", "c"].iter().enumerate() {
+        set(&mut c, item(key, "v", 10 + i as u64, true))
+            .await
+            .unwrap();
+    }
+    set(&mut c, item("clean", "v", 1, false)).await.unwrap();
+    mark_clean(&mut c, &[("e", 12)]).await;
+
+    let list = |after: &'static str, limit: u32, min_age_ms: u64| {
+        let mut c = c.clone();
+        async move {
+            let reply = c
+                .list_dirty(v1::ListDirtyRequest {
+                    keyspace: "wb".into(),
+                    min_age_ms,
+                    after_key: after.as_bytes().to_vec().into(),
+                    limit,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let keys: Vec<(String, u64)> = reply
+                .keys
+                .iter()
+                .map(|k| (String::from_utf8_lossy(&k.key).into_owned(), k.version))
+                .collect();
+            (keys, reply.more)
+        }
+    };
+    // Only dirty entries, in key order, paged.
+    let (page, more) = list("", 2, 0).await;
+    assert_eq!(page, [("a".to_owned(), 13), ("b".to_owned(), 11)]);
+    assert!(more);
+    let (page, more) = list("b", 2, 0).await;
+    assert_eq!(page, [("c".to_owned(), 14), ("d".to_owned(), 10)]);
+    assert!(!more);
+    // Nothing has been dirty for an hour.
+    let (page, more) = list("", 0, 3_600_000).await;
+    assert!(page.is_empty() && !more, "{page:?}");
+}

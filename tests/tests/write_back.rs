@@ -160,3 +160,125 @@ async fn a_durable_write_the_broker_does_not_take_fails_and_is_not_served() -> R
     }
     Ok(())
 }
+
+/// Dirty entries (items) of `keyspace` over all nodes.
+async fn dirty_items(client: &Client, keyspace: &str) -> Result<u64> {
+    let mut total = 0;
+    for node in client.stats().await {
+        let stats = node.stats?;
+        total += stats
+            .keyspaces
+            .iter()
+            .filter(|k| k.name == keyspace)
+            .map(|k| k.dirty_items)
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
+/// A worker that stored writes without telling the nodes (as if it had
+/// crashed between its commit and `MarkClean`) leaves them dirty; the next
+/// worker's repair round finds them, sees the store holds their versions,
+/// and marks them clean, while a dirty entry the store does not hold yet
+/// (a write still on its way) stays dirty.
+#[tokio::test]
+async fn lost_mark_cleans_are_repaired_and_unstored_entries_left_dirty() -> Result<()> {
+    let nodes = cluster(2).await?;
+    let (url, pg) = own_database("rc_wb_repair").await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let client = client(&nodes, &brokers, Duration::from_secs(10)).await?;
+    let keyspace = ringcache_tests::unique("wbrepair");
+    client.define_keyspace(
+        &keyspace,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let ks = client.keyspace(&keyspace);
+    let mut last = 0;
+    for i in 0..20 {
+        last = ks.put(format!("k{i}"), format!("v{i}")).await?.version;
+    }
+
+    let group = format!("{keyspace}_group");
+    let config = write_back_worker::Config {
+        brokers: brokers.clone(),
+        database_url: url,
+        group: group.clone(),
+        keyspaces: vec![keyspace.clone()],
+        metrics_listen: None,
+        dead_letter_topic: format!("{group}-dlq"),
+        dirty_repair_interval: Duration::from_millis(500),
+        ..write_back_worker::Config::default()
+    };
+    // First worker: no cache seeds, so it tells nobody what it stored.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(write_back_worker::run(config.clone(), async {
+        let _ = stopped.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored = pg.load(&keyspace, b"k19").await?;
+        if matches!(&stored, Loaded::Present(row) if row.version == last) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "k19 never stored: {stored:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    first.await??;
+    ensure!(
+        dirty_items(&client, &keyspace).await? >= 20,
+        "the stored writes are still dirty on the nodes"
+    );
+
+    // A dirty entry written straight to a node, never queued: the store
+    // does not hold it, so no repair may clean it.
+    let mut node = ringcache_proto::v1::cache_node_client::CacheNodeClient::connect(format!(
+        "http://{}",
+        nodes[0].addr()
+    ))
+    .await?;
+    node.set(ringcache_proto::v1::SetRequest {
+        keyspace: keyspace.clone(),
+        item: Some(ringcache_proto::v1::SetItem {
+            key: Bytes::from_static(b"in-flight"),
+            value: Bytes::from_static(b"\0x"),
+            version: 7,
+            dirty: true,
+            ..Default::default()
+        }),
+    })
+    .await?;
+    let before = dirty_items(&client, &keyspace).await?;
+
+    // Second worker, same group: it resumes after the stored offsets, so
+    // only its repair round can clean the entries.
+    let config = write_back_worker::Config {
+        cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
+        ..config
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = tokio::spawn(write_back_worker::run(config, async {
+        let _ = stopped.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dirty = dirty_items(&client, &keyspace).await?;
+        if dirty == 1 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{dirty} dirty entries left of {before}, expected only the unstored one"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    second.await??;
+    ensure!(
+        dirty_items(&client, &keyspace).await? == 1,
+        "the unstored entry stays dirty"
+    );
+    Ok(())
+}

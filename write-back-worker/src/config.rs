@@ -37,6 +37,8 @@ pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "ringcache-dead-letters";
 /// Default number of batch attempts in which the database refused a record
 /// before the record is dead-lettered.
 pub const DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS: u32 = 3;
+/// Default interval of the dirty-entry repair round.
+pub const DEFAULT_DIRTY_REPAIR_INTERVAL: Duration = Duration::from_secs(60);
 /// Default address of the Prometheus endpoint.
 pub const DEFAULT_METRICS_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9800);
@@ -97,6 +99,12 @@ pub struct Config {
     /// and may evict them again. Empty: nobody is told, and the nodes'
     /// dirty bytes only ever grow until `max_dirty_bytes` refuses writes.
     pub cache_seeds: Vec<String>,
+    /// How often, with `cache_seeds`, the worker looks for dirty cache
+    /// entries at least this old whose version the store already holds
+    /// (their `MarkClean` was lost to a crash or an unreachable node) and
+    /// marks them clean.
+    #[serde(with = "humantime_serde")]
+    pub dirty_repair_interval: Duration,
     /// Log output format; the level comes from `RUST_LOG`.
     pub log_format: LogFormat,
 }
@@ -119,6 +127,7 @@ impl Default for Config {
             dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
             dead_letter_after_attempts: DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
+            dirty_repair_interval: DEFAULT_DIRTY_REPAIR_INTERVAL,
             log_format: LogFormat::Text,
         }
     }
@@ -181,6 +190,9 @@ pub struct Cli {
     /// Serve no metrics endpoint.
     #[arg(long)]
     pub no_metrics: bool,
+    /// Interval of the dirty-entry repair round (e.g. `1m`).
+    #[arg(long, env = "RINGCACHE_WB_DIRTY_REPAIR_INTERVAL", value_parser = humantime::parse_duration)]
+    pub dirty_repair_interval: Option<Duration>,
     /// Log format.
     #[arg(long)]
     pub log_format: Option<LogFormat>,
@@ -236,6 +248,9 @@ impl Config {
         }
         if cli.no_metrics {
             config.metrics_listen = None;
+        }
+        if let Some(interval) = cli.dirty_repair_interval {
+            config.dirty_repair_interval = interval;
         }
         if let Some(format) = cli.log_format {
             config.log_format = format;
@@ -348,6 +363,9 @@ impl Config {
                 "dead_letter_topic",
                 "must not be the topic of a drained keyspace",
             );
+        }
+        if self.dirty_repair_interval.is_zero() {
+            return bad("dirty_repair_interval", "must be positive");
         }
         if self.dead_letter_after_attempts == 0 {
             return bad("dead_letter_after_attempts", "must be at least 1");

@@ -11,6 +11,8 @@
 //!   what cannot be decoded, coalesces writes of one key (highest version
 //!   wins) and computes each partition's next offset.
 //! - [`dead_letter`]: the dead-letter topic's record format and producer.
+//! - `repair`: the safety net for dirty cache entries whose `MarkClean` was
+//!   lost (periodically compared with the store).
 //! - `worker`: batches by size and time, writes each batch with
 //!   `PgStore::apply_write_back_batch`, retries the database, drains on
 //!   shutdown.
@@ -41,6 +43,7 @@ pub mod dead_letter;
 
 mod batch;
 mod consumer;
+mod repair;
 mod worker;
 
 pub use config::Config;

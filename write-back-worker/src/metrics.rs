@@ -37,6 +37,9 @@ pub const RETRIES_TOTAL: &str = "ringcache_wb_retries_total";
 pub const BATCH_SECONDS: &str = "ringcache_wb_batch_seconds";
 /// Histogram: seconds from a record's `rc-written-at` to its batch's commit.
 pub const LAG_SECONDS: &str = "ringcache_wb_lag_seconds";
+/// Counter: dirty cache entries marked clean by the repair round (their
+/// `MarkClean` had been lost).
+pub const DIRTY_REPAIRED_TOTAL: &str = "ringcache_wb_dirty_repaired_total";
 /// Gauge: seconds since the oldest write this worker holds unstored was
 /// queued (0 when it holds none).
 pub const OLDEST_UNSTORED_SECONDS: &str = "ringcache_wb_oldest_unstored_seconds";

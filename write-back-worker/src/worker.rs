@@ -114,6 +114,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
+    let repair = cache.clone().map(|cache| {
+        tokio::spawn(crate::repair::run(
+            cache,
+            store.clone(),
+            keyspaces.clone(),
+            config.dirty_repair_interval,
+            cancel.child_token(),
+        ))
+    });
     let batcher = Batcher {
         config: &config,
         store,
@@ -140,6 +149,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let ((), result) = tokio::join!(watch, work);
+    if let Some(repair) = repair
+        && let Err(err) = repair.await
+    {
+        warn!(error = %err, "the dirty repair task panicked");
+    }
     result
 }
 
