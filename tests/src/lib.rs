@@ -19,8 +19,11 @@
 //!   SIGKILL and restart on the same address and storage.
 //! - [`PrivatePostgres`]: a PostgreSQL server of the test's own, which it
 //!   can stop and start again.
+//! - [`chaos`]: consistency chaos testing: the operation history and its
+//!   recorder.
 
 mod broker;
+pub mod chaos;
 mod env;
 mod fixtures;
 mod node;
