@@ -4,9 +4,18 @@
 //! - [`history`]: [`Op`] records appended concurrently through a
 //!   [`Recorder`], and the [`FinalState`] (store and caches) read at
 //!   quiescence.
+//! - [`checker`]: [`check`] finds [`Violation`]s of `docs/strategies.md`
+//!   (lost, phantom and stale values) and the worst staleness per strategy,
+//!   conservatively: unknown outcomes and concurrent operations are given
+//!   the benefit of the doubt.
 
+pub mod checker;
 pub mod history;
 
+pub use checker::{
+    CheckConfig, CheckResult, DEFAULT_CLOCK_SLACK, KeyRef, STRATEGIES, StrategySummary, Violation,
+    ViolationKind, check,
+};
 pub use history::{
     CacheObservation, CachedEntry, Digest, FinalKey, FinalState, History, InFlight, Op, OpId,
     OpKind, Outcome, Recorder, StoredRow, Subject,
