@@ -8,9 +8,11 @@
 //!   (lost, phantom and stale values) and the worst staleness per strategy,
 //!   conservatively: unknown outcomes and concurrent operations are given
 //!   the benefit of the doubt.
+//! - [`report`]: a [`Report`] per strategy and fault, as a table and JSON.
 
 pub mod checker;
 pub mod history;
+pub mod report;
 
 pub use checker::{
     CheckConfig, CheckResult, DEFAULT_CLOCK_SLACK, KeyRef, STRATEGIES, StrategySummary, Violation,
@@ -20,3 +22,4 @@ pub use history::{
     CacheObservation, CachedEntry, Digest, FinalKey, FinalState, History, InFlight, Op, OpId,
     OpKind, Outcome, Recorder, StoredRow, Subject,
 };
+pub use report::{FaultViolation, Report, ReportRow};
