@@ -20,7 +20,8 @@
 //! - [`PrivatePostgres`]: a PostgreSQL server of the test's own, which it
 //!   can stop and start again.
 //! - [`chaos`]: consistency chaos testing: the operation history and its
-//!   recorder.
+//!   recorder, the checker of the strategies' contracts, the report, and a
+//!   fault-injecting TCP proxy (`docs/chaos.md`).
 
 mod broker;
 pub mod chaos;

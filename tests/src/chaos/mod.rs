@@ -9,9 +9,14 @@
 //!   conservatively: unknown outcomes and concurrent operations are given
 //!   the benefit of the doubt.
 //! - [`report`]: a [`Report`] per strategy and fault, as a table and JSON.
+//! - [`proxy`]: [`FaultProxy`], a loopback TCP proxy that adds latency or
+//!   partitions (refusing or blackholing) on command.
+//!
+//! What each check means and assumes: `docs/chaos.md`.
 
 pub mod checker;
 pub mod history;
+pub mod proxy;
 pub mod report;
 
 pub use checker::{
@@ -22,4 +27,5 @@ pub use history::{
     CacheObservation, CachedEntry, Digest, FinalKey, FinalState, History, InFlight, Op, OpId,
     OpKind, Outcome, Recorder, StoredRow, Subject,
 };
+pub use proxy::{Existing, Fault, FaultProxy, NewConnections, ProxyHandle};
 pub use report::{FaultViolation, Report, ReportRow};
