@@ -19,8 +19,12 @@
 //!   SIGKILL and restart on the same address and storage.
 //! - [`PrivatePostgres`]: a PostgreSQL server of the test's own, which it
 //!   can stop and start again.
+//! - [`chaos`]: consistency chaos testing: the operation history and its
+//!   recorder, the checker of the strategies' contracts, the report, and a
+//!   fault-injecting TCP proxy (`docs/chaos.md`).
 
 mod broker;
+pub mod chaos;
 mod env;
 mod fixtures;
 mod node;
