@@ -13,6 +13,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig as KafkaConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
@@ -39,6 +40,13 @@ pub struct WriteBackConfig {
     /// How long a durable write waits for the acknowledgement (default
     /// 10 s); librdkafka retries within it.
     pub delivery_timeout: Duration,
+    /// Produce with Kafka's idempotent producer (default true), so that
+    /// librdkafka's retries never duplicate or reorder a partition's
+    /// records. Correctness does not depend on it (versions make duplicates
+    /// and reordering harmless to the worker); turn it off only for a broker
+    /// whose idempotent-producer support is broken (tansu 0.6 after a
+    /// restart, which the chaos runs use).
+    pub idempotent: bool,
 }
 
 impl WriteBackConfig {
@@ -49,13 +57,117 @@ impl WriteBackConfig {
             partitions: DEFAULT_PARTITIONS,
             replication_factor: 1,
             delivery_timeout: DEFAULT_DELIVERY_TIMEOUT,
+            idempotent: true,
         }
+    }
+}
+
+/// An idempotent `acks=all` producer that replaces itself when the broker
+/// stops accepting its records for good.
+///
+/// A restarted broker may have forgotten the producer's id and sequence
+/// numbers (a broker without durable producer state; a cluster that lost
+/// the partition's leader); librdkafka then fails every later record of
+/// that producer without declaring it fatal. A new producer gets a new id,
+/// so after such an error the next send goes through a new one. Records in
+/// flight on the old producer finish or fail on their own.
+pub struct ResilientProducer {
+    config: KafkaConfig,
+    /// The generation and the producer; the lock is held only to clone or
+    /// replace the producer, never across an `.await`.
+    current: parking_lot::RwLock<(u64, FutureProducer)>,
+}
+
+impl ResilientProducer {
+    /// A producer with `config` (which should set `bootstrap.servers`),
+    /// with `acks=all`, and idempotent unless `idempotent` is false.
+    ///
+    /// # Errors
+    /// The client's error when librdkafka refuses the config.
+    pub fn new(mut config: KafkaConfig, idempotent: bool) -> std::result::Result<Self, KafkaError> {
+        config
+            .set(
+                "enable.idempotence",
+                if idempotent { "true" } else { "false" },
+            )
+            .set("acks", "all");
+        let producer = config.create()?;
+        Ok(ResilientProducer {
+            config,
+            current: parking_lot::RwLock::new((0, producer)),
+        })
+    }
+
+    /// Produces `record` and waits for the broker's acknowledgement (or
+    /// `timeout` while the record is queued).
+    ///
+    /// # Errors
+    /// The client's error; after one that a new producer may not repeat,
+    /// the next send uses a new producer.
+    pub async fn send<K, P>(
+        &self,
+        record: FutureRecord<'_, K, P>,
+        timeout: Duration,
+    ) -> std::result::Result<(), KafkaError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        let (generation, producer) = {
+            let current = self.current.read();
+            (current.0, current.1.clone())
+        };
+        match producer.send(record, timeout).await {
+            Ok(_) => Ok(()),
+            Err((err, _)) => {
+                if needs_new_producer(&err) {
+                    self.replace(generation, &err);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Replaces the producer of `generation`, unless another failure did
+    /// already.
+    fn replace(&self, generation: u64, cause: &KafkaError) {
+        let mut current = self.current.write();
+        if current.0 != generation {
+            return;
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(producer) => {
+                *current = (generation + 1, producer);
+                tracing::warn!(error = %cause, "the broker refused the producer's records; using a new producer");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot create a new producer; keeping the old one");
+            }
+        }
+    }
+}
+
+/// Whether `err` may stick to this producer: anything the broker answered
+/// other than a timeout or a full queue, which a new producer would not
+/// change.
+fn needs_new_producer(err: &KafkaError) -> bool {
+    match err {
+        KafkaError::MessageProduction(code) => !matches!(
+            code,
+            RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::QueueFull
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+        ),
+        _ => false,
     }
 }
 
 /// The client's Kafka producer for write-back keyspaces.
 pub(crate) struct Producer {
-    producer: FutureProducer,
+    producer: ResilientProducer,
     admin: AdminClient<DefaultClientContext>,
     config: WriteBackConfig,
 }
@@ -70,16 +182,11 @@ fn kafka_error(keyspace: &str, what: &str, e: impl std::fmt::Display) -> Error {
 impl Producer {
     pub(crate) fn new(config: WriteBackConfig) -> Result<Self> {
         let mut kafka = KafkaConfig::new();
-        kafka
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set(
-                "message.timeout.ms",
-                config.delivery_timeout.as_millis().to_string(),
-            );
-        let producer: FutureProducer = kafka
-            .create()
+        kafka.set("bootstrap.servers", &config.brokers).set(
+            "message.timeout.ms",
+            config.delivery_timeout.as_millis().to_string(),
+        );
+        let producer = ResilientProducer::new(kafka, config.idempotent)
             .map_err(|e| kafka_error("", "cannot create the producer", e))?;
         let admin: AdminClient<DefaultClientContext> = KafkaConfig::new()
             .set("bootstrap.servers", &config.brokers)
@@ -138,7 +245,6 @@ impl Producer {
         self.producer
             .send(message, self.config.delivery_timeout)
             .await
-            .map(|_| ())
-            .map_err(|(e, _)| kafka_error(&record.keyspace, "the broker did not acknowledge", e))
+            .map_err(|e| kafka_error(&record.keyspace, "the broker did not acknowledge", e))
     }
 }

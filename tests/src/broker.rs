@@ -104,6 +104,21 @@ impl PrivateBroker {
         child.wait().context("failed to reap the broker")
     }
 
+    /// SIGTERMs the broker (a clean shutdown) and waits until it exits.
+    ///
+    /// # Errors
+    ///
+    /// Fails when it is not running or cannot be signalled.
+    pub fn sigterm(&mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("the broker is not running")?;
+        let pid = nix::unistd::Pid::from_raw(
+            i32::try_from(child.id()).context("the broker's pid does not fit a pid_t")?,
+        );
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .context("failed to SIGTERM the broker")?;
+        child.wait().context("failed to reap the broker")
+    }
+
     /// Starts the broker again on the same address and storage (kill it
     /// first), and waits until it is ready.
     ///

@@ -22,13 +22,13 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use cache_client::writeback::RecordSource;
+use cache_client::{producer::ResilientProducer, writeback::RecordSource};
 use rdkafka::{
     ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureRecord,
     types::RDKafkaErrorCode,
 };
 use tracing::{info, warn};
@@ -75,26 +75,22 @@ pub(crate) struct DeadLetter {
 
 /// The producer of dead letters: idempotent, `acks=all`.
 pub(crate) struct DeadLetters {
-    producer: FutureProducer,
+    producer: ResilientProducer,
     topic: String,
     group: String,
 }
 
 impl DeadLetters {
     pub(crate) fn new(config: &Config) -> Result<Self> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set(
-                "message.timeout.ms",
-                DELIVERY_TIMEOUT.as_millis().to_string(),
-            )
-            .create()
-            .map_err(|source| Error::Kafka {
-                what: "creating the dead-letter producer",
-                source,
-            })?;
+        let mut kafka = ClientConfig::new();
+        kafka.set("bootstrap.servers", &config.brokers).set(
+            "message.timeout.ms",
+            DELIVERY_TIMEOUT.as_millis().to_string(),
+        );
+        let producer = ResilientProducer::new(kafka, true).map_err(|source| Error::Kafka {
+            what: "creating the dead-letter producer",
+            source,
+        })?;
         Ok(DeadLetters {
             producer,
             topic: config.dead_letter_topic.clone(),
@@ -175,7 +171,6 @@ impl DeadLetters {
         self.producer
             .send(record, DELIVERY_TIMEOUT)
             .await
-            .map(|_| ())
-            .map_err(|(err, _)| err.to_string())
+            .map_err(|err| err.to_string())
     }
 }

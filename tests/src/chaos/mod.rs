@@ -11,6 +11,8 @@
 //! - [`report`]: a [`Report`] per strategy and fault, as a table and JSON.
 //! - [`proxy`]: [`FaultProxy`], a loopback TCP proxy that adds latency or
 //!   partitions (refusing or blackholing) on command.
+//! - [`run`]: a whole run: the cluster as processes, the workload, the
+//!   fault schedule, quiescence, the final state and the check.
 //!
 //! What each check means and assumes: `docs/chaos.md`.
 
@@ -18,6 +20,7 @@ pub mod checker;
 pub mod history;
 pub mod proxy;
 pub mod report;
+pub mod run;
 
 pub use checker::{
     CheckConfig, CheckResult, DEFAULT_CLOCK_SLACK, KeyRef, STRATEGIES, StrategySummary, Violation,

@@ -1,0 +1,131 @@
+//! `chaos`: a consistency chaos run against a local cluster of real
+//! processes. Run it through `cargo xtask chaos`, which builds the binaries
+//! and finds PostgreSQL and the broker; see `docs/chaos.md`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result};
+use cache_client::strategy::Strategy;
+use clap::Parser;
+use ringcache_tests::chaos::run::{FaultKind, Options, run};
+
+#[derive(Parser)]
+#[command(
+    name = "chaos",
+    about = "Consistency chaos run: a local ringcache cluster, a workload, injected faults, a checker"
+)]
+struct Cli {
+    /// Strategies to test, comma-separated (one keyspace each).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cache-aside,read-through,write-around,write-through,write-back",
+        value_parser = parse_strategy
+    )]
+    strategies: Vec<Strategy>,
+    /// Fault schedule: one phase per fault, in order, comma-separated
+    /// (node-kill, node-pause, partition, latency, broker-restart,
+    /// postgres-restart, worker-kill, none). Repeat faults for longer runs.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "node-kill,node-pause,partition,latency,broker-restart,postgres-restart,worker-kill"
+    )]
+    faults: Vec<FaultKind>,
+    /// Total workload time, split evenly over the phases (e.g. `2m`, `15m`).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Client tasks per keyspace.
+    #[arg(long, default_value_t = 2)]
+    tasks: usize,
+    /// Keys per keyspace and phase.
+    #[arg(long, default_value_t = 16)]
+    keys: usize,
+    /// Bytes per written value.
+    #[arg(long, default_value_t = 64)]
+    value_size: usize,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Cache nodes (at least 3).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Also write the report, with every violation, as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn parse_strategy(s: &str) -> Result<Strategy, String> {
+    ringcache_tests::chaos::STRATEGIES
+        .into_iter()
+        .find(|strategy| strategy.to_string() == s)
+        .ok_or_else(|| format!("unknown strategy {s:?}"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match main_inner().await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("chaos: error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn main_inner() -> Result<bool> {
+    let cli = Cli::parse();
+    let phases = u32::try_from(cli.faults.len()).context("too many phases")?;
+    let options = Options {
+        strategies: cli.strategies,
+        faults: cli.faults,
+        phase: cli.duration / phases.max(1),
+        tasks: cli.tasks,
+        keys: cli.keys,
+        value_size: cli.value_size,
+        seed: cli.seed,
+        nodes: cli.nodes,
+        progress: true,
+    };
+    eprintln!(
+        "chaos: {} phases of {:?}, seed {}, {} tasks per keyspace, {} keys per phase",
+        options.faults.len(),
+        options.phase,
+        options.seed,
+        options.tasks,
+        options.keys
+    );
+    let outcome = run(&options).await?;
+    for (fault, violation) in &outcome.violations {
+        println!("\nVIOLATION during {fault}:\n{violation}");
+    }
+    println!("\n{}", outcome.report.table());
+    if !outcome.errors.is_empty() {
+        println!("errors seen (fault, strategy: count x message):");
+        for ((fault, strategy, message), count) in &outcome.errors {
+            println!("  {fault:<16} {strategy:<13} {count:>6} x {message}");
+        }
+    }
+    if outcome.unchecked > 0 {
+        println!(
+            "{} keys were left out of the final-state checks (not observed or not quiescent)",
+            outcome.unchecked
+        );
+    }
+    if let Some(path) = &cli.json {
+        std::fs::write(path, outcome.report.to_json()?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("JSON report: {}", path.display());
+    }
+    let clean = outcome.violations.is_empty();
+    println!(
+        "{}",
+        if clean {
+            "no violations: every strategy kept its promise"
+        } else {
+            "VIOLATIONS FOUND: a promise was broken"
+        }
+    );
+    Ok(clean)
+}
