@@ -1,7 +1,8 @@
 //! Write-back across the life of the whole cluster: two workers of one
 //! consumer group joining, leaving and dying while clients write
 //! (rebalances); every node and the worker shut down with writes in flight,
-//! then started again. Against real `cache-node` and `write-back-worker`
+//! then started again; read-your-writes while a node evicts for space, with
+//! the worker not running. Against real `cache-node` and `write-back-worker`
 //! processes, the broker and PostgreSQL from `cargo xtask test`.
 //!
 //! Every test has its own keyspace (hence topic), consumer group and
@@ -20,18 +21,21 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
 use cache_client::{
-    Client, ClientConfig,
+    Client, ClientConfig, SetOptions,
     producer::WriteBackConfig,
     store::PgStore,
-    strategy::{KeyspaceSettings, Strategy},
+    strategy::{KeyspaceSettings, Strategy, decode_cached},
 };
 use nix::sys::signal::Signal;
 use ringcache_tests::write_back::{
-    Expected, dead_letters, rows, rows_moved_backwards, stored_offsets, watch_row_changes,
+    Expected, dead_letters, rows, rows_moved_backwards, stored_offsets, wait_stored,
+    watch_row_changes,
 };
 use ringcache_tests::{
-    NodeProcess, WorkerConfig, WorkerProcess, cluster, kafka_brokers, own_database, unique,
+    NodeConfig, NodeProcess, WorkerConfig, WorkerProcess, cluster, kafka_brokers, own_database,
+    unique,
 };
 use sqlx::PgPool;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
@@ -638,4 +642,228 @@ async fn acknowledged_writes_survive_the_whole_cluster_shutting_down() -> Result
 #[tokio::test]
 async fn acknowledged_writes_survive_the_whole_cluster_crashing() -> Result<()> {
     whole_cluster_down_and_up(Shutdown::Crash, "wbcl_kill").await
+}
+
+/// The memory test's keyspace capacity per node, and its dirty budget.
+const CAPACITY: u64 = 64 * 1024;
+/// Largest value the memory test's nodes take (a keyspace must hold one).
+const MAX_VALUE_BYTES: usize = 2048;
+/// Write-back keys of the memory test, puts of each, and value size.
+const DIRTY_KEYS: usize = 40;
+const DIRTY_PUTS_EACH: usize = 3;
+const DIRTY_VALUE_BYTES: usize = 500;
+/// Plain entries of the memory test per round of writes, and value size:
+/// about nine times the keyspace's capacity on two nodes.
+const PRESSURE_KEYS: usize = 1024;
+const PRESSURE_VALUE_BYTES: usize = 1024;
+/// TTL of the memory test's write-back keyspace: short, so that the test
+/// can see entries outlive it while dirty and expire once clean.
+const SHORT_TTL: Duration = Duration::from_secs(2);
+
+/// The keyspace's stats on every node.
+async fn keyspace_stats(
+    client: &Client,
+    keyspace: &str,
+) -> Result<Vec<(String, ringcache_proto::v1::KeyspaceStats)>> {
+    let mut out = Vec::new();
+    for node in client.stats().await {
+        let stats = node
+            .stats
+            .with_context(|| format!("stats of {}", node.node))?;
+        let ks = stats
+            .keyspaces
+            .into_iter()
+            .find(|k| k.name == keyspace)
+            .with_context(|| format!("{} has no keyspace {keyspace}", node.node))?;
+        out.push((node.node, ks));
+    }
+    Ok(out)
+}
+
+/// Plain (not write-back) sets of [`PRESSURE_KEYS`] new entries into
+/// `keyspace`, in batches, each read back twice so that the cache's
+/// admission policy counts them as used.
+async fn pressure(client: &Client, keyspace: &str, round: usize) -> Result<()> {
+    let value = Bytes::from(vec![b'p'; PRESSURE_VALUE_BYTES]);
+    let keys: Vec<Bytes> = (0..PRESSURE_KEYS)
+        .map(|i| Bytes::from(format!("pressure{round}_{i}")))
+        .collect();
+    for batch in keys.chunks(100) {
+        let items = batch
+            .iter()
+            .map(|key| (key.clone(), value.clone(), SetOptions::new()))
+            .collect();
+        client.multi_set(keyspace, items).await?;
+        for _ in 0..2 {
+            client.multi_get(keyspace, batch).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Read-your-writes under memory pressure, end to end: with the worker not
+/// running, write-back entries stay dirty and are read back (newest value,
+/// newest version) while plain entries far beyond the keyspace's capacity
+/// make the nodes evict, and after their TTL has passed. Then the worker
+/// stores them and tells the nodes, which hold no dirty entry any more, and
+/// the entries, now clean, leave the cache like any other (their TTL runs
+/// from when they became clean); readers then load them from PostgreSQL.
+#[tokio::test]
+async fn dirty_entries_are_read_back_under_eviction_until_stored() -> Result<()> {
+    let keyspace = unique("wbcl_mem");
+    let mut nodes = Vec::new();
+    for mut config in NodeConfig::cluster(2)? {
+        config.extra_tables = format!(
+            "[limits]\nmax_value_bytes = {MAX_VALUE_BYTES}\n\n\
+             [keyspaces.{keyspace}]\ncapacity_bytes = {CAPACITY}\nmax_dirty_bytes = {CAPACITY}\n"
+        );
+        nodes.push(NodeProcess::start(config).await?);
+    }
+    let (url, store) = own_database("rc_wbcl_mem").await?;
+    let pool = store.pool().clone();
+    let client = client(
+        &nodes,
+        &keyspace,
+        &pool,
+        KeyspaceSettings::new(Strategy::WriteBack).with_ttl(SHORT_TTL),
+    )
+    .await?;
+    let wb = client.keyspace(&keyspace);
+
+    // The worker is not running: every write stays dirty. After each round
+    // of writes, plain entries far beyond the capacity: the nodes evict.
+    let mut expected = Expected::new();
+    let mut versions = BTreeMap::new();
+    for put in 0..DIRTY_PUTS_EACH {
+        for k in 0..DIRTY_KEYS {
+            let key = format!("wb{k}");
+            let mut value = format!("{key}@{put}:");
+            value.extend(std::iter::repeat_n('x', DIRTY_VALUE_BYTES - value.len()));
+            let written = wb.put(&key, value.clone()).await?;
+            versions.insert(key.clone(), written.version);
+            expected.insert(
+                key.into_bytes(),
+                (Some(value.into_bytes()), i64::try_from(written.version)?),
+            );
+        }
+        if put + 1 == DIRTY_PUTS_EACH {
+            // A clean entry written after them, with the same TTL, in a
+            // keyspace under no pressure: once it has expired, so would
+            // have every write-back entry, had it been clean.
+            client
+                .set("default", "canary", "c", SetOptions::new().ttl(SHORT_TTL))
+                .await?;
+        }
+        pressure(&client, &keyspace, put).await?;
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while client.get("default", "canary").await?.is_some() {
+        ensure!(
+            Instant::now() < deadline,
+            "the canary did not expire within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    let stats = keyspace_stats(&client, &keyspace).await?;
+    let evictions: u64 = stats.iter().map(|(_, s)| s.evictions).sum();
+    ensure!(evictions > 0, "nothing was evicted: {stats:?}");
+    for (node, s) in &stats {
+        ensure!(
+            s.bytes <= s.capacity_bytes,
+            "{node} holds {} bytes, above its capacity of {}",
+            s.bytes,
+            s.capacity_bytes
+        );
+        ensure!(s.dirty_refused == 0, "{node} refused dirty writes: {s:?}");
+    }
+    let dirty: u64 = stats.iter().map(|(_, s)| s.dirty_items).sum();
+    ensure!(
+        dirty == DIRTY_KEYS as u64,
+        "{dirty} dirty entries, not {DIRTY_KEYS}"
+    );
+
+    // Read-your-writes: every write-back key reads its newest value, from
+    // the cache (PostgreSQL has nothing yet).
+    ensure!(
+        rows(&pool, &keyspace).await?.is_empty(),
+        "nothing is stored"
+    );
+    for (key, (value, _)) in &expected {
+        let read = wb.get(key).await?;
+        ensure!(
+            read.as_deref() == value.as_deref(),
+            "{} reads {read:?} under eviction, not its newest value",
+            String::from_utf8_lossy(key)
+        );
+        let cached = client
+            .get(&keyspace, key)
+            .await?
+            .context("a dirty entry is cached")?;
+        let version = versions[String::from_utf8_lossy(key).as_ref()];
+        ensure!(
+            cached.version == version,
+            "{} is cached at version {}, not {version}",
+            String::from_utf8_lossy(key),
+            cached.version
+        );
+    }
+
+    // The worker stores them and tells the nodes: they become clean.
+    let mut worker = WorkerProcess::start(worker_config(
+        &url,
+        &format!("{keyspace}_group"),
+        &keyspace,
+        &nodes,
+    )?)?;
+    wait_stored(&pool, &mut worker, &keyspace, &expected, TIMEOUT).await?;
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        worker.ensure_running()?;
+        let stats = keyspace_stats(&client, &keyspace).await?;
+        if stats
+            .iter()
+            .all(|(_, s)| s.dirty_items == 0 && s.dirty_bytes == 0)
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "entries still dirty {TIMEOUT:?} after they were stored: {stats:?}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+
+    // Clean, they are ordinary cached entries again: they go (their TTL
+    // counts from when they became clean), and readers load them from
+    // PostgreSQL.
+    let deadline = Instant::now() + TIMEOUT;
+    for key in expected.keys() {
+        loop {
+            match client.get(&keyspace, key).await? {
+                None => break,
+                Some(entry) => {
+                    ensure!(
+                        decode_cached(&keyspace, &entry.value)?.is_some(),
+                        "a cached absence of {}",
+                        String::from_utf8_lossy(key)
+                    );
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} still cached {TIMEOUT:?} after it became clean",
+                String::from_utf8_lossy(key)
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+    for (key, (value, _)) in &expected {
+        let read = wb.get(key).await?;
+        ensure!(
+            read.as_deref() == value.as_deref(),
+            "{} reads {read:?} once stored, not its newest value",
+            String::from_utf8_lossy(key)
+        );
+    }
+    Ok(())
 }
