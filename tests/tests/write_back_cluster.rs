@@ -2,8 +2,10 @@
 //! consumer group joining, leaving and dying while clients write
 //! (rebalances); every node and the worker shut down with writes in flight,
 //! then started again; read-your-writes while a node evicts for space, with
-//! the worker not running. Against real `cache-node` and `write-back-worker`
-//! processes, the broker and PostgreSQL from `cargo xtask test`.
+//! the worker not running; and records duplicated or reordered on the topic.
+//! Against real `cache-node` and `write-back-worker` processes (the last
+//! test runs the worker in-process, for its small batches), the broker and
+//! PostgreSQL from `cargo xtask test`.
 //!
 //! Every test has its own keyspace (hence topic), consumer group and
 //! database, and waits by polling against deadlines; nothing is timed. Only
@@ -17,7 +19,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -27,11 +29,12 @@ use cache_client::{
     producer::WriteBackConfig,
     store::PgStore,
     strategy::{KeyspaceSettings, Strategy, decode_cached},
+    writeback::WriteBackRecord,
 };
 use nix::sys::signal::Signal;
 use ringcache_tests::write_back::{
-    Expected, dead_letters, rows, rows_moved_backwards, stored_offsets, wait_stored,
-    watch_row_changes,
+    Expected, RecordProducer, dead_letters, row_changes, rows, rows_moved_backwards,
+    stored_offsets, wait_stored, watch_row_changes,
 };
 use ringcache_tests::{
     NodeConfig, NodeProcess, WorkerConfig, WorkerProcess, cluster, kafka_brokers, own_database,
@@ -865,5 +868,190 @@ async fn dirty_entries_are_read_back_under_eviction_until_stored() -> Result<()>
             String::from_utf8_lossy(key)
         );
     }
+    Ok(())
+}
+
+/// Keys and versions per key of the duplicates test.
+const DUP_KEYS: usize = 10;
+const DUP_VERSIONS: u64 = 6;
+
+/// A write-back record of `keyspace`, as the client would produce it.
+fn record(keyspace: &str, key: &str, version: u64, value: Option<&str>) -> WriteBackRecord {
+    WriteBackRecord {
+        keyspace: keyspace.to_owned(),
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        version,
+        value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+        written_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default(),
+    }
+}
+
+/// Waits until `group` has stored exactly `records` records as consumed
+/// (the topic is new, so its offsets count them).
+async fn wait_consumed(pool: &PgPool, group: &str, keyspace: &str, records: usize) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let consumed: i64 = stored_offsets(pool, group, keyspace).await?.values().sum();
+        ensure!(
+            consumed <= records as i64,
+            "{consumed} records consumed, more than the {records} produced"
+        );
+        if consumed == records as i64 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{consumed} of {records} records consumed within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Waits until the keyspace's rows are exactly `expected`.
+async fn wait_rows(pool: &PgPool, keyspace: &str, expected: &Expected) -> Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let rows = rows(pool, keyspace).await?;
+        if &rows == expected {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "rows are {rows:?} after {TIMEOUT:?}, not {expected:?}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Records produced with rdkafka directly: every version of every key twice
+/// in a row and in a shuffled order, then older versions after the newest,
+/// and the newest again, across small batches; once stored, the same again.
+/// The rows hold the newest version (value or tombstone) of every key, and
+/// the replays change nothing: no row moves backwards, none is rewritten at
+/// the version it has.
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicated_and_reordered_records_leave_the_newest_version() -> Result<()> {
+    let keyspace = unique("wbcl_dup");
+    let group = format!("{keyspace}_group");
+    let (url, store) = own_database("rc_wbcl_dup").await?;
+    let pool = store.pool().clone();
+    watch_row_changes(&pool).await?;
+    let brokers = kafka_brokers()?;
+    let producer = RecordProducer::create(&brokers, &keyspace, 2, TIMEOUT).await?;
+
+    // Every key's versions in a shuffled order, each record produced twice
+    // in a row (the two copies most likely share a batch); the newest
+    // version of every third key is a delete.
+    let value = |key: &str, version: u64| format!("{key}@{version}");
+    let deleted = |k: usize| k.is_multiple_of(3);
+    let mut produced = 0;
+    let mut newest: BTreeMap<usize, WriteBackRecord> = BTreeMap::new();
+    for round in 0..DUP_VERSIONS {
+        for k in 0..DUP_KEYS {
+            let key = format!("k{k}");
+            // A permutation of 1..=DUP_VERSIONS per key.
+            let version = (round * 5 + k as u64) % DUP_VERSIONS + 1;
+            let text = value(&key, version);
+            let delete = deleted(k) && version == DUP_VERSIONS;
+            let record = record(&keyspace, &key, version, (!delete).then_some(text.as_str()));
+            for _ in 0..2 {
+                producer.produce(&record).await?;
+                produced += 1;
+            }
+            if version == DUP_VERSIONS {
+                newest.insert(k, record);
+            }
+        }
+    }
+    // Then, for every key, an older version after the newest one, the
+    // newest one again, and a middle one again (these land in later
+    // batches than the first copies).
+    for (k, last) in &newest {
+        let key = format!("k{k}");
+        for record in [
+            record(&keyspace, &key, 1, Some("older")),
+            last.clone(),
+            record(
+                &keyspace,
+                &key,
+                DUP_VERSIONS / 2,
+                Some(&value(&key, DUP_VERSIONS / 2)),
+            ),
+        ] {
+            producer.produce(&record).await?;
+            produced += 1;
+        }
+    }
+    let expected: Expected = newest
+        .values()
+        .map(|r| {
+            (
+                r.key.to_vec(),
+                (r.value.as_ref().map(|v| v.to_vec()), DUP_VERSIONS as i64),
+            )
+        })
+        .collect();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(write_back_worker::run(
+        write_back_worker::Config {
+            brokers: brokers.clone(),
+            database_url: url,
+            group: group.clone(),
+            keyspaces: vec![keyspace.clone()],
+            // Small batches, so that copies of a record span batches too.
+            max_batch_records: 7,
+            ..write_back_worker::Config::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    wait_rows(&pool, &keyspace, &expected).await?;
+    wait_consumed(&pool, &group, &keyspace, produced).await?;
+    let changes = row_changes(&pool, &keyspace).await?;
+
+    // Once they are stored, the same records again, and older ones: nothing
+    // changes, not even a row's version being written again.
+    for (k, last) in &newest {
+        let key = format!("k{k}");
+        for record in [
+            last.clone(),
+            record(&keyspace, &key, DUP_VERSIONS - 1, Some("late")),
+            last.clone(),
+        ] {
+            producer.produce(&record).await?;
+            produced += 1;
+        }
+    }
+    wait_consumed(&pool, &group, &keyspace, produced).await?;
+    ensure!(
+        rows(&pool, &keyspace).await? == expected,
+        "replayed records changed the rows"
+    );
+    let later = row_changes(&pool, &keyspace).await?;
+    ensure!(
+        later == changes,
+        "replayed records changed rows {} times",
+        later - changes
+    );
+    let backwards = rows_moved_backwards(&pool, &keyspace).await?;
+    ensure!(
+        backwards.is_empty(),
+        "rows moved backwards or were written twice at one version:\n{}",
+        backwards.join("\n")
+    );
+    let dead = dead_letters(&pool, &group).await?;
+    ensure!(dead == 0, "{dead} records were dead-lettered");
+
+    let _ = stop.send(());
+    tokio::time::timeout(TIMEOUT, worker)
+        .await
+        .context("the worker did not stop")?
+        .context("the worker panicked")?
+        .context("the worker failed")?;
     Ok(())
 }
