@@ -19,6 +19,10 @@
 //!   SIGKILL and restart on the same address and storage.
 //! - [`PrivatePostgres`]: a PostgreSQL server of the test's own, which it
 //!   can stop and start again.
+//! - [`write_back`]: what PostgreSQL holds for a write-back keyspace and
+//!   waiting for it, durable puts retried until acknowledged, a trigger
+//!   that records every row change, the worker's stored offsets and dead
+//!   letters, and records produced with rdkafka directly.
 
 mod broker;
 mod env;
