@@ -22,6 +22,10 @@
 //! - [`chaos`]: consistency chaos testing: the operation history and its
 //!   recorder, the checker of the strategies' contracts, the report, and a
 //!   fault-injecting TCP proxy (`docs/chaos.md`).
+//! - [`write_back`]: what PostgreSQL holds for a write-back keyspace and
+//!   waiting for it, durable puts retried until acknowledged, a trigger
+//!   that records every row change, the worker's stored offsets and dead
+//!   letters, and records produced with rdkafka directly.
 
 mod broker;
 pub mod chaos;

@@ -228,6 +228,48 @@ impl WorkerProcess {
         }
     }
 
+    /// How many times `needle` occurs in the current incarnation's log.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the log cannot be read.
+    pub fn log_count(&self, needle: &str) -> Result<usize> {
+        Ok(self.current_log()?.matches(needle).count())
+    }
+
+    /// Polls the current incarnation's log until `needle` occurs in it at
+    /// least `at_least` times: for events that happen again and again, such
+    /// as the partition assignments of successive rebalances.
+    ///
+    /// # Errors
+    ///
+    /// Fails, with the log's tail, when the worker exits first or `timeout`
+    /// passes.
+    pub async fn wait_log_count(
+        &mut self,
+        needle: &str,
+        at_least: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let count = self.log_count(needle)?;
+            if count >= at_least {
+                return Ok(());
+            }
+            self.ensure_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "worker {} logged {needle:?} {count} times, not {at_least}, \
+                     within {timeout:?}; log tail:\n{}",
+                    self.config.group,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
     /// Asks the worker to finish its batch and exit.
     ///
     /// # Errors

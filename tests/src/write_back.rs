@@ -1,11 +1,21 @@
 //! Helpers of the write-back tests: what PostgreSQL holds, waiting for it,
-//! and durable puts retried until acknowledged.
+//! durable puts retried until acknowledged, a trigger that records every
+//! change of a row (to see whether one ever went backwards), the stored
+//! offsets, and records produced with rdkafka directly.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cache_client::Client;
+use cache_client::writeback::{WriteBackRecord, topic_for};
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
 use sqlx::PgPool;
 use tokio::time::Instant;
 
@@ -242,4 +252,222 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
         }
     }
     found
+}
+
+/// The history table [`watch_row_changes`] fills.
+const HISTORY_TABLE: &str = "ringcache_tests_row_changes";
+
+/// Records every committed change of `ringcache_entries` in the database
+/// behind `pool` (a test's own, see [`own_database`](crate::own_database))
+/// with a trigger, so that [`rows_moved_backwards`] can tell whether a row
+/// ever went backwards, however briefly: sampling the table could miss it.
+/// Changes made by transactions that roll back leave no trace.
+///
+/// # Errors
+///
+/// Fails when the table or the trigger cannot be created (call it once per
+/// database, after the migrations).
+pub async fn watch_row_changes(pool: &PgPool) -> Result<()> {
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {HISTORY_TABLE} (
+             id          BIGSERIAL PRIMARY KEY,
+             op          TEXT   NOT NULL,
+             keyspace    TEXT   NOT NULL,
+             key         BYTEA  NOT NULL,
+             old_version BIGINT NULL,
+             new_version BIGINT NULL
+         );
+         CREATE FUNCTION {HISTORY_TABLE}_record() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF TG_OP = 'INSERT' THEN
+                 INSERT INTO {HISTORY_TABLE} (op, keyspace, key, new_version)
+                 VALUES (TG_OP, NEW.keyspace, NEW.key, NEW.version);
+             ELSIF TG_OP = 'UPDATE' THEN
+                 INSERT INTO {HISTORY_TABLE} (op, keyspace, key, old_version, new_version)
+                 VALUES (TG_OP, NEW.keyspace, NEW.key, OLD.version, NEW.version);
+             ELSE
+                 INSERT INTO {HISTORY_TABLE} (op, keyspace, key, old_version)
+                 VALUES (TG_OP, OLD.keyspace, OLD.key, OLD.version);
+             END IF;
+             RETURN NULL;
+         END
+         $$;
+         CREATE TRIGGER {HISTORY_TABLE} AFTER INSERT OR UPDATE OR DELETE ON ringcache_entries
+             FOR EACH ROW EXECUTE FUNCTION {HISTORY_TABLE}_record();"
+    ))
+    .execute(pool)
+    .await
+    .context("failed to install the row-change trigger")?;
+    Ok(())
+}
+
+/// One row of the history: id, operation, key, old and new version.
+type Change = (i64, String, Vec<u8>, Option<i64>, Option<i64>);
+
+/// The changes of the keyspace's rows, since [`watch_row_changes`], that
+/// did not move a row to a strictly newer version: an update to an older or
+/// equal version (a write applied twice, or a replayed or reordered record
+/// winning over a newer one), or a deletion (tombstones are rows; nothing
+/// removes them). Empty when every row only ever moved forwards.
+///
+/// # Errors
+///
+/// Fails when the history cannot be read.
+pub async fn rows_moved_backwards(pool: &PgPool, keyspace: &str) -> Result<Vec<String>> {
+    let changes: Vec<Change> = sqlx::query_as(&format!(
+        "SELECT id, op, key, old_version, new_version FROM {HISTORY_TABLE} \
+             WHERE keyspace = $1 AND (op = 'DELETE' OR new_version <= old_version) ORDER BY id"
+    ))
+    .bind(keyspace)
+    .fetch_all(pool)
+    .await
+    .context("failed to read the row history")?;
+    Ok(changes
+        .into_iter()
+        .map(|(id, op, key, old, new)| {
+            format!(
+                "change {id}: {op} of {} from version {old:?} to {new:?}",
+                String::from_utf8_lossy(&key)
+            )
+        })
+        .collect())
+}
+
+/// How many times the keyspace's rows changed since [`watch_row_changes`]
+/// (inserts, updates and deletions).
+///
+/// # Errors
+///
+/// Fails when the history cannot be read.
+pub async fn row_changes(pool: &PgPool, keyspace: &str) -> Result<i64> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {HISTORY_TABLE} WHERE keyspace = $1"
+    ))
+    .bind(keyspace)
+    .fetch_one(pool)
+    .await
+    .context("failed to count the row history")
+}
+
+/// The next offsets `group` stored for the keyspace's topic, by partition.
+///
+/// # Errors
+///
+/// Fails when the table cannot be read.
+pub async fn stored_offsets(
+    pool: &PgPool,
+    group: &str,
+    keyspace: &str,
+) -> Result<BTreeMap<i32, i64>> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT kafka_partition, next_offset FROM ringcache_wb_offsets \
+         WHERE consumer_group = $1 AND topic = $2",
+    )
+    .bind(group)
+    .bind(topic_for(keyspace))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// How many records a worker of `group` dead-lettered: the records of its
+/// dead-letter topic (the one [`WorkerConfig::dead_letter_topic`] names).
+///
+/// # Errors
+///
+/// Fails when the topic cannot be read.
+pub async fn dead_letters(brokers: &str, group: &str) -> Result<usize> {
+    let config = crate::WorkerConfig {
+        brokers: brokers.to_owned(),
+        database_url: String::new(),
+        group: group.to_owned(),
+        keyspaces: Vec::new(),
+        cache_seeds: Vec::new(),
+    };
+    Ok(read_topic(brokers, &config.dead_letter_topic())
+        .await?
+        .len())
+}
+
+/// Produces write-back records with rdkafka directly, in the format of
+/// `cache_client::writeback` (the contract the client's producer follows),
+/// so that a test can produce what the client never would: the same record
+/// twice, or an older version after a newer one.
+pub struct RecordProducer {
+    producer: FutureProducer,
+    timeout: Duration,
+}
+
+impl RecordProducer {
+    /// Creates `keyspace`'s topic with `partitions` partitions on `brokers`
+    /// (it must not exist yet), and an idempotent producer with
+    /// `acks=all`, as the client's.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the topic or the producer cannot be created.
+    pub async fn create(
+        brokers: &str,
+        keyspace: &str,
+        partitions: i32,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let topic = topic_for(keyspace);
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .context("failed to create the admin client")?;
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(
+                    &topic,
+                    partitions,
+                    TopicReplication::Fixed(1),
+                )],
+                &AdminOptions::new().operation_timeout(Some(timeout)),
+            )
+            .await
+            .with_context(|| format!("failed to create topic {topic}"))?;
+        for result in results {
+            if let Err((name, code)) = result {
+                bail!("creating topic {name} failed: {code}");
+            }
+        }
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", timeout.as_millis().to_string())
+            .create()
+            .context("failed to create the producer")?;
+        Ok(Self { producer, timeout })
+    }
+
+    /// Produces `record` to its keyspace's topic and waits for the broker's
+    /// acknowledgement.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the broker does not acknowledge it in time.
+    pub async fn produce(&self, record: &WriteBackRecord) -> Result<()> {
+        let topic = record.topic();
+        let key = record.encode_key();
+        let mut headers = OwnedHeaders::new();
+        for (name, bytes) in record.headers() {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(&bytes[..]),
+            });
+        }
+        let mut message = FutureRecord::to(&topic).key(&key).headers(headers);
+        if let Some(value) = &record.value {
+            message = message.payload(&value[..]);
+        }
+        self.producer
+            .send(message, self.timeout)
+            .await
+            .map_err(|(err, _)| err)
+            .with_context(|| format!("failed to produce to {topic}"))?;
+        Ok(())
+    }
 }

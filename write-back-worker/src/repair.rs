@@ -24,7 +24,7 @@ const MAX_LOOKUPS_PER_ROUND: usize = 10_000;
 
 /// Runs repair rounds every `interval` until `stop` is cancelled.
 pub(crate) async fn run(
-    cache: cache_client::Client,
+    cache: crate::worker::CacheSlot,
     store: PgStore,
     keyspaces: Vec<String>,
     interval: Duration,
@@ -35,11 +35,14 @@ pub(crate) async fn run(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
+        let Some(cache) = cache.get() else {
+            continue;
+        };
         for keyspace in &keyspaces {
             if stop.is_cancelled() {
                 return;
             }
-            let repaired = round(&cache, &store, keyspace, interval).await;
+            let repaired = round(cache, &store, keyspace, interval).await;
             if repaired > 0 {
                 info!(
                     keyspace,

@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -97,26 +98,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     info!(keyspaces = ?keyspaces, "draining");
     let poller = Poller::start(&config, &keyspaces, store.clone(), positions.clone())?;
     // The cache is told what is stored on a best-effort basis: a worker
-    // whose cache nodes are unreachable at start still drains the queue.
-    let cache = if config.cache_seeds.is_empty() {
-        None
-    } else {
-        match cache_client::Client::connect(cache_client::ClientConfig::new(
+    // whose cache nodes are unreachable at start still drains the queue,
+    // and connects to them in the background (entries stored meanwhile are
+    // left to the repair round).
+    let cache: CacheSlot = Arc::new(tokio::sync::OnceCell::new());
+    let connect = (!config.cache_seeds.is_empty()).then(|| {
+        tokio::spawn(connect_cache(
             config.cache_seeds.clone(),
+            Arc::clone(&cache),
+            cancel.child_token(),
         ))
-        .await
-        {
-            Ok(client) => Some(client),
-            Err(e) => {
-                warn!(error = %e, "cannot reach the cache nodes; dirty entries will not be marked clean");
-                None
-            }
-        }
-    };
+    });
 
-    let repair = cache.clone().map(|cache| {
+    let repair = (!config.cache_seeds.is_empty()).then(|| {
         tokio::spawn(crate::repair::run(
-            cache,
+            Arc::clone(&cache),
             store.clone(),
             keyspaces.clone(),
             config.dirty_repair_interval,
@@ -149,12 +145,45 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let ((), result) = tokio::join!(watch, work);
-    if let Some(repair) = repair
-        && let Err(err) = repair.await
-    {
-        warn!(error = %err, "the dirty repair task panicked");
+    for task in [repair, connect].into_iter().flatten() {
+        if let Err(err) = task.await {
+            warn!(error = %err, "a background task of the worker panicked");
+        }
     }
     result
+}
+
+/// The client of the cache nodes, set once the worker reached them.
+pub(crate) type CacheSlot = Arc<tokio::sync::OnceCell<cache_client::Client>>;
+
+/// Connects to the cache nodes, retrying with backoff until it succeeds or
+/// `stop` is cancelled.
+async fn connect_cache(seeds: Vec<String>, slot: CacheSlot, stop: CancellationToken) {
+    let mut backoff = RETRY_INITIAL_BACKOFF;
+    let mut warned = false;
+    loop {
+        match cache_client::Client::connect(cache_client::ClientConfig::new(seeds.clone())).await {
+            Ok(client) => {
+                if warned {
+                    info!("reached the cache nodes; marking stored entries clean from now on");
+                }
+                // Only this task sets it.
+                let _ = slot.set(client);
+                return;
+            }
+            Err(err) => {
+                if !warned {
+                    warn!(error = %err, "cannot reach the cache nodes yet; retrying in the background");
+                    warned = true;
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
+    }
 }
 
 struct Batcher<'a> {
@@ -165,8 +194,9 @@ struct Batcher<'a> {
     /// Records of the batch being collected.
     pending: Vec<Polled>,
     cancel: &'a CancellationToken,
-    /// The cache, told after each batch which versions are stored.
-    cache: Option<cache_client::Client>,
+    /// The cache, told after each batch which versions are stored, once
+    /// connected.
+    cache: CacheSlot,
     /// Where records that can never be stored go.
     dead_letters: DeadLetters,
     /// Stored offsets, shared with the polling thread for the lag gauges.
@@ -382,7 +412,7 @@ impl Batcher<'_> {
         metrics::counter!(m::RECORDS_STALE_TOTAL).increment(stale as u64);
         metrics::counter!(m::RECORDS_COALESCED_TOTAL).increment(coalesced as u64);
         metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
-        if let Some(cache) = &self.cache {
+        if let Some(cache) = self.cache.get() {
             // Every row of the batch is now in the store at its version or
             // a newer one (a stale row lost to a newer stored version), so
             // entries of those versions may be clean. A dead-lettered write
