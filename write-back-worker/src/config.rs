@@ -311,6 +311,23 @@ impl Config {
             .collect()
     }
 
+    /// Checks that the dead-letter topic is none of `keyspaces`' topics.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `dead_letter_topic`.
+    pub fn check_dead_letter_topic(&self, keyspaces: &[String]) -> Result<()> {
+        if keyspaces
+            .iter()
+            .any(|k| cache_client::writeback::topic_for(k) == self.dead_letter_topic)
+        {
+            return Err(Error::Config {
+                field: "dead_letter_topic",
+                message: "must not be the topic of a drained keyspace".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks every value.
     ///
     /// # Errors
@@ -354,16 +371,7 @@ impl Config {
         if self.dead_letter_topic.trim().is_empty() {
             return bad("dead_letter_topic", "must not be empty");
         }
-        if self
-            .keyspaces
-            .iter()
-            .any(|k| cache_client::writeback::topic_for(k) == self.dead_letter_topic)
-        {
-            return bad(
-                "dead_letter_topic",
-                "must not be the topic of a drained keyspace",
-            );
-        }
+        self.check_dead_letter_topic(&self.keyspaces)?;
         if self.dirty_repair_interval.is_zero() {
             return bad("dirty_repair_interval", "must be positive");
         }

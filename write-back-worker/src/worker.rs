@@ -50,15 +50,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     config.validate()?;
     let drained = config.drained()?;
     let keyspaces: Vec<String> = drained.iter().map(|(name, _)| name.clone()).collect();
-    if keyspaces
-        .iter()
-        .any(|k| cache_client::writeback::topic_for(k) == config.dead_letter_topic)
-    {
-        return Err(Error::Config {
-            field: "dead_letter_topic",
-            message: "must not be the topic of a drained keyspace".into(),
-        });
-    }
+    config.check_dead_letter_topic(&keyspaces)?;
     let mut shutdown = std::pin::pin!(shutdown);
     // A worker that starts while PostgreSQL is down or failing waits for it,
     // like a running worker does: holding the queue, never failing because
@@ -89,6 +81,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let cancel = CancellationToken::new();
+    // Whatever way `run` returns, its background tasks (the metrics
+    // endpoint, the cache connection, the repair round) stop.
+    let _stop_background = cancel.clone().drop_guard();
     if let Some(addr) = config.metrics_listen {
         m::serve(addr, cancel.child_token()).await?;
     }

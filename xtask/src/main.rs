@@ -3,6 +3,7 @@
 //! - [`test`]: `cargo xtask test [-- ARGS]` provisions PostgreSQL and a Kafka
 //!   broker, builds every binary and runs the workspace tests against them.
 //! - [`demo`]: `cargo xtask demo [--no-wait]` starts a three-node cluster.
+//! - [`chaos`]: `cargo xtask chaos [-- ARGS]` runs a consistency chaos run.
 //!
 //! Reusable pieces:
 //! - [`services`]: throw-away PostgreSQL ([`services::postgres`]) and tansu
@@ -16,6 +17,7 @@
 //! every long wait watches, so that each command returns normally and the
 //! guards' `Drop` implementations tear down what was started.
 
+mod chaos;
 mod demo;
 mod paths;
 mod process;
@@ -44,6 +46,9 @@ enum Command {
     Test(test::Args),
     /// Start a three-node ringcache cluster and walk through it.
     Demo(demo::Args),
+    /// Run a consistency chaos run: a local cluster, a workload per
+    /// strategy, injected faults, a checker and a report.
+    Chaos(chaos::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Test(args) => test::run(args, &cancel).await,
             Command::Demo(args) => demo::run(args, &cancel).await,
+            Command::Chaos(args) => chaos::run(args, &cancel).await,
         }
     });
     if result.is_err() && cancel.is_cancelled() {

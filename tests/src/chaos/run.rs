@@ -236,7 +236,7 @@ pub async fn run(options: &Options) -> Result<Outcome> {
         for op in &history.ops {
             if let super::Outcome::Err(message) = &op.outcome {
                 *errors
-                    .entry((fault, op.strategy.to_string(), message.clone()))
+                    .entry((fault, op.strategy.to_string(), error_kind(message)))
                     .or_default() += 1;
             }
         }
@@ -258,6 +258,25 @@ pub async fn run(options: &Options) -> Result<Outcome> {
         unchecked,
         errors,
     })
+}
+
+/// An error message with its numbers (versions, offsets, addresses)
+/// replaced by `N`, so that errors of one kind count together.
+fn error_kind(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut in_number = false;
+    for c in message.chars() {
+        if c.is_ascii_digit() {
+            if !in_number {
+                out.push('N');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    out
 }
 
 struct Phase {

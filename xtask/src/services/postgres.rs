@@ -281,7 +281,7 @@ impl Drop for PgCluster {
 /// Order: `RINGCACHE_PG_BINDIR`; the real directory of an `initdb` on `PATH`
 /// (often a symlink into the versioned directory, which also holds
 /// `postgres`); `pg_config --bindir`; the newest `/usr/lib/postgresql/*/bin`.
-fn find_bindir() -> Result<PathBuf> {
+pub fn find_bindir() -> Result<PathBuf> {
     let has_tools = |dir: &Path| {
         ["initdb", "pg_ctl", "postgres"]
             .iter()
