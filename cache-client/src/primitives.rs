@@ -342,12 +342,15 @@ impl Client {
     }
 
     /// Every node's dirty entries of `keyspace` made dirty at least
-    /// `min_age` ago, as `(key, version)`, each node paged through in key
-    /// order. The write-back worker compares them with the store and marks
+    /// `min_age` ago: per node id, `(key, version)` in key order. The write-back worker compares them with the store and marks
     /// the stored ones clean (see [`mark_clean`](Client::mark_clean)), which
     /// repairs entries whose `MarkClean` was lost. A node that does not
     /// answer is skipped (and logged): its entries are looked at next time.
-    pub async fn dirty_entries(&self, keyspace: &str, min_age: Duration) -> Vec<(Bytes, u64)> {
+    pub async fn dirty_entries(
+        &self,
+        keyspace: &str,
+        min_age: Duration,
+    ) -> Vec<(String, Vec<(Bytes, u64)>)> {
         /// Keys asked for per call.
         const PAGE: u32 = 1000;
         let view = self.member_nodes();
@@ -380,12 +383,45 @@ impl Client {
                     }
                 }
             }
-            found
+            (node.id.clone(), found)
         });
-        futures::future::join_all(asks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+        futures::future::join_all(asks).await
+    }
+
+    /// Tells the member `node` (by id) that these versions are stored, as
+    /// [`mark_clean`](Client::mark_clean) tells a key's owners: for dirty
+    /// entries found on a node that is not (or no longer) among them. Best
+    /// effort: returns how many entries became clean.
+    pub async fn mark_clean_on(
+        &self,
+        node: &str,
+        keyspace: &str,
+        stored: &[(Bytes, u64)],
+    ) -> usize {
+        let Some(node) = self.member_nodes().into_iter().find(|n| n.id == node) else {
+            return 0;
+        };
+        let timeout = self.config().request_timeout;
+        let mut cleaned = 0;
+        for chunk in stored.chunks(1000) {
+            let mut client = node.client.clone();
+            let message = v1::MarkCleanRequest {
+                keyspace: keyspace.to_owned(),
+                keys: chunk
+                    .iter()
+                    .map(|(key, version)| v1::CleanKey {
+                        key: key.clone(),
+                        version: *version,
+                    })
+                    .collect(),
+            };
+            match call(&node, timeout, client.mark_clean(request(message, timeout))).await {
+                Ok(reply) => cleaned += reply.cleaned as usize,
+                Err(e) => {
+                    tracing::warn!(node = %node.id, keyspace, error = %e, "mark-clean failed; entries stay dirty");
+                }
+            }
+        }
+        cleaned
     }
 }

@@ -14,7 +14,7 @@ use std::{collections::HashMap, time::Duration};
 use bytes::Bytes;
 use cache_client::store::{Loaded, PgStore, Store};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::metrics as m;
 
@@ -60,38 +60,52 @@ async fn round(
     keyspace: &str,
     min_age: Duration,
 ) -> usize {
-    // The newest dirty version per key over all nodes (replicas may hold
-    // different ones).
-    let mut dirty: HashMap<Bytes, u64> = HashMap::new();
-    for (key, version) in cache.dirty_entries(keyspace, min_age).await {
-        let slot = dirty.entry(key).or_default();
-        *slot = (*slot).max(version);
-    }
-    let mut stored = Vec::new();
-    for (key, version) in dirty.into_iter().take(MAX_LOOKUPS_PER_ROUND) {
-        let held = match store.load(keyspace, &key).await {
-            Ok(Loaded::Present(row)) => row.version,
-            Ok(Loaded::Absent { version }) => version,
-            Err(err) => {
-                debug!(keyspace, error = %err, "dirty repair: store lookup failed; next round");
-                break;
+    // Each node is told about its own entries: a dirty entry may sit on a
+    // node that is no longer among the key's owners (a write that fell back
+    // further along the ring), where `mark_clean` by key would not look.
+    let mut cleaned = 0;
+    let mut lookups = 0;
+    let mut known: HashMap<Bytes, u64> = HashMap::new();
+    'nodes: for (node, entries) in cache.dirty_entries(keyspace, min_age).await {
+        let mut stored = Vec::new();
+        for (key, version) in entries {
+            let held = match known.get(&key) {
+                Some(held) => *held,
+                None if lookups >= MAX_LOOKUPS_PER_ROUND => break,
+                None => {
+                    lookups += 1;
+                    let held = match store.load(keyspace, &key).await {
+                        Ok(Loaded::Present(row)) => row.version,
+                        Ok(Loaded::Absent { version }) => version,
+                        Err(err) => {
+                            debug!(keyspace, error = %err, "dirty repair: store lookup failed; next round");
+                            break 'nodes;
+                        }
+                    };
+                    known.insert(key.clone(), held);
+                    held
+                }
+            };
+            if held >= version {
+                stored.push((key, version));
             }
-        };
-        if held >= version {
-            stored.push((key, version));
         }
-    }
-    if stored.is_empty() {
-        return 0;
-    }
-    let cleaned = cache.mark_clean(keyspace, &stored).await;
-    if cleaned < stored.len() {
-        warn!(
-            keyspace,
-            stored = stored.len(),
-            cleaned,
-            "dirty repair: some nodes did not mark their entries clean"
-        );
+        if stored.is_empty() {
+            continue;
+        }
+        let done = cache.mark_clean_on(&node, keyspace, &stored).await;
+        if done < stored.len() {
+            // A newer dirty write replaced the entry meanwhile, or the node
+            // did not answer; the next round looks again.
+            debug!(
+                keyspace,
+                node,
+                stored = stored.len(),
+                cleaned = done,
+                "dirty repair: not every stored entry became clean"
+            );
+        }
+        cleaned += done;
     }
     metrics::counter!(m::DIRTY_REPAIRED_TOTAL).increment(cleaned as u64);
     cleaned
