@@ -959,9 +959,18 @@ impl Keyspace {
                 // happened; the cache commit is best effort, because a pending
                 // change that is not committed in time removes the key.
                 if let Err(e) = store.commit_prepared(&txn).await {
-                    self.client
-                        .finish(&self.name, &key, txn.as_str(), &prepared, false)
-                        .await;
+                    if matches!(e, Error::TxnNotFound { .. }) {
+                        // Rolled back by recovery: nothing changed anywhere.
+                        self.client
+                            .finish(&self.name, &key, txn.as_str(), &prepared, false)
+                            .await;
+                    }
+                    // Otherwise the outcome is unknown (the connection broke
+                    // while committing): the database may hold the new
+                    // value, so aborting the cache side, which keeps the old
+                    // one, could leave the two apart. The pending change is
+                    // left to time out instead, which removes it together
+                    // with the cached value: absent is always correct.
                     self.count("ringcache_client_twopc_aborts_total");
                     return Err(e);
                 }

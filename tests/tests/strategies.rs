@@ -85,6 +85,7 @@ struct Faulty {
     fail_prepare: AtomicBool,
     stall_after_prepare: AtomicBool,
     stall_after_commit: AtomicBool,
+    fail_after_commit: AtomicBool,
     prepared: tokio::sync::Notify,
 }
 
@@ -97,6 +98,7 @@ impl Faulty {
             fail_prepare: AtomicBool::new(false),
             stall_after_prepare: AtomicBool::new(false),
             stall_after_commit: AtomicBool::new(false),
+            fail_after_commit: AtomicBool::new(false),
             prepared: tokio::sync::Notify::new(),
         })
     }
@@ -154,6 +156,13 @@ impl Store for Faulty {
     }
     async fn commit_prepared(&self, txn: &TxnId) -> cache_client::Result<()> {
         self.inner.commit_prepared(txn).await?;
+        if self.fail_after_commit.load(Ordering::SeqCst) {
+            // The commit applied, but its reply was lost.
+            return Err(cache_client::Error::Store {
+                keyspace: String::new(),
+                message: "injected: the connection broke after COMMIT PREPARED".into(),
+            });
+        }
         if self.stall_after_commit.load(Ordering::SeqCst) {
             self.prepared.notify_one();
             std::future::pending::<()>().await;
@@ -508,6 +517,25 @@ async fn write_through_keeps_cache_and_database_equal_under_faults() -> Result<(
         || consistent(&client, &pg, "accounts", "a"),
     )
     .await?;
+
+    // 2b. The database commits but the reply is lost: the writer gets an
+    //     error without knowing the outcome. The cache must not keep the
+    //     old value: the pending change times out and takes it along.
+    accounts.put("c", "old").await?;
+    faulty.fail_after_commit.store(true, Ordering::SeqCst);
+    assert!(accounts.put("c", "new").await.is_err());
+    faulty.fail_after_commit.store(false, Ordering::SeqCst);
+    assert_eq!(
+        stored(&pg, "accounts", "c").await?.map(|s| s.0),
+        Some(Bytes::from_static(b"new"))
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the old cached value to go after a commit of unknown outcome",
+        || consistent(&client, &pg, "accounts", "c"),
+    )
+    .await?;
+    assert_eq!(accounts.get("c").await?, Some(Bytes::from_static(b"new")));
 
     // 3. A node is killed between the phases.
     let key = "b";
