@@ -1018,11 +1018,19 @@ impl Keyspace {
 }
 
 impl Keyspace {
-    /// Write-back: the cache first (a dirty entry the node keeps until the
-    /// worker has stored it, so readers see the write at once), then the
-    /// record on the keyspace's topic. A durable write returns once the
-    /// broker acknowledged it; if that fails, the key is invalidated so that
-    /// readers fall back to the store, and the write fails.
+    /// Write-back. A `durable` write goes to the keyspace's topic first and,
+    /// once the broker acknowledged it, to the cache as a dirty entry (which
+    /// the node keeps until the worker has stored it, so readers see the
+    /// write at once). If the broker does not take it, the write fails and
+    /// the cache is untouched: the dirty entries of earlier acknowledged
+    /// writes stay, so readers keep seeing them. If the cache write fails
+    /// after the broker took the record, the key is invalidated (readers
+    /// fall back to the store until the worker catches up) and the write
+    /// fails, although it will be stored.
+    ///
+    /// A `fast` write goes to the cache first and returns; the record is
+    /// produced in the background, and if the broker does not take it the
+    /// key is invalidated.
     #[cfg(feature = "kafka")]
     async fn write_back(
         &self,
@@ -1052,7 +1060,6 @@ impl Keyspace {
         if let Some(ttl) = state.settings.jittered_ttl() {
             options = options.ttl(ttl);
         }
-        self.client.set(&self.name, &key, cached, options).await?;
         let record = crate::writeback::WriteBackRecord {
             keyspace: self.name.to_string(),
             key: key.clone(),
@@ -1064,11 +1071,18 @@ impl Keyspace {
             Ack::Durable => {
                 if let Err(e) = producer.send(&record).await {
                     self.count("ringcache_client_write_back_failures_total");
+                    return Err(e);
+                }
+                if let Err(e) = self.client.set(&self.name, &key, cached, options).await {
+                    // The record is queued and will be stored; the cache
+                    // may still hold an older dirty value of the key, which
+                    // must not outlive this write.
                     let _ = self.invalidate(&key).await;
                     return Err(e);
                 }
             }
             Ack::Fast => {
+                self.client.set(&self.name, &key, cached, options).await?;
                 let this = self.clone();
                 tokio::spawn(async move {
                     if let Err(e) = producer.send(&record).await {
