@@ -296,6 +296,8 @@ struct Cluster {
     _proxies: Vec<FaultProxy>,
     proxies: Vec<ProxyHandle>,
     worker: WorkerProcess,
+    /// How many times the worker was started in a new group.
+    worker_generation: u32,
     client: Client,
     store: Arc<PgStore>,
     keyspaces: Vec<(String, Strategy)>,
@@ -383,6 +385,7 @@ impl Cluster {
             proxies: proxies.iter().map(FaultProxy::handle).collect(),
             _proxies: proxies,
             worker,
+            worker_generation: 0,
             client,
             store,
             keyspaces,
@@ -507,8 +510,33 @@ impl Cluster {
                 let pg = &mut self.pg;
                 tokio::task::block_in_place(|| pg.start_again())?;
             }
-            FaultKind::WorkerKill => self.worker.restart(TIMEOUT).await?,
+            FaultKind::WorkerKill => self.restart_worker_in_a_new_group().await?,
         }
+        Ok(())
+    }
+
+    /// Starts the worker again, as a member of a new consumer group whose
+    /// offsets in PostgreSQL are the old group's: it resumes exactly where
+    /// the old one stopped (the worker seeks to the stored offsets), without
+    /// rejoining the old group. tansu 0.6's group coordinator may never
+    /// hand a dead member's partitions to anyone when that member led the
+    /// group (a single worker always does); Apache Kafka would.
+    async fn restart_worker_in_a_new_group(&mut self) -> Result<()> {
+        self.worker.wait_exit(TIMEOUT).await?;
+        let old = self.worker.config().clone();
+        self.worker_generation += 1;
+        let group = format!("ringcache-chaos-{}", self.worker_generation);
+        sqlx::query(
+            "INSERT INTO ringcache_wb_offsets (consumer_group, topic, kafka_partition, next_offset) \
+             SELECT $2, topic, kafka_partition, next_offset FROM ringcache_wb_offsets \
+             WHERE consumer_group = $1",
+        )
+        .bind(&old.group)
+        .bind(&group)
+        .execute(self.store.pool())
+        .await
+        .context("copying the worker's offsets to its new group")?;
+        self.worker = WorkerProcess::start(WorkerConfig { group, ..old })?;
         Ok(())
     }
 
