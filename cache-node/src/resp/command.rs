@@ -233,13 +233,9 @@ fn auth(context: &Context, session: &mut Session, args: &[Bytes]) -> Reply {
 }
 
 /// Compares without an early exit, so that the time taken does not tell
-/// how much of a guessed password was right.
+/// how much of a guessed password was right (only whether its length was).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for (i, byte) in a.iter().enumerate() {
-        diff |= usize::from(byte ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
-    }
-    diff == 0
+    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 fn client(session: &mut Session, args: &[Bytes]) -> Reply {
@@ -409,7 +405,7 @@ impl Commands<'_> {
     }
 
     fn mset(&self, args: &[Bytes]) -> Reply {
-        if args.is_empty() || args.len() % 2 != 0 {
+        if args.is_empty() || !args.len().is_multiple_of(2) {
             return wrong_arity("mset");
         }
         if let Some(refused) = self.check_batch(args.len() / 2) {

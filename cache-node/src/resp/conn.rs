@@ -32,6 +32,11 @@ const FLUSH_AT_BYTES: usize = 1024 * 1024;
 /// arrive in few reads.
 const READ_RESERVE: usize = 16 * 1024;
 
+/// How long, and how many bytes, a connection closed for a protocol error
+/// keeps reading (and discarding) what the client still sends.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 1024 * 1024;
+
 /// Accepts connections until `stop` is cancelled, then lets every
 /// connection finish the batch it is running (idle ones close at once) and
 /// returns when all have closed.
@@ -124,7 +129,7 @@ async fn connection(
                     context.metrics.count_resp_error("protocol");
                     Reply::err(&error).encode(&mut output);
                     stream.write_all(&output).await?;
-                    return Ok(());
+                    return linger_close(stream).await;
                 }
             }
         }
@@ -148,4 +153,25 @@ async fn connection(
             return Ok(());
         }
     }
+}
+
+/// Closes after a protocol error without losing the error reply: closing a
+/// socket with unread input makes the kernel send a reset, which may
+/// discard the reply before the client reads it. So: send FIN after the
+/// reply, then discard input until the client closes too, for at most
+/// [`LINGER`] and [`LINGER_BYTES`].
+async fn linger_close(mut stream: TcpStream) -> io::Result<()> {
+    stream.shutdown().await?;
+    let drain = async {
+        let mut sink = vec![0; 16 * 1024];
+        let mut discarded = 0;
+        while discarded < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+    Ok(())
 }
