@@ -354,7 +354,54 @@ mod tests {
         }
     }
 
+    /// Every request until the input runs out or an error, feeding `data`
+    /// in pieces of `piece` bytes; and whether an error came.
+    fn parse_in_pieces(data: &[u8], piece: usize) -> (Vec<Request>, bool) {
+        let mut buf = BytesMut::new();
+        let mut requests = Vec::new();
+        for chunk in data.chunks(piece.max(1)) {
+            buf.extend_from_slice(chunk);
+            loop {
+                match parse(&mut buf, &LIMITS) {
+                    Ok(Some(request)) => requests.push(request),
+                    Ok(None) => break,
+                    Err(_) => return (requests, true),
+                }
+            }
+        }
+        (requests, false)
+    }
+
+    /// Streams of valid frames, inline lines and noise.
+    fn stream() -> impl Strategy<Value = Vec<u8>> {
+        let part = prop_oneof![
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..70), 0..10)
+                .prop_map(|args| {
+                    let mut frame = format!("*{}\r\n", args.len()).into_bytes();
+                    for arg in &args {
+                        frame.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+                        frame.extend_from_slice(arg);
+                        frame.extend_from_slice(b"\r\n");
+                    }
+                    frame
+                }),
+            "[ -~]{0,80}\r?\n".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..20),
+        ];
+        proptest::collection::vec(part, 0..6).prop_map(|parts| parts.concat())
+    }
+
     proptest! {
+        /// A socket delivers bytes in arbitrary pieces: the requests (and
+        /// whether an error comes) must not depend on where they are cut.
+        #[test]
+        fn pieces_parse_like_the_whole(input in stream(), piece in 1usize..40) {
+            prop_assert_eq!(
+                parse_in_pieces(&input, input.len()),
+                parse_in_pieces(&input, piece)
+            );
+        }
+
         #[test]
         fn random_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut buf = BytesMut::from(&input[..]);
