@@ -234,6 +234,7 @@ async fn connection_commands_start_a_redis_cli_session() {
     ));
     assert_eq!(c.call(&["COMMAND", "DOCS"]).await, R::Array(vec![]));
     assert!(matches!(c.call(&["COMMAND", "COUNT"]).await, R::Int(n) if n > 20));
+    assert_eq!(c.call(&["CONFIG", "GET", "save"]).await, R::Array(vec![]));
     assert_eq!(c.call(&["CLIENT", "SETNAME", "me"]).await, ok());
     assert_eq!(c.call(&["CLIENT", "GETNAME"]).await, bulk("me"));
     let R::Bulk(Some(info)) = c.call(&["INFO"]).await else {

@@ -27,7 +27,7 @@ use crate::store::{SetItem, SetOutcome, Store, WriteCondition};
 pub const COMMANDS: &[&str] = &[
     "get", "set", "del", "exists", "mget", "mset", "expire", "pexpire", "ttl", "pttl", "incr",
     "decr", "incrby", "decrby", "ping", "echo", "select", "dbsize", "info", "command", "client",
-    "quit", "auth",
+    "quit", "auth", "config",
 ];
 
 /// The label of requests naming no command in [`COMMANDS`].
@@ -199,6 +199,12 @@ fn dispatch(
             _ => Reply::Array(Vec::new()),
         },
         "client" => client(session, args),
+        // redis-benchmark reads a few settings at start; no setting is
+        // readable or writable through RESP.
+        "config" => match args.first() {
+            Some(sub) if sub.eq_ignore_ascii_case(b"get") => Reply::Array(Vec::new()),
+            _ => Reply::err("CONFIG supports only GET, which answers no settings"),
+        },
         // `quit` and `auth` were answered above; every other name in
         // COMMANDS has an arm.
         other => Reply::err(format!("unknown command '{other}'")),
