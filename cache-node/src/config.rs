@@ -70,6 +70,15 @@ pub struct Config {
     /// Address other parties should dial for this node, if it differs from
     /// `listen` (for example behind NAT or in a container).
     pub advertise_address: Option<String>,
+    /// Address of the Redis-protocol (RESP2) listener; absent (the default)
+    /// turns it off.
+    pub resp_listen: Option<SocketAddr>,
+    /// The password RESP clients must give with `AUTH` before any other
+    /// command; absent serves every client.
+    pub resp_password: Option<String>,
+    /// The keyspace of RESP keys that name no existing keyspace as a
+    /// `keyspace:` prefix.
+    pub resp_default_keyspace: String,
     /// What a request naming a keyspace that is not configured gets.
     pub unknown_keyspaces: UnknownKeyspaces,
     /// How long shutdown waits for in-flight requests before giving up.
@@ -248,6 +257,9 @@ impl Default for Config {
                     .expect("DEFAULT_METRICS_LISTEN is a valid address"),
             ),
             advertise_address: None,
+            resp_listen: None,
+            resp_password: None,
+            resp_default_keyspace: DEFAULT_KEYSPACE.to_owned(),
             unknown_keyspaces: UnknownKeyspaces::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             log_format: LogFormat::default(),
@@ -283,6 +295,16 @@ pub struct Cli {
     /// Address other parties dial for this node.
     #[arg(long, env = "RINGCACHE_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
+    /// Redis-protocol (RESP2) listen address; off unless given.
+    #[arg(long, env = "RINGCACHE_RESP_LISTEN")]
+    pub resp_listen: Option<SocketAddr>,
+    /// Password RESP clients must give with AUTH (prefer the environment
+    /// variable: flags show in `ps`).
+    #[arg(long, env = "RINGCACHE_RESP_PASSWORD", hide_env_values = true)]
+    pub resp_password: Option<String>,
+    /// Keyspace of RESP keys without a known `keyspace:` prefix.
+    #[arg(long, env = "RINGCACHE_RESP_DEFAULT_KEYSPACE")]
+    pub resp_default_keyspace: Option<String>,
     /// What requests for unconfigured keyspaces get.
     #[arg(long, env = "RINGCACHE_UNKNOWN_KEYSPACES", value_enum)]
     pub unknown_keyspaces: Option<UnknownKeyspaces>,
@@ -333,6 +355,15 @@ impl Config {
         }
         if let Some(address) = &cli.advertise_address {
             config.advertise_address = Some(address.clone());
+        }
+        if let Some(resp) = cli.resp_listen {
+            config.resp_listen = Some(resp);
+        }
+        if let Some(password) = &cli.resp_password {
+            config.resp_password = Some(password.clone());
+        }
+        if let Some(keyspace) = &cli.resp_default_keyspace {
+            config.resp_default_keyspace = keyspace.clone();
         }
         if let Some(policy) = cli.unknown_keyspaces {
             config.unknown_keyspaces = policy;
@@ -468,6 +499,25 @@ impl Config {
         }
         self.created_keyspaces
             .validate("created_keyspaces", &self.limits)?;
+        validate_keyspace_name(&self.resp_default_keyspace)
+            .map_err(|reason| Error::config("resp_default_keyspace", reason))?;
+        if self.unknown_keyspaces == UnknownKeyspaces::Reject
+            && !self.keyspaces.contains_key(&self.resp_default_keyspace)
+        {
+            return Err(Error::config(
+                "resp_default_keyspace",
+                format!(
+                    "keyspace {:?} is not configured (and unknown_keyspaces is \"reject\")",
+                    self.resp_default_keyspace
+                ),
+            ));
+        }
+        if self.resp_password.as_deref() == Some("") {
+            return Err(Error::config(
+                "resp_password",
+                "must not be empty (omit it to serve RESP clients without AUTH)",
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, member) in self.cluster.members.iter().enumerate() {
             if member.id.is_empty() || !seen.insert(member.id.as_str()) {
@@ -621,6 +671,9 @@ mod tests {
             unknown_keyspaces = "create"
             shutdown_grace = "5s"
             log_format = "json"
+            resp_listen = "127.0.0.1:6380"
+            resp_password = "secret"
+            resp_default_keyspace = "users"
 
             [limits]
             max_key_bytes = 256
@@ -646,6 +699,9 @@ mod tests {
         .unwrap();
         config.validate().unwrap();
         assert_eq!(config.unknown_keyspaces, UnknownKeyspaces::Create);
+        assert_eq!(config.resp_listen.unwrap().port(), 6380);
+        assert_eq!(config.resp_password.as_deref(), Some("secret"));
+        assert_eq!(config.resp_default_keyspace, "users");
         assert_eq!(
             config.keyspaces["users"].default_ttl,
             Some(Duration::from_secs(600))
@@ -734,6 +790,8 @@ mod tests {
                 "created_keyspaces.lease_ttl",
             ),
             ("[keyspaces.\"a b\"]", "keyspaces.a b"),
+            ("resp_default_keyspace = \"nope\"", "resp_default_keyspace"),
+            ("resp_password = \"\"", "resp_password"),
             (
                 "[cluster]\nmembers = [{ id = \"x\", address = \"h:1\" }]",
                 "cluster.members",
@@ -772,6 +830,7 @@ mod tests {
         };
         let config = Config::load(&cli).unwrap();
         assert_eq!(config.node_id, "from-flag");
+        assert_eq!(config.resp_listen, None, "RESP is off by default");
         assert_eq!(config.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(config.metrics_listen, None);
         std::fs::remove_dir_all(dir).unwrap();

@@ -93,6 +93,21 @@ pub enum Error {
     /// unknown enum value).
     #[error("malformed request: {0}")]
     Malformed(String),
+    /// A RESP client sent bytes that are not a RESP request, or a request
+    /// above the listener's limits; the connection is closed after the
+    /// reply, because the stream cannot be resynchronised.
+    #[error("Protocol error: {0}")]
+    Protocol(String),
+    /// `INCR`/`DECR` on a value that is not a decimal 64-bit integer.
+    #[error("value is not an integer or out of range")]
+    NotAnInteger,
+    /// `INCR`/`DECR` would take the value beyond the 64-bit range.
+    #[error("increment or decrement would overflow")]
+    IncrementOverflow,
+    /// A read-modify-write (`INCR`, `EXPIRE`) met a dirty write-back entry,
+    /// which only versioned writes may replace.
+    #[error("key has a write-back entry not yet stored; it cannot be changed in place")]
+    DirtyEntry,
     /// The configuration is invalid; the message names the field.
     #[error("invalid config: {field}: {reason}")]
     Config {
@@ -134,7 +149,11 @@ impl ServiceError for Error {
             | Error::EmptyTxnId
             | Error::TxnIdTooLong { .. }
             | Error::InvalidKeyspaceName { .. }
-            | Error::Malformed(_) => ErrorKind::InvalidArgument,
+            | Error::Malformed(_)
+            | Error::Protocol(_)
+            | Error::NotAnInteger
+            | Error::IncrementOverflow => ErrorKind::InvalidArgument,
+            Error::DirtyEntry => ErrorKind::FailedPrecondition,
             Error::UnknownKeyspace { .. } => ErrorKind::NotFound,
             Error::TooManyKeyspaces { .. } | Error::DirtyBytesExhausted { .. } => {
                 ErrorKind::ResourceExhausted

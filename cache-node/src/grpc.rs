@@ -157,6 +157,9 @@ fn set_result_to_proto(result: SetResult) -> v1::SetResponse {
         SetOutcome::Stored => v1::SetOutcome::Stored,
         SetOutcome::Exists => v1::SetOutcome::Exists,
         SetOutcome::StaleVersion => v1::SetOutcome::StaleVersion,
+        // Only `IfPresent` gets `Missing`, and gRPC cannot ask for it
+        // (`item_from_proto` maps no wire condition to it).
+        SetOutcome::Missing => v1::SetOutcome::Unspecified,
     };
     v1::SetResponse {
         outcome: outcome as i32,

@@ -5,6 +5,8 @@
 //!   byte-bounded moka caches, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
+//! - [`resp`]: the optional Redis-protocol (RESP2) listener, a second thin
+//!   transport over the same store.
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that
 //!   times out pending changes, and drains on shutdown.
@@ -16,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub mod resp;
 pub mod server;
 pub mod store;
 

@@ -6,12 +6,14 @@
 //! one latency sample; counters and sizes are copied into the recorder when
 //! `/metrics` is scraped.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::{Histogram, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::resp::command::{COMMANDS, UNKNOWN_COMMAND};
 use crate::store::Store;
 
 /// Latency buckets in seconds: 25 µs to 1 s.
@@ -104,6 +106,9 @@ pub struct NodeMetrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     latency: Vec<Histogram>,
+    /// Per RESP command, by its lowercase name (`resp::command::COMMANDS`
+    /// and `UNKNOWN_COMMAND`).
+    resp_latency: HashMap<&'static str, Histogram>,
     store: Arc<Store>,
 }
 
@@ -125,10 +130,23 @@ impl NodeMetrics {
                 recorder.register_histogram(&key, &METADATA)
             })
             .collect();
+        let resp_latency = COMMANDS
+            .iter()
+            .copied()
+            .chain([UNKNOWN_COMMAND])
+            .map(|command| {
+                let key = Key::from_parts(
+                    "ringcache_node_resp_command_duration_seconds",
+                    vec![Label::new("command", command)],
+                );
+                (command, recorder.register_histogram(&key, &METADATA))
+            })
+            .collect();
         NodeMetrics {
             recorder,
             handle,
             latency,
+            resp_latency,
             store,
         }
     }
@@ -140,6 +158,30 @@ impl NodeMetrics {
             histogram: &self.latency[rpc as usize],
             start: Instant::now(),
         }
+    }
+
+    /// Starts timing one RESP command (`command` as in
+    /// `resp::command::COMMANDS`; other names count as unknown).
+    pub fn time_resp(&self, command: &'static str) -> Timer<'_> {
+        let histogram = self
+            .resp_latency
+            .get(command)
+            .or_else(|| self.resp_latency.get(UNKNOWN_COMMAND))
+            .expect("UNKNOWN_COMMAND is registered in `new`");
+        Timer {
+            histogram,
+            start: Instant::now(),
+        }
+    }
+
+    /// Counts a RESP command answered with an error (`protocol` for frames
+    /// that could not be parsed).
+    pub fn count_resp_error(&self, command: &'static str) {
+        let key = Key::from_parts(
+            "ringcache_node_resp_errors_total",
+            vec![Label::new("command", command)],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
     }
 
     /// Counts a failed request by RPC and gRPC code.

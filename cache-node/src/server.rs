@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::CacheNodeService;
 use crate::metrics::NodeMetrics;
+use crate::resp::{self, parse::ParseLimits};
 use crate::store::Store;
 
 /// How often the sweeper times out pending 2PC changes (and drops expired
@@ -30,10 +31,13 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Prometheus `GET /metrics`, if enabled.
     pub metrics: Option<TcpListener>,
+    /// The Redis-protocol (RESP2) listener, if enabled.
+    pub resp: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds `config.listen` and `config.metrics_listen`.
+    /// Binds `config.listen`, `config.metrics_listen` and
+    /// `config.resp_listen`.
     ///
     /// # Errors
     /// [`Error::Server`] naming the address that could not be bound.
@@ -48,7 +52,19 @@ impl Listeners {
                 })?),
                 None => None,
             };
-        Ok(Listeners { grpc, metrics })
+        let resp = match config.resp_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::Server(format!("cannot bind resp_listen {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners {
+            grpc,
+            metrics,
+            resp,
+        })
     }
 }
 
@@ -56,8 +72,9 @@ impl Listeners {
 ///
 /// Shutdown order: the health service turns `NOT_SERVING` (so that probes
 /// and load balancers stop sending), the listeners stop accepting, in-flight
-/// requests finish (up to `config.shutdown_grace`), then the metrics endpoint
-/// and the background sweeper stop.
+/// requests finish (up to `config.shutdown_grace`; a RESP connection
+/// finishes the pipelined batch it is running, idle ones close), then the
+/// metrics endpoint and the background sweeper stop.
 ///
 /// # Errors
 /// [`Error::Server`] when a server fails; the config is assumed validated
@@ -95,6 +112,14 @@ async fn serve(
         .unwrap_or_else(|| grpc_addr.to_string());
     let store = Arc::new(Store::new(&config));
     let metrics = Arc::new(NodeMetrics::new(Arc::clone(&store)));
+    let resp_context = Arc::new(resp::command::Context {
+        store: Arc::clone(&store),
+        metrics: Arc::clone(&metrics),
+        password: config.resp_password.clone(),
+        default_keyspace: config.resp_default_keyspace.clone(),
+        node_id: config.node_id.clone(),
+        started: Instant::now(),
+    });
     // Background workers get their own token: they stop after the drain, so
     // that a change pending while requests drain still times out.
     let stop_workers = CancellationToken::new();
@@ -153,10 +178,39 @@ async fn serve(
         }
         None => None,
     };
+    let mut resp_server = match listeners.resp {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Error::Server(format!("resp listener has no address: {e}")))?;
+            tracing::info!(%addr, "serving RESP");
+            Some(tokio::spawn(resp::serve(
+                listener,
+                resp_context,
+                resp_limits(&config),
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
     tracing::info!(node_id = %config.node_id, addr = %grpc_addr, "serving gRPC");
 
+    let resp_ended = async {
+        match &mut resp_server {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = shutdown => {}
+        result = resp_ended => {
+            stop.cancel();
+            return match result {
+                Ok(Ok(())) => Err(Error::Server("resp listener stopped unexpectedly".into())),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(Error::Server(format!("resp listener task failed: {e}"))),
+            };
+        }
         result = &mut grpc => {
             // The server ended without being asked to: report why.
             stop.cancel();
@@ -181,7 +235,8 @@ async fn serve(
         gate.shutdown_started.notify_one();
     }
 
-    let drained = tokio::time::timeout(config.shutdown_grace, &mut grpc).await;
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    let drained = tokio::time::timeout_at(deadline, &mut grpc).await;
     let result = match drained {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(Error::Server(format!("grpc server failed: {e}"))),
@@ -192,6 +247,17 @@ async fn serve(
             Ok(())
         }
     };
+    if let Some(mut resp_server) = resp_server {
+        match tokio::time::timeout_at(deadline, &mut resp_server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "resp listener failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "resp listener task failed"),
+            Err(_) => {
+                tracing::warn!(grace = ?config.shutdown_grace, "resp connections did not finish in time; dropping them");
+                resp_server.abort();
+            }
+        }
+    }
     stop_workers.cancel();
     if let Err(e) = sweeper.await {
         tracing::warn!(error = %e, "sweeper task failed");
@@ -205,6 +271,19 @@ async fn serve(
     }
     tracing::info!("shut down");
     result
+}
+
+/// The RESP parser's bounds from the node's limits: a bulk string holds a
+/// key or a value; a frame holds `MSET` of `max_batch_keys` pairs (so
+/// `2 * max_batch_keys + 1` elements), within `max_request_bytes`.
+fn resp_limits(config: &Config) -> ParseLimits {
+    let limits = &config.limits;
+    ParseLimits {
+        max_bulk_bytes: limits.max_value_bytes.max(limits.max_key_bytes),
+        max_args: limits.max_batch_keys.saturating_mul(2).saturating_add(1),
+        max_frame_bytes: limits.max_request_bytes,
+        max_inline_bytes: resp::conn::MAX_INLINE_BYTES,
+    }
 }
 
 /// Times out pending changes nobody touches, every [`SWEEP_INTERVAL`], until
@@ -260,6 +339,7 @@ pub(crate) mod tests {
             Listeners {
                 grpc: listener,
                 metrics: None,
+                resp: None,
             },
             async {
                 let _ = stop_rx.await;

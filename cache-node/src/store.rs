@@ -93,6 +93,9 @@ pub enum WriteCondition {
     IfAbsent,
     /// Only if no live entry exists or the new version is strictly greater.
     IfNewerVersion,
+    /// Only if a live entry exists (RESP's `SET ... XX`; gRPC has no such
+    /// condition).
+    IfPresent,
 }
 
 /// One write.
@@ -123,6 +126,8 @@ pub enum SetOutcome {
     Exists,
     /// Refused: the stored version is equal or newer (`IfNewerVersion`).
     StaleVersion,
+    /// Refused: no live entry exists (`IfPresent`).
+    Missing,
 }
 
 /// The result of one write.
@@ -775,6 +780,12 @@ impl Keyspace {
                         current_version: version,
                     };
                 }
+                // The dirty entry is live, so `IfPresent` holds whatever the
+                // cache has.
+                let condition = match condition {
+                    WriteCondition::IfPresent => WriteCondition::Unconditional,
+                    other => other,
+                };
                 let result = self
                     .put(key, new, condition, now, false)
                     .expect("put without bail always decides");
@@ -830,6 +841,13 @@ impl Keyspace {
                     refused = Some(Ok(SetResult {
                         outcome: SetOutcome::StaleVersion,
                         current_version: existing.version,
+                    }));
+                    return Op::Nop;
+                }
+                (WriteCondition::IfPresent, None) => {
+                    refused = Some(Ok(SetResult {
+                        outcome: SetOutcome::Missing,
+                        current_version: 0,
                     }));
                     return Op::Nop;
                 }
@@ -981,6 +999,13 @@ impl Keyspace {
                     });
                     Op::Nop
                 }
+                (WriteCondition::IfPresent, None) => {
+                    refused = Some(SetResult {
+                        outcome: SetOutcome::Missing,
+                        current_version: 0,
+                    });
+                    Op::Nop
+                }
                 _ => Op::Put(new),
             }
         });
@@ -1078,6 +1103,99 @@ impl Keyspace {
             Ok(r) if r.outcome == SetOutcome::Stored => bump(&self.counters.sets, 1),
             Ok(_) => bump(&self.counters.sets_refused, 1),
             Err(_) => bump(&self.counters.dirty_refused, 1),
+        }
+        result
+    }
+
+    /// Sets the TTL of the key's live entry to `ttl` from `now`, keeping its
+    /// value and version; false when no entry is live. A dirty entry keeps
+    /// not expiring while dirty and gets `ttl` counted from when it becomes
+    /// clean, like a dirty write's own TTL.
+    fn expire(&self, key: &[u8], ttl: Duration, now: Instant) -> bool {
+        self.time_out_pending(key, now);
+        let key = Bytes::copy_from_slice(key);
+        // The dirty shard first, then moka's key lock (the lock order); the
+        // shard stays locked through the compute so that no dirty write can
+        // come in between.
+        let _dirty_shard = match self.dirty.table.entry(key.clone()) {
+            Entry::Occupied(mut dirty) => {
+                dirty.get_mut().ttl = Some(ttl);
+                return true;
+            }
+            Entry::Vacant(vacant) => vacant,
+        };
+        let mut changed = false;
+        self.cache.entry(key).and_compute_with(|current| {
+            match current.map(|e| e.into_value()).filter(|s| s.is_live(now)) {
+                Some(mut live) => {
+                    live.expires_at = Some(now + ttl);
+                    changed = true;
+                    Op::Put(live)
+                }
+                None => Op::Nop,
+            }
+        });
+        changed
+    }
+
+    /// Adds `delta` to the key's value read as a decimal `i64` (absent
+    /// reads as 0) and stores the result, keeping the entry's version and
+    /// expiry (a new entry gets version 0 and the keyspace's default TTL).
+    /// The read and the write are one moka compute under the key's lock, so
+    /// concurrent increments never lose an update. Invalidates the key's
+    /// lease like [`Keyspace::set`].
+    ///
+    /// # Errors
+    /// [`Error::NotAnInteger`], [`Error::IncrementOverflow`], or
+    /// [`Error::DirtyEntry`] when the key has a dirty entry (only a
+    /// versioned write may replace it); nothing changes.
+    fn incr(&self, key: &[u8], delta: i64, now: Instant) -> Result<i64> {
+        let apply = |key: Bytes| -> Result<i64> {
+            // Held through the compute, as in `expire`.
+            let Entry::Vacant(_dirty_shard) = self.dirty.table.entry(key.clone()) else {
+                return Err(Error::DirtyEntry);
+            };
+            let mut outcome = Err(Error::NotAnInteger);
+            self.cache.entry(key).and_compute_with(|current| {
+                let live = current.map(|e| e.into_value()).filter(|s| s.is_live(now));
+                let (old, version, expires_at) = match live {
+                    None => (Some(0), 0, self.config.default_ttl.map(|ttl| now + ttl)),
+                    Some(stored) => (parse_i64(&stored.value), stored.version, stored.expires_at),
+                };
+                let Some(old) = old else {
+                    outcome = Err(Error::NotAnInteger);
+                    return Op::Nop;
+                };
+                let Some(new) = old.checked_add(delta) else {
+                    outcome = Err(Error::IncrementOverflow);
+                    return Op::Nop;
+                };
+                outcome = Ok(new);
+                Op::Put(Stored {
+                    value: Bytes::from(new.to_string()),
+                    version,
+                    expires_at,
+                })
+            });
+            outcome
+        };
+        let key = Bytes::copy_from_slice(key);
+        let result = if self.records.any() {
+            self.records.update(key.clone(), |state| {
+                self.settle(&key, state, now);
+                state.lease = None;
+                let result = apply(key.clone());
+                if result.is_ok() {
+                    state.stale = None;
+                }
+                result
+            })
+        } else {
+            apply(key)
+        };
+        match &result {
+            Ok(_) => bump(&self.counters.sets, 1),
+            Err(_) => bump(&self.counters.sets_refused, 1),
         }
         result
     }
@@ -1450,6 +1568,15 @@ impl Keyspace {
     }
 }
 
+/// A value read as Redis reads an integer: decimal, optional sign, within
+/// `i64`.
+fn parse_i64(value: &[u8]) -> Option<i64> {
+    if value.is_empty() || value.len() > 20 {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
 /// All keyspaces of a node, with the request limits.
 pub struct Store {
     keyspaces: DashMap<String, Arc<Keyspace>>,
@@ -1525,7 +1652,16 @@ impl Store {
         }
     }
 
-    fn check_key(&self, key: &[u8]) -> Result<()> {
+    /// True when the keyspace exists now (never creates it).
+    pub fn has_keyspace(&self, name: &str) -> bool {
+        self.keyspaces.contains_key(name)
+    }
+
+    /// Checks a key against the limits, as every operation does.
+    ///
+    /// # Errors
+    /// [`Error::EmptyKey`], [`Error::KeyTooLarge`].
+    pub fn check_key(&self, key: &[u8]) -> Result<()> {
         if key.is_empty() {
             return Err(Error::EmptyKey);
         }
@@ -1538,7 +1674,12 @@ impl Store {
         Ok(())
     }
 
-    fn check_item(&self, item: &SetItem) -> Result<()> {
+    /// Checks a write against the limits, as [`Store::set`] does, so that a
+    /// transport can refuse a batch spanning keyspaces before writing any.
+    ///
+    /// # Errors
+    /// Invalid key, value or TTL.
+    pub fn check_item(&self, item: &SetItem) -> Result<()> {
         self.check_key(&item.key)?;
         if item.value.len() > self.limits.max_value_bytes {
             return Err(Error::ValueTooLarge {
@@ -1546,9 +1687,14 @@ impl Store {
                 max: self.limits.max_value_bytes,
             });
         }
-        if let Some(ttl) = item.ttl
-            && ttl > self.limits.max_ttl
-        {
+        if let Some(ttl) = item.ttl {
+            self.check_ttl(ttl)?;
+        }
+        Ok(())
+    }
+
+    fn check_ttl(&self, ttl: Duration) -> Result<()> {
+        if ttl > self.limits.max_ttl {
             return Err(Error::TtlOutOfRange {
                 ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
                 max_ms: u64::try_from(self.limits.max_ttl.as_millis()).unwrap_or(u64::MAX),
@@ -1602,6 +1748,31 @@ impl Store {
     pub fn set(&self, keyspace: &str, item: SetItem) -> Result<SetResult> {
         self.check_item(&item)?;
         self.keyspace(keyspace)?.set(item, Instant::now())
+    }
+
+    /// Sets the TTL of the key's live entry to `ttl` from now, keeping its
+    /// value and version; false when no entry is live. See
+    /// [`Keyspace::expire`] for dirty entries.
+    ///
+    /// # Errors
+    /// Invalid key, a TTL above `max_ttl`, or unknown keyspace.
+    pub fn expire(&self, keyspace: &str, key: &[u8], ttl: Duration) -> Result<bool> {
+        self.check_key(key)?;
+        self.check_ttl(ttl)?;
+        Ok(self.keyspace(keyspace)?.expire(key, ttl, Instant::now()))
+    }
+
+    /// Adds `delta` to the key's integer value (absent counts as 0), in one
+    /// atomic step per key; returns the new value. The entry keeps its
+    /// version and expiry.
+    ///
+    /// # Errors
+    /// Invalid key or unknown keyspace; [`Error::NotAnInteger`],
+    /// [`Error::IncrementOverflow`] or [`Error::DirtyEntry`] (nothing
+    /// changes).
+    pub fn incr(&self, keyspace: &str, key: &[u8], delta: i64) -> Result<i64> {
+        self.check_key(key)?;
+        self.keyspace(keyspace)?.incr(key, delta, Instant::now())
     }
 
     /// Deletes one key; true when a live entry was removed.
@@ -1910,6 +2081,92 @@ mod tests {
         assert_eq!(second.outcome, SetOutcome::Exists);
         assert_eq!(second.current_version, 1);
         assert_eq!(s.get("default", b"k").unwrap().unwrap().value, "a");
+    }
+
+    #[test]
+    fn if_present_stores_only_over_a_live_entry() {
+        let s = store("");
+        let missing = s
+            .set("default", item("k", "a", 0, WriteCondition::IfPresent))
+            .unwrap();
+        assert_eq!(missing.outcome, SetOutcome::Missing);
+        assert_eq!(s.get("default", b"k").unwrap(), None);
+        s.set("default", item("k", "a", 0, WriteCondition::Unconditional))
+            .unwrap();
+        let stored = s
+            .set("default", item("k", "b", 0, WriteCondition::IfPresent))
+            .unwrap();
+        assert_eq!(stored.outcome, SetOutcome::Stored);
+        assert_eq!(s.get("default", b"k").unwrap().unwrap().value, "b");
+    }
+
+    #[test]
+    fn incr_is_atomic_and_keeps_version_and_expiry() {
+        let s = Arc::new(store(""));
+        assert_eq!(s.incr("default", b"n", 5).unwrap(), 5);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        s.incr("default", b"n", 1).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.incr("default", b"n", -5).unwrap(), 4000);
+        let mut with_ttl = item("t", "41", 9, WriteCondition::Unconditional);
+        with_ttl.ttl = Some(Duration::from_secs(60));
+        s.set("default", with_ttl).unwrap();
+        assert_eq!(s.incr("default", b"t", 1).unwrap(), 42);
+        let hit = s.get("default", b"t").unwrap().unwrap();
+        assert_eq!((hit.value.as_ref(), hit.version), (&b"42"[..], 9));
+        assert!(hit.ttl_remaining.is_some());
+        s.set(
+            "default",
+            item("x", "abc", 0, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.incr("default", b"x", 1),
+            Err(Error::NotAnInteger)
+        ));
+        s.set(
+            "default",
+            item("m", &i64::MAX.to_string(), 0, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        assert!(matches!(
+            s.incr("default", b"m", 1),
+            Err(Error::IncrementOverflow)
+        ));
+        let mut dirty = item("d", "1", 3, WriteCondition::Unconditional);
+        dirty.dirty = true;
+        s.set("default", dirty).unwrap();
+        assert!(matches!(s.incr("default", b"d", 1), Err(Error::DirtyEntry)));
+    }
+
+    #[test]
+    fn expire_changes_only_the_ttl_of_a_live_entry() {
+        let s = store("");
+        assert!(!s.expire("default", b"k", Duration::from_secs(5)).unwrap());
+        s.set("default", item("k", "v", 7, WriteCondition::Unconditional))
+            .unwrap();
+        assert_eq!(s.get("default", b"k").unwrap().unwrap().ttl_remaining, None);
+        assert!(s.expire("default", b"k", Duration::from_secs(5)).unwrap());
+        let hit = s.get("default", b"k").unwrap().unwrap();
+        assert_eq!((hit.value.as_ref(), hit.version), (&b"v"[..], 7));
+        assert!(hit.ttl_remaining.unwrap() <= Duration::from_secs(5));
+        assert!(s.expire("default", b"k", Duration::from_millis(1)).unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(s.get("default", b"k").unwrap(), None);
+        assert!(matches!(
+            s.expire("default", b"k", Duration::from_secs(400 * 24 * 3600)),
+            Err(Error::TtlOutOfRange { .. })
+        ));
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub struct TestNode {
     pub client: CacheNodeClient<Channel>,
     pub grpc_addr: std::net::SocketAddr,
     pub metrics_addr: std::net::SocketAddr,
+    /// The RESP listener, which every test node serves.
+    pub resp_addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<cache_node::Result<()>>,
 }
@@ -26,12 +28,15 @@ impl TestNode {
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
         let metrics_addr = metrics.local_addr().unwrap();
+        let resp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let resp_addr = resp.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(cache_node::run(
             config,
             Listeners {
                 grpc,
                 metrics: Some(metrics),
+                resp: Some(resp),
             },
             async {
                 let _ = stopped.await;
@@ -46,6 +51,7 @@ impl TestNode {
             client,
             grpc_addr,
             metrics_addr,
+            resp_addr,
             stop: Some(stop),
             task,
         }
