@@ -62,8 +62,8 @@ impl WriteBackConfig {
     }
 }
 
-/// An idempotent `acks=all` producer that replaces itself when the broker
-/// stops accepting its records for good.
+/// An `acks=all` producer (idempotent unless told otherwise) that replaces
+/// itself when the broker stops accepting its records for good.
 ///
 /// A restarted broker may have forgotten the producer's id and sequence
 /// numbers (a broker without durable producer state; a cluster that lost
