@@ -142,8 +142,17 @@ impl Options {
 
 /// One worker's connection to the target.
 enum Conn {
-    Grpc { client: Client, keyspace: Arc<str> },
-    Resp(redis::aio::MultiplexedConnection),
+    Grpc {
+        client: Client,
+        keyspace: Arc<str>,
+    },
+    Resp {
+        client: redis::Client,
+        /// `None` once the server closed it (as it does after a protocol
+        /// error): the next operation opens a new one, so that one refused
+        /// request does not turn the rest of the run into errors.
+        con: Option<redis::aio::MultiplexedConnection>,
+    },
 }
 
 impl Conn {
@@ -154,12 +163,13 @@ impl Conn {
                 .await
                 .map(|entry| entry.is_some())
                 .map_err(|e| e.to_string()),
-            Conn::Resp(con) => redis::cmd("GET")
-                .arg(key)
-                .query_async::<Option<Vec<u8>>>(con)
-                .await
-                .map(|value| value.is_some())
-                .map_err(|e| e.to_string()),
+            Conn::Resp { .. } => {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(key);
+                self.resp::<Option<Vec<u8>>>(&cmd)
+                    .await
+                    .map(|value| value.is_some())
+            }
         }
     }
 
@@ -170,13 +180,34 @@ impl Conn {
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            Conn::Resp(con) => redis::cmd("SET")
-                .arg(key)
-                .arg(value.as_ref())
-                .query_async::<()>(con)
-                .await
-                .map_err(|e| e.to_string()),
+            Conn::Resp { .. } => {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key).arg(value.as_ref());
+                self.resp::<()>(&cmd).await
+            }
         }
+    }
+
+    /// Runs `cmd` on the RESP connection, reopening it first if it was lost.
+    async fn resp<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, String> {
+        let Conn::Resp { client, con } = self else {
+            unreachable!("only called on RESP connections");
+        };
+        if con.is_none() {
+            *con = Some(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| format!("reconnect: {e}"))?,
+            );
+        }
+        let connection = con.as_mut().expect("opened above when it was missing");
+        cmd.query_async::<T>(connection).await.map_err(|e| {
+            if e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_io_error() {
+                *con = None;
+            }
+            e.to_string()
+        })
     }
 }
 
@@ -202,11 +233,16 @@ async fn connect(target: &Target, clients: usize) -> Result<Vec<Conn>> {
                 .with_context(|| format!("invalid RESP address {addr}"))?;
             let mut conns = Vec::with_capacity(clients);
             for _ in 0..clients {
+                // The redis error already names the cause; `with_context`
+                // would print it twice (its source repeats it).
                 let con = client
                     .get_multiplexed_async_connection()
                     .await
-                    .with_context(|| format!("failed to connect to {addr}"))?;
-                conns.push(Conn::Resp(con));
+                    .map_err(|e| anyhow::anyhow!("failed to connect to {addr}: {e}"))?;
+                conns.push(Conn::Resp {
+                    client: client.clone(),
+                    con: Some(con),
+                });
             }
             Ok(conns)
         }

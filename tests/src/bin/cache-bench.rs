@@ -110,14 +110,14 @@ async fn bench(cli: Cli) -> Result<()> {
         Mode::Open { rate } => format!("open loop, {rate} ops/s, {} workers", options.clients),
     };
     println!(
-        "cache-bench: {} ({mode}), {} keys {:?}, {} B values, {:.0}% reads, warm-up {:?}, measured {:?}",
+        "cache-bench: {} ({mode}), {} keys {:?}, {} B values, {:.0}% reads, warm-up {}, measured {}",
         cli.target,
         options.keys,
         options.distribution,
         options.value_size,
         options.read_ratio * 100.0,
-        options.warmup,
-        options.duration
+        humantime::format_duration(options.warmup),
+        humantime::format_duration(options.duration)
     );
     let summary = run(&options).await?;
     println!("{summary}");
