@@ -19,6 +19,9 @@
 //!   SIGKILL and restart on the same address and storage.
 //! - [`PrivatePostgres`]: a PostgreSQL server of the test's own, which it
 //!   can stop and start again.
+//! - [`bench`]: the `cache-bench` load generator's library (key
+//!   distributions, the open-loop schedule, summaries, the driver;
+//!   `docs/benchmarks.md`).
 //! - [`chaos`]: consistency chaos testing: the operation history and its
 //!   recorder, the checker of the strategies' contracts, the report, and a
 //!   fault-injecting TCP proxy (`docs/chaos.md`).
@@ -27,6 +30,7 @@
 //!   that records every row change, the worker's stored offsets and dead
 //!   letters, and records produced with rdkafka directly.
 
+pub mod bench;
 mod broker;
 pub mod chaos;
 mod env;

@@ -1,0 +1,22 @@
+//! `cache-bench`: a load generator for a ringcache cluster (gRPC through
+//! `cache_client::Client`) or any RESP server (a node's `resp_listen`,
+//! `redis-server`). See `docs/benchmarks.md`.
+//!
+//! - [`keys`]: which key an operation touches (uniform or Zipf over
+//!   `--keys` ranks). Pure.
+//! - [`schedule`]: the open-loop schedule, when slot `n` is due. Pure.
+//! - [`summary`]: per-worker recorders (HdrHistogram of latencies, counts,
+//!   the first errors), merged into a [`Summary`] printed as text or JSON.
+//!   Pure.
+//! - [`run`]: the driver: targets, preload, warm-up, the closed and open
+//!   loops.
+
+pub mod keys;
+pub mod run;
+pub mod schedule;
+pub mod summary;
+
+pub use keys::{KeyChooser, KeyDistribution};
+pub use run::{Mode, Options, Target, run};
+pub use schedule::Schedule;
+pub use summary::{Recorder, Summary};
