@@ -282,3 +282,63 @@ async fn lost_mark_cleans_are_repaired_and_unstored_entries_left_dirty() -> Resu
     );
     Ok(())
 }
+
+/// A worker started before its cache nodes are reachable keeps trying in
+/// the background and, once it reaches them, marks what it stores clean.
+#[tokio::test]
+async fn a_worker_started_before_its_cache_nodes_marks_clean_once_they_are_up() -> Result<()> {
+    let (url, pg) = own_database("rc_wb_late_nodes").await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let mut config = ringcache_tests::NodeConfig::single("late-node")?;
+    config.extra_top_level = "unknown_keyspaces = \"create\"\n".into();
+    let keyspace = ringcache_tests::unique("wblate");
+    let group = format!("{keyspace}_group");
+
+    // The worker first: nothing listens on the node's address yet.
+    let worker_config = write_back_worker::Config {
+        brokers: brokers.clone(),
+        database_url: url,
+        group: group.clone(),
+        keyspaces: vec![keyspace.clone()],
+        cache_seeds: vec![config.listen.to_string()],
+        metrics_listen: None,
+        dead_letter_topic: format!("{group}-dlq"),
+        // Out of the way: only the worker's own MarkClean may clean them.
+        dirty_repair_interval: Duration::from_secs(3600),
+        ..write_back_worker::Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(write_back_worker::run(worker_config, async {
+        let _ = stopped.await;
+    }));
+
+    let node = NodeProcess::start(config).await?;
+    let nodes = [node];
+    let client = client(&nodes, &brokers, Duration::from_secs(10)).await?;
+    client.define_keyspace(
+        &keyspace,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let ks = client.keyspace(&keyspace);
+    for i in 0..10 {
+        ks.put(format!("k{i}"), format!("v{i}")).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dirty = dirty_items(&client, &keyspace).await?;
+        let stored = matches!(pg.load(&keyspace, b"k9").await?, Loaded::Present(_));
+        if stored && dirty == 0 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{dirty} entries still dirty (k9 stored: {stored})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    worker.await??;
+    Ok(())
+}
