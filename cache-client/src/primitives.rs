@@ -314,35 +314,47 @@ impl Client {
                     });
             }
         }
-        let timeout = self.config().request_timeout;
-        let max_batch = 1000;
-        let asks = groups.into_values().flat_map(|(node, keys)| {
-            keys.chunks(max_batch)
-                .map(|chunk| (Arc::clone(&node), chunk.to_vec()))
-                .collect::<Vec<_>>()
-        });
-        let asks = asks.map(|(node, keys)| async move {
-            let mut client = node.client.clone();
-            let message = v1::MarkCleanRequest {
-                keyspace: keyspace.to_owned(),
-                keys,
-            };
-            match self
-                .on_node(&node, false, client.mark_clean(request(message, timeout)))
-                .await
-            {
-                Ok(reply) => reply.cleaned as usize,
-                Err(e) => {
-                    tracing::warn!(node = %node.id, keyspace, error = %e, "mark-clean failed; entries stay dirty");
-                    0
-                }
-            }
-        });
+        let asks = groups
+            .into_values()
+            .map(|(node, keys)| async move { self.mark_clean_node(&node, keyspace, keys).await });
         futures::future::join_all(asks).await.into_iter().sum()
     }
 
+    /// `MarkClean` of `keys` on one node, in requests of at most 1000 keys;
+    /// how many entries became clean. Failures are logged: the entries stay
+    /// dirty until a later write of the key is cleaned, or the worker's
+    /// repair round finds them.
+    async fn mark_clean_node(
+        &self,
+        node: &NodeHandle,
+        keyspace: &str,
+        keys: Vec<v1::CleanKey>,
+    ) -> usize {
+        const MAX_KEYS: usize = 1000;
+        let timeout = self.config().request_timeout;
+        let mut cleaned = 0;
+        for chunk in keys.chunks(MAX_KEYS) {
+            let mut client = node.client.clone();
+            let message = v1::MarkCleanRequest {
+                keyspace: keyspace.to_owned(),
+                keys: chunk.to_vec(),
+            };
+            match self
+                .on_node(node, false, client.mark_clean(request(message, timeout)))
+                .await
+            {
+                Ok(reply) => cleaned += reply.cleaned as usize,
+                Err(e) => {
+                    tracing::warn!(node = %node.id, keyspace, error = %e, "mark-clean failed; entries stay dirty");
+                }
+            }
+        }
+        cleaned
+    }
+
     /// Every node's dirty entries of `keyspace` made dirty at least
-    /// `min_age` ago: per node id, `(key, version)` in key order. The write-back worker compares them with the store and marks
+    /// `min_age` ago: per node id, `(key, version)` in key order. The
+    /// write-back worker compares them with the store and marks
     /// the stored ones clean (see [`mark_clean`](Client::mark_clean)), which
     /// repairs entries whose `MarkClean` was lost. A node that does not
     /// answer is skipped (and logged): its entries are looked at next time.
@@ -401,27 +413,13 @@ impl Client {
         let Some(node) = self.member_nodes().into_iter().find(|n| n.id == node) else {
             return 0;
         };
-        let timeout = self.config().request_timeout;
-        let mut cleaned = 0;
-        for chunk in stored.chunks(1000) {
-            let mut client = node.client.clone();
-            let message = v1::MarkCleanRequest {
-                keyspace: keyspace.to_owned(),
-                keys: chunk
-                    .iter()
-                    .map(|(key, version)| v1::CleanKey {
-                        key: key.clone(),
-                        version: *version,
-                    })
-                    .collect(),
-            };
-            match call(&node, timeout, client.mark_clean(request(message, timeout))).await {
-                Ok(reply) => cleaned += reply.cleaned as usize,
-                Err(e) => {
-                    tracing::warn!(node = %node.id, keyspace, error = %e, "mark-clean failed; entries stay dirty");
-                }
-            }
-        }
-        cleaned
+        let keys = stored
+            .iter()
+            .map(|(key, version)| v1::CleanKey {
+                key: key.clone(),
+                version: *version,
+            })
+            .collect();
+        self.mark_clean_node(&node, keyspace, keys).await
     }
 }

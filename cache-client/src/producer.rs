@@ -248,3 +248,32 @@ impl Producer {
             .map_err(|e| kafka_error(&record.keyspace, "the broker did not acknowledge", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_errors_a_new_producer_may_not_repeat_replace_it() {
+        let production = |code| KafkaError::MessageProduction(code);
+        // What a restarted broker that forgot the producer answers.
+        assert!(needs_new_producer(&production(RDKafkaErrorCode::Unknown)));
+        assert!(needs_new_producer(&production(
+            RDKafkaErrorCode::UnknownProducerId
+        )));
+        assert!(needs_new_producer(&production(
+            RDKafkaErrorCode::OutOfOrderSequenceNumber
+        )));
+        // A new producer would fail the same way.
+        assert!(!needs_new_producer(&production(
+            RDKafkaErrorCode::MessageTimedOut
+        )));
+        assert!(!needs_new_producer(&production(
+            RDKafkaErrorCode::QueueFull
+        )));
+        assert!(!needs_new_producer(&production(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+        assert!(!needs_new_producer(&KafkaError::Canceled));
+    }
+}

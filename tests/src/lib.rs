@@ -48,4 +48,4 @@ pub use node::{
     HEALTH_TIMEOUT, NODE_HEALTH_SERVICE, NodeConfig, NodeProcess, free_addr, node_binary,
 };
 pub use postgres::PrivatePostgres;
-pub use worker::{WorkerConfig, WorkerProcess, worker_binary};
+pub use worker::{WorkerConfig, WorkerProcess, dead_letter_topic, worker_binary};

@@ -38,11 +38,16 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// The worker's dead-letter topic: one per group, so that tests do not
-    /// see each other's dead letters.
+    /// The worker's dead-letter topic ([`dead_letter_topic`] of its group).
     pub fn dead_letter_topic(&self) -> String {
-        format!("{}-dlq", self.group)
+        dead_letter_topic(&self.group)
     }
+}
+
+/// The dead-letter topic test workers of `group` use: one per group, so
+/// that tests do not see each other's dead letters.
+pub fn dead_letter_topic(group: &str) -> String {
+    format!("{group}-dlq")
 }
 
 /// The path of the built `write-back-worker` binary, found next to the

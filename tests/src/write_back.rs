@@ -377,14 +377,7 @@ pub async fn stored_offsets(
 ///
 /// Fails when the topic cannot be read.
 pub async fn dead_letters(brokers: &str, group: &str) -> Result<usize> {
-    let config = crate::WorkerConfig {
-        brokers: brokers.to_owned(),
-        database_url: String::new(),
-        group: group.to_owned(),
-        keyspaces: Vec::new(),
-        cache_seeds: Vec::new(),
-    };
-    Ok(read_topic(brokers, &config.dead_letter_topic())
+    Ok(read_topic(brokers, &crate::dead_letter_topic(group))
         .await?
         .len())
 }

@@ -207,7 +207,7 @@ async fn lost_mark_cleans_are_repaired_and_unstored_entries_left_dirty() -> Resu
         group: group.clone(),
         keyspaces: vec![keyspace.clone()],
         metrics_listen: None,
-        dead_letter_topic: format!("{group}-dlq"),
+        dead_letter_topic: ringcache_tests::dead_letter_topic(&group),
         dirty_repair_interval: Duration::from_millis(500),
         ..write_back_worker::Config::default()
     };
@@ -302,7 +302,7 @@ async fn a_worker_started_before_its_cache_nodes_marks_clean_once_they_are_up() 
         keyspaces: vec![keyspace.clone()],
         cache_seeds: vec![config.listen.to_string()],
         metrics_listen: None,
-        dead_letter_topic: format!("{group}-dlq"),
+        dead_letter_topic: ringcache_tests::dead_letter_topic(&group),
         // Out of the way: only the worker's own MarkClean may clean them.
         dirty_repair_interval: Duration::from_secs(3600),
         ..write_back_worker::Config::default()

@@ -1004,7 +1004,7 @@ async fn duplicated_and_reordered_records_leave_the_newest_version() -> Result<(
             keyspaces: vec![keyspace.clone()],
             // Small batches, so that copies of a record span batches too.
             max_batch_records: 7,
-            dead_letter_topic: format!("{group}-dlq"),
+            dead_letter_topic: ringcache_tests::dead_letter_topic(&group),
             metrics_listen: None,
             ..write_back_worker::Config::default()
         },

@@ -24,7 +24,7 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
 };
 use ringcache_tests::{
-    kafka_brokers, pg_url,
+    dead_letter_topic, kafka_brokers, pg_url,
     write_back::{TopicRecord, read_topic},
 };
 use sqlx::{PgPool, postgres::PgPoolOptions};
@@ -262,11 +262,6 @@ impl Fixture {
         }));
         Worker { stop, task }
     }
-}
-
-/// The dead-letter topic of a test's consumer group.
-fn dead_letter_topic(group: &str) -> String {
-    format!("{group}-dlq")
 }
 
 /// key, value, version, updated_at (seconds since the epoch).

@@ -770,3 +770,29 @@ impl Progress<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_of_one_kind_differ_only_in_numbers() {
+        assert_eq!(
+            error_kind("node node-2 refused the prepare (version 117705 is live)"),
+            "node node-N refused the prepare (version N is live)"
+        );
+        assert_eq!(
+            error_kind("no reply within 500ms"),
+            error_kind("no reply within 3ms")
+        );
+        assert_eq!(error_kind("plain"), "plain");
+    }
+
+    #[test]
+    fn fault_names_round_trip() {
+        for fault in std::iter::once(FaultKind::None).chain(FaultKind::ALL) {
+            assert_eq!(fault.name().parse::<FaultKind>(), Ok(fault));
+        }
+        assert!("sigkill".parse::<FaultKind>().is_err());
+    }
+}
