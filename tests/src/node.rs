@@ -428,13 +428,14 @@ impl NodeProcess {
     }
 
     /// Freezes the node: it keeps its sockets but answers nothing, like a
-    /// node stuck in a long pause.
+    /// node stuck in a long pause. Returns once every thread has stopped.
     ///
     /// # Errors
     ///
-    /// Fails when the signal cannot be sent (the process was reaped).
+    /// Fails when the signal cannot be sent (the process was reaped) or
+    /// the node does not stop within 10 s.
     pub fn sigstop(&mut self) -> Result<()> {
-        self.signal(Signal::SIGSTOP)
+        self.process.stop()
     }
 
     /// Resumes a node frozen with [`NodeProcess::sigstop`].

@@ -96,6 +96,45 @@ impl Guarded {
             .with_context(|| format!("failed to send {signal} to {}", self.name))
     }
 
+    /// Sends SIGSTOP and returns once every thread of the process has
+    /// stopped. `kill` returns when the signal is queued, not when the
+    /// group stop is complete: until then a thread that is already running
+    /// may still answer a request, so a caller that acts right after
+    /// `kill` would race the stop.
+    pub(crate) fn stop(&mut self) -> Result<()> {
+        self.signal(Signal::SIGSTOP)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.all_threads_stopped()? {
+            if std::time::Instant::now() >= deadline {
+                bail!("{} did not stop within 10 s of SIGSTOP", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Whether every thread in /proc/PID/task is in the stopped state.
+    fn all_threads_stopped(&self) -> Result<bool> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        for entry in fs::read_dir(&tasks).with_context(|| format!("failed to list {tasks}"))? {
+            let stat = match fs::read_to_string(entry?.path().join("stat")) {
+                Ok(stat) => stat,
+                // The thread exited between the listing and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).context("failed to read a thread's stat"),
+            };
+            // The state follows the command name, which is in parentheses
+            // and may itself contain spaces or parentheses.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            if !matches!(state, Some('T' | 't')) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
