@@ -4,6 +4,8 @@
 //!   broker, builds every binary and runs the workspace tests against them.
 //! - [`demo`]: `cargo xtask demo [--no-wait]` starts a three-node cluster.
 //! - [`chaos`]: `cargo xtask chaos [-- ARGS]` runs a consistency chaos run.
+//! - [`bench`]: `cargo xtask bench [--suite NAME]` runs the side-by-side
+//!   benchmarks and writes their tables into docs/benchmarks.md.
 //!
 //! Reusable pieces:
 //! - [`services`]: throw-away PostgreSQL ([`services::postgres`]) and tansu
@@ -17,6 +19,7 @@
 //! every long wait watches, so that each command returns normally and the
 //! guards' `Drop` implementations tear down what was started.
 
+mod bench;
 mod chaos;
 mod demo;
 mod paths;
@@ -49,6 +52,9 @@ enum Command {
     /// Run a consistency chaos run: a local cluster, a workload per
     /// strategy, injected faults, a checker and a report.
     Chaos(chaos::Args),
+    /// Benchmark ringcache side by side with redis-server and with the
+    /// limits of its transport and database; writes docs/benchmarks.md.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +79,7 @@ fn main() -> ExitCode {
             Command::Test(args) => test::run(args, &cancel).await,
             Command::Demo(args) => demo::run(args, &cancel).await,
             Command::Chaos(args) => chaos::run(args, &cancel).await,
+            Command::Bench(args) => bench::run(args, &cancel).await,
         }
     });
     if result.is_err() && cancel.is_cancelled() {

@@ -32,7 +32,7 @@ pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     let logs_dir = paths::new_logs_dir("test")?;
     eprintln!("xtask: service logs go to {}", logs_dir.display());
 
-    crate::services::redis_cli::ensure_installed(cancel).await?;
+    crate::services::debian::ensure_installed("redis-cli", "redis-tools", false, cancel).await?;
     let services = Services::start(&logs_dir, cancel).await?;
     for (name, value) in services.env() {
         eprintln!("xtask: {name}={value}");

@@ -1,7 +1,7 @@
 //! The external services the tests and the demo need, started together.
 
+pub mod debian;
 pub mod postgres;
-pub mod redis_cli;
 pub mod tansu;
 
 use std::path::Path;

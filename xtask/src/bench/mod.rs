@@ -1,0 +1,218 @@
+//! `cargo xtask bench`: ringcache side by side with redis-server and with
+//! the limits of its transport and its database, on this machine.
+//!
+//! Each suite measures one comparison and returns a markdown section; the
+//! sections replace their regions of `docs/benchmarks.md`
+//! (`<!-- bench:NAME:begin -->` ... `<!-- bench:NAME:end -->`), so that the
+//! tables there are always the output of this command, and a suite can be
+//! re-run alone (`--suite resp`) without touching the others. The `machine`
+//! region (CPU, kernel, versions, commit, date) is rewritten on every run.
+//!
+//! Everything runs from release builds (`cargo build --release`), which
+//! this command makes first. `redis-server`, `redis-benchmark` and
+//! `redis-cli` are installed from Debian's packages when missing (as root);
+//! PostgreSQL and the broker are started as for the tests.
+
+mod doc;
+mod machine;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use tokio_util::sync::CancellationToken;
+
+use crate::{paths, process::ChildGuard};
+
+/// The document the suites write their tables into.
+pub const DOC: &str = "docs/benchmarks.md";
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Suites to run (repeat the flag; default: all of them, in the order
+    /// listed here).
+    #[arg(long = "suite", value_enum)]
+    suites: Vec<Suite>,
+    /// Short runs and a single repetition: checks that every suite works,
+    /// the figures mean nothing. Implies --no-write.
+    #[arg(long)]
+    quick: bool,
+    /// Print the sections instead of writing them into docs/benchmarks.md.
+    #[arg(long)]
+    no_write: bool,
+}
+
+/// One comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// One core each: the node's RESP listener vs redis-server under
+    /// redis-benchmark (GET and SET, pipeline 1 and 16).
+    Resp,
+    /// gRPC `Get` vs an empty tonic handler; `MultiGet` of 16 vs 16 `Get`s.
+    Grpc,
+    /// A three-node cluster through cache-client vs three redis-servers
+    /// routed by the same ring.
+    Cluster,
+    /// The write-back worker's rows/s vs `COPY`; write-to-row lag at a
+    /// fixed write rate.
+    WriteBack,
+    /// The ring's balance and key movement.
+    Ring,
+    /// Bytes per item for 1,000,000 100-byte values vs redis-server.
+    Memory,
+}
+
+impl Suite {
+    /// The region name in the document.
+    pub fn region(self) -> &'static str {
+        match self {
+            Suite::Resp => "resp",
+            Suite::Grpc => "grpc",
+            Suite::Cluster => "cluster",
+            Suite::WriteBack => "write-back",
+            Suite::Ring => "ring",
+            Suite::Memory => "memory",
+        }
+    }
+}
+
+/// What every suite gets.
+#[derive(Debug)]
+pub struct Ctx {
+    /// `target/release`, holding every binary of the workspace.
+    pub release: PathBuf,
+    /// Where this run's logs go.
+    pub logs: PathBuf,
+    /// Short runs, one repetition.
+    pub quick: bool,
+    pub cancel: CancellationToken,
+}
+
+impl Ctx {
+    /// The path of a release binary of the workspace.
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.release.join(name)
+    }
+
+    /// How many times each measurement is repeated (the tables show
+    /// medians).
+    pub fn runs(&self) -> usize {
+        if self.quick { 1 } else { 5 }
+    }
+
+    /// The CPU the server under test is pinned to, and the one the load
+    /// generator is pinned to (`taskset -c`); the same CPU for both on a
+    /// one-CPU machine.
+    pub fn cpus(&self) -> (usize, usize) {
+        let n = std::thread::available_parallelism().map_or(1, usize::from);
+        (0, if n > 1 { 1 } else { 0 })
+    }
+}
+
+/// A suite's output: markdown for its region.
+#[derive(Debug)]
+pub struct Section {
+    pub suite: Suite,
+    pub markdown: String,
+}
+
+pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
+    let suites = if args.suites.is_empty() {
+        Suite::value_variants().to_vec()
+    } else {
+        args.suites.clone()
+    };
+    let logs = paths::new_logs_dir("bench")?;
+    eprintln!("xtask: bench logs go to {}", logs.display());
+    for (binary, package) in [
+        ("redis-server", "redis-server"),
+        ("redis-benchmark", "redis-tools"),
+        ("redis-cli", "redis-tools"),
+    ] {
+        crate::services::debian::ensure_installed(binary, package, true, cancel).await?;
+    }
+    build_release(cancel).await?;
+    let ctx = Ctx {
+        release: paths::target_dir().join("release"),
+        logs,
+        quick: args.quick,
+        cancel: cancel.clone(),
+    };
+    let mut sections = Vec::new();
+    for suite in suites {
+        eprintln!("xtask: bench suite {}", suite.region());
+        let markdown = run_suite(suite, &ctx)
+            .await
+            .with_context(|| format!("the {} suite failed", suite.region()))?;
+        println!("{markdown}");
+        sections.push(Section { suite, markdown });
+    }
+    if args.quick || args.no_write {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let machine = machine::describe(&ctx).await?;
+    let path = paths::workspace_root().join(DOC);
+    doc::write_regions(&path, &machine, &sections)?;
+    eprintln!(
+        "xtask: wrote {} section(s) into {}",
+        sections.len(),
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_suite(suite: Suite, _ctx: &Ctx) -> Result<String> {
+    match suite {
+        Suite::Resp
+        | Suite::Grpc
+        | Suite::Cluster
+        | Suite::WriteBack
+        | Suite::Ring
+        | Suite::Memory => {
+            bail!("not written yet")
+        }
+    }
+}
+
+/// `cargo build --release` of every binary the suites run.
+async fn build_release(cancel: &CancellationToken) -> Result<()> {
+    let mut build = Command::new(paths::cargo());
+    build
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "cache-node",
+            "-p",
+            "write-back-worker",
+            "-p",
+            "ringcache-tests",
+            "--bins",
+            "--features",
+            "cache-client/cli",
+        ])
+        .current_dir(paths::workspace_root());
+    let mut child = ChildGuard::spawn("cargo build --release", &mut build, None)?;
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        _ = cancel.cancelled() => bail!("interrupted while building"),
+    };
+    if !status.success() {
+        bail!("cargo build --release failed ({status})");
+    }
+    Ok(())
+}
+
+/// Whether `path` exists, for messages that name a missing binary.
+pub fn require(path: &Path) -> Result<&Path> {
+    if !path.exists() {
+        bail!(
+            "{} is missing (the release build should have made it)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
