@@ -43,6 +43,10 @@ pub struct Args {
     /// Print the sections instead of writing them into docs/benchmarks.md.
     #[arg(long)]
     no_write: bool,
+    /// Use the dev build (`target/debug`) instead of a release build: for
+    /// working on the suites, not for figures. Implies --no-write.
+    #[arg(long)]
+    debug: bool,
 }
 
 /// One comparison.
@@ -82,8 +86,9 @@ impl Suite {
 /// What every suite gets.
 #[derive(Debug)]
 pub struct Ctx {
-    /// `target/release`, holding every binary of the workspace.
-    pub release: PathBuf,
+    /// `target/release` (or `target/debug` with `--debug`), holding every
+    /// binary of the workspace.
+    pub bin_dir: PathBuf,
     /// Where this run's logs go.
     pub logs: PathBuf,
     /// Short runs, one repetition.
@@ -92,9 +97,9 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// The path of a release binary of the workspace.
+    /// The path of a binary of the workspace.
     pub fn bin(&self, name: &str) -> PathBuf {
-        self.release.join(name)
+        self.bin_dir.join(name)
     }
 
     /// How many times each measurement is repeated (the tables show
@@ -134,9 +139,9 @@ pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     ] {
         crate::services::debian::ensure_installed(binary, package, true, cancel).await?;
     }
-    build_release(cancel).await?;
+    build(args.debug, cancel).await?;
     let ctx = Ctx {
-        release: paths::target_dir().join("release"),
+        bin_dir: paths::target_dir().join(if args.debug { "debug" } else { "release" }),
         logs,
         quick: args.quick,
         cancel: cancel.clone(),
@@ -150,7 +155,7 @@ pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
         println!("{markdown}");
         sections.push(Section { suite, markdown });
     }
-    if args.quick || args.no_write {
+    if args.quick || args.no_write || args.debug {
         return Ok(ExitCode::SUCCESS);
     }
     let machine = machine::describe(&ctx).await?;
@@ -177,13 +182,16 @@ async fn run_suite(suite: Suite, _ctx: &Ctx) -> Result<String> {
     }
 }
 
-/// `cargo build --release` of every binary the suites run.
-async fn build_release(cancel: &CancellationToken) -> Result<()> {
+/// `cargo build --release` (or a dev build) of every binary the suites
+/// run.
+async fn build(debug: bool, cancel: &CancellationToken) -> Result<()> {
     let mut build = Command::new(paths::cargo());
+    build.arg("build");
+    if !debug {
+        build.arg("--release");
+    }
     build
         .args([
-            "build",
-            "--release",
             "-p",
             "cache-node",
             "-p",
@@ -195,13 +203,13 @@ async fn build_release(cancel: &CancellationToken) -> Result<()> {
             "cache-client/cli",
         ])
         .current_dir(paths::workspace_root());
-    let mut child = ChildGuard::spawn("cargo build --release", &mut build, None)?;
+    let mut child = ChildGuard::spawn("cargo build", &mut build, None)?;
     let status = tokio::select! {
         status = child.wait() => status?,
         _ = cancel.cancelled() => bail!("interrupted while building"),
     };
     if !status.success() {
-        bail!("cargo build --release failed ({status})");
+        bail!("cargo build failed ({status})");
     }
     Ok(())
 }
@@ -210,7 +218,7 @@ async fn build_release(cancel: &CancellationToken) -> Result<()> {
 pub fn require(path: &Path) -> Result<&Path> {
     if !path.exists() {
         bail!(
-            "{} is missing (the release build should have made it)",
+            "{} is missing (the build should have made it)",
             path.display()
         );
     }
