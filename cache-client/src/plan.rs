@@ -624,8 +624,9 @@ mod tests {
 
     #[test]
     fn bad_inputs_name_the_field() {
+        type Breaker = fn(&mut Input);
         let base = Input::new(10, 10);
-        let cases: [(fn(&mut Input), &str); 6] = [
+        let cases: [(Breaker, &str); 6] = [
             (|i| i.headroom = 1.0, "headroom"),
             (|i| i.replicas = 0, "replicas"),
             (|i| i.reads_per_sec = f64::NAN, "reads_per_sec"),
