@@ -30,6 +30,11 @@ pub const NODE_ENTRY_CHARGE_BYTES: u64 = 128;
 /// for 3 to 10 nodes).
 pub const RING_IMBALANCE: f64 = 1.10;
 
+/// [`RING_IMBALANCE`] as a fraction, for exact integer arithmetic on bytes
+/// and counts.
+const IMBALANCE_NUM: u128 = 11;
+const IMBALANCE_DEN: u128 = 10;
+
 /// Bytes a write-back record takes in a Kafka log beyond its key and value,
 /// uncompressed: the record's framing (length, attributes, timestamp and
 /// offset deltas, key and value lengths: about 16 bytes), its two 8-byte
@@ -321,6 +326,13 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// The fullest node's share of `total` over `nodes` nodes, rounded up:
+/// `total × 1.10 / nodes`, exactly, saturating at `u64::MAX`.
+fn fullest(total: u128, nodes: u64) -> u64 {
+    let den = IMBALANCE_DEN * u128::from(nodes.max(1));
+    u64::try_from((total * IMBALANCE_NUM).div_ceil(den)).unwrap_or(u64::MAX)
+}
+
 fn ceil_div(a: f64, b: f64) -> u64 {
     // Inputs are validated finite and b > 0; the result is a count that
     // fits u64 for any real deployment, and `as` saturates beyond.
@@ -337,26 +349,26 @@ pub fn plan(input: &Input) -> Result<Plan> {
     let free = 1.0 - input.headroom;
     let item_bytes = input.key_bytes + input.value_bytes + input.item_overhead_bytes;
     let item_charge_bytes = input.key_bytes + input.value_bytes + NODE_ENTRY_CHARGE_BYTES;
-    let copies = input.keys as f64 * input.replicas as f64;
-    let cached_bytes = copies * item_bytes as f64;
+    // u128: a product of three u64 inputs cannot overflow it in practice
+    // (keys × replicas × bytes), and overflowing inputs saturate below.
+    let copies = u128::from(input.keys) * u128::from(input.replicas);
+    let cached_bytes = copies.saturating_mul(u128::from(item_bytes));
 
     // Write-back: writes made during an outage stay dirty on the nodes,
     // beside the cache's capacity, until the worker stores them; at most
     // one dirty entry per key and copy.
     let wb = input.write_back_per_sec;
     let outage_secs = input.outage.as_secs_f64();
-    let dirty_keys = if wb > 0.0 {
-        (wb * outage_secs).min(input.keys as f64)
-    } else {
-        0.0
-    };
-    let dirty_copies = dirty_keys * input.replicas as f64;
-    let dirty_bytes = dirty_copies * item_bytes as f64;
+    let outage_backlog_records = (wb * outage_secs).ceil() as u64;
+    let dirty_keys = outage_backlog_records.min(input.keys);
+    let dirty_copies = u128::from(dirty_keys) * u128::from(input.replicas);
+    let dirty_bytes = dirty_copies.saturating_mul(u128::from(item_bytes));
+    let data_bytes = cached_bytes.saturating_add(dirty_bytes);
 
     let node_requests_per_sec = input.reads_per_sec + input.writes_per_sec * input.replicas as f64;
     let usable_memory = input.node_memory_bytes as f64 * free;
     let usable_ops = input.node_ops_per_sec * free;
-    let nodes_for_memory = ceil_div((cached_bytes + dirty_bytes) * RING_IMBALANCE, usable_memory);
+    let nodes_for_memory = ceil_div(data_bytes as f64 * RING_IMBALANCE, usable_memory);
     let nodes_for_throughput = ceil_div(node_requests_per_sec * RING_IMBALANCE, usable_ops);
     let (base, limited_by) = [
         (input.replicas, LimitedBy::Replicas),
@@ -370,18 +382,15 @@ pub fn plan(input: &Input) -> Result<Plan> {
     let base = base.max(1);
     let nodes = base + input.spare_nodes;
 
-    let load = |up: u64| {
-        let share = RING_IMBALANCE / up as f64;
-        NodeLoad {
-            nodes_up: up,
-            items: (copies * share).ceil() as u64,
-            memory_bytes: ((cached_bytes + dirty_bytes) * share).ceil() as u64,
-            ops_per_sec: node_requests_per_sec * share,
-        }
+    let load = |up: u64| NodeLoad {
+        nodes_up: up,
+        items: fullest(copies, up),
+        memory_bytes: fullest(data_bytes, up),
+        ops_per_sec: node_requests_per_sec * RING_IMBALANCE / up as f64,
     };
     let all_up = load(nodes);
     let degraded = load(base);
-    let capacity_bytes = (copies * item_charge_bytes as f64 * RING_IMBALANCE / base as f64).ceil();
+    let capacity_bytes = fullest(copies.saturating_mul(u128::from(item_charge_bytes)), base);
 
     if input.item_overhead_bytes < NODE_ENTRY_CHARGE_BYTES {
         warnings.push(format!(
@@ -409,20 +418,18 @@ pub fn plan(input: &Input) -> Result<Plan> {
         // Twice the workers: room to double the group without adding
         // partitions (which moves keys between partitions).
         let partitions = (2 * workers).max(MIN_PARTITIONS);
-        let outage_backlog_records = (wb * outage_secs).ceil() as u64;
         let spare_rate = workers as f64 * input.worker_rows_per_sec - wb;
         let catch_up = (spare_rate > 0.0)
             .then(|| Duration::from_secs_f64(outage_backlog_records as f64 / spare_rate));
-        let dirty_charge = dirty_copies * item_charge_bytes as f64 * RING_IMBALANCE;
-        let dirty_bytes_per_node = (dirty_charge / nodes as f64).ceil() as u64;
+        let dirty_charge = dirty_copies.saturating_mul(u128::from(item_charge_bytes));
+        let dirty_bytes_per_node = fullest(dirty_charge, nodes);
         // At most one dirty entry per key and copy, so this never exceeds
         // capacity_bytes, the node's upper bound for max_dirty_bytes.
-        let max_dirty_bytes =
-            ((dirty_charge / base as f64).ceil() as u64).min(capacity_bytes as u64);
+        let max_dirty_bytes = fullest(dirty_charge, base).min(capacity_bytes);
         // The node's default budget, and how long an outage fills it: dirty
         // bytes land on the most loaded node (spares down) at `fill_rate`
         // until every key it holds is dirty.
-        let default_budget = capacity_bytes as u64 / 4;
+        let default_budget = capacity_bytes / 4;
         let fill_rate =
             wb * input.replicas as f64 * item_charge_bytes as f64 * RING_IMBALANCE / base as f64;
         // Assumes every write dirties another key: a conservative bound,
@@ -471,9 +478,9 @@ pub fn plan(input: &Input) -> Result<Plan> {
         nodes_for_throughput,
         item_bytes,
         item_charge_bytes,
-        total_bytes: (cached_bytes + dirty_bytes).ceil() as u64,
+        total_bytes: u64::try_from(data_bytes).unwrap_or(u64::MAX),
         node_requests_per_sec,
-        capacity_bytes: capacity_bytes as u64,
+        capacity_bytes,
         all_up,
         degraded,
         write_back,
@@ -509,7 +516,7 @@ mod tests {
         // capacity_bytes: the node's charge, for the degraded share.
         assert_eq!(
             plan.capacity_bytes,
-            (200e6 * 1184.0 * 1.1 / 87.0_f64).ceil() as u64
+            (200_000_000u64 * 1184 * 11).div_ceil(10 * 87)
         );
         assert!(plan.write_back.is_none());
     }
@@ -576,7 +583,7 @@ mod tests {
         // writes/s fill in 2.5 M / 5000 = 500 s.
         assert_eq!(
             wb.max_dirty_bytes,
-            (3e6 * 1148.0 * 1.1 / plan.degraded.nodes_up as f64).ceil() as u64
+            (3_000_000u64 * 1148 * 11).div_ceil(10 * plan.degraded.nodes_up)
         );
         assert!(wb.max_dirty_bytes < plan.capacity_bytes);
         let covers = wb.default_budget_covers.as_secs_f64();

@@ -588,9 +588,17 @@ fn print_plan(args: &PlanArgs, json: bool) -> anyhow::Result<()> {
         "per entry       {} B of memory (key + value + {} B), charged {} B against capacity_bytes",
         p.item_bytes, input.item_overhead_bytes, p.item_charge_bytes
     );
+    let dirty = if p.write_back.is_some() {
+        ", with the outage's dirty entries"
+    } else {
+        ""
+    };
     println!(
-        "data            {} in all copies; {:.0} requests/s to the nodes (reads + writes x copies)",
-        size(p.total_bytes),
+        "data            {} in all copies{dirty}",
+        size(p.total_bytes)
+    );
+    println!(
+        "requests        {:.0}/s to the nodes (reads + writes x copies)",
         p.node_requests_per_sec
     );
     println!(
