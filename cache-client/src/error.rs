@@ -109,6 +109,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// An input of [`crate::plan::plan`] is out of range; the message names
+    /// it.
+    #[error("invalid plan input: {field}: {reason}")]
+    PlanInput {
+        /// The offending input.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The data store behind a keyspace failed: a lost connection, a
     /// timeout, a row locked by a prepared transaction, a serialization
     /// failure. The same call may succeed later.
@@ -157,6 +166,7 @@ impl Error {
             | Error::KeyspaceConfig { .. }
             | Error::Unsupported { .. }
             | Error::Config { .. }
+            | Error::PlanInput { .. }
             | Error::StoreRejected { .. }
             | Error::TxnNotFound { .. } => false,
         }

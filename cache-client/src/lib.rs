@@ -17,6 +17,8 @@
 //!   version clock they share. Their promises are in `docs/strategies.md`.
 //! - [`store`]: the `Store` trait and `PgStore` (feature `postgres`).
 //! - [`error`]: the crate's [`Error`].
+//! - [`plan`]: back-of-the-envelope sizing of a pool (pure arithmetic;
+//!   `cachectl plan`, `docs/capacity.md`).
 //! - [`writeback`]: the write-back record format on Kafka (the contract with
 //!   the `write-back-worker`).
 //!
@@ -52,6 +54,7 @@ pub mod config;
 pub mod error;
 pub mod hlc;
 pub mod keyspaces;
+pub mod plan;
 mod primitives;
 #[cfg(feature = "kafka")]
 pub mod producer;

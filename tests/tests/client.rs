@@ -584,3 +584,92 @@ async fn cachectl_commands_and_exit_status() -> Result<()> {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     Ok(())
 }
+
+/// `cachectl plan` is arithmetic only: it answers with no pool to reach,
+/// its JSON carries the sizing, a bad input exits 1 with one line naming
+/// it, and the entry charge it sizes `capacity_bytes` with is the node's.
+#[test]
+fn cachectl_plan_sizes_a_pool_without_one() -> Result<()> {
+    assert_eq!(
+        cache_client::plan::NODE_ENTRY_CHARGE_BYTES,
+        cache_node::store::ENTRY_OVERHEAD_BYTES,
+        "plan must charge entries as the node does"
+    );
+    let binary = ringcache_tests::node_binary()?.with_file_name("cachectl");
+    let run = |args: &[&str]| -> Result<std::process::Output> {
+        std::process::Command::new(&binary)
+            // Unreachable: plan must not try it.
+            .args(["--seeds", "127.0.0.1:1"])
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {}", binary.display()))
+    };
+    let out = run(&[
+        "--json",
+        "plan",
+        "--keys",
+        "100000000",
+        "--value-bytes",
+        "1KiB",
+        "--replicas",
+        "2",
+        "--reads",
+        "200000",
+        "--writes",
+        "20000",
+        "--write-back-writes",
+        "5000",
+        "--node-memory",
+        "16GiB",
+        "--node-ops",
+        "50000",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // 1e8 keys × (32 + 1024 + 128) B × 2 copies, plus the dirty copies of
+    // the 18 M keys an hour's outage leaves at 5000 write-back writes/s:
+    // 279.4 GB; × 1.1 over 16 GiB × 0.7 = 25.6 → 26 nodes, one spare.
+    assert_eq!(plan["total_bytes"], 279_424_000_000u64);
+    assert_eq!(plan["nodes_for_memory"], 26);
+    assert_eq!(plan["limited_by"], "memory");
+    assert_eq!(plan["nodes"], 27);
+    // 200k reads + 20k writes × 2 copies.
+    assert_eq!(plan["node_requests_per_sec"], 240_000.0);
+    let wb = &plan["write_back"];
+    assert_eq!(wb["workers"], 4);
+    assert_eq!(wb["partitions"], 8);
+    // 7 days of 5000 records/s of 32 + 1024 + 80 bytes, 3 replicas.
+    assert_eq!(wb["kafka_storage_bytes"], 5000u64 * 1136 * 7 * 86_400 * 3);
+
+    let out = run(&["plan", "--keys", "1000000", "--value-bytes", "200"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    assert!(text.contains("nodes           2  (set by memory"), "{text}");
+    assert!(text.contains("capacity_bytes"), "{text}");
+    assert!(!text.contains("kafka"), "no write-back, no Kafka: {text}");
+
+    let out = run(&[
+        "plan",
+        "--keys",
+        "10",
+        "--value-bytes",
+        "10",
+        "--headroom",
+        "1.5",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr)?;
+    assert_eq!(
+        err.trim(),
+        "cachectl: invalid plan input: headroom: must be in [0, 1)"
+    );
+    Ok(())
+}

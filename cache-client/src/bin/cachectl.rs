@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use cache_client::plan;
 use cache_client::ring::Ring;
 use cache_client::{Client, ClientConfig, SetOptions, SetOutcome};
 use clap::{Parser, Subcommand};
@@ -109,6 +110,63 @@ enum Command {
         #[arg(long, conflicts_with = "key")]
         sample: Option<usize>,
     },
+    /// Size a pool: nodes, memory per node, Kafka partitions and storage,
+    /// workers (arithmetic only; contacts nothing). See docs/capacity.md.
+    Plan(PlanArgs),
+}
+
+/// Inputs of `cachectl plan`; defaults and their sources are in
+/// `docs/capacity.md` and `cache_client::plan`.
+#[derive(clap::Args)]
+struct PlanArgs {
+    /// Distinct keys cached.
+    #[arg(long)]
+    keys: u64,
+    /// Average value size (bytes, or with a unit: 1KiB).
+    #[arg(long)]
+    value_bytes: bytesize::ByteSize,
+    /// Average key size.
+    #[arg(long, default_value_t = bytesize::ByteSize(plan::DEFAULT_KEY_BYTES))]
+    key_bytes: bytesize::ByteSize,
+    /// Copies of each key (the keyspace's `replicas`).
+    #[arg(long, default_value_t = 1)]
+    replicas: u64,
+    /// Reads per second, all clients together.
+    #[arg(long, default_value_t = 0.0)]
+    reads: f64,
+    /// Writes (sets and deletes) per second, all clients together.
+    #[arg(long, default_value_t = 0.0)]
+    writes: f64,
+    /// Of those writes, write-back writes per second (queued on Kafka).
+    #[arg(long, default_value_t = 0.0)]
+    write_back_writes: f64,
+    /// Memory one node may give the cache.
+    #[arg(long, default_value_t = bytesize::ByteSize(plan::DEFAULT_NODE_MEMORY_BYTES))]
+    node_memory: bytesize::ByteSize,
+    /// Requests per second one node serves (measure yours: docs/benchmarks.md).
+    #[arg(long, default_value_t = plan::DEFAULT_NODE_OPS_PER_SEC)]
+    node_ops: f64,
+    /// Memory per entry beyond key and value (measure yours: docs/benchmarks.md).
+    #[arg(long, default_value_t = bytesize::ByteSize(plan::DEFAULT_ITEM_OVERHEAD_BYTES))]
+    item_overhead: bytesize::ByteSize,
+    /// Fraction of each node's (and worker's) memory and throughput kept free.
+    #[arg(long, default_value_t = plan::DEFAULT_HEADROOM)]
+    headroom: f64,
+    /// Nodes that may be down while the rest carry everything.
+    #[arg(long, default_value_t = plan::DEFAULT_SPARE_NODES)]
+    spare_nodes: u64,
+    /// Kafka retention of the write-back topics.
+    #[arg(long, default_value = "7days", value_parser = humantime_duration)]
+    retention: Duration,
+    /// PostgreSQL outage write-back should ride out.
+    #[arg(long, default_value = "1h", value_parser = humantime_duration)]
+    outage: Duration,
+    /// Replication factor of the write-back topics.
+    #[arg(long, default_value_t = plan::DEFAULT_KAFKA_REPLICATION)]
+    kafka_replication: u64,
+    /// Rows per second one write-back worker stores (measure yours).
+    #[arg(long, default_value_t = plan::DEFAULT_WORKER_ROWS_PER_SEC)]
+    worker_rows: f64,
 }
 
 #[derive(Subcommand)]
@@ -166,6 +224,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Arithmetic only: no pool to reach.
+    if let Command::Plan(args) = &cli.command {
+        return print_plan(args, cli.json);
+    }
     let config = ClientConfig::new(cli.seeds.clone()).with_deadline(cli.deadline);
     let client = Client::connect(config)
         .await
@@ -473,6 +535,116 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Plan(_) => unreachable!("plan returned before connecting"),
+    }
+    Ok(())
+}
+
+fn print_plan(args: &PlanArgs, json: bool) -> anyhow::Result<()> {
+    let mut input = plan::Input::new(args.keys, args.value_bytes.as_u64());
+    input.key_bytes = args.key_bytes.as_u64();
+    input.replicas = args.replicas;
+    input.reads_per_sec = args.reads;
+    input.writes_per_sec = args.writes;
+    input.write_back_per_sec = args.write_back_writes;
+    input.node_memory_bytes = args.node_memory.as_u64();
+    input.node_ops_per_sec = args.node_ops;
+    input.item_overhead_bytes = args.item_overhead.as_u64();
+    input.headroom = args.headroom;
+    input.spare_nodes = args.spare_nodes;
+    input.retention = args.retention;
+    input.outage = args.outage;
+    input.kafka_replication = args.kafka_replication;
+    input.worker_rows_per_sec = args.worker_rows;
+    let p = plan::plan(&input)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(());
+    }
+    let size = |bytes: u64| bytesize::ByteSize(bytes).display().iec().to_string();
+    let dur =
+        |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
+    println!(
+        "{} keys of {} + {} B, {} cop{}; {:.0} reads/s, {:.0} writes/s ({:.0} write-back)",
+        input.keys,
+        input.key_bytes,
+        input.value_bytes,
+        input.replicas,
+        if input.replicas == 1 { "y" } else { "ies" },
+        input.reads_per_sec,
+        input.writes_per_sec,
+        input.write_back_per_sec
+    );
+    println!(
+        "nodes           {}  (set by {}: memory needs {}, throughput {}, replicas {}; plus {} spare)",
+        p.nodes,
+        p.limited_by,
+        p.nodes_for_memory,
+        p.nodes_for_throughput,
+        input.replicas,
+        input.spare_nodes
+    );
+    println!(
+        "per entry       {} B of memory (key + value + {} B), charged {} B against capacity_bytes",
+        p.item_bytes, input.item_overhead_bytes, p.item_charge_bytes
+    );
+    let dirty = if p.write_back.is_some() {
+        ", with the outage's dirty entries"
+    } else {
+        ""
+    };
+    println!(
+        "data            {} in all copies{dirty}",
+        size(p.total_bytes)
+    );
+    println!(
+        "requests        {:.0}/s to the nodes (reads + writes x copies)",
+        p.node_requests_per_sec
+    );
+    println!(
+        "capacity_bytes  {} per node, summed over its keyspaces",
+        size(p.capacity_bytes)
+    );
+    for (label, load) in [("all up", &p.all_up), ("spares down", &p.degraded)] {
+        println!(
+            "fullest node    {:<11} ({:>3} up): {} entries, {}, {:.0} requests/s",
+            label,
+            load.nodes_up,
+            load.items,
+            size(load.memory_bytes),
+            load.ops_per_sec
+        );
+    }
+    if let Some(wb) = &p.write_back {
+        println!(
+            "kafka           {}/s; {} records and {} on disk at {} retention x {} replicas",
+            size(wb.kafka_bytes_per_sec.ceil() as u64),
+            wb.kafka_records,
+            size(wb.kafka_storage_bytes),
+            dur(input.retention),
+            input.kafka_replication
+        );
+        println!(
+            "partitions      {} per write-back topic (in total for several); workers {}",
+            wb.partitions, wb.workers
+        );
+        println!(
+            "outage {:<8} {} records queued; stored {} after PostgreSQL returns",
+            dur(input.outage),
+            wb.outage_backlog_records,
+            wb.catch_up.map_or(
+                "never (no spare worker throughput)".to_owned(),
+                |d| format!("in {}", dur(d))
+            )
+        );
+        println!(
+            "max_dirty_bytes {} per node for that outage (the default, capacity_bytes / 4, lasts {})",
+            size(wb.max_dirty_bytes),
+            dur(wb.default_budget_covers)
+        );
+    }
+    for w in &p.warnings {
+        println!("warning: {w}");
     }
     Ok(())
 }
