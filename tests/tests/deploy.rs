@@ -889,9 +889,7 @@ fn kubernetes_manifests_render_and_agree_with_the_binaries() -> Result<()> {
         .arg("kustomize")
         .arg(root().join("deploy/k8s"))
         .output()
-        .context(
-            "cannot run `kubectl kustomize` (kubectl is Debian's/Google's `kubectl` package)",
-        )?;
+        .context("cannot run `kubectl kustomize`: is kubectl installed?")?;
     ensure!(
         out.status.success(),
         "kubectl kustomize failed: {}",
