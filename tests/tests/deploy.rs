@@ -1160,26 +1160,7 @@ async fn dashboard_and_alerts_use_only_exported_metrics() -> Result<()> {
     let mut exported = exposed_names(&scraped);
     ensure!(exported.contains("ringcache_node_request_errors_total"));
     ensure!(exported.contains("ringcache_node_resp_errors_total"));
-    {
-        use write_back_worker::metrics::*;
-        exported.extend(
-            [
-                RECORDS_APPLIED_TOTAL,
-                RECORDS_STALE_TOTAL,
-                RECORDS_COALESCED_TOTAL,
-                BATCHES_TOTAL,
-                BATCH_RECORDS,
-                DEAD_LETTERS_TOTAL,
-                RETRIES_TOTAL,
-                BATCH_SECONDS,
-                LAG_SECONDS,
-                DIRTY_REPAIRED_TOTAL,
-                OLDEST_UNSTORED_SECONDS,
-                CONSUMER_LAG_RECORDS,
-            ]
-            .map(str::to_owned),
-        );
-    }
+    exported.extend(worker_metric_constants());
     exported.extend(client_metric_names()?);
     let known = |name: &str| {
         exported.contains(name)
@@ -1579,5 +1560,135 @@ async fn cachectl_health_tells_a_serving_node_from_a_missing_one() -> Result<()>
         "a missing node passed the health check"
     );
     ensure!(String::from_utf8_lossy(&out.stderr).contains(&missing.to_string()));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The worker's metric names, scraped.
+
+/// The worker's metric-name constants (`write_back_worker::metrics`).
+fn worker_metric_constants() -> BTreeSet<String> {
+    use write_back_worker::metrics::*;
+    [
+        RECORDS_APPLIED_TOTAL,
+        RECORDS_STALE_TOTAL,
+        RECORDS_COALESCED_TOTAL,
+        BATCHES_TOTAL,
+        BATCH_RECORDS,
+        DEAD_LETTERS_TOTAL,
+        RETRIES_TOTAL,
+        BATCH_SECONDS,
+        LAG_SECONDS,
+        DIRTY_REPAIRED_TOTAL,
+        OLDEST_UNSTORED_SECONDS,
+        CONSUMER_LAG_RECORDS,
+    ]
+    .map(str::to_owned)
+    .into()
+}
+
+/// A worker that stored a few writes exports, under the names of its
+/// constants, every write-back series the dashboard plots that a run
+/// without failures produces (retries, dead letters, repairs, stale and
+/// coalesced records are counted only when they happen).
+// Multi-threaded for `block_in_place`: starting PostgreSQL blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_exports_the_dashboards_write_back_metrics() -> Result<()> {
+    use cache_client::{
+        producer::WriteBackConfig,
+        store::PgStore,
+        strategy::{KeyspaceSettings, Strategy},
+    };
+    use ringcache_tests::{
+        PrivateBroker, PrivatePostgres, WorkerConfig, WorkerProcess, cluster, unique,
+        write_back::{Expected, put_acknowledged, scrape, wait_stored},
+    };
+    const TIMEOUT: Duration = Duration::from_secs(120);
+
+    let pg = tokio::task::block_in_place(PrivatePostgres::start)?;
+    let store = PgStore::connect(&pg.url()).await?;
+    store.migrate().await?;
+    let broker = PrivateBroker::start(TIMEOUT).await?;
+    let nodes = cluster(1).await?;
+    let keyspace = unique("deploy_wb");
+    let client = Client::connect(ClientConfig::new(
+        nodes.iter().map(|n| n.addr().to_string()),
+    ))
+    .await?;
+    client.enable_write_back(WriteBackConfig::new(broker.brokers()))?;
+    client.define_keyspace(
+        &keyspace,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(std::sync::Arc::new(PgStore::from_pool(
+            store.pool().clone(),
+        ))),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let mut worker = WorkerProcess::start(WorkerConfig {
+        brokers: broker.brokers(),
+        database_url: pg.url(),
+        group: format!("{keyspace}_group"),
+        keyspaces: vec![keyspace.clone()],
+        cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
+    })?;
+    let mut expected = Expected::new();
+    for i in 0..5 {
+        let (key, value) = (format!("k{i}"), format!("v{i}"));
+        let version = put_acknowledged(&client, &keyspace, &key, &value, TIMEOUT).await?;
+        expected.insert(
+            key.into_bytes(),
+            (Some(value.into_bytes()), i64::try_from(version)?),
+        );
+    }
+    wait_stored(store.pool(), &mut worker, &keyspace, &expected, TIMEOUT).await?;
+
+    let dashboard = read("deploy/grafana/dashboards/ringcache.json")?;
+    let counted_on_failure = {
+        use write_back_worker::metrics::*;
+        [
+            RETRIES_TOTAL,
+            DEAD_LETTERS_TOTAL,
+            DIRTY_REPAIRED_TOTAL,
+            RECORDS_STALE_TOTAL,
+            RECORDS_COALESCED_TOTAL,
+        ]
+    };
+    let wanted: BTreeSet<String> = metric_names(&dashboard)
+        .into_iter()
+        .filter(|n| n.starts_with("ringcache_wb_"))
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s).map(str::to_owned))
+                .unwrap_or(n)
+        })
+        .filter(|n| !counted_on_failure.contains(&n.as_str()))
+        .collect();
+    ensure!(wanted.len() >= 5, "the dashboard plots {wanted:?}");
+    // The lag gauges come from librdkafka's statistics, every few seconds:
+    // scrape until every wanted series is there.
+    let metrics = worker.metrics_addr(TIMEOUT).await?;
+    let constants = worker_metric_constants();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let scraped: BTreeSet<String> = exposed_names(&scrape(metrics).await?)
+            .into_iter()
+            .filter(|n| n.starts_with("ringcache_wb_"))
+            .collect();
+        let unnamed: Vec<_> = scraped.difference(&constants).collect();
+        ensure!(
+            unnamed.is_empty(),
+            "exported without a constant: {unnamed:?}"
+        );
+        let missing: Vec<_> = wanted.difference(&scraped).collect();
+        if missing.is_empty() {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the worker does not export {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
