@@ -1187,6 +1187,24 @@ async fn dashboard_and_alerts_use_only_exported_metrics() -> Result<()> {
         }
     }
     ensure!(alert_count >= 5, "{alert_count} alert rules");
+    // The rules' `job` labels are the scrape jobs of prometheus.yml.
+    let prom = yaml("deploy/prometheus/prometheus.yml")?;
+    let jobs: BTreeSet<&str> = seq_of(&prom["scrape_configs"], "scrape_configs")?
+        .iter()
+        .filter_map(|job| job["job_name"].as_str())
+        .collect();
+    for group in seq_of(&alerts["groups"], "groups")? {
+        for rule in seq_of(&group["rules"], "rules")? {
+            let expr = str_of(&rule["expr"], "expr")?;
+            for part in expr.split("job=\"").skip(1) {
+                let job = part.split('"').next().unwrap_or_default();
+                ensure!(
+                    jobs.contains(job),
+                    "alert on job {job:?}, which prometheus.yml does not scrape"
+                );
+            }
+        }
+    }
     let unknown: Vec<&String> = used.iter().filter(|n| !known(n)).collect();
     ensure!(unknown.is_empty(), "metrics no code exports: {unknown:?}");
 
