@@ -313,9 +313,8 @@ fn drained(config: &write_back_worker::config::Config) -> Result<BTreeSet<String
         .collect())
 }
 
-/// The ports the Dockerfile's health checks probe, by target.
+/// The Dockerfile's stages: name (`FROM … AS name`) → the text of the stage.
 fn dockerfile_targets() -> Result<BTreeMap<String, String>> {
-    // Target → the text of its stage.
     let text = read("deploy/Dockerfile")?;
     let mut stages = BTreeMap::new();
     let mut current: Option<(String, String)> = None;
