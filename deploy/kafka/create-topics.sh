@@ -8,13 +8,15 @@
 # Replication 3 with min.insync.replicas=2: an acknowledged (acks=all) write
 # is on two brokers at least. No compaction (a tombstone is a delete to
 # apply, not a key to forget); retention must outlast the longest PostgreSQL
-# outage to ride out (7 days here).
+# outage to ride out (7 days here). A single-broker cluster (docker-compose)
+# runs it with REPLICATION=1 MIN_INSYNC_REPLICAS=1.
 set -eu
 
 : "${BOOTSTRAP:?set BOOTSTRAP to the Kafka bootstrap servers}"
 KAFKA_TOPICS="${KAFKA_HOME:-/opt/kafka}/bin/kafka-topics.sh"
 PARTITIONS="${PARTITIONS:-12}"
 REPLICATION="${REPLICATION:-3}"
+MIN_INSYNC_REPLICAS="${MIN_INSYNC_REPLICAS:-2}"
 DEAD_LETTER_TOPIC="${DEAD_LETTER_TOPIC:-ringcache-dead-letters}"
 
 if [ "$#" -eq 0 ]; then
@@ -25,7 +27,7 @@ fi
 create() {
     "$KAFKA_TOPICS" --bootstrap-server "$BOOTSTRAP" --create --if-not-exists \
         --topic "$1" --partitions "$2" --replication-factor "$REPLICATION" \
-        --config min.insync.replicas=2 \
+        --config min.insync.replicas="$MIN_INSYNC_REPLICAS" \
         --config cleanup.policy=delete \
         --config retention.ms=604800000
 }

@@ -32,7 +32,11 @@ pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     let logs_dir = paths::new_logs_dir("test")?;
     eprintln!("xtask: service logs go to {}", logs_dir.display());
 
+    // Tools the tests run as real clients: redis-cli (the RESP listener)
+    // and kubectl (renders deploy/k8s with its built-in kustomize).
     crate::services::debian::ensure_installed("redis-cli", "redis-tools", false, cancel).await?;
+    crate::services::debian::ensure_installed("kubectl", "kubernetes-client", false, cancel)
+        .await?;
     let services = Services::start(&logs_dir, cancel).await?;
     for (name, value) in services.env() {
         eprintln!("xtask: {name}={value}");

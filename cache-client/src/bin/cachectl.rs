@@ -95,6 +95,9 @@ enum Command {
     Stats,
     /// The members and epoch the client routes by.
     Topology,
+    /// Ask each seed's `grpc.health.v1` service whether it serves; exits 1
+    /// unless every seed answers SERVING (a container health check).
+    Health,
     /// Read and write through the keyspace's strategy (needs --keyspaces and
     /// --database).
     Kv {
@@ -206,6 +209,47 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Probes `grpc.health.v1.Health/Check` (the whole server, service `""`)
+/// on every seed; fails unless all of them answer SERVING.
+async fn health(seeds: &[String], deadline: Duration, json: bool) -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut unhealthy = Vec::new();
+    for seed in seeds {
+        let probe = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))?
+                .connect()
+                .await?;
+            let reply = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+            anyhow::Ok(reply.into_inner().status().as_str_name().to_owned())
+        };
+        let status = match tokio::time::timeout(deadline, probe).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => format!("UNREACHABLE ({e:#})"),
+            Err(_) => format!(
+                "UNREACHABLE (no answer within {})",
+                humantime::format_duration(deadline)
+            ),
+        };
+        if json {
+            println!("{}", json!({"node": seed, "status": status}));
+        } else {
+            println!("{seed}: {status}");
+        }
+        if status != "SERVING" {
+            unhealthy.push(seed.as_str());
+        }
+    }
+    if unhealthy.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("not serving: {}", unhealthy.join(","))
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -227,6 +271,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Arithmetic only: no pool to reach.
     if let Command::Plan(args) = &cli.command {
         return print_plan(args, cli.json);
+    }
+    // Health asks each seed on its own, without the topology a client
+    // fetches first: a node that is up but not serving must still answer.
+    if matches!(cli.command, Command::Health) {
+        return health(&cli.seeds, cli.deadline, cli.json).await;
     }
     let config = ClientConfig::new(cli.seeds.clone()).with_deadline(cli.deadline);
     let client = Client::connect(config)
@@ -455,6 +504,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("no node answered");
             }
         }
+        Command::Health => unreachable!("`run` answers health before connecting"),
         Command::Topology => {
             let topology = client.topology();
             if cli.json {
