@@ -228,13 +228,18 @@ async fn killing_a_node_under_load_keeps_operations_succeeding() -> Result<()> {
     })
     .await?;
     println!("killed node marked down after {detected:?}");
-    // Keep the load going past the detection time, and for 500 more
-    // operations at least.
+    // Keep the load going past the detection time, then for 500 more
+    // operations (counted from there, so that at least 496 of them, all
+    // but the 4 in flight, started after it).
+    eventually(Duration::from_secs(10), "the detection time passing", || {
+        killed_at.elapsed() > DETECTION
+    })
+    .await?;
     let floor = done.load(Ordering::Relaxed) + 500;
     eventually(
         Duration::from_secs(60),
-        "500 operations after detection",
-        || killed_at.elapsed() > DETECTION && ops.load(Ordering::Relaxed) >= floor,
+        "500 operations after the detection time",
+        || ops.load(Ordering::Relaxed) >= floor,
     )
     .await?;
     stop.store(true, Ordering::Relaxed);
