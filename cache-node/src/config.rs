@@ -54,6 +54,9 @@ pub const DEFAULT_LEASE_RETRY_AFTER: Duration = Duration::from_millis(20);
 pub const MAX_VALUE_BYTES_LIMIT: usize = 512 * 1024 * 1024;
 /// Longest keyspace name.
 pub const MAX_KEYSPACE_NAME_BYTES: usize = 128;
+/// Most worker threads the runtime may be given: far beyond any useful
+/// number, it only catches a typo before tokio spawns them.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// The node's whole configuration.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -86,6 +89,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log output format; the level comes from `RUST_LOG`.
     pub log_format: LogFormat,
+    /// Worker threads of the node's tokio runtime (gRPC, RESP and metrics
+    /// share them); absent takes tokio's default, one per CPU.
+    pub worker_threads: Option<usize>,
     /// Request limits.
     pub limits: Limits,
     /// Configured keyspaces by name. `default` is always present: if the file
@@ -263,6 +269,7 @@ impl Default for Config {
             unknown_keyspaces: UnknownKeyspaces::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             log_format: LogFormat::default(),
+            worker_threads: None,
             limits: Limits::default(),
             keyspaces: BTreeMap::new(),
             keyspaces_file: None,
@@ -314,6 +321,9 @@ pub struct Cli {
     /// Log format (the level comes from RUST_LOG).
     #[arg(long, env = "RINGCACHE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Worker threads of the runtime (default: one per CPU).
+    #[arg(long, env = "RINGCACHE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -370,6 +380,9 @@ impl Config {
         }
         if let Some(format) = cli.log_format {
             config.log_format = format;
+        }
+        if let Some(threads) = cli.worker_threads {
+            config.worker_threads = Some(threads);
         }
         if let Some(path) = &cli.keyspaces_file {
             config.keyspaces_file = Some(path.clone());
@@ -438,6 +451,14 @@ impl Config {
             return Err(Error::config(
                 "node_id",
                 "must be non-empty and contain no whitespace",
+            ));
+        }
+        if let Some(threads) = self.worker_threads
+            && !(1..=MAX_WORKER_THREADS).contains(&threads)
+        {
+            return Err(Error::config(
+                "worker_threads",
+                format!("{threads} is not in 1..={MAX_WORKER_THREADS}"),
             ));
         }
         let limits = &self.limits;
@@ -671,6 +692,7 @@ mod tests {
             unknown_keyspaces = "create"
             shutdown_grace = "5s"
             log_format = "json"
+            worker_threads = 1
             resp_listen = "127.0.0.1:6380"
             resp_password = "secret"
             resp_default_keyspace = "users"
@@ -699,6 +721,7 @@ mod tests {
         .unwrap();
         config.validate().unwrap();
         assert_eq!(config.unknown_keyspaces, UnknownKeyspaces::Create);
+        assert_eq!(config.worker_threads, Some(1));
         assert_eq!(config.resp_listen.unwrap().port(), 6380);
         assert_eq!(config.resp_password.as_deref(), Some("secret"));
         assert_eq!(config.resp_default_keyspace, "users");
@@ -745,6 +768,7 @@ mod tests {
     fn out_of_range_values_name_their_field() {
         let cases = [
             ("node_id = \"\"", "node_id"),
+            ("worker_threads = 0", "worker_threads"),
             ("[limits]\nmax_key_bytes = 0", "limits.max_key_bytes"),
             ("[limits]\nmax_value_bytes = 0", "limits.max_value_bytes"),
             ("[limits]\nmax_batch_keys = 0", "limits.max_batch_keys"),

@@ -7,15 +7,26 @@ use cache_node::{Cli, Config, Listeners};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli)?;
     init_tracing(config.log_format);
-    let listeners = Listeners::bind(&config).await?;
-    cache_node::run(config, listeners, shutdown_signal())
-        .await
-        .context("cache node failed")
+    // Built by hand rather than by `#[tokio::main]` so that the config can
+    // size it (`worker_threads`).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime
+        .build()
+        .context("failed to build the tokio runtime")?;
+    runtime.block_on(async {
+        let listeners = Listeners::bind(&config).await?;
+        cache_node::run(config, listeners, shutdown_signal())
+            .await
+            .context("cache node failed")
+    })
 }
 
 fn init_tracing(format: LogFormat) {

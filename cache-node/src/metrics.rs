@@ -22,6 +22,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.25, 0.5, 1.0,
 ];
 
+/// How often the histograms' samples are drained into their buckets (see
+/// [`NodeMetrics::run_upkeep`]): the samples recorded in between are held
+/// in memory, 8 bytes each.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The node's RPCs, for per-RPC latency.
 #[derive(Clone, Copy, Debug)]
 pub enum Rpc {
@@ -149,6 +154,13 @@ impl NodeMetrics {
             resp_latency,
             store,
         }
+    }
+
+    /// Drains the histograms' recorded samples into their buckets. Until it
+    /// runs (or `/metrics` is scraped), every sample is kept, so the node
+    /// runs it every [`UPKEEP_INTERVAL`] whether or not anyone scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
     }
 
     /// Starts timing one request; the sample is recorded when the guard

@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::CacheNodeService;
-use crate::metrics::NodeMetrics;
+use crate::metrics::{NodeMetrics, UPKEEP_INTERVAL};
 use crate::resp::{self, parse::ParseLimits};
 use crate::store::Store;
 
@@ -124,6 +124,7 @@ async fn serve(
     // that a change pending while requests drain still times out.
     let stop_workers = CancellationToken::new();
     let sweeper = tokio::spawn(sweep(Arc::clone(&store), stop_workers.clone()));
+    let upkeep = tokio::spawn(metrics_upkeep(Arc::clone(&metrics), stop_workers.clone()));
     // Whatever way `serve` returns (an early `?` included), the workers stop.
     let _stop_workers_on_return = stop_workers.clone().drop_guard();
     #[allow(unused_mut)] // mutated only by test hooks
@@ -262,6 +263,9 @@ async fn serve(
     if let Err(e) = sweeper.await {
         tracing::warn!(error = %e, "sweeper task failed");
     }
+    if let Err(e) = upkeep.await {
+        tracing::warn!(error = %e, "metrics upkeep task failed");
+    }
     if let Some(metrics_server) = metrics_server {
         match metrics_server.await {
             Ok(Ok(())) => {}
@@ -283,6 +287,21 @@ fn resp_limits(config: &Config) -> ParseLimits {
         max_args: limits.max_batch_keys.saturating_mul(2).saturating_add(1),
         max_frame_bytes: limits.max_request_bytes,
         max_inline_bytes: resp::conn::MAX_INLINE_BYTES,
+    }
+}
+
+/// Drains the latency histograms every [`UPKEEP_INTERVAL`] until `stop` is
+/// cancelled: the recorder keeps every sample until it is drained, which
+/// without this would happen only when `/metrics` is scraped (never, with
+/// the endpoint off), so memory would grow with every request.
+async fn metrics_upkeep(metrics: Arc<NodeMetrics>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => metrics.run_upkeep(),
+        }
     }
 }
 

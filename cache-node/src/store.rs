@@ -12,9 +12,9 @@
 //!
 //! # Invariants
 //! - **A version-fenced write never replaces an entry of an equal or newer
-//!   version.** The check and the store happen in one `and_compute_with` call,
-//!   which moka runs under the key's lock, so two racing writes cannot both
-//!   pass the check.
+//!   version.** The check and the store happen in one `Keyspace::compute`
+//!   call, under the key's lock (one of the keyspace's striped key locks),
+//!   so two racing writes cannot both pass the check.
 //! - **An expired entry is never returned**, even before moka has removed it:
 //!   reads compare `expires_at` with the clock themselves.
 //! - **A keyspace never holds more than its capacity** (after moka's pending
@@ -32,14 +32,14 @@
 //!   within `max_dirty_bytes`, until `mark_clean` moves it into the cache.
 //!   Reads see the newer of the dirty and the cached entry; a clean write of
 //!   an equal or older version never replaces a dirty entry.
-//! - **Lock order: records shard, then dirty-table shard, then moka's
-//!   per-key lock.** Nothing takes a records lock while holding a dirty or
-//!   moka lock, nor a dirty lock while holding a moka lock (moka's listeners
-//!   only bump counters), so they cannot deadlock.
+//! - **Lock order: records shard, then dirty-table shard, then the key
+//!   lock.** Nothing takes a records lock while holding a dirty or key lock,
+//!   nor a dirty lock while holding a key lock (moka's listeners, which may
+//!   run under it, only bump counters), so they cannot deadlock.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -47,7 +47,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use moka::Expiry;
 use moka::notification::RemovalCause;
-use moka::ops::compute::{CompResult, Op};
+use moka::ops::compute::Op;
 use moka::sync::Cache;
 
 use crate::config::{Config, KeyspaceConfig, Limits, UnknownKeyspaces, validate_keyspace_name};
@@ -59,6 +59,17 @@ use crate::error::{Error, Result};
 /// looking free.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 128;
 
+/// What [`Keyspace::compute`] did.
+#[derive(Debug)]
+enum Computed {
+    /// Nothing (`Op::Nop`).
+    Unchanged,
+    /// Stored the entry (`Op::Put`).
+    Put,
+    /// Removed the entry, returning what was cached (`Op::Remove`).
+    Removed(Option<Stored>),
+}
+
 /// Stale values (kept by `keep_stale_for`) live outside the byte-bounded
 /// cache; a keyspace keeps at most `capacity_bytes / STALE_BUDGET_DIVISOR`
 /// bytes of them and simply keeps no more beyond that.
@@ -68,6 +79,10 @@ pub const STALE_BUDGET_DIVISOR: u64 = 8;
 /// `max_dirty_bytes` says otherwise, a keyspace holds at most
 /// `capacity_bytes / DIRTY_BUDGET_DIVISOR` bytes of them.
 pub const DIRTY_BUDGET_DIVISOR: u64 = 4;
+
+/// Key locks per keyspace (see [`Keyspace::compute`]): enough that
+/// writers on different keys rarely share one.
+const KEY_LOCK_STRIPES: usize = 256;
 
 /// Longest transaction id a `Prepare` may carry.
 pub const MAX_TXN_ID_BYTES: usize = 256;
@@ -527,7 +542,7 @@ struct DirtyTable {
     /// Number of dirty entries, never below the true number: incremented
     /// before a dirty write looks at the cache and decremented after an
     /// entry is removed (or a write stored none). Reads skip the table when
-    /// it is 0; clean writes check it inside moka's per-key compute (see
+    /// it is 0; clean writes check it inside their per-key compute (see
     /// [`Keyspace::put_clean`]).
     count: AtomicUsize,
     /// Weight of the dirty entries held, changed under the key's shard lock;
@@ -600,6 +615,9 @@ fn bump(counter: &AtomicU64, by: u64) {
 pub struct Keyspace {
     name: String,
     cache: Cache<Bytes, Stored>,
+    /// Striped per-key locks: every change of a key's cached entry happens
+    /// under its stripe, in [`Keyspace::compute`] (or a removal).
+    key_locks: Box<[Mutex<()>]>,
     records: Records,
     dirty: DirtyTable,
     max_dirty_bytes: u64,
@@ -629,6 +647,7 @@ impl Keyspace {
         Keyspace {
             name: name.to_owned(),
             cache,
+            key_locks: (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             records: Records::default(),
             dirty: DirtyTable::default(),
             max_dirty_bytes: config.max_dirty_bytes(),
@@ -640,6 +659,49 @@ impl Keyspace {
     /// The keyspace's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The lock of `key`'s stripe.
+    fn key_lock(&self, key: &[u8]) -> MutexGuard<'_, ()> {
+        // FNV-1a: cheap for short keys. Adversarial keys could only crowd
+        // one stripe (contention), never break the locking.
+        let hash = key.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        // The modulo keeps the index in range, so the cast cannot truncate
+        // a meaningful bit.
+        let stripe = (hash % self.key_locks.len() as u64) as usize;
+        // The lock guards no data (`()`), so a panic of another holder
+        // leaves nothing inconsistent behind: ignore poisoning.
+        self.key_locks[stripe]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads the key's cached entry, lets `f` decide, and applies its
+    /// decision, all under the key's lock: no other change of the key's
+    /// entry can come in between.
+    ///
+    /// This replaces moka's `and_compute_with`, which gives the same
+    /// atomicity but costs several times a plain insert (a waiter and a key
+    /// lock inserted into and removed from two concurrent maps per call); on
+    /// a single thread that was most of the time of a RESP `SET`.
+    fn compute(&self, key: Bytes, f: impl FnOnce(Option<Stored>) -> Op<Stored>) -> Computed {
+        let _key_lock = self.key_lock(&key);
+        match f(self.cache.get(&key)) {
+            Op::Nop => Computed::Unchanged,
+            Op::Put(stored) => {
+                self.cache.insert(key, stored);
+                Computed::Put
+            }
+            Op::Remove => Computed::Removed(self.cache.remove(&key)),
+        }
+    }
+
+    /// Removes the key's cached entry under its lock.
+    fn remove_cached(&self, key: &[u8]) -> Option<Stored> {
+        let _key_lock = self.key_lock(key);
+        self.cache.remove(key)
     }
 
     /// The live entry, the newer of the dirty and the cached one, without
@@ -715,7 +777,7 @@ impl Keyspace {
         let timed_out = state.pending.as_ref().is_some_and(|p| p.deadline <= now);
         if timed_out {
             let pending = state.pending.take();
-            self.cache.invalidate(key);
+            self.remove_cached(key);
             // A dirty entry older than the change is superseded too; a newer
             // one was written after the prepare and stays.
             if let Some(pending) = &pending
@@ -748,9 +810,9 @@ impl Keyspace {
     ///
     /// # Why the fast path is safe
     /// While the keyspace has no dirty entries the write skips the table. It
-    /// re-checks the count inside moka's per-key compute, and a dirty write
+    /// re-checks the count inside its per-key compute, and a dirty write
     /// increments the count before its own compute on the key: the two
-    /// computes are serialised by moka's key lock, so either this one runs
+    /// computes are serialised by the key lock, so either this one runs
     /// first (and the dirty write then sees its value) or it sees the count
     /// and retries under the table's lock.
     fn put_clean(
@@ -823,8 +885,8 @@ impl Keyspace {
         };
         let old_weight = old.as_ref().map_or(0, |entry| dirty_weight(&key, entry));
         let mut refused: Option<Result<SetResult>> = None;
-        self.cache.entry(key.clone()).and_compute_with(|current| {
-            let clean = current.map(|e| e.into_value()).filter(|s| s.is_live(now));
+        self.compute(key.clone(), |current| {
+            let clean = current.filter(|s| s.is_live(now));
             let had_clean = clean.is_some();
             let live = newest(old.as_ref().map(|entry| entry.as_stored(now)), clean);
             match (condition, live) {
@@ -909,14 +971,12 @@ impl Keyspace {
         let clean = dirty.get().as_stored(now);
         // Into the cache first, then out of the table (see `lookup`); fenced
         // in case a newer clean entry is cached.
-        self.cache
-            .entry(dirty.key().clone())
-            .and_compute_with(|current| {
-                match current.map(|e| e.into_value()).filter(|s| s.is_live(now)) {
-                    Some(existing) if existing.version >= clean.version => Op::Nop,
-                    _ => Op::Put(clean),
-                }
-            });
+        self.compute(dirty.key().clone(), |current| {
+            match current.filter(|s| s.is_live(now)) {
+                Some(existing) if existing.version >= clean.version => Op::Nop,
+                _ => Op::Put(clean),
+            }
+        });
         let (key, entry) = dirty.remove_entry();
         self.dirty.forget(&key, &entry);
         true
@@ -959,11 +1019,11 @@ impl Keyspace {
         } else {
             None
         };
-        let clean = self.cache.remove(key).filter(|s| s.is_live(now));
+        let clean = self.remove_cached(key).filter(|s| s.is_live(now));
         newest(dirty, clean)
     }
 
-    /// Stores `new` under `condition` in one moka compute; no counting. With
+    /// Stores `new` under `condition` in one per-key compute; no counting. With
     /// `bail_if_dirty`, does nothing and returns `None` if the keyspace has
     /// dirty entries (see [`Keyspace::put_clean`]).
     fn put(
@@ -976,12 +1036,13 @@ impl Keyspace {
     ) -> Option<SetResult> {
         let mut refused: Option<SetResult> = None;
         let mut bailed = false;
-        let result = self.cache.entry(key).and_compute_with(|current| {
+        let version = new.version;
+        let result = self.compute(key, |current| {
             if bail_if_dirty && self.dirty.any() {
                 bailed = true;
                 return Op::Nop;
             }
-            let live = current.map(|e| e.into_value()).filter(|s| s.is_live(now));
+            let live = current.filter(|s| s.is_live(now));
             match (condition, live) {
                 (WriteCondition::IfAbsent, Some(existing)) => {
                     refused = Some(SetResult {
@@ -1015,12 +1076,8 @@ impl Keyspace {
         if let Some(refused) = refused {
             return Some(refused);
         }
-        let version = match result {
-            CompResult::Inserted(entry) | CompResult::ReplacedWith(entry) => entry.value().version,
-            // The closure returned `Put` whenever it did not record a refusal,
-            // and `Put` always yields `Inserted` or `ReplacedWith`.
-            other => unreachable!("compute returned Put but moka reported {other:?}"),
-        };
+        // The closure returned `Put` whenever it did not record a refusal.
+        debug_assert!(matches!(result, Computed::Put));
         Some(SetResult {
             outcome: SetOutcome::Stored,
             current_version: version,
@@ -1114,7 +1171,7 @@ impl Keyspace {
     fn expire(&self, key: &[u8], ttl: Duration, now: Instant) -> bool {
         self.time_out_pending(key, now);
         let key = Bytes::copy_from_slice(key);
-        // The dirty shard first, then moka's key lock (the lock order); the
+        // The dirty shard first, then the key lock (the lock order); the
         // shard stays locked through the compute so that no dirty write can
         // come in between.
         let _dirty_shard = match self.dirty.table.entry(key.clone()) {
@@ -1125,15 +1182,13 @@ impl Keyspace {
             Entry::Vacant(vacant) => vacant,
         };
         let mut changed = false;
-        self.cache.entry(key).and_compute_with(|current| {
-            match current.map(|e| e.into_value()).filter(|s| s.is_live(now)) {
-                Some(mut live) => {
-                    live.expires_at = Some(now + ttl);
-                    changed = true;
-                    Op::Put(live)
-                }
-                None => Op::Nop,
+        self.compute(key, |current| match current.filter(|s| s.is_live(now)) {
+            Some(mut live) => {
+                live.expires_at = Some(now + ttl);
+                changed = true;
+                Op::Put(live)
             }
+            None => Op::Nop,
         });
         changed
     }
@@ -1141,7 +1196,7 @@ impl Keyspace {
     /// Adds `delta` to the key's value read as a decimal `i64` (absent
     /// reads as 0) and stores the result, keeping the entry's version and
     /// expiry (a new entry gets version 0 and the keyspace's default TTL).
-    /// The read and the write are one moka compute under the key's lock, so
+    /// The read and the write are one compute under the key's lock, so
     /// concurrent increments never lose an update. Invalidates the key's
     /// lease like [`Keyspace::set`].
     ///
@@ -1156,8 +1211,8 @@ impl Keyspace {
                 return Err(Error::DirtyEntry);
             };
             let mut outcome = Err(Error::NotAnInteger);
-            self.cache.entry(key).and_compute_with(|current| {
-                let live = current.map(|e| e.into_value()).filter(|s| s.is_live(now));
+            self.compute(key, |current| {
+                let live = current.filter(|s| s.is_live(now));
                 let (old, version, expires_at) = match live {
                     None => (Some(0), 0, self.config.default_ttl.map(|ttl| now + ttl)),
                     Some(stored) => (parse_i64(&stored.value), stored.version, stored.expires_at),
@@ -1484,8 +1539,8 @@ impl Keyspace {
             removed_dirty = Some(entry.as_stored(now));
         }
         let mut winner = None;
-        let result = self.cache.entry(key.clone()).and_compute_with(|current| {
-            match current.map(|e| e.into_value()).filter(|s| s.is_live(now)) {
+        let result = self.compute(key.clone(), |current| {
+            match current.filter(|s| s.is_live(now)) {
                 Some(live) if live.version >= version => {
                     winner = Some(live.version);
                     Op::Nop
@@ -1497,7 +1552,7 @@ impl Keyspace {
             return Err(winner);
         }
         let removed_clean = match result {
-            CompResult::Removed(entry) => Some(entry.into_value()).filter(|s| s.is_live(now)),
+            Computed::Removed(removed) => removed.filter(|s| s.is_live(now)),
             _ => None,
         };
         Ok(newest(removed_dirty, removed_clean))

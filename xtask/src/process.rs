@@ -81,6 +81,12 @@ impl ChildGuard {
         self.child.stdout.take()
     }
 
+    /// The child's process id (for reading `/proc/PID`); meaningful until
+    /// the child is reaped.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The name used in messages.
     pub fn name(&self) -> &str {
         &self.name

@@ -560,13 +560,14 @@ impl Commands<'_> {
         text.push_str("\r\n# Ringcache keyspaces\r\n");
         for ks in &stats {
             text.push_str(&format!(
-                "keyspace_{}:keys={},bytes={},capacity_bytes={},hits={},misses={}\r\n",
+                "keyspace_{}:keys={},bytes={},capacity_bytes={},hits={},misses={},evictions={}\r\n",
                 ks.name,
                 ks.items + ks.dirty_items,
                 ks.bytes,
                 ks.capacity_bytes,
                 ks.hits,
-                ks.misses
+                ks.misses,
+                ks.evictions
             ));
         }
         Reply::bulk(text)

@@ -15,6 +15,8 @@
 
 mod doc;
 mod machine;
+mod memory;
+mod resp;
 
 use std::{
     path::{Path, PathBuf},
@@ -169,14 +171,11 @@ pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_suite(suite: Suite, _ctx: &Ctx) -> Result<String> {
+async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
     match suite {
-        Suite::Resp
-        | Suite::Grpc
-        | Suite::Cluster
-        | Suite::WriteBack
-        | Suite::Ring
-        | Suite::Memory => {
+        Suite::Resp => resp::run(ctx).await,
+        Suite::Memory => memory::run(ctx).await,
+        Suite::Grpc | Suite::Cluster | Suite::WriteBack | Suite::Ring => {
             bail!("not written yet")
         }
     }
@@ -214,6 +213,27 @@ async fn build(debug: bool, cancel: &CancellationToken) -> Result<()> {
     Ok(())
 }
 
+/// `program` run pinned to `cpu` (`taskset -c CPU PROGRAM`); taskset execs
+/// the program, so the child's process id is the program's.
+pub fn pinned(cpu: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(cpu.to_string()).arg(program);
+    command
+}
+
+/// The median of `values` (the mean of the middle two for an even count);
+/// NaN for none.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 /// Whether `path` exists, for messages that name a missing binary.
 pub fn require(path: &Path) -> Result<&Path> {
     if !path.exists() {
@@ -223,4 +243,16 @@ pub fn require(path: &Path) -> Result<&Path> {
         );
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
 }
