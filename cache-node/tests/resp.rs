@@ -531,17 +531,23 @@ async fn the_redis_crate_works_unchanged() {
     node.shutdown().await;
 }
 
-/// `redis-cli` from PATH; `cargo xtask test` installs it (Debian's
-/// `redis-tools`) when missing.
-fn redis_cli() -> std::path::PathBuf {
+/// A program of Debian's `redis-tools` (`redis-cli`, `redis-benchmark`)
+/// from PATH; `cargo xtask test` installs the package when missing.
+fn redis_tool(name: &str) -> std::path::PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .map(|dir| dir.join("redis-cli"))
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
-        .expect(
-            "redis-cli is not on PATH: install Debian's redis-tools \
-             (`apt-get install -y redis-tools`; `cargo xtask test` does it when run as root)",
-        )
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not on PATH: install Debian's redis-tools \
+                 (`apt-get install -y redis-tools`; `cargo xtask test` does it when run as root)"
+            )
+        })
+}
+
+fn redis_cli() -> std::path::PathBuf {
+    redis_tool("redis-cli")
 }
 
 async fn run_redis_cli(addr: SocketAddr, args: &[&str], stdin: Option<&[u8]>) -> String {
@@ -598,5 +604,64 @@ async fn redis_cli_works_unchanged() {
         "999\n"
     );
     assert_eq!(run_redis_cli(addr, &["DBSIZE"], None).await, "1002\n");
+    node.shutdown().await;
+}
+
+/// `redis-benchmark`, unchanged, runs its SET, GET, INCR and MSET tests
+/// against the listener, pipelined, and every one of them completes with
+/// its keys in the store afterwards.
+#[tokio::test]
+async fn redis_benchmark_works_unchanged() {
+    let node = TestNode::start("").await;
+    let addr = node.resp_addr;
+    let mut command = tokio::process::Command::new(redis_tool("redis-benchmark"));
+    command
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args([
+            "-t",
+            "set,get,incr,mset",
+            "-n",
+            "2000",
+            "-c",
+            "5",
+            "-P",
+            "8",
+        ])
+        .args(["-d", "100", "-r", "500", "-e", "--csv"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("redis-benchmark finishes")
+        .expect("redis-benchmark starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "redis-benchmark failed: {stdout}{stderr}"
+    );
+    // `-e` prints every error reply the server sent.
+    assert!(
+        !stdout.contains("Error") && !stderr.contains("Error from server"),
+        "{stdout}{stderr}"
+    );
+    // CSV: a header, then `"TEST","rps",...` per test.
+    let mut seen = Vec::new();
+    for line in stdout.lines().skip(1) {
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        let rps: f64 = fields[1].parse().unwrap_or_else(|_| panic!("{line}"));
+        assert!(rps > 0.0, "{line}");
+        seen.push(fields[0].split(' ').next().unwrap().to_owned());
+    }
+    assert_eq!(seen, ["SET", "GET", "INCR", "MSET"], "{stdout}");
+    // Keys are `key:` and 12 digits below 500 (`-r 500`), values 100 bytes;
+    // INCR's counter is `counter:` and 12 digits.
+    let mut conn = Conn::open(addr).await;
+    let keys = match conn.call(&["DBSIZE"]).await {
+        R::Int(n) => n,
+        other => panic!("DBSIZE answered {other:?}"),
+    };
+    assert!(keys > 0 && keys <= 1000, "{keys} keys");
     node.shutdown().await;
 }

@@ -231,9 +231,11 @@ async fn killing_a_node_under_load_keeps_operations_succeeding() -> Result<()> {
     // Keep the load going past the detection time, then for 500 more
     // operations (counted from there, so that at least 496 of them, all
     // but the 4 in flight, started after it).
-    eventually(Duration::from_secs(10), "the detection time passing", || {
-        killed_at.elapsed() > DETECTION
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the detection time passing",
+        || killed_at.elapsed() > DETECTION,
+    )
     .await?;
     let floor = done.load(Ordering::Relaxed) + 500;
     eventually(
