@@ -1067,6 +1067,34 @@ mod tests {
             ("resp_default_keyspace = \"nope\"", "resp_default_keyspace"),
             ("resp_password = \"\"", "resp_password"),
             (
+                "[limits]\nrate_limit = { requests = 0 }",
+                "limits.rate_limit.requests",
+            ),
+            (
+                "[limits]\nrate_limit = { requests = 1, burst = 0 }",
+                "limits.rate_limit.burst",
+            ),
+            (
+                "[limits]\nmax_concurrent_requests = 0",
+                "limits.max_concurrent_requests",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"\"",
+                "auth.tokens[0].secret",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\n[[auth.tokens]]\nname = \"a\"\nsecret = \"y\"",
+                "auth.tokens[1].name",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\n[[auth.tokens]]\nname = \"b\"\nsecret = \"x\"",
+                "auth.tokens[1].secret",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\npermissions = { \"a b\" = \"read\" }",
+                "auth.tokens[0].permissions.a b",
+            ),
+            (
                 "[cluster]\nmembers = [{ id = \"x\", address = \"h:1\" }]",
                 "cluster.members",
             ),
@@ -1084,6 +1112,35 @@ mod tests {
                 "{text:?} gave {err}"
             );
         }
+    }
+
+    #[test]
+    fn token_secrets_come_from_exactly_one_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  from-file\n").unwrap();
+        let mut config = Config::from_toml(&format!(
+            "[[auth.tokens]]\nname = \"a\"\nsecret_file = \"{}\"\npermissions = {{ \"*\" = \"read\" }}",
+            path.display()
+        ))
+        .unwrap();
+        config.resolve_secrets().unwrap();
+        config.validate().unwrap();
+        let secret = config.auth.tokens[0].secret.as_ref().unwrap();
+        assert_eq!(secret.expose(), "from-file");
+        assert_eq!(format!("{secret:?}"), "Secret(\"<redacted>\")");
+
+        let mut config =
+            Config::from_toml("[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\nsecret_env = \"V\"")
+                .unwrap();
+        let err = config.resolve_secrets().unwrap_err().to_string();
+        assert!(err.contains("auth.tokens[0]: give exactly one"), "{err}");
+        let mut config = Config::from_toml(
+            "[[auth.tokens]]\nname = \"a\"\nsecret_file = \"/nonexistent/token\"",
+        )
+        .unwrap();
+        let err = config.resolve_secrets().unwrap_err().to_string();
+        assert!(err.contains("auth.tokens[0].secret_file"), "{err}");
     }
 
     #[test]
