@@ -10,6 +10,7 @@ use cache_client::{Client, ClientConfig, ClientTls, SetOptions, Token};
 use cache_node::{Config, Listeners};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use ringcache_proto::ErrorKind;
+use ringcache_tests::{NodeConfig, NodeProcess};
 use tokio::net::TcpListener;
 
 struct Node {
@@ -20,23 +21,31 @@ struct Node {
     _dir: tempfile::TempDir,
 }
 
+/// A fresh CA and a node certificate for `localhost` and `127.0.0.1`
+/// written into `dir`: the CA's PEM and the node's `[tls]` table.
+fn tls_files(dir: &std::path::Path) -> Result<(String, String)> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
+        .signed_by(&key, &ca)?;
+    std::fs::write(dir.join("node.pem"), cert.pem())?;
+    std::fs::write(dir.join("node.key"), key.serialize_pem())?;
+    let table = format!(
+        "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        dir.join("node.pem").display(),
+        dir.join("node.key").display(),
+    );
+    Ok((ca.pem(), table))
+}
+
 impl Node {
     /// A node with TLS (a fresh CA) and `auth` appended to its config.
     async fn start(auth: &str) -> Result<Node> {
         let dir = tempfile::tempdir()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-        let key = KeyPair::generate()?;
-        let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
-            .signed_by(&key, &ca)?;
-        std::fs::write(dir.path().join("node.pem"), cert.pem())?;
-        std::fs::write(dir.path().join("node.key"), key.serialize_pem())?;
-        let mut config = Config::from_toml(&format!(
-            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n{auth}",
-            dir.path().join("node.pem").display(),
-            dir.path().join("node.key").display(),
-        ))?;
+        let (ca_pem, tls) = tls_files(dir.path())?;
+        let mut config = Config::from_toml(&format!("{tls}{auth}"))?;
         config.resolve_secrets()?;
         config.validate()?;
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
@@ -57,7 +66,7 @@ impl Node {
             addr,
             stop: Some(stop),
             task,
-            ca_pem: ca.pem(),
+            ca_pem,
             _dir: dir,
         })
     }
@@ -194,4 +203,65 @@ async fn a_rate_limited_client_gets_a_retryable_refusal_and_keeps_the_node() -> 
         "a rate-limited node is not marked down"
     );
     node.shutdown().await
+}
+
+/// The real binaries: a node started from a config file with TLS and a
+/// token read from a file, and `cachectl` with `--tls-ca` and
+/// `--token-file`.
+#[tokio::test]
+async fn the_node_binary_and_cachectl_speak_tls_with_tokens() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ca_pem, tls) = tls_files(dir.path())?;
+    let token_file = dir.path().join("app.token");
+    std::fs::write(&token_file, "app-secret\n")?;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem)?;
+    let mut config = NodeConfig::single("secure-1")?;
+    config.extra_tables = format!(
+        "{tls}\n[[auth.tokens]]\nname = \"app\"\nsecret_file = \"{}\"\npermissions = {{ \"*\" = \"write\" }}\n",
+        token_file.display()
+    );
+    config.tls_ca_pem = Some(ca_pem);
+    config.token = Some("app-secret".to_owned());
+    let node = NodeProcess::start(config).await?;
+
+    let binary = ringcache_tests::node_binary()?.with_file_name("cachectl");
+    let run = |args: &[&str]| -> Result<(bool, String)> {
+        let out = std::process::Command::new(&binary)
+            .env_remove("RINGCACHE_TOKEN")
+            .arg("--seeds")
+            .arg(node.addr().to_string())
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {}", binary.display()))?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8(out.stdout)?,
+                String::from_utf8(out.stderr)?
+            ),
+        ))
+    };
+    let ca = ca_file.to_str().context("utf-8 path")?;
+    let token = token_file.to_str().context("utf-8 path")?;
+    let (ok, out) = run(&[
+        "--tls-ca",
+        ca,
+        "--token-file",
+        token,
+        "set",
+        "k",
+        "v",
+        "--version",
+        "1",
+    ])?;
+    ensure!(ok, "{out}");
+    let (ok, out) = run(&["--tls-ca", ca, "--token-file", token, "get", "k"])?;
+    ensure!(ok && out.contains('v'), "{out}");
+    let (ok, out) = run(&["--tls-ca", ca, "get", "k"])?;
+    ensure!(!ok && out.contains("unauthenticated"), "{out}");
+    let (ok, out) = run(&["--token-file", token, "get", "k"])?;
+    ensure!(!ok, "a plaintext cachectl must be refused: {out}");
+    Ok(())
 }
