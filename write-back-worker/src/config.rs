@@ -507,6 +507,49 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_token_comes_from_its_file_and_is_not_shown() {
+        let dir = std::env::temp_dir().join(format!("ringcache-wb-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "worker-secret\n").unwrap();
+        let cli = Cli {
+            brokers: Some("b:9092".into()),
+            database_url: Some("postgres://x/y".into()),
+            keyspaces: Some(vec!["a".into()]),
+            cache_seeds: Some(vec!["127.0.0.1:7700".into()]),
+            cache_token_file: Some(token.clone()),
+            ..Cli::default()
+        };
+        let config = Config::load(&cli).unwrap();
+        let client = config.cache_client_config().unwrap();
+        assert_eq!(client.token.as_ref().unwrap().expose(), "worker-secret");
+        assert!(client.tls.is_none());
+        assert!(!format!("{config:?} {client:?}").contains("worker-secret"));
+
+        // Mutual TLS needs both files and the CA; a missing CA file is named.
+        let mut bad = valid();
+        bad.cache_tls_cert_file = Some(token.clone());
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cache_tls_cert_file")
+        );
+        bad.cache_tls_key_file = Some(token.clone());
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cache_tls_ca_file")
+        );
+        let mut missing = valid();
+        missing.cache_tls_ca_file = Some(dir.join("absent.pem"));
+        let err = missing.cache_client_config().unwrap_err().to_string();
+        assert!(err.contains("absent.pem"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn files_reject_unknown_fields_and_parse_durations() {
         let config: Config = toml::from_str(
             "brokers = 'b:9092'\ndatabase_url = 'postgres://x/y'\nkeyspaces = ['a']\nmax_batch_delay = '250ms'",
