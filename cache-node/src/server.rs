@@ -366,6 +366,54 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_concurrency_limit_refuses_while_its_slot_is_held() {
+        let gate = Arc::new(Gate::default());
+        let mut config = Config::default();
+        config.limits.max_concurrent_requests = Some(1);
+        config.validate().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            config,
+            Listeners {
+                grpc: listener,
+                metrics: None,
+                resp: None,
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+            Hooks {
+                gate: Some(Arc::clone(&gate)),
+            },
+        ));
+        let mut client = CacheNodeClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let get = |mut client: CacheNodeClient<tonic::transport::Channel>| async move {
+            client
+                .get(v1::GetRequest {
+                    keyspace: "default".into(),
+                    key: "k".into(),
+                })
+                .await
+        };
+        // The first Get holds the only slot while the gate holds it.
+        let held = tokio::spawn(get(client.clone()));
+        gate.entered.notified().await;
+        let status = client.topology(v1::TopologyRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        assert!(status.message().contains("max_concurrent_requests (1)"));
+        gate.release.notify_one();
+        held.await.unwrap().unwrap();
+        // The slot is free again once the held request is done.
+        client.topology(v1::TopologyRequest {}).await.unwrap();
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn shutdown_finishes_an_in_flight_request() {
         let gate = Arc::new(Gate::default());
         let mut config = Config::default();
