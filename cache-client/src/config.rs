@@ -133,6 +133,15 @@ impl Token {
     }
 }
 
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+
+    /// The secret, without surrounding whitespace.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Token::new(s.trim()))
+    }
+}
+
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Token(\"<redacted>\")")

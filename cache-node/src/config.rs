@@ -130,6 +130,14 @@ impl Secret {
     }
 }
 
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Secret::new(s))
+    }
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(\"<redacted>\")")
@@ -458,7 +466,7 @@ pub struct Cli {
     /// Password RESP clients must give with AUTH (prefer the environment
     /// variable: flags show in `ps`).
     #[arg(long, env = "RINGCACHE_RESP_PASSWORD", hide_env_values = true)]
-    pub resp_password: Option<String>,
+    pub resp_password: Option<Secret>,
     /// TLS certificate chain (PEM) of every listener; needs --tls-key.
     #[arg(long, env = "RINGCACHE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -526,7 +534,7 @@ impl Config {
             config.resp_listen = Some(resp);
         }
         if let Some(password) = &cli.resp_password {
-            config.resp_password = Some(Secret::new(password.clone()));
+            config.resp_password = Some(password.clone());
         }
         if let Some(keyspace) = &cli.resp_default_keyspace {
             config.resp_default_keyspace = keyspace.clone();

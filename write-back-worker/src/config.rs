@@ -217,7 +217,7 @@ pub struct Cli {
     /// Bearer token for the cache nodes (prefer the variable to the flag:
     /// flags show in `ps`).
     #[arg(long, env = "RINGCACHE_CACHE_TOKEN", hide_env_values = true)]
-    pub cache_token: Option<String>,
+    pub cache_token: Option<cache_client::Token>,
     /// File holding the bearer token for the cache nodes.
     #[arg(long, env = "RINGCACHE_CACHE_TOKEN_FILE")]
     pub cache_token_file: Option<PathBuf>,
@@ -303,7 +303,7 @@ impl Config {
             config.cache_tls_key_file = Some(key.clone());
         }
         config.cache_token = match (&cli.cache_token, &config.cache_token_file) {
-            (Some(token), _) => Some(cache_client::Token::new(token.trim())),
+            (Some(token), _) => Some(token.clone()),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|err| Error::Config {
                     field: "cache_token_file",
