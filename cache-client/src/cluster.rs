@@ -21,7 +21,8 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use ringcache_proto::v1::{self, cache_node_client::CacheNodeClient};
 use tokio::sync::Notify;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::config::ClientConfig;
 use crate::error::{Error, Result};
@@ -34,7 +35,7 @@ pub(crate) struct NodeHandle {
     pub(crate) weight: u32,
     /// One HTTP/2 channel per node, shared by every request to it; tonic
     /// reconnects it when the connection breaks.
-    pub(crate) client: CacheNodeClient<Channel>,
+    pub(crate) client: CacheNodeClient<InterceptedService<Channel, Authorize>>,
     failures: AtomicU32,
     down: AtomicBool,
 }
@@ -49,13 +50,51 @@ impl std::fmt::Debug for NodeHandle {
     }
 }
 
+/// Adds the client's bearer token to every request.
+#[derive(Clone)]
+pub(crate) struct Authorize {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Authorize {
+    fn new(config: &ClientConfig) -> Result<Self> {
+        let header = match &config.token {
+            None => None,
+            Some(token) => {
+                let mut value = format!("Bearer {}", token.expose())
+                    .parse::<tonic::metadata::MetadataValue<_>>()
+                    .map_err(|_| Error::Config {
+                        field: "token",
+                        reason: "must be printable ASCII".into(),
+                    })?;
+                // Keeps it out of debug output of the headers (HPACK also
+                // leaves sensitive values out of its table).
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(Authorize { header })
+    }
+}
+
+impl tonic::service::Interceptor for Authorize {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
 impl NodeHandle {
     fn new(id: &str, address: &str, weight: u32, config: &ClientConfig) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| Error::Config {
-                field: "seeds",
-                reason: format!("bad node address {address:?}: {e}"),
-            })?
+        let endpoint = config.endpoint(address)?;
+        let endpoint = endpoint
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -65,8 +104,11 @@ impl NodeHandle {
             address: address.to_owned(),
             weight,
             // Lazy: building a view never blocks on a dead node.
-            client: CacheNodeClient::new(endpoint.connect_lazy())
-                .max_decoding_message_size(usize::MAX),
+            client: CacheNodeClient::with_interceptor(
+                endpoint.connect_lazy(),
+                Authorize::new(config)?,
+            )
+            .max_decoding_message_size(usize::MAX),
             failures: AtomicU32::new(0),
             down: AtomicBool::new(false),
         })

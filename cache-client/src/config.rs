@@ -109,6 +109,116 @@ pub struct ClientConfig {
     pub default_replication: Replication,
     /// Replication per keyspace.
     pub keyspace_replication: HashMap<String, Replication>,
+    /// The bearer token sent with every request (default none); nodes with
+    /// `auth.tokens` refuse calls without a token they know.
+    pub token: Option<Token>,
+    /// TLS to the nodes (default none: plaintext). The client verifies each
+    /// node's certificate against the CA.
+    pub tls: Option<ClientTls>,
+}
+
+/// A bearer token's secret: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Token(secret.into())
+    }
+
+    /// The secret, to send it; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+
+    /// The secret, without surrounding whitespace.
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Token::new(s.trim()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(\"<redacted>\")")
+    }
+}
+
+/// TLS to the nodes: the CA that signs their certificates, and for mutual
+/// TLS the client's own certificate and key. PEM throughout.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ClientTls {
+    /// CA certificates the nodes' certificates must chain to.
+    pub ca_pem: Vec<u8>,
+    /// The client's certificate chain and private key (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the nodes' certificates must carry; default: the host of
+    /// the address dialled.
+    pub domain_name: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The identity holds a private key.
+        f.debug_struct("ClientTls")
+            .field("mutual", &self.identity.is_some())
+            .field("domain_name", &self.domain_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Trusts the CA certificates of `ca_pem`.
+    pub fn new(ca_pem: impl Into<Vec<u8>>) -> Self {
+        ClientTls {
+            ca_pem: ca_pem.into(),
+            identity: None,
+            domain_name: None,
+        }
+    }
+
+    /// Reads the CA file, and the client certificate and key files when
+    /// given (blocking file reads: call it at start-up).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the file that cannot be read.
+    pub fn from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Error::Config {
+                field: "tls",
+                reason: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        let mut tls = ClientTls::new(read(ca)?);
+        if let Some((cert, key)) = identity {
+            tls.identity = Some((read(cert)?, read(key)?));
+        }
+        Ok(tls)
+    }
+
+    /// Presents `cert_pem` with `key_pem` to the nodes (mutual TLS).
+    pub fn with_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Sets [`ClientTls::domain_name`].
+    pub fn with_domain_name(mut self, name: impl Into<String>) -> Self {
+        self.domain_name = Some(name.into());
+        self
+    }
 }
 
 impl ClientConfig {
@@ -130,7 +240,53 @@ impl ClientConfig {
             vnodes: DEFAULT_VNODES,
             default_replication: Replication::default(),
             keyspace_replication: HashMap::new(),
+            token: None,
+            tls: None,
         }
+    }
+
+    /// Sets [`ClientConfig::token`].
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// The tonic endpoint the client dials for a node at `address`
+    /// (`host:port`): `https` with these TLS settings when TLS is on,
+    /// `http` otherwise. Connection timeouts are the caller's to add.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an address that is no URI authority, or TLS
+    /// settings tonic refuses.
+    pub fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint =
+            Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| Error::Config {
+                field: "seeds",
+                reason: format!("bad node address {address:?}: {e}"),
+            })?;
+        if let Some(tls) = &self.tls {
+            let mut settings =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                settings = settings.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &tls.domain_name {
+                settings = settings.domain_name(name.clone());
+            }
+            endpoint = endpoint.tls_config(settings).map_err(|e| Error::Config {
+                field: "tls",
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(endpoint)
+    }
+
+    /// Sets [`ClientConfig::tls`].
+    pub fn with_tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Sets [`ClientConfig::request_timeout`].

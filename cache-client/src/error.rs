@@ -176,7 +176,13 @@ impl Error {
     /// failures of the node or the network.
     pub(crate) fn from_status(node: &str, status: &tonic::Status) -> Error {
         let kind = ErrorKind::from_code(status.code());
-        if kind.is_retryable() || kind == ErrorKind::Internal {
+        // A node that refuses for a limit (a rate limit, its concurrency
+        // limit, dirty bytes) is alive: routing around it would move the
+        // load onto other nodes and later flush this one. The refusal goes
+        // back to the caller, retryable.
+        if kind != ErrorKind::ResourceExhausted
+            && (kind.is_retryable() || kind == ErrorKind::Internal)
+        {
             Error::Unavailable {
                 node: node.to_owned(),
                 message: format!("{:?}: {}", status.code(), status.message()),

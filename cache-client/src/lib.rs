@@ -64,5 +64,5 @@ pub mod strategy;
 pub mod writeback;
 
 pub use client::{Client, Condition, Entry, Member, NodeStats, SetOptions, SetOutcome, Topology};
-pub use config::{ClientConfig, Replication};
+pub use config::{ClientConfig, ClientTls, Replication, Token};
 pub use error::{Error, Result};

@@ -77,8 +77,10 @@ pub struct Config {
     /// turns it off.
     pub resp_listen: Option<SocketAddr>,
     /// The password RESP clients must give with `AUTH` before any other
-    /// command; absent serves every client.
-    pub resp_password: Option<String>,
+    /// command; absent serves every client. It is the secret of a token
+    /// named `default` with `admin` on every keyspace, required on RESP only
+    /// (unless `auth.tokens` is set, which requires a token on gRPC too).
+    pub resp_password: Option<Secret>,
     /// The keyspace of RESP keys that name no existing keyspace as a
     /// `keyspace:` prefix.
     pub resp_default_keyspace: String,
@@ -108,6 +110,159 @@ pub struct Config {
     pub created_keyspaces: KeyspaceConfig,
     /// The membership this node reports through `Topology`.
     pub cluster: ClusterConfig,
+    /// TLS on every listener (gRPC, RESP, metrics); absent serves
+    /// plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Bearer tokens and their per-keyspace permissions; none (the default)
+    /// serves every caller.
+    pub auth: AuthConfig,
+}
+
+/// A secret (a token, a password): `Debug` never shows it, so that a
+/// logged config does not leak it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for comparing it or sending it; never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Secret::new(s))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(\"<redacted>\")")
+    }
+}
+
+/// TLS settings, shared by every listener. Files are PEM.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The node's certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key of the leaf certificate (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates that sign client certificates: set, every client
+    /// must present a certificate they sign (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// Authentication: who may do what.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The tokens the node accepts. Empty serves every caller with every
+    /// permission.
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One bearer token: a name (logged, labelled in metrics, the RESP
+/// username) and a secret (never logged), with its permissions.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The token's name.
+    pub name: String,
+    /// The secret inline. Prefer `secret_file` or `secret_env`: config
+    /// files are often world-readable.
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// A file holding the secret (surrounding whitespace is ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// An environment variable holding the secret.
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// Permission per keyspace; `"*"` stands for every keyspace not named.
+    /// A keyspace named neither way is refused.
+    #[serde(default)]
+    pub permissions: BTreeMap<String, Permission>,
+    /// This token's rate limit, replacing `limits.rate_limit`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// What a token may do in a keyspace; each level includes the ones below.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    /// Reads: `Get`, `MultiGet`, `LeaseGet`, `Stats`.
+    Read,
+    /// Reads and writes: `Set`, `Delete`, `MultiSet`, `Fill`, 2PC, `Flush`.
+    Write,
+    /// Everything, including the write-back worker's `ListDirty` and
+    /// `MarkClean`.
+    Admin,
+}
+
+impl Permission {
+    /// The lowercase name, as in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::Admin => "admin",
+        }
+    }
+}
+
+/// A token bucket: `burst` requests at once, refilled by `requests` every
+/// `per`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests allowed per `per`.
+    pub requests: u32,
+    /// The period `requests` are counted over.
+    #[serde(with = "humantime_serde", default = "default_rate_period")]
+    pub per: Duration,
+    /// Bucket size: requests allowed at once; absent means `requests`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+fn default_rate_period() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl RateLimit {
+    fn validate(&self, field: &str) -> Result<()> {
+        if self.requests == 0 {
+            return Err(Error::config(
+                format!("{field}.requests"),
+                "must be at least 1",
+            ));
+        }
+        if self.per.is_zero() || self.per / self.requests < Duration::from_nanos(1) {
+            return Err(Error::config(
+                format!("{field}.per"),
+                "must be at least 1ns per request",
+            ));
+        }
+        if self.burst == Some(0) {
+            return Err(Error::config(
+                format!("{field}.burst"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What happens to a request for a keyspace the node does not have.
@@ -156,6 +311,12 @@ pub struct Limits {
     /// more, or for 0, gets this.
     #[serde(with = "humantime_serde")]
     pub max_pending_timeout: Duration,
+    /// The rate limit of each client identity (a token, or without a token
+    /// the peer's IP address); absent means none.
+    pub rate_limit: Option<RateLimit>,
+    /// Most requests (gRPC and RESP) the node works on at once; beyond it
+    /// requests are refused with `RESOURCE_EXHAUSTED`. Absent means none.
+    pub max_concurrent_requests: Option<usize>,
 }
 
 impl Default for Limits {
@@ -168,6 +329,8 @@ impl Default for Limits {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_keyspaces: DEFAULT_MAX_KEYSPACES,
             max_pending_timeout: DEFAULT_MAX_PENDING_TIMEOUT,
+            rate_limit: None,
+            max_concurrent_requests: None,
         }
     }
 }
@@ -275,6 +438,8 @@ impl Default for Config {
             keyspaces_file: None,
             created_keyspaces: KeyspaceConfig::default(),
             cluster: ClusterConfig::default(),
+            tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -308,7 +473,16 @@ pub struct Cli {
     /// Password RESP clients must give with AUTH (prefer the environment
     /// variable: flags show in `ps`).
     #[arg(long, env = "RINGCACHE_RESP_PASSWORD", hide_env_values = true)]
-    pub resp_password: Option<String>,
+    pub resp_password: Option<Secret>,
+    /// TLS certificate chain (PEM) of every listener; needs --tls-key.
+    #[arg(long, env = "RINGCACHE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert.
+    #[arg(long, env = "RINGCACHE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates: requires mutual TLS.
+    #[arg(long, env = "RINGCACHE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Keyspace of RESP keys without a known `keyspace:` prefix.
     #[arg(long, env = "RINGCACHE_RESP_DEFAULT_KEYSPACE")]
     pub resp_default_keyspace: Option<String>,
@@ -387,7 +561,17 @@ impl Config {
         if let Some(path) = &cli.keyspaces_file {
             config.keyspaces_file = Some(path.clone());
         }
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            config.tls = Some(TlsConfig {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+                client_ca_file: cli.tls_client_ca.clone(),
+            });
+        } else if let (Some(ca), Some(tls)) = (&cli.tls_client_ca, &mut config.tls) {
+            tls.client_ca_file = Some(ca.clone());
+        }
         config.merge_keyspaces_file()?;
+        config.resolve_secrets()?;
         config.validate()?;
         Ok(config)
     }
@@ -427,6 +611,42 @@ impl Config {
                 max_dirty_bytes: None,
             };
             self.keyspaces.insert(name, keyspace);
+        }
+        Ok(())
+    }
+
+    /// Reads each token's `secret_file` or `secret_env` into its `secret`.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the token whose secret cannot be read, or
+    /// that gives more or fewer than one source.
+    pub fn resolve_secrets(&mut self) -> Result<()> {
+        for (i, token) in self.auth.tokens.iter_mut().enumerate() {
+            let field = format!("auth.tokens[{i}]");
+            let sources = usize::from(token.secret.is_some())
+                + usize::from(token.secret_file.is_some())
+                + usize::from(token.secret_env.is_some());
+            if sources != 1 {
+                return Err(Error::config(
+                    field,
+                    "give exactly one of secret, secret_file and secret_env",
+                ));
+            }
+            if let Some(path) = &token.secret_file {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    Error::config(
+                        format!("{field}.secret_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                token.secret = Some(Secret::new(text.trim()));
+            }
+            if let Some(var) = &token.secret_env {
+                let value = std::env::var(var).map_err(|e| {
+                    Error::config(format!("{field}.secret_env"), format!("{var}: {e}"))
+                })?;
+                token.secret = Some(Secret::new(value.trim()));
+            }
         }
         Ok(())
     }
@@ -533,7 +753,17 @@ impl Config {
                 ),
             ));
         }
-        if self.resp_password.as_deref() == Some("") {
+        if let Some(rate) = &self.limits.rate_limit {
+            rate.validate("limits.rate_limit")?;
+        }
+        if self.limits.max_concurrent_requests == Some(0) {
+            return Err(Error::config(
+                "limits.max_concurrent_requests",
+                "must be at least 1 (omit it for no limit)",
+            ));
+        }
+        self.validate_auth()?;
+        if self.resp_password.as_ref().map(Secret::expose) == Some("") {
             return Err(Error::config(
                 "resp_password",
                 "must not be empty (omit it to serve RESP clients without AUTH)",
@@ -559,6 +789,51 @@ impl Config {
                 "cluster.members",
                 format!("does not list this node ({:?})", self.node_id),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_auth(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        let mut secrets = std::collections::HashSet::new();
+        if let Some(password) = &self.resp_password {
+            names.insert(crate::auth::RESP_PASSWORD_TOKEN);
+            secrets.insert(password.expose());
+        }
+        for (i, token) in self.auth.tokens.iter().enumerate() {
+            let field = format!("auth.tokens[{i}]");
+            if token.name.is_empty()
+                || token.name.bytes().any(|b| b <= b' ' || b > b'~')
+                || !names.insert(token.name.as_str())
+            {
+                return Err(Error::config(
+                    format!("{field}.name"),
+                    format!(
+                        "{:?} is empty, has spaces or non-ASCII characters, or is taken",
+                        token.name
+                    ),
+                ));
+            }
+            // `resolve_secrets` fills `secret` from the file or variable.
+            let secret = token.secret.as_ref().map_or("", Secret::expose);
+            if secret.is_empty() || !secrets.insert(secret) {
+                return Err(Error::config(
+                    format!("{field}.secret"),
+                    "is missing, empty, or the secret of another token",
+                ));
+            }
+            for keyspace in token.permissions.keys() {
+                if keyspace != crate::auth::EVERY_KEYSPACE {
+                    validate_keyspace_name(keyspace).map_err(|reason| {
+                        Error::config(format!("{field}.permissions.{keyspace}"), reason)
+                    })?;
+                }
+            }
+            if let Some(rate) = &token.rate_limit {
+                rate.validate(&format!("{field}.rate_limit"))?;
+            }
         }
         Ok(())
     }
@@ -723,7 +998,14 @@ mod tests {
         assert_eq!(config.unknown_keyspaces, UnknownKeyspaces::Create);
         assert_eq!(config.worker_threads, Some(1));
         assert_eq!(config.resp_listen.unwrap().port(), 6380);
-        assert_eq!(config.resp_password.as_deref(), Some("secret"));
+        assert_eq!(
+            config.resp_password.as_ref().map(Secret::expose),
+            Some("secret")
+        );
+        assert!(
+            !format!("{config:?}").contains("secret\""),
+            "Debug hides it"
+        );
         assert_eq!(config.resp_default_keyspace, "users");
         assert_eq!(
             config.keyspaces["users"].default_ttl,
@@ -817,6 +1099,34 @@ mod tests {
             ("resp_default_keyspace = \"nope\"", "resp_default_keyspace"),
             ("resp_password = \"\"", "resp_password"),
             (
+                "[limits]\nrate_limit = { requests = 0 }",
+                "limits.rate_limit.requests",
+            ),
+            (
+                "[limits]\nrate_limit = { requests = 1, burst = 0 }",
+                "limits.rate_limit.burst",
+            ),
+            (
+                "[limits]\nmax_concurrent_requests = 0",
+                "limits.max_concurrent_requests",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"\"",
+                "auth.tokens[0].secret",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\n[[auth.tokens]]\nname = \"a\"\nsecret = \"y\"",
+                "auth.tokens[1].name",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\n[[auth.tokens]]\nname = \"b\"\nsecret = \"x\"",
+                "auth.tokens[1].secret",
+            ),
+            (
+                "[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\npermissions = { \"a b\" = \"read\" }",
+                "auth.tokens[0].permissions.a b",
+            ),
+            (
                 "[cluster]\nmembers = [{ id = \"x\", address = \"h:1\" }]",
                 "cluster.members",
             ),
@@ -834,6 +1144,35 @@ mod tests {
                 "{text:?} gave {err}"
             );
         }
+    }
+
+    #[test]
+    fn token_secrets_come_from_exactly_one_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  from-file\n").unwrap();
+        let mut config = Config::from_toml(&format!(
+            "[[auth.tokens]]\nname = \"a\"\nsecret_file = \"{}\"\npermissions = {{ \"*\" = \"read\" }}",
+            path.display()
+        ))
+        .unwrap();
+        config.resolve_secrets().unwrap();
+        config.validate().unwrap();
+        let secret = config.auth.tokens[0].secret.as_ref().unwrap();
+        assert_eq!(secret.expose(), "from-file");
+        assert_eq!(format!("{secret:?}"), "Secret(\"<redacted>\")");
+
+        let mut config =
+            Config::from_toml("[[auth.tokens]]\nname = \"a\"\nsecret = \"x\"\nsecret_env = \"V\"")
+                .unwrap();
+        let err = config.resolve_secrets().unwrap_err().to_string();
+        assert!(err.contains("auth.tokens[0]: give exactly one"), "{err}");
+        let mut config = Config::from_toml(
+            "[[auth.tokens]]\nname = \"a\"\nsecret_file = \"/nonexistent/token\"",
+        )
+        .unwrap();
+        let err = config.resolve_secrets().unwrap_err().to_string();
+        assert!(err.contains("auth.tokens[0].secret_file"), "{err}");
     }
 
     #[test]

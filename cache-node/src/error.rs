@@ -108,6 +108,37 @@ pub enum Error {
     /// which only versioned writes may replace.
     #[error("key has a write-back entry not yet stored; it cannot be changed in place")]
     DirtyEntry,
+    /// The node requires a token and the request carried none, or one it
+    /// does not know.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    /// The caller's token lacks the permission the request needs.
+    #[error("token {token:?} has no {need} permission on keyspace {keyspace:?}")]
+    PermissionDenied {
+        /// The token's name.
+        token: String,
+        /// The keyspace (`*` for requests spanning every keyspace).
+        keyspace: String,
+        /// The permission needed.
+        need: &'static str,
+    },
+    /// The caller's rate limit is exhausted.
+    #[error("rate limit of {identity} exceeded; retry after {retry_after_ms} ms")]
+    RateLimited {
+        /// The token's name, or the peer address of a caller without one.
+        identity: String,
+        /// How long until the next request may pass.
+        retry_after_ms: u64,
+    },
+    /// The node already works on `limits.max_concurrent_requests` requests.
+    #[error("node is at max_concurrent_requests ({max}); retry later")]
+    Overloaded {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The TLS certificate, key or CA could not be loaded.
+    #[error("tls setup failed: {0}")]
+    Tls(String),
     /// The configuration is invalid; the message names the field.
     #[error("invalid config: {field}: {reason}")]
     Config {
@@ -155,10 +186,13 @@ impl ServiceError for Error {
             | Error::IncrementOverflow => ErrorKind::InvalidArgument,
             Error::DirtyEntry => ErrorKind::FailedPrecondition,
             Error::UnknownKeyspace { .. } => ErrorKind::NotFound,
-            Error::TooManyKeyspaces { .. } | Error::DirtyBytesExhausted { .. } => {
-                ErrorKind::ResourceExhausted
-            }
-            Error::Config { .. } | Error::ConfigFile { .. } | Error::Server(_) => {
+            Error::TooManyKeyspaces { .. }
+            | Error::DirtyBytesExhausted { .. }
+            | Error::RateLimited { .. }
+            | Error::Overloaded { .. } => ErrorKind::ResourceExhausted,
+            Error::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            Error::Config { .. } | Error::ConfigFile { .. } | Error::Server(_) | Error::Tls(_) => {
                 ErrorKind::Internal
             }
         }

@@ -6,14 +6,86 @@ use std::time::{Duration, Instant};
 
 use ringcache_proto::ServiceError;
 use ringcache_proto::v1::{self, cache_node_server::CacheNode};
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
-use crate::config::Config;
+use crate::auth::{Auth, Principal};
+use crate::config::{Config, Permission};
 use crate::error::Error;
 use crate::metrics::{NodeMetrics, Rpc};
 use crate::store::{
     FillOutcome, Hit, LeaseRead, Prepare, SetItem, SetOutcome, SetResult, Store, WriteCondition,
 };
+
+/// Who made a call, put in the request's extensions by [`interceptor`].
+#[derive(Clone)]
+pub struct Caller {
+    principal: Arc<Principal>,
+    /// The call's slot of `limits.max_concurrent_requests`, freed when the
+    /// handler drops the caller.
+    _slot: Option<Arc<OwnedSemaphorePermit>>,
+}
+
+impl Caller {
+    fn check(&self, keyspace: &str, need: Permission) -> Result<(), Error> {
+        self.principal.check(keyspace, need)
+    }
+
+    /// For requests where an empty keyspace means every keyspace.
+    fn check_scope(&self, keyspace: &str, need: Permission) -> Result<(), Error> {
+        if keyspace.is_empty() {
+            self.principal.check_all(need)
+        } else {
+            self.principal.check(keyspace, need)
+        }
+    }
+}
+
+/// The `CacheNode` service's interceptor: resolves the bearer token of the
+/// `authorization` metadata to a principal, takes a request from its rate
+/// limit and a slot of the concurrency limit, and hands them to the handler
+/// as a [`Caller`]. Refusals are `UNAUTHENTICATED` or `RESOURCE_EXHAUSTED`,
+/// counted in `ringcache_node_auth_refused_total`; health and reflection
+/// are not behind it.
+pub fn interceptor(
+    auth: Arc<Auth>,
+    metrics: Arc<NodeMetrics>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |mut request: Request<()>| {
+        let refuse = |reason: &'static str, error: Error| {
+            metrics.count_refused("grpc", reason);
+            tracing::debug!(reason, %error, "request refused");
+            error.to_status()
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.as_bytes());
+        let principal = auth
+            .bearer(header)
+            .map_err(|e| refuse("unauthenticated", e))?;
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        auth.admit(&principal, peer)
+            .map_err(|e| refuse("rate_limited", e))?;
+        let slot = auth.slot().map_err(|e| refuse("overloaded", e))?;
+        request.extensions_mut().insert(Caller {
+            principal,
+            _slot: slot.map(Arc::new),
+        });
+        Ok(request)
+    }
+}
+
+/// The caller and message of a request that went through [`interceptor`].
+#[allow(clippy::result_large_err)] // `Status` is what tonic handlers return
+fn admitted<T>(request: Request<T>) -> Result<(Caller, T), Status> {
+    let (_, mut extensions, message) = request.into_parts();
+    // Fail closed: a service mounted without the interceptor serves nobody.
+    let caller = extensions
+        .remove::<Caller>()
+        .ok_or_else(|| Status::internal("request did not pass the authentication interceptor"))?;
+    Ok((caller, message))
+}
 
 /// The `CacheNode` service of one node.
 pub struct CacheNodeService {
@@ -76,6 +148,9 @@ impl CacheNodeService {
     ) -> Result<Response<T>, Status> {
         let _timer = self.metrics.time(rpc);
         f().map(Response::new).map_err(|error| {
+            if matches!(error, Error::PermissionDenied { .. }) {
+                self.metrics.count_refused("grpc", "permission_denied");
+            }
             let status = error.to_status();
             self.metrics.count_error(rpc, status.code());
             tracing::debug!(rpc = ?rpc, %error, "request refused");
@@ -177,8 +252,9 @@ impl CacheNode for CacheNodeService {
         if let Some(gate) = &self.gate {
             gate.pass().await;
         }
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Get, || {
+            caller.check(&req.keyspace, Permission::Read)?;
             self.store.get(&req.keyspace, &req.key).map(hit_to_proto)
         })
     }
@@ -187,8 +263,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::SetRequest>,
     ) -> Result<Response<v1::SetResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Set, || {
+            caller.check(&req.keyspace, Permission::Write)?;
             let item = required_item(req.item, "set")?;
             self.store.set(&req.keyspace, item).map(set_result_to_proto)
         })
@@ -198,8 +275,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Delete, || {
+            caller.check(&req.keyspace, Permission::Write)?;
             let deleted = self.store.delete(&req.keyspace, &req.key)?;
             Ok(v1::DeleteResponse { deleted })
         })
@@ -209,8 +287,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::MultiGetRequest>,
     ) -> Result<Response<v1::MultiGetResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::MultiGet, || {
+            caller.check(&req.keyspace, Permission::Read)?;
             let hits = self.store.multi_get(&req.keyspace, &req.keys)?;
             Ok(v1::MultiGetResponse {
                 results: hits.into_iter().map(hit_to_proto).collect(),
@@ -222,8 +301,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::MultiSetRequest>,
     ) -> Result<Response<v1::MultiSetResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::MultiSet, || {
+            caller.check(&req.keyspace, Permission::Write)?;
             let items = req
                 .items
                 .into_iter()
@@ -240,8 +320,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::StatsRequest>,
     ) -> Result<Response<v1::StatsResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Stats, || {
+            caller.check_scope(&req.keyspace, Permission::Read)?;
             let filter = (!req.keyspace.is_empty()).then_some(req.keyspace.as_str());
             let keyspaces = self
                 .store
@@ -286,8 +367,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::FlushRequest>,
     ) -> Result<Response<v1::FlushResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Flush, || {
+            caller.check_scope(&req.keyspace, Permission::Write)?;
             let filter = (!req.keyspace.is_empty()).then_some(req.keyspace.as_str());
             self.store.flush(filter)?;
             tracing::info!(keyspace = ?filter, "flushed");
@@ -299,8 +381,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::LeaseGetRequest>,
     ) -> Result<Response<v1::LeaseGetResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::LeaseGet, || {
+            caller.check(&req.keyspace, Permission::Read)?;
             self.store
                 .lease_get(&req.keyspace, &req.key)
                 .map(lease_read_to_proto)
@@ -311,8 +394,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::FillRequest>,
     ) -> Result<Response<v1::FillResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Fill, || {
+            caller.check(&req.keyspace, Permission::Write)?;
             let item = required_item(req.item, "fill")?;
             let result = self.store.fill(&req.keyspace, item, req.lease_token)?;
             let outcome = match result.outcome {
@@ -331,8 +415,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::PrepareResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Prepare, || {
+            caller.check(&req.keyspace, Permission::Write)?;
             let prepare = Prepare {
                 item: required_item(req.item, "prepare")?,
                 delete: req.delete,
@@ -351,8 +436,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Commit, || {
+            caller.check(&req.keyspace, Permission::Write)?;
             let result = self.store.commit(&req.keyspace, &req.key, &req.txn_id)?;
             Ok(v1::CommitResponse {
                 committed: result.committed,
@@ -365,8 +451,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::AbortRequest>,
     ) -> Result<Response<v1::AbortResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::Abort, || {
+            caller.check(&req.keyspace, Permission::Write)?;
             let aborted = self.store.abort(&req.keyspace, &req.key, &req.txn_id)?;
             Ok(v1::AbortResponse { aborted })
         })
@@ -376,8 +463,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::MarkCleanRequest>,
     ) -> Result<Response<v1::MarkCleanResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::MarkClean, || {
+            caller.check(&req.keyspace, Permission::Admin)?;
             let keys: Vec<_> = req.keys.into_iter().map(|k| (k.key, k.version)).collect();
             let cleaned = self.store.mark_clean(&req.keyspace, &keys)?;
             Ok(v1::MarkCleanResponse {
@@ -392,8 +480,9 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::ListDirtyRequest>,
     ) -> Result<Response<v1::ListDirtyResponse>, Status> {
-        let req = request.into_inner();
+        let (caller, req) = admitted(request)?;
         self.call(Rpc::ListDirty, || {
+            caller.check(&req.keyspace, Permission::Admin)?;
             let limit = match req.limit {
                 0 => usize::MAX,
                 n => n as usize,
@@ -416,8 +505,11 @@ impl CacheNode for CacheNodeService {
 
     async fn topology(
         &self,
-        _request: Request<v1::TopologyRequest>,
+        request: Request<v1::TopologyRequest>,
     ) -> Result<Response<v1::TopologyResponse>, Status> {
+        // Any caller the interceptor let through may learn the membership:
+        // clients need it to route.
+        let (_caller, _) = admitted(request)?;
         self.call(Rpc::Topology, || Ok(self.topology.clone()))
     }
 }

@@ -1,6 +1,10 @@
 //! A ringcache cache node.
 //!
 //! - [`config`]: the TOML/env/flag configuration and its validation.
+//! - [`auth`]: bearer tokens, per-keyspace permissions, rate limits and the
+//!   concurrency limit, shared by both transports.
+//! - [`tls`]: rustls setup of the listeners (gRPC through tonic; RESP and
+//!   metrics through `tokio-rustls`).
 //! - [`store`]: the domain core: keyspaces of versioned entries in
 //!   byte-bounded moka caches, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
@@ -14,6 +18,7 @@
 //! A binary (`main.rs`) only parses the config, sets up tracing, binds and
 //! calls [`run`].
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod grpc;
@@ -21,6 +26,7 @@ pub mod metrics;
 pub mod resp;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use config::{Cli, Config};
 pub use error::{Error, Result};

@@ -196,6 +196,21 @@ impl NodeMetrics {
         self.recorder.register_counter(&key, &METADATA).increment(1);
     }
 
+    /// Counts a request or connection refused by authentication or
+    /// admission: `transport` is `grpc` or `resp`; `reason` is
+    /// `unauthenticated`, `permission_denied`, `rate_limited`, `overloaded`
+    /// or `tls_handshake`.
+    pub fn count_refused(&self, transport: &'static str, reason: &'static str) {
+        let key = Key::from_parts(
+            "ringcache_node_auth_refused_total",
+            vec![
+                Label::new("transport", transport),
+                Label::new("reason", reason),
+            ],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+    }
+
     /// Counts a failed request by RPC and gRPC code.
     pub fn count_error(&self, rpc: Rpc, code: tonic::Code) {
         let key = Key::from_parts(

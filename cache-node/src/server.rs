@@ -11,12 +11,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::grpc::CacheNodeService;
 use crate::metrics::{NodeMetrics, UPKEEP_INTERVAL};
 use crate::resp::{self, parse::ParseLimits};
 use crate::store::Store;
+use crate::tls::{TlsListener, TlsMaterial};
 
 /// How often the sweeper times out pending 2PC changes (and drops expired
 /// leases and stale values) that no request touches. A pending change can
@@ -110,12 +112,17 @@ async fn serve(
         .advertise_address
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
+    let tls = match &config.tls {
+        Some(tls) => Some(TlsMaterial::load(tls).await?),
+        None => None,
+    };
     let store = Arc::new(Store::new(&config));
     let metrics = Arc::new(NodeMetrics::new(Arc::clone(&store)));
+    let auth = Arc::new(Auth::new(&config));
     let resp_context = Arc::new(resp::command::Context {
         store: Arc::clone(&store),
         metrics: Arc::clone(&metrics),
-        password: config.resp_password.clone(),
+        auth: Arc::clone(&auth),
         default_keyspace: config.resp_default_keyspace.clone(),
         node_id: config.node_id.clone(),
         started: Instant::now(),
@@ -123,7 +130,11 @@ async fn serve(
     // Background workers get their own token: they stop after the drain, so
     // that a change pending while requests drain still times out.
     let stop_workers = CancellationToken::new();
-    let sweeper = tokio::spawn(sweep(Arc::clone(&store), stop_workers.clone()));
+    let sweeper = tokio::spawn(sweep(
+        Arc::clone(&store),
+        Arc::clone(&auth),
+        stop_workers.clone(),
+    ));
     let upkeep = tokio::spawn(metrics_upkeep(Arc::clone(&metrics), stop_workers.clone()));
     // Whatever way `serve` returns (an early `?` included), the workers stop.
     let _stop_workers_on_return = stop_workers.clone().drop_guard();
@@ -148,13 +159,20 @@ async fn serve(
 
     let stop = CancellationToken::new();
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        builder = builder
+            .tls_config(tls.tonic())
+            .map_err(|e| Error::Tls(format!("grpc: {e}")))?;
+    }
+    let cache_service = tonic::service::interceptor::InterceptedService::new(
+        CacheNodeServer::new(service).max_decoding_message_size(config.limits.max_request_bytes),
+        crate::grpc::interceptor(Arc::clone(&auth), Arc::clone(&metrics)),
+    );
+    let grpc = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
-            CacheNodeServer::new(service)
-                .max_decoding_message_size(config.limits.max_request_bytes),
-        )
+        .add_service(cache_service)
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     let mut grpc = tokio::spawn(grpc);
 
@@ -163,7 +181,7 @@ async fn serve(
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::Server(format!("metrics listener has no address: {e}")))?;
-            tracing::info!(%addr, "serving metrics");
+            tracing::info!(%addr, tls = tls.is_some(), "serving metrics");
             let router = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
@@ -171,11 +189,22 @@ async fn serve(
                     async move { metrics.render() }
                 }),
             );
-            Some(tokio::spawn(
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stop.clone().cancelled_owned())
-                    .into_future(),
-            ))
+            let shutdown = stop.clone().cancelled_owned();
+            Some(match &tls {
+                None => tokio::spawn(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(shutdown)
+                        .into_future(),
+                ),
+                Some(tls) => {
+                    let listener = TlsListener::new(listener, tls.acceptor(&[b"http/1.1"])?);
+                    tokio::spawn(
+                        axum::serve(listener, router)
+                            .with_graceful_shutdown(shutdown)
+                            .into_future(),
+                    )
+                }
+            })
         }
         None => None,
     };
@@ -184,17 +213,26 @@ async fn serve(
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::Server(format!("resp listener has no address: {e}")))?;
-            tracing::info!(%addr, "serving RESP");
+            tracing::info!(%addr, tls = tls.is_some(), "serving RESP");
+            let acceptor = tls.as_ref().map(|tls| tls.acceptor(&[])).transpose()?;
             Some(tokio::spawn(resp::serve(
                 listener,
                 resp_context,
                 resp_limits(&config),
+                acceptor,
                 stop.clone(),
             )))
         }
         None => None,
     };
-    tracing::info!(node_id = %config.node_id, addr = %grpc_addr, "serving gRPC");
+    tracing::info!(
+        node_id = %config.node_id,
+        addr = %grpc_addr,
+        tls = tls.is_some(),
+        mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()),
+        tokens = config.auth.tokens.len(),
+        "serving gRPC"
+    );
 
     let resp_ended = async {
         match &mut resp_server {
@@ -308,13 +346,14 @@ async fn metrics_upkeep(metrics: Arc<NodeMetrics>, stop: CancellationToken) {
 /// Times out pending changes nobody touches, every [`SWEEP_INTERVAL`], until
 /// `stop` is cancelled. `Store::expire_pending` is synchronous and only
 /// walks the (small) record tables of keyspaces that have records.
-async fn sweep(store: Arc<Store>, stop: CancellationToken) {
+async fn sweep(store: Arc<Store>, auth: Arc<Auth>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             _ = tick.tick() => {
+                auth.forget_idle();
                 let timed_out = store.expire_pending(Instant::now());
                 if timed_out > 0 {
                     tracing::info!(timed_out, "pending changes timed out; live entries deleted");
@@ -343,6 +382,54 @@ pub(crate) mod tests {
             self.entered.notify_one();
             self.release.notified().await;
         }
+    }
+
+    #[tokio::test]
+    async fn the_concurrency_limit_refuses_while_its_slot_is_held() {
+        let gate = Arc::new(Gate::default());
+        let mut config = Config::default();
+        config.limits.max_concurrent_requests = Some(1);
+        config.validate().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            config,
+            Listeners {
+                grpc: listener,
+                metrics: None,
+                resp: None,
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+            Hooks {
+                gate: Some(Arc::clone(&gate)),
+            },
+        ));
+        let mut client = CacheNodeClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let get = |mut client: CacheNodeClient<tonic::transport::Channel>| async move {
+            client
+                .get(v1::GetRequest {
+                    keyspace: "default".into(),
+                    key: "k".into(),
+                })
+                .await
+        };
+        // The first Get holds the only slot while the gate holds it.
+        let held = tokio::spawn(get(client.clone()));
+        gate.entered.notified().await;
+        let status = client.topology(v1::TopologyRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        assert!(status.message().contains("max_concurrent_requests (1)"));
+        gate.release.notify_one();
+        held.await.unwrap().unwrap();
+        // The slot is free again once the held request is done.
+        client.topology(v1::TopologyRequest {}).await.unwrap();
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -100,6 +100,13 @@ pub struct NodeConfig {
     /// Extra tables appended at the end (e.g. `[limits]\nmax_key_bytes = 16`
     /// or `[keyspaces.other]\n...`).
     pub extra_tables: String,
+    /// For a node serving TLS (its `[tls]` table goes in `extra_tables`):
+    /// the CA (PEM) the harness's probes trust. They expect the name
+    /// `localhost`.
+    pub tls_ca_pem: Option<String>,
+    /// For a node requiring tokens: the bearer token the harness's probes
+    /// send (`Topology` needs one).
+    pub token: Option<String>,
 }
 
 impl NodeConfig {
@@ -119,6 +126,8 @@ impl NodeConfig {
             members: vec![(node_id.to_owned(), listen)],
             extra_top_level: String::new(),
             extra_tables: String::new(),
+            tls_ca_pem: None,
+            token: None,
         })
     }
 
@@ -296,9 +305,31 @@ impl NodeProcess {
         self.config.listen
     }
 
-    /// The gRPC endpoint URL (`http://127.0.0.1:PORT`) for tonic clients.
+    /// The gRPC endpoint URL (`http://127.0.0.1:PORT`, `https://` with
+    /// TLS) for tonic clients.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.config.listen)
+        let scheme = if self.config.tls_ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.config.listen)
+    }
+
+    /// A tonic endpoint for the node, trusting `tls_ca_pem` when set.
+    fn tonic_endpoint(&self) -> Result<Endpoint, String> {
+        let endpoint =
+            Endpoint::from_shared(self.endpoint()).map_err(|e| format!("invalid endpoint: {e}"))?;
+        match &self.config.tls_ca_pem {
+            None => Ok(endpoint),
+            Some(ca) => endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                        .domain_name("localhost"),
+                )
+                .map_err(|e| format!("tls config: {e}")),
+        }
     }
 
     /// The process id.
@@ -354,8 +385,8 @@ impl NodeProcess {
     }
 
     async fn probe_health(&self) -> Result<(), String> {
-        let channel = Endpoint::from_shared(self.endpoint())
-            .map_err(|e| format!("invalid endpoint: {e}"))?
+        let channel = self
+            .tonic_endpoint()?
             // A frozen node accepts TCP but never answers; bound each probe
             // so that the overall deadline still applies.
             .connect_timeout(PROBE_TIMEOUT)
@@ -377,13 +408,17 @@ impl NodeProcess {
         // Make sure the node that answered is ours and not some other
         // process on the port: same id, same member list.
         let mut cache = ringcache_proto::v1::cache_node_client::CacheNodeClient::new(
-            Endpoint::from_shared(self.endpoint())
-                .map_err(|e| format!("invalid endpoint: {e}"))?
-                .timeout(PROBE_TIMEOUT)
-                .connect_lazy(),
+            self.tonic_endpoint()?.timeout(PROBE_TIMEOUT).connect_lazy(),
         );
+        let mut request = tonic::Request::new(ringcache_proto::v1::TopologyRequest {});
+        if let Some(token) = &self.config.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "the token is not printable ASCII".to_owned())?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let topology = cache
-            .topology(ringcache_proto::v1::TopologyRequest {})
+            .topology(request)
             .await
             .map_err(|status| format!("topology: {status}"))?
             .into_inner();

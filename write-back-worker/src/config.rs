@@ -105,6 +105,22 @@ pub struct Config {
     /// marks them clean.
     #[serde(with = "humantime_serde")]
     pub dirty_repair_interval: Duration,
+    /// A file holding the bearer token sent to the cache nodes, for nodes
+    /// that require one; the token needs `admin` on the drained keyspaces
+    /// (`ListDirty`, `MarkClean`). The `RINGCACHE_CACHE_TOKEN` variable
+    /// overrides it.
+    pub cache_token_file: Option<PathBuf>,
+    /// The token itself, read from `cache_token_file` or the variable at
+    /// start-up (never from the TOML file, never shown by `Debug`).
+    #[serde(skip)]
+    pub cache_token: Option<cache_client::Token>,
+    /// TLS to the cache nodes: the CA file (PEM) their certificates chain
+    /// to. Absent: plaintext.
+    pub cache_tls_ca_file: Option<PathBuf>,
+    /// The worker's certificate (PEM), for nodes that require mutual TLS.
+    pub cache_tls_cert_file: Option<PathBuf>,
+    /// The key of `cache_tls_cert_file` (PEM).
+    pub cache_tls_key_file: Option<PathBuf>,
     /// Log output format; the level comes from `RUST_LOG`.
     pub log_format: LogFormat,
 }
@@ -128,6 +144,11 @@ impl Default for Config {
             dead_letter_after_attempts: DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
             dirty_repair_interval: DEFAULT_DIRTY_REPAIR_INTERVAL,
+            cache_token_file: None,
+            cache_token: None,
+            cache_tls_ca_file: None,
+            cache_tls_cert_file: None,
+            cache_tls_key_file: None,
             log_format: LogFormat::Text,
         }
     }
@@ -193,6 +214,22 @@ pub struct Cli {
     /// Interval of the dirty-entry repair round (e.g. `1m`).
     #[arg(long, env = "RINGCACHE_WB_DIRTY_REPAIR_INTERVAL", value_parser = humantime::parse_duration)]
     pub dirty_repair_interval: Option<Duration>,
+    /// Bearer token for the cache nodes (prefer the variable to the flag:
+    /// flags show in `ps`).
+    #[arg(long, env = "RINGCACHE_CACHE_TOKEN", hide_env_values = true)]
+    pub cache_token: Option<cache_client::Token>,
+    /// File holding the bearer token for the cache nodes.
+    #[arg(long, env = "RINGCACHE_CACHE_TOKEN_FILE")]
+    pub cache_token_file: Option<PathBuf>,
+    /// CA (PEM) of the cache nodes' certificates: turns TLS on.
+    #[arg(long, env = "RINGCACHE_CACHE_TLS_CA")]
+    pub cache_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS with the cache nodes.
+    #[arg(long, env = "RINGCACHE_CACHE_TLS_CERT", requires = "cache_tls_key")]
+    pub cache_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --cache-tls-cert.
+    #[arg(long, env = "RINGCACHE_CACHE_TLS_KEY", requires = "cache_tls_cert")]
+    pub cache_tls_key: Option<PathBuf>,
     /// Log format.
     #[arg(long)]
     pub log_format: Option<LogFormat>,
@@ -255,6 +292,27 @@ impl Config {
         if let Some(format) = cli.log_format {
             config.log_format = format;
         }
+        if let Some(path) = &cli.cache_token_file {
+            config.cache_token_file = Some(path.clone());
+        }
+        if let Some(path) = &cli.cache_tls_ca {
+            config.cache_tls_ca_file = Some(path.clone());
+        }
+        if let (Some(cert), Some(key)) = (&cli.cache_tls_cert, &cli.cache_tls_key) {
+            config.cache_tls_cert_file = Some(cert.clone());
+            config.cache_tls_key_file = Some(key.clone());
+        }
+        config.cache_token = match (&cli.cache_token, &config.cache_token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|err| Error::Config {
+                    field: "cache_token_file",
+                    message: format!("cannot read {}: {err}", path.display()),
+                })?;
+                Some(cache_client::Token::new(text.trim()))
+            }
+            (None, None) => None,
+        };
         config.validate()?;
         Ok(config)
     }
@@ -311,6 +369,31 @@ impl Config {
             .collect()
     }
 
+    /// The settings of the worker's client of the cache nodes: its seeds,
+    /// token and TLS (whose files are read here, at start-up).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming a TLS file that cannot be read.
+    pub fn cache_client_config(&self) -> Result<cache_client::ClientConfig> {
+        let mut config = cache_client::ClientConfig::new(self.cache_seeds.clone());
+        if let Some(token) = &self.cache_token {
+            config = config.with_token(token.clone());
+        }
+        if let Some(ca) = &self.cache_tls_ca_file {
+            let identity = self
+                .cache_tls_cert_file
+                .as_deref()
+                .zip(self.cache_tls_key_file.as_deref());
+            let tls =
+                cache_client::ClientTls::from_files(ca, identity).map_err(|err| Error::Config {
+                    field: "cache_tls_ca_file",
+                    message: err.to_string(),
+                })?;
+            config = config.with_tls(tls);
+        }
+        Ok(config)
+    }
+
     /// Checks that the dead-letter topic is none of `keyspaces`' topics.
     ///
     /// # Errors
@@ -339,6 +422,15 @@ impl Config {
                 message: message.to_owned(),
             })
         };
+        if self.cache_tls_cert_file.is_some() != self.cache_tls_key_file.is_some() {
+            return bad(
+                "cache_tls_cert_file",
+                "cache_tls_cert_file and cache_tls_key_file go together",
+            );
+        }
+        if self.cache_tls_cert_file.is_some() && self.cache_tls_ca_file.is_none() {
+            return bad("cache_tls_ca_file", "mutual TLS needs the nodes' CA too");
+        }
         if self.brokers.trim().is_empty() {
             return bad("brokers", "must name at least one broker");
         }
@@ -412,6 +504,49 @@ mod tests {
             err,
             "invalid config: brokers: must name at least one broker"
         );
+    }
+
+    #[test]
+    fn the_cache_token_comes_from_its_file_and_is_not_shown() {
+        let dir = std::env::temp_dir().join(format!("ringcache-wb-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "worker-secret\n").unwrap();
+        let cli = Cli {
+            brokers: Some("b:9092".into()),
+            database_url: Some("postgres://x/y".into()),
+            keyspaces: Some(vec!["a".into()]),
+            cache_seeds: Some(vec!["127.0.0.1:7700".into()]),
+            cache_token_file: Some(token.clone()),
+            ..Cli::default()
+        };
+        let config = Config::load(&cli).unwrap();
+        let client = config.cache_client_config().unwrap();
+        assert_eq!(client.token.as_ref().unwrap().expose(), "worker-secret");
+        assert!(client.tls.is_none());
+        assert!(!format!("{config:?} {client:?}").contains("worker-secret"));
+
+        // Mutual TLS needs both files and the CA; a missing CA file is named.
+        let mut bad = valid();
+        bad.cache_tls_cert_file = Some(token.clone());
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cache_tls_cert_file")
+        );
+        bad.cache_tls_key_file = Some(token.clone());
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cache_tls_ca_file")
+        );
+        let mut missing = valid();
+        missing.cache_tls_ca_file = Some(dir.join("absent.pem"));
+        let err = missing.cache_client_config().unwrap_err().to_string();
+        assert!(err.contains("absent.pem"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -97,9 +97,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // and connects to them in the background (entries stored meanwhile are
     // left to the repair round).
     let cache: CacheSlot = Arc::new(tokio::sync::OnceCell::new());
+    let cache_config = config.cache_client_config()?;
     let connect = (!config.cache_seeds.is_empty()).then(|| {
         tokio::spawn(connect_cache(
-            config.cache_seeds.clone(),
+            cache_config,
             Arc::clone(&cache),
             cancel.child_token(),
         ))
@@ -153,11 +154,15 @@ pub(crate) type CacheSlot = Arc<tokio::sync::OnceCell<cache_client::Client>>;
 
 /// Connects to the cache nodes, retrying with backoff until it succeeds or
 /// `stop` is cancelled.
-async fn connect_cache(seeds: Vec<String>, slot: CacheSlot, stop: CancellationToken) {
+async fn connect_cache(
+    config: cache_client::ClientConfig,
+    slot: CacheSlot,
+    stop: CancellationToken,
+) {
     let mut backoff = RETRY_INITIAL_BACKOFF;
     let mut warned = false;
     loop {
-        match cache_client::Client::connect(cache_client::ClientConfig::new(seeds.clone())).await {
+        match cache_client::Client::connect(config.clone()).await {
             Ok(client) => {
                 if warned {
                     info!("reached the cache nodes; marking stored entries clean from now on");

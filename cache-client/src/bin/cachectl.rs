@@ -50,6 +50,30 @@ struct Cli {
     /// Overall deadline of one call.
     #[arg(long, default_value = "2s", value_parser = humantime_duration)]
     deadline: Duration,
+    /// Bearer token for nodes that require one (prefer the variable or
+    /// --token-file: flags show in `ps`).
+    #[arg(
+        long,
+        env = "RINGCACHE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, env = "RINGCACHE_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+    /// CA (PEM) of the nodes' certificates: turns TLS on.
+    #[arg(long, env = "RINGCACHE_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for nodes that require mutual TLS.
+    #[arg(long, env = "RINGCACHE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Key (PEM) of --tls-cert.
+    #[arg(long, env = "RINGCACHE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Name the nodes' certificates carry, when it is not the host dialled.
+    #[arg(long, env = "RINGCACHE_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -211,14 +235,14 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
 
 /// Probes `grpc.health.v1.Health/Check` (the whole server, service `""`)
 /// on every seed; fails unless all of them answer SERVING.
-async fn health(seeds: &[String], deadline: Duration, json: bool) -> anyhow::Result<()> {
+async fn health(config: &ClientConfig, deadline: Duration, json: bool) -> anyhow::Result<()> {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let mut unhealthy = Vec::new();
-    for seed in seeds {
+    for seed in &config.seeds {
         let probe = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))?
-                .connect()
-                .await?;
+            // Health is open to callers without a token (probes hold
+            // none), but a TLS node answers only over TLS.
+            let channel = config.endpoint(seed)?.connect().await?;
             let reply = HealthClient::new(channel)
                 .check(HealthCheckRequest {
                     service: String::new(),
@@ -272,12 +296,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Plan(args) = &cli.command {
         return print_plan(args, cli.json);
     }
+    let mut config = ClientConfig::new(cli.seeds.clone()).with_deadline(cli.deadline);
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(token), _) => Some(token.trim().to_owned()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(token) = token {
+        config = config.with_token(cache_client::Token::new(token));
+    }
+    if let Some(ca) = &cli.tls_ca {
+        let identity = cli.tls_cert.as_deref().zip(cli.tls_key.as_deref());
+        let mut tls = cache_client::ClientTls::from_files(ca, identity)?;
+        if let Some(name) = &cli.tls_domain {
+            tls = tls.with_domain_name(name.clone());
+        }
+        config = config.with_tls(tls);
+    }
     // Health asks each seed on its own, without the topology a client
     // fetches first: a node that is up but not serving must still answer.
     if matches!(cli.command, Command::Health) {
-        return health(&cli.seeds, cli.deadline, cli.json).await;
+        return health(&config, cli.deadline, cli.json).await;
     }
-    let config = ClientConfig::new(cli.seeds.clone()).with_deadline(cli.deadline);
     let client = Client::connect(config)
         .await
         .with_context(|| format!("cannot reach the pool at {}", cli.seeds.join(",")))?;

@@ -11,11 +11,14 @@
 //! store version 0, so the later write wins, as in Redis. A dirty
 //! (write-back) entry fences them like any clean write of an older version.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::auth::{Auth, Principal};
+use crate::config::Permission;
 use crate::error::Error;
 use crate::metrics::NodeMetrics;
 use crate::resp::parse::Request;
@@ -39,9 +42,8 @@ pub struct Context {
     pub store: Arc<Store>,
     /// The node's metrics.
     pub metrics: Arc<NodeMetrics>,
-    /// The password `AUTH` must give before anything else is served; `None`
-    /// serves everyone.
-    pub password: Option<String>,
+    /// The tokens `AUTH` checks, the rate limits and the concurrency limit.
+    pub auth: Arc<Auth>,
     /// The keyspace of keys with no keyspace prefix.
     pub default_keyspace: String,
     /// Reported by `INFO`.
@@ -51,9 +53,14 @@ pub struct Context {
 }
 
 /// The state of one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Session {
-    authenticated: bool,
+    /// Who the connection is, resolved once at `AUTH` (or at connection
+    /// when no token is required); `None` until then.
+    principal: Option<Arc<Principal>>,
+    /// The peer's address: the rate-limit identity of a caller without a
+    /// token.
+    peer: Option<IpAddr>,
     name: Option<Bytes>,
 }
 
@@ -67,10 +74,11 @@ pub enum After {
 }
 
 impl Session {
-    /// A new connection's state: authenticated when no password is set.
-    pub fn new(context: &Context) -> Self {
+    /// A new connection's state: authenticated when no token is required.
+    pub fn new(context: &Context, peer: Option<IpAddr>) -> Self {
         Session {
-            authenticated: context.password.is_none(),
+            principal: (!context.auth.resp_required()).then(|| context.auth.anonymous()),
+            peer,
             name: None,
         }
     }
@@ -149,12 +157,24 @@ fn dispatch(
         "auth" => return (auth(context, session, args), After::Continue),
         _ => {}
     }
-    if !session.authenticated {
+    let Some(principal) = &session.principal else {
+        context.metrics.count_refused("resp", "unauthenticated");
         return (
             Reply::Error("NOAUTH Authentication required.".into()),
             After::Continue,
         );
+    };
+    if let Err(refused) = admit(context, principal, session.peer, name, args) {
+        return (refused, After::Continue);
     }
+    // Held while the command runs: it counts towards the node's limit.
+    let _slot = match context.auth.slot() {
+        Ok(slot) => slot,
+        Err(e) => {
+            context.metrics.count_refused("resp", "overloaded");
+            return (Reply::err(e), After::Continue);
+        }
+    };
     let commands = Commands { context };
     let reply = match name {
         "get" => commands.get(args),
@@ -212,36 +232,103 @@ fn dispatch(
     (reply, After::Continue)
 }
 
+/// The permission a command needs in the keyspaces of its keys, and which
+/// arguments are keys (every `step`th from the first); `None` for commands
+/// that touch no keyspace.
+fn needs(name: &str) -> Option<(Permission, usize, bool)> {
+    // (permission, step between keys, whether every such argument is a key)
+    Some(match name {
+        "get" | "ttl" | "pttl" => (Permission::Read, 1, false),
+        "exists" | "mget" => (Permission::Read, 1, true),
+        "set" | "expire" | "pexpire" | "incr" | "decr" | "incrby" | "decrby" => {
+            (Permission::Write, 1, false)
+        }
+        "del" => (Permission::Write, 1, true),
+        "mset" => (Permission::Write, 2, true),
+        _ => return None,
+    })
+}
+
+/// The rate limit, then the permission of every key the command names,
+/// before anything runs (as Redis's ACLs: a refused `DEL a b` deletes
+/// nothing). A caller with the permission everywhere skips the key walk.
+fn admit(
+    context: &Context,
+    principal: &Principal,
+    peer: Option<IpAddr>,
+    name: &str,
+    args: &[Bytes],
+) -> Result<(), Reply> {
+    if let Err(e) = context.auth.admit(principal, peer) {
+        context.metrics.count_refused("resp", "rate_limited");
+        return Err(Reply::Error(format!("RATELIMITED {e}")));
+    }
+    // The common case (no tokens, `resp_password`, an admin token) costs
+    // no lookup at all.
+    if principal.allows_all(Permission::Admin) {
+        return Ok(());
+    }
+    let denied = |e: Error| {
+        context.metrics.count_refused("resp", "permission_denied");
+        Reply::Error(format!("NOPERM {e}"))
+    };
+    if matches!(name, "dbsize" | "info") {
+        return principal.check_all(Permission::Read).map_err(denied);
+    }
+    let Some((need, step, all)) = needs(name) else {
+        return Ok(());
+    };
+    if principal.allows_all(need) {
+        return Ok(());
+    }
+    let keys = if all {
+        args
+    } else {
+        &args[..args.len().min(1)]
+    };
+    for key in keys.iter().step_by(step) {
+        principal
+            .check(keyspace_of(context, key), need)
+            .map_err(denied)?;
+    }
+    Ok(())
+}
+
+/// The keyspace a RESP key names (see the module docs).
+fn keyspace_of<'c>(context: &'c Context, key: &'c [u8]) -> &'c str {
+    if let Some(colon) = key.iter().position(|&b| b == b':')
+        && colon + 1 < key.len()
+        && let Ok(keyspace) = std::str::from_utf8(&key[..colon])
+        && context.store.has_keyspace(keyspace)
+    {
+        return keyspace;
+    }
+    &context.default_keyspace
+}
+
+/// `AUTH secret` (the token whose secret it is, `resp_password` included)
+/// or `AUTH name secret` (Redis 6: the token of that name). The
+/// connection's principal is resolved here, once; a failed `AUTH` leaves
+/// the connection unauthenticated, as Redis does.
 fn auth(context: &Context, session: &mut Session, args: &[Bytes]) -> Reply {
-    let Some(password) = &context.password else {
+    if !context.auth.resp_required() {
         return Reply::err(
             "AUTH <password> called without any password configured for the default user. \
              Are you sure your configuration is correct?",
         );
-    };
-    let given = match args {
-        [given] => given,
-        [user, given] if &user[..] == b"default" => given,
-        [_, _] => {
-            return Reply::Error(
-                "WRONGPASS invalid username-password pair or user is disabled.".into(),
-            );
-        }
+    }
+    let principal = match args {
+        [secret] => context.auth.password(None, secret),
+        [name, secret] => context.auth.password(Some(name), secret),
         _ => return wrong_arity("auth"),
     };
-    if constant_time_eq(given, password.as_bytes()) {
-        session.authenticated = true;
+    session.principal = principal;
+    if session.principal.is_some() {
         Reply::OK
     } else {
-        session.authenticated = false;
+        context.metrics.count_refused("resp", "unauthenticated");
         Reply::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
     }
-}
-
-/// Compares without an early exit, so that the time taken does not tell
-/// how much of a guessed password was right (only whether its length was).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 fn client(session: &mut Session, args: &[Bytes]) -> Reply {

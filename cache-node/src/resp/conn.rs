@@ -11,9 +11,10 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -39,7 +40,8 @@ const LINGER_BYTES: usize = 1024 * 1024;
 
 /// Accepts connections until `stop` is cancelled, then lets every
 /// connection finish the batch it is running (idle ones close at once) and
-/// returns when all have closed.
+/// returns when all have closed. With `tls`, each connection first
+/// completes a TLS handshake (in its own task).
 ///
 /// # Errors
 /// [`Error::Server`] when accepting fails for a reason other than a
@@ -48,6 +50,7 @@ pub async fn serve(
     listener: TcpListener,
     context: Arc<Context>,
     limits: ParseLimits,
+    tls: Option<TlsAcceptor>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     let mut connections = JoinSet::new();
@@ -62,8 +65,25 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 let context = Arc::clone(&context);
                 let stop = stop.clone();
+                let tls = tls.clone();
                 connections.spawn(async move {
-                    if let Err(error) = connection(stream, &context, &limits, &stop).await {
+                    let session = Session::new(&context, Some(peer.ip()));
+                    let result = match (stream.set_nodelay(true), tls) {
+                        (Err(error), _) => Err(error),
+                        (Ok(()), None) => {
+                            connection(stream, &context, session, &limits, &stop).await
+                        }
+                        (Ok(()), Some(tls)) => match crate::tls::handshake(&tls, stream).await {
+                            Ok(stream) => {
+                                connection(stream, &context, session, &limits, &stop).await
+                            }
+                            Err(error) => {
+                                context.metrics.count_refused("resp", "tls_handshake");
+                                Err(error)
+                            }
+                        },
+                    };
+                    if let Err(error) = result {
                         tracing::debug!(%peer, %error, "resp connection ended with an error");
                     }
                 });
@@ -95,13 +115,12 @@ fn is_transient(error: &io::Error) -> bool {
 }
 
 async fn connection(
-    mut stream: TcpStream,
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
     context: &Context,
+    mut session: Session,
     limits: &ParseLimits,
     stop: &CancellationToken,
 ) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut session = Session::new(context);
     let mut input = BytesMut::with_capacity(READ_RESERVE);
     let mut output = BytesMut::new();
     loop {
@@ -160,7 +179,7 @@ async fn connection(
 /// discard the reply before the client reads it. So: send FIN after the
 /// reply, then discard input until the client closes too, for at most
 /// [`LINGER`] and [`LINGER_BYTES`].
-async fn linger_close(mut stream: TcpStream) -> io::Result<()> {
+async fn linger_close(mut stream: impl AsyncRead + AsyncWrite + Unpin) -> io::Result<()> {
     stream.shutdown().await?;
     let drain = async {
         let mut sink = vec![0; 16 * 1024];
