@@ -17,6 +17,8 @@
 //!   version clock they share. Their promises are in `docs/strategies.md`.
 //! - [`store`]: the `Store` trait and `PgStore` (feature `postgres`).
 //! - [`error`]: the crate's [`Error`].
+//! - [`telemetry`]: the client's metrics (through the `metrics` facade,
+//!   into the service's recorder; names in `docs/metrics.md`).
 //! - [`writeback`]: the write-back record format on Kafka (the contract with
 //!   the `write-back-worker`).
 //!
@@ -58,6 +60,7 @@ pub mod producer;
 pub mod ring;
 pub mod store;
 pub mod strategy;
+pub mod telemetry;
 pub mod writeback;
 
 pub use client::{Client, Condition, Entry, Member, NodeStats, SetOptions, SetOutcome, Topology};
