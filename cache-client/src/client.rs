@@ -300,8 +300,8 @@ impl Client {
     pub async fn get(&self, keyspace: &str, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
         let call = telemetry::Call::start(keyspace, "get");
         let keys = [Bytes::copy_from_slice(key.as_ref())];
-        let result = self
-            .read_keys(keyspace, &keys)
+        let result = call
+            .instrument(self.read_keys(keyspace, &keys))
             .await
             .map(|mut results| results.pop().flatten());
         if let Ok(found) = &result {
@@ -317,7 +317,7 @@ impl Client {
     /// As [`Client::get`]; the first error of any node fails the call.
     pub async fn multi_get(&self, keyspace: &str, keys: &[Bytes]) -> Result<Vec<Option<Entry>>> {
         let call = telemetry::Call::start(keyspace, "multi_get");
-        let result = self.read_keys(keyspace, keys).await;
+        let result = call.instrument(self.read_keys(keyspace, keys)).await;
         if let Ok(found) = &result {
             for entry in found {
                 telemetry::lookup(keyspace, telemetry::RAW, entry.is_some());
@@ -369,8 +369,8 @@ impl Client {
     ) -> Result<SetOutcome> {
         let call = telemetry::Call::start(keyspace, "set");
         let item = (Bytes::copy_from_slice(key.as_ref()), value.into(), options);
-        let result = self
-            .write_items(keyspace, vec![item])
+        let result = call
+            .instrument(self.write_items(keyspace, vec![item]))
             .await
             .map(|mut results| {
                 results
@@ -392,7 +392,8 @@ impl Client {
         items: Vec<(Bytes, Bytes, SetOptions)>,
     ) -> Result<Vec<SetOutcome>> {
         let call = telemetry::Call::start(keyspace, "multi_set");
-        call.finish(self.write_items(keyspace, items).await)
+        let result = call.instrument(self.write_items(keyspace, items)).await;
+        call.finish(result)
     }
 
     /// The writes of `set` and `multi_set`.
@@ -448,7 +449,10 @@ impl Client {
     /// As [`Client::set`].
     pub async fn delete(&self, keyspace: &str, key: impl AsRef<[u8]>) -> Result<bool> {
         let call = telemetry::Call::start(keyspace, "delete");
-        call.finish(self.delete_key(keyspace, key.as_ref()).await)
+        let result = call
+            .instrument(self.delete_key(keyspace, key.as_ref()))
+            .await;
+        call.finish(result)
     }
 
     async fn delete_key(&self, keyspace: &str, key: &[u8]) -> Result<bool> {
@@ -712,6 +716,8 @@ pub(crate) fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     // Tell the node too, so it can drop work the client gave up on.
     request.set_timeout(timeout);
+    #[cfg(feature = "otel")]
+    telemetry::otel::inject_grpc(request.metadata_mut());
     request
 }
 

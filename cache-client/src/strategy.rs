@@ -607,7 +607,8 @@ impl Keyspace {
     /// store).
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
         let operation = self.operation("get");
-        operation.finish(self.get_inner(key.as_ref()).await)
+        let result = operation.instrument(self.get_inner(key.as_ref())).await;
+        operation.finish(result)
     }
 
     async fn get_inner(&self, key: &[u8]) -> Result<Option<Bytes>> {
@@ -671,24 +672,23 @@ impl Keyspace {
         };
         let key = Bytes::copy_from_slice(key.as_ref());
         let name = Arc::clone(&self.name);
-        let result = self
-            .read(&state, key, || {
-                let fut = loader();
-                let name = Arc::clone(&name);
-                async move {
-                    match fut.await {
-                        Ok(Some((value, version))) => {
-                            Ok(Loaded::Present(crate::store::Row { value, version }))
-                        }
-                        Ok(None) => Ok(Loaded::Absent { version: 0 }),
-                        Err(e) => Err(Error::Store {
-                            keyspace: name.to_string(),
-                            message: format!("loader failed: {e}"),
-                        }),
+        let read = self.read(&state, key, || {
+            let fut = loader();
+            let name = Arc::clone(&name);
+            async move {
+                match fut.await {
+                    Ok(Some((value, version))) => {
+                        Ok(Loaded::Present(crate::store::Row { value, version }))
                     }
+                    Ok(None) => Ok(Loaded::Absent { version: 0 }),
+                    Err(e) => Err(Error::Store {
+                        keyspace: name.to_string(),
+                        message: format!("loader failed: {e}"),
+                    }),
                 }
-            })
-            .await;
+            }
+        });
+        let result = operation.instrument(read).await;
         operation.finish(result)
     }
 
@@ -828,7 +828,8 @@ impl Keyspace {
     /// A cache failure.
     pub async fn lookup(&self, key: impl AsRef<[u8]>) -> Result<Lookup> {
         let operation = self.operation("lookup");
-        operation.finish(self.lookup_inner(key.as_ref()).await)
+        let result = operation.instrument(self.lookup_inner(key.as_ref())).await;
+        operation.finish(result)
     }
 
     async fn lookup_inner(&self, key: &[u8]) -> Result<Lookup> {
@@ -876,7 +877,10 @@ impl Keyspace {
     /// [`Error::Unsupported`] when the keyspace is not defined.
     pub async fn fill(&self, lease: Lease, value: Option<Bytes>, version: u64) -> Result<bool> {
         let operation = self.operation("fill");
-        operation.finish(self.fill_inner(lease, value, version).await)
+        let result = operation
+            .instrument(self.fill_inner(lease, value, version))
+            .await;
+        operation.finish(result)
     }
 
     async fn fill_inner(&self, lease: Lease, value: Option<Bytes>, version: u64) -> Result<bool> {
@@ -902,7 +906,10 @@ impl Keyspace {
     /// A refusal of the request itself (bad key).
     pub async fn invalidate(&self, key: impl AsRef<[u8]>) -> Result<()> {
         let operation = self.operation("invalidate");
-        operation.finish(self.invalidate_inner(key.as_ref()).await)
+        let result = operation
+            .instrument(self.invalidate_inner(key.as_ref()))
+            .await;
+        operation.finish(result)
     }
 
     async fn invalidate_inner(&self, key: &[u8]) -> Result<()> {
@@ -970,8 +977,8 @@ impl Keyspace {
     pub async fn put(&self, key: impl AsRef<[u8]>, value: impl Into<Bytes>) -> Result<Written> {
         let operation = self.operation("put");
         let value = value.into();
-        let result = self
-            .write(Bytes::copy_from_slice(key.as_ref()), Some(value))
+        let result = operation
+            .instrument(self.write(Bytes::copy_from_slice(key.as_ref()), Some(value)))
             .await;
         operation.finish(result)
     }
@@ -983,7 +990,9 @@ impl Keyspace {
     /// As [`Keyspace::put`].
     pub async fn remove(&self, key: impl AsRef<[u8]>) -> Result<Written> {
         let operation = self.operation("remove");
-        let result = self.write(Bytes::copy_from_slice(key.as_ref()), None).await;
+        let result = operation
+            .instrument(self.write(Bytes::copy_from_slice(key.as_ref()), None))
+            .await;
         operation.finish(result)
     }
 
@@ -1181,7 +1190,10 @@ impl Keyspace {
             Ack::Fast => {
                 self.client.set(&self.name, &key, cached, options).await?;
                 let this = self.clone();
-                tokio::spawn(async move {
+                // In the caller's span, so that the record carries the
+                // caller's trace context.
+                let span = tracing::Span::current();
+                let send = async move {
                     let started = std::time::Instant::now();
                     let sent = producer.send(&record).await;
                     telemetry::write_back_produced(&this.name, "fast", started, sent.is_ok());
@@ -1192,7 +1204,8 @@ impl Keyspace {
                             callback(&record, &e);
                         }
                     }
-                });
+                };
+                tokio::spawn(tracing::Instrument::instrument(send, span));
             }
         }
         Ok(Written {

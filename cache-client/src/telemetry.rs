@@ -6,6 +6,11 @@
 //! `docs/metrics.md`. Without a recorder every call below is a no-op.
 //! Labels are bounded: keyspaces, node ids, operation names, strategies and
 //! error kinds, never keys.
+//!
+//! Every raw call and strategy operation also runs in a `tracing` span
+//! (`ringcache.<op>`, with the keyspace). With the `otel` feature, [`otel`]
+//! carries the trace context of the current span to the nodes and to the
+//! write-back worker (`docs/tracing.md`).
 
 use std::time::Instant;
 
@@ -86,6 +91,7 @@ pub(crate) struct Call<'a> {
     keyspace: &'a str,
     op: &'static str,
     started: Instant,
+    span: tracing::Span,
 }
 
 impl<'a> Call<'a> {
@@ -94,7 +100,16 @@ impl<'a> Call<'a> {
             keyspace,
             op,
             started: Instant::now(),
+            span: tracing::info_span!("ringcache.request", otel.name = %format_args!("ringcache.{op}"), keyspace, op),
         }
+    }
+
+    /// Runs `fut` in the call's span.
+    pub(crate) fn instrument<F: std::future::Future>(
+        &self,
+        fut: F,
+    ) -> tracing::instrument::Instrumented<F> {
+        tracing::Instrument::instrument(fut, self.span.clone())
     }
 
     /// Records the call and hands its result back.
@@ -116,6 +131,7 @@ pub(crate) struct Operation {
     strategy: &'static str,
     op: &'static str,
     started: Instant,
+    span: tracing::Span,
 }
 
 impl Operation {
@@ -125,7 +141,16 @@ impl Operation {
             strategy,
             op,
             started: Instant::now(),
+            span: tracing::info_span!("ringcache.operation", otel.name = %format_args!("ringcache.{op}"), keyspace, strategy, op),
         }
+    }
+
+    /// Runs `fut` in the operation's span.
+    pub(crate) fn instrument<F: std::future::Future>(
+        &self,
+        fut: F,
+    ) -> tracing::instrument::Instrumented<F> {
+        tracing::Instrument::instrument(fut, self.span.clone())
     }
 
     /// Records the operation and hands its result back.
@@ -135,6 +160,7 @@ impl Operation {
             strategy,
             op,
             started,
+            span: _,
         } = self;
         metrics::counter!(OPERATIONS, "keyspace" => keyspace.clone(), "strategy" => strategy, "op" => op)
             .increment(1);
@@ -204,6 +230,151 @@ pub(crate) fn write_back_produced(keyspace: &str, ack: &'static str, started: In
     metrics::counter!(name, "keyspace" => keyspace.to_owned(), "ack" => ack).increment(1);
     metrics::histogram!(WRITE_BACK_PRODUCE_DURATION, "keyspace" => keyspace.to_owned(), "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// OpenTelemetry: W3C trace context (`traceparent`, `tracestate`) in gRPC
+/// metadata and Kafka record headers, and the OTLP exporter the binaries
+/// install. Contexts are injected and extracted through the global
+/// propagator, which [`otel::install_propagator`] (or
+/// [`otel::otlp_tracer`]) sets; until then nothing is propagated.
+#[cfg(feature = "otel")]
+pub mod otel {
+    use std::collections::HashMap;
+
+    use opentelemetry::propagation::{Extractor, Injector};
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    use crate::error::{Error, Result};
+
+    pub use opentelemetry::Context;
+    pub use opentelemetry_sdk::trace::{SdkTracerProvider, Tracer};
+
+    /// The environment variable that turns OTLP export on (the standard
+    /// one of the OpenTelemetry SDKs).
+    pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+    /// Sets the W3C trace-context propagator as the global one.
+    pub fn install_propagator() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+    }
+
+    struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+    impl Injector for MetadataInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes());
+            let value = tonic::metadata::MetadataValue::try_from(value.as_str());
+            if let (Ok(key), Ok(value)) = (key, value) {
+                self.0.insert(key, value);
+            }
+        }
+    }
+
+    /// Adds the current span's trace context to a request's metadata.
+    pub(crate) fn inject_grpc(metadata: &mut tonic::metadata::MetadataMap) {
+        let cx = tracing::Span::current().context();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(&cx, &mut MetadataInjector(metadata));
+        });
+    }
+
+    /// The current span's trace context as header names and values (for
+    /// the Kafka record of a write-back write).
+    pub fn current_headers() -> Vec<(String, String)> {
+        let cx = tracing::Span::current().context();
+        let mut headers: HashMap<String, String> = HashMap::new();
+        opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.inject_context(&cx, &mut headers);
+        });
+        let mut headers: Vec<_> = headers.into_iter().collect();
+        headers.sort();
+        headers
+    }
+
+    struct Pairs(HashMap<String, String>);
+
+    impl Extractor for Pairs {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(&key.to_ascii_lowercase()).map(String::as_str)
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(String::as_str).collect()
+        }
+    }
+
+    /// The trace context carried by headers (gRPC metadata, HTTP or Kafka
+    /// headers), as name and value; an empty context when there is none.
+    pub fn context_from_headers<'a>(
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Context {
+        let pairs = Pairs(
+            headers
+                .into_iter()
+                .filter_map(|(name, value)| {
+                    let value = std::str::from_utf8(value).ok()?;
+                    Some((name.to_ascii_lowercase(), value.to_owned()))
+                })
+                .collect(),
+        );
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&pairs))
+    }
+
+    /// A `tracing` layer that turns spans into OpenTelemetry spans of
+    /// `tracer`.
+    pub fn layer<S>(tracer: Tracer) -> tracing_opentelemetry::OpenTelemetryLayer<S, Tracer>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        tracing_opentelemetry::layer().with_tracer(tracer)
+    }
+
+    /// Flushes and stops the exporter when dropped.
+    #[must_use = "dropping the guard stops the exporter"]
+    pub struct OtlpGuard(SdkTracerProvider);
+
+    impl Drop for OtlpGuard {
+        fn drop(&mut self) {
+            if let Err(e) = self.0.shutdown() {
+                tracing::warn!(error = %e, "the OTLP exporter did not shut down cleanly");
+            }
+        }
+    }
+
+    /// The OTLP (gRPC) span exporter of a binary, when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`None` otherwise); the usual
+    /// `OTEL_*` variables configure it. Also installs the W3C propagator.
+    /// Call it inside the Tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the exporter cannot be built.
+    pub fn otlp_tracer(service_name: &'static str) -> Result<Option<(Tracer, OtlpGuard)>> {
+        if std::env::var_os(OTLP_ENDPOINT_ENV).is_none() {
+            return Ok(None);
+        }
+        install_propagator();
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+            .map_err(|e| Error::Config {
+                field: "otel",
+                reason: format!("cannot build the OTLP exporter: {e}"),
+            })?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(service_name)
+                    .build(),
+            )
+            .build();
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        let tracer = provider.tracer(service_name);
+        Ok(Some((tracer, OtlpGuard(provider))))
+    }
 }
 
 #[cfg(test)]
