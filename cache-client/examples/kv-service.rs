@@ -146,20 +146,23 @@ async fn shutdown_signal() {
     }
 }
 
-/// Checks that the keyspace is one the file defined, so that a typo
-/// answers 404 instead of reaching the cache as a raw keyspace.
-fn keyspace(state: &AppState, name: &str) -> Result<cache_client::strategy::Keyspace, Response> {
-    match state.client.keyspace_settings(name) {
-        Some(_) => Ok(state.client.keyspace(name)),
-        None => Err((StatusCode::NOT_FOUND, format!("no keyspace {name:?}\n")).into_response()),
-    }
+/// The keyspace, if the file defined it: a typo answers 404 (see
+/// [`unknown_keyspace`]) instead of reaching the cache as a raw keyspace.
+fn keyspace(state: &AppState, name: &str) -> Option<cache_client::strategy::Keyspace> {
+    state
+        .client
+        .keyspace_settings(name)
+        .map(|_| state.client.keyspace(name))
+}
+
+fn unknown_keyspace(name: &str) -> Response {
+    (StatusCode::NOT_FOUND, format!("no keyspace {name:?}\n")).into_response()
 }
 
 #[tracing::instrument(skip(state))]
 async fn read(State(state): State<AppState>, Path((ks, key)): Path<(String, String)>) -> Response {
-    let keyspace = match keyspace(&state, &ks) {
-        Ok(keyspace) => keyspace,
-        Err(response) => return response,
+    let Some(keyspace) = keyspace(&state, &ks) else {
+        return unknown_keyspace(&ks);
     };
     match keyspace.get(&key).await {
         Ok(Some(value)) => (StatusCode::OK, value).into_response(),
@@ -174,9 +177,8 @@ async fn write(
     Path((ks, key)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let keyspace = match keyspace(&state, &ks) {
-        Ok(keyspace) => keyspace,
-        Err(response) => return response,
+    let Some(keyspace) = keyspace(&state, &ks) else {
+        return unknown_keyspace(&ks);
     };
     match keyspace.put(&key, body).await {
         Ok(written) => written_json(written),
@@ -189,9 +191,8 @@ async fn remove(
     State(state): State<AppState>,
     Path((ks, key)): Path<(String, String)>,
 ) -> Response {
-    let keyspace = match keyspace(&state, &ks) {
-        Ok(keyspace) => keyspace,
-        Err(response) => return response,
+    let Some(keyspace) = keyspace(&state, &ks) else {
+        return unknown_keyspace(&ks);
     };
     match keyspace.remove(&key).await {
         Ok(written) => written_json(written),
@@ -252,15 +253,33 @@ mod telemetry {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
-    /// Keeps the exporter alive; dropping it flushes the spans.
-    pub struct Guard;
+    /// The OTLP exporter's guard: dropping it flushes the spans.
+    #[cfg(feature = "otel")]
+    pub type Exporter = cache_client::telemetry::otel::OtlpGuard;
+    #[cfg(not(feature = "otel"))]
+    pub type Exporter = std::convert::Infallible;
 
-    pub fn init() -> anyhow::Result<Guard> {
+    /// Logs to stdout; with `otel`, exports spans over OTLP when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Each request's span (the
+    /// handlers are instrumented) is then the parent of the client's spans
+    /// and, through the propagated context, of the nodes' and the worker's.
+    pub fn init() -> anyhow::Result<Option<Exporter>> {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        #[cfg(feature = "otel")]
+        let (otel, guard) = match cache_client::telemetry::otel::otlp_tracer("kv-service")? {
+            Some((tracer, guard)) => (
+                Some(cache_client::telemetry::otel::layer(tracer)),
+                Some(guard),
+            ),
+            None => (None, None),
+        };
+        #[cfg(not(feature = "otel"))]
+        let (otel, guard): (Option<tracing_subscriber::layer::Identity>, _) = (None, None);
         tracing_subscriber::registry()
-            .with(filter)
             .with(tracing_subscriber::fmt::layer())
+            .with(otel)
+            .with(filter)
             .try_init()?;
-        Ok(Guard)
+        Ok(guard)
     }
 }

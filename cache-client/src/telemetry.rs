@@ -323,6 +323,31 @@ pub mod otel {
         opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&pairs))
     }
 
+    /// Makes the trace context carried by `headers` the parent of `span`
+    /// (a server's span for a request).
+    pub fn set_parent_from_headers<'a>(
+        span: &tracing::Span,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) {
+        // Fails only when no OpenTelemetry layer records the span: there is
+        // nothing to link then.
+        let _ = span.set_parent(context_from_headers(headers));
+    }
+
+    /// Links `span` to the trace context carried by `headers`, if any (a
+    /// consumer's span for a batch of records, each from its own trace).
+    pub fn link_from_headers<'a>(
+        span: &tracing::Span,
+        headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) {
+        use opentelemetry::trace::TraceContextExt as _;
+        let cx = context_from_headers(headers);
+        let linked = cx.span().span_context().clone();
+        if linked.is_valid() {
+            span.add_link(linked);
+        }
+    }
+
     /// A `tracing` layer that turns spans into OpenTelemetry spans of
     /// `tracer`.
     pub fn layer<S>(tracer: Tracer) -> tracing_opentelemetry::OpenTelemetryLayer<S, Tracer>

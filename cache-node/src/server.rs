@@ -147,7 +147,12 @@ async fn serve(
 
     let stop = CancellationToken::new();
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    #[cfg(feature = "otel")]
+    {
+        builder = builder.trace_fn(request_span);
+    }
+    let grpc = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -303,6 +308,27 @@ async fn sweep(store: Arc<Store>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// The span of one gRPC request, child of the caller's trace context when
+/// the request carries one (`traceparent` metadata).
+#[cfg(feature = "otel")]
+fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    let span = tracing::info_span!(
+        "ringcache.node.rpc",
+        otel.name = %path,
+        otel.kind = "server",
+        rpc.method = %path,
+    );
+    cache_client::telemetry::otel::set_parent_from_headers(
+        &span,
+        request
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes())),
+    );
+    span
 }
 
 #[cfg(test)]
