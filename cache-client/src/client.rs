@@ -13,6 +13,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::cluster::{Cluster, NodeHandle, View};
 use crate::config::{Backoff, ClientConfig, Replication};
 use crate::error::{Error, Result};
+use crate::telemetry;
 
 /// A cached value as read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -297,9 +298,16 @@ impl Client {
     /// [`Error::Refused`] for a bad key or unknown keyspace; otherwise an
     /// availability error after the retries the deadline allows.
     pub async fn get(&self, keyspace: &str, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
+        let call = telemetry::Call::start(keyspace, "get");
         let keys = [Bytes::copy_from_slice(key.as_ref())];
-        let mut results = self.multi_get(keyspace, &keys).await?;
-        Ok(results.pop().flatten())
+        let result = call
+            .instrument(self.read_keys(keyspace, &keys))
+            .await
+            .map(|mut results| results.pop().flatten());
+        if let Ok(found) = &result {
+            telemetry::lookup(keyspace, telemetry::RAW, found.is_some());
+        }
+        call.finish(result)
     }
 
     /// Reads many keys, fanning out to the owning nodes in parallel.
@@ -308,6 +316,23 @@ impl Client {
     /// # Errors
     /// As [`Client::get`]; the first error of any node fails the call.
     pub async fn multi_get(&self, keyspace: &str, keys: &[Bytes]) -> Result<Vec<Option<Entry>>> {
+        let call = telemetry::Call::start(keyspace, "multi_get");
+        let result = call.instrument(self.read_keys(keyspace, keys)).await;
+        if let Ok(found) = &result {
+            for entry in found {
+                telemetry::lookup(keyspace, telemetry::RAW, entry.is_some());
+            }
+        }
+        call.finish(result)
+    }
+
+    /// The reads of `get` and `multi_get`, uncounted: strategies count what
+    /// they read under their own label.
+    pub(crate) async fn read_keys(
+        &self,
+        keyspace: &str,
+        keys: &[Bytes],
+    ) -> Result<Vec<Option<Entry>>> {
         let slots = self
             .execute(
                 keyspace,
@@ -342,11 +367,17 @@ impl Client {
         value: impl Into<Bytes>,
         options: SetOptions,
     ) -> Result<SetOutcome> {
+        let call = telemetry::Call::start(keyspace, "set");
         let item = (Bytes::copy_from_slice(key.as_ref()), value.into(), options);
-        let mut results = self.multi_set(keyspace, vec![item]).await?;
-        Ok(results
-            .pop()
-            .expect("multi_set returns one outcome per item, and there is one item"))
+        let result = call
+            .instrument(self.write_items(keyspace, vec![item]))
+            .await
+            .map(|mut results| {
+                results
+                    .pop()
+                    .expect("write_items returns one outcome per item, and there is one item")
+            });
+        call.finish(result)
     }
 
     /// Writes many keys, each to its replicas, fanning out in parallel.
@@ -356,6 +387,17 @@ impl Client {
     /// # Errors
     /// As [`Client::set`], for the first item that fails.
     pub async fn multi_set(
+        &self,
+        keyspace: &str,
+        items: Vec<(Bytes, Bytes, SetOptions)>,
+    ) -> Result<Vec<SetOutcome>> {
+        let call = telemetry::Call::start(keyspace, "multi_set");
+        let result = call.instrument(self.write_items(keyspace, items)).await;
+        call.finish(result)
+    }
+
+    /// The writes of `set` and `multi_set`.
+    async fn write_items(
         &self,
         keyspace: &str,
         items: Vec<(Bytes, Bytes, SetOptions)>,
@@ -406,8 +448,16 @@ impl Client {
     /// # Errors
     /// As [`Client::set`].
     pub async fn delete(&self, keyspace: &str, key: impl AsRef<[u8]>) -> Result<bool> {
+        let call = telemetry::Call::start(keyspace, "delete");
+        let result = call
+            .instrument(self.delete_key(keyspace, key.as_ref()))
+            .await;
+        call.finish(result)
+    }
+
+    async fn delete_key(&self, keyspace: &str, key: &[u8]) -> Result<bool> {
         let replication = self.replication(keyspace);
-        let keys = [Bytes::copy_from_slice(key.as_ref())];
+        let keys = [Bytes::copy_from_slice(key)];
         let slots = self
             .execute(
                 keyspace,
@@ -495,6 +545,9 @@ impl Client {
             let plan = plan(&view, keyspace, keys, &slots, &failed, want);
             if plan.groups.is_empty() {
                 break;
+            }
+            if attempt > 0 {
+                telemetry::retry(keyspace);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -663,6 +716,8 @@ pub(crate) fn request<T>(message: T, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     // Tell the node too, so it can drop work the client gave up on.
     request.set_timeout(timeout);
+    #[cfg(feature = "otel")]
+    telemetry::otel::inject_grpc(request.metadata_mut());
     request
 }
 

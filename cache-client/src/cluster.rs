@@ -186,7 +186,9 @@ impl Cluster {
     /// a topology refresh (the node may have been removed on purpose).
     pub(crate) fn record_failure(&self, node: &NodeHandle, error: &Error) {
         let failures = node.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::telemetry::node_failure(&node.id, error);
         if failures >= self.config.failure_threshold && !node.down.swap(true, Ordering::AcqRel) {
+            crate::telemetry::node_marked_down(&node.id, "failures");
             tracing::warn!(node = %node.id, address = %node.address, failures, %error, "node marked down");
             self.refresh_now.notify_one();
         }
@@ -197,7 +199,9 @@ impl Cluster {
     /// before this client reads from it again (it missed that write).
     pub(crate) fn mark_down(&self, node: &NodeHandle, error: &Error) {
         node.failures.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::node_failure(&node.id, error);
         if !node.down.swap(true, Ordering::AcqRel) {
+            crate::telemetry::node_marked_down(&node.id, "write");
             tracing::warn!(node = %node.id, address = %node.address, %error, "node marked down: a write routed around it");
             self.refresh_now.notify_one();
         }
@@ -278,6 +282,7 @@ impl Cluster {
                 Ok(Ok(_)) => {
                     node.failures.store(0, Ordering::Relaxed);
                     node.down.store(false, Ordering::Release);
+                    crate::telemetry::node_readmitted(&node.id);
                     tracing::info!(node = %node.id, "node flushed and re-admitted");
                     if let Err(e) = self.adopt(&topology) {
                         tracing::warn!(error = %e, "cannot adopt topology");

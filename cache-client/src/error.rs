@@ -172,6 +172,28 @@ impl Error {
         }
     }
 
+    /// A short stable name of the error's variant, the `kind` label of the
+    /// client's error metrics (`docs/metrics.md`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NoSeedReachable { .. } => "no_seed_reachable",
+            Error::NoNodeAvailable { .. } => "no_node_available",
+            Error::Refused { .. } => "refused",
+            Error::Unavailable { .. } => "unavailable",
+            Error::DeadlineExceeded { .. } => "deadline_exceeded",
+            Error::QuorumNotReached { .. } => "quorum_not_reached",
+            Error::Conflict { .. } => "conflict",
+            Error::KeyspaceConfig { .. } => "keyspace_config",
+            Error::Unsupported { .. } => "unsupported",
+            Error::Codec(_) => "codec",
+            Error::Config { .. } => "config",
+            Error::PlanInput { .. } => "plan_input",
+            Error::Store { .. } => "store",
+            Error::StoreRejected { .. } => "store_rejected",
+            Error::TxnNotFound { .. } => "txn_not_found",
+        }
+    }
+
     /// Classifies a status from `node`: refusals of the request itself versus
     /// failures of the node or the network.
     pub(crate) fn from_status(node: &str, status: &tonic::Status) -> Error {

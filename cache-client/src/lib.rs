@@ -19,6 +19,8 @@
 //! - [`error`]: the crate's [`Error`].
 //! - [`plan`]: back-of-the-envelope sizing of a pool (pure arithmetic;
 //!   `cachectl plan`, `docs/capacity.md`).
+//! - [`telemetry`]: the client's metrics (through the `metrics` facade,
+//!   into the service's recorder; names in `docs/metrics.md`).
 //! - [`writeback`]: the write-back record format on Kafka (the contract with
 //!   the `write-back-worker`).
 //!
@@ -61,6 +63,7 @@ pub mod producer;
 pub mod ring;
 pub mod store;
 pub mod strategy;
+pub mod telemetry;
 pub mod writeback;
 
 pub use client::{Client, Condition, Entry, Member, NodeStats, SetOptions, SetOutcome, Topology};

@@ -238,6 +238,16 @@ impl Producer {
                 value: Some(&value[..]),
             });
         }
+        // The writer's trace context, so that the worker's span for storing
+        // the record links to the request (`docs/tracing.md`); the worker
+        // ignores headers it does not know.
+        #[cfg(feature = "otel")]
+        for (name, value) in crate::telemetry::otel::current_headers() {
+            headers = headers.insert(Header {
+                key: &name,
+                value: Some(value.as_bytes()),
+            });
+        }
         let mut message = FutureRecord::to(&topic).key(&key).headers(headers);
         if let Some(value) = &record.value {
             message = message.payload(&value[..]);

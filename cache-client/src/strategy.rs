@@ -35,6 +35,7 @@ use crate::cluster::NodeHandle;
 use crate::error::{Error, Result};
 use crate::primitives::{FillReply, LeaseReply};
 use crate::store::{Applied, Change, Loaded, Store, TxnId};
+use crate::telemetry;
 
 /// Default [`KeyspaceSettings::lease_wait`].
 pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(2);
@@ -82,15 +83,22 @@ pub enum Ack {
     Fast,
 }
 
-impl std::fmt::Display for Strategy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Strategy {
+    /// The strategy's name as the keyspace file spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Strategy::CacheAside => "cache-aside",
             Strategy::ReadThrough => "read-through",
             Strategy::WriteAround => "write-around",
             Strategy::WriteThrough => "write-through",
             Strategy::WriteBack => "write-back",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -574,6 +582,20 @@ impl Keyspace {
         metrics::counter!(name, "keyspace" => self.name.to_string()).increment(1);
     }
 
+    /// The `strategy` label of this keyspace's metrics.
+    fn strategy_label(&self) -> &'static str {
+        self.client
+            .inner
+            .keyspaces
+            .get(&self.name)
+            .map_or("undefined", |state| state.settings.strategy.as_str())
+    }
+
+    /// Starts timing one operation on this keyspace.
+    fn operation(&self, op: &'static str) -> telemetry::Operation {
+        telemetry::Operation::start(&self.name, self.strategy_label(), op)
+    }
+
     /// Reads a key. On a miss, loads it from the keyspace's store under a
     /// lease (read-through, write-around, write-through; cache-aside with a
     /// store); a cache-aside keyspace without a store answers from the cache
@@ -584,8 +606,14 @@ impl Keyspace {
     /// request itself (an unreachable cache degrades to loading from the
     /// store).
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
+        let operation = self.operation("get");
+        let result = operation.instrument(self.get_inner(key.as_ref())).await;
+        operation.finish(result)
+    }
+
+    async fn get_inner(&self, key: &[u8]) -> Result<Option<Bytes>> {
         let state = self.state()?;
-        let key = Bytes::copy_from_slice(key.as_ref());
+        let key = Bytes::copy_from_slice(key);
         match &state.store {
             Some(store) => {
                 let store = Arc::clone(store);
@@ -598,10 +626,23 @@ impl Keyspace {
                 })
                 .await
             }
-            None => match self.client.get(&self.name, &key).await? {
-                Some(entry) => untag(&self.name, &entry.value),
-                None => Ok(None),
-            },
+            None => {
+                let found = self
+                    .client
+                    .read_keys(&self.name, std::slice::from_ref(&key))
+                    .await?
+                    .pop()
+                    .flatten();
+                telemetry::lookup(
+                    &self.name,
+                    state.settings.strategy.as_str(),
+                    found.is_some(),
+                );
+                match found {
+                    Some(entry) => untag(&self.name, &entry.value),
+                    None => Ok(None),
+                }
+            }
         }
     }
 
@@ -624,10 +665,14 @@ impl Keyspace {
         Fut: Future<Output = std::result::Result<Option<(Bytes, u64)>, E>>,
         E: std::fmt::Display,
     {
-        let state = self.state()?;
+        let operation = self.operation("get_or_load");
+        let state = match self.state() {
+            Ok(state) => state,
+            Err(e) => return operation.finish(Err(e)),
+        };
         let key = Bytes::copy_from_slice(key.as_ref());
         let name = Arc::clone(&self.name);
-        self.read(&state, key, || {
+        let read = self.read(&state, key, || {
             let fut = loader();
             let name = Arc::clone(&name);
             async move {
@@ -642,8 +687,9 @@ impl Keyspace {
                     }),
                 }
             }
-        })
-        .await
+        });
+        let result = operation.instrument(read).await;
+        operation.finish(result)
     }
 
     /// The lease-protected read shared by every strategy.
@@ -659,9 +705,12 @@ impl Keyspace {
     {
         let started = Instant::now();
         let mut failures = 0u32;
+        let strategy = state.settings.strategy.as_str();
         loop {
             match self.client.lease_get(&self.name, &key).await {
                 Ok(LeaseReply::Hit(entry)) => {
+                    telemetry::lookup(&self.name, strategy, true);
+                    telemetry::lease(&self.name, strategy, "hit");
                     let value = untag(&self.name, &entry.value)?;
                     if value.is_none() {
                         self.count("ringcache_client_negative_hits_total");
@@ -673,6 +722,8 @@ impl Keyspace {
                     token,
                     fallback,
                 }) => {
+                    telemetry::lookup(&self.name, strategy, false);
+                    telemetry::lease(&self.name, strategy, "granted");
                     self.count("ringcache_client_loads_total");
                     let loaded = load().await?;
                     let (value, mut item) = self.fill_item(state, &key, loaded);
@@ -686,9 +737,12 @@ impl Keyspace {
                     if started.elapsed() + retry_after > state.settings.lease_wait {
                         // The lease holder is slow or gone: load without
                         // filling, rather than keep the caller waiting.
+                        telemetry::lookup(&self.name, strategy, false);
+                        telemetry::lease(&self.name, strategy, "wait_expired");
                         self.count("ringcache_client_loads_total");
                         return Ok(self.fill_item(state, &key, load().await?).0);
                     }
+                    telemetry::lease(&self.name, strategy, "wait");
                     self.count("ringcache_client_lease_waits_total");
                     tokio::time::sleep(retry_after).await;
                 }
@@ -697,9 +751,11 @@ impl Keyspace {
                     if failures >= self.client.config().max_attempts {
                         // The cache is unreachable: serve from the store.
                         tracing::debug!(keyspace = %self.name, error = %e, "cache unreachable; loading without it");
+                        telemetry::lookup(&self.name, strategy, false);
                         self.count("ringcache_client_loads_total");
                         return Ok(self.fill_item(state, &key, load().await?).0);
                     }
+                    telemetry::retry(&self.name);
                     tokio::time::sleep(self.client.inner.backoff.delay(failures)).await;
                 }
                 Err(e) => return Err(e),
@@ -747,13 +803,19 @@ impl Keyspace {
     /// Fills under a lease; a refused fill is counted, never an error: the
     /// caller's value was current when its read began.
     async fn fill_lease(&self, node: &NodeHandle, token: u64, item: v1::SetItem) -> bool {
+        let strategy = self.strategy_label();
         match self.client.fill(&self.name, node, token, item).await {
-            Ok(FillReply::Stored) => true,
+            Ok(FillReply::Stored) => {
+                telemetry::lease(&self.name, strategy, "fill_stored");
+                true
+            }
             Ok(FillReply::LeaseInvalid | FillReply::StaleVersion) => {
+                telemetry::lease(&self.name, strategy, "fill_refused");
                 self.count("ringcache_client_fills_refused_total");
                 false
             }
             Err(e) => {
+                telemetry::lease(&self.name, strategy, "fill_failed");
                 tracing::debug!(keyspace = %self.name, error = %e, "fill failed");
                 false
             }
@@ -765,8 +827,25 @@ impl Keyspace {
     /// # Errors
     /// A cache failure.
     pub async fn lookup(&self, key: impl AsRef<[u8]>) -> Result<Lookup> {
-        let key = Bytes::copy_from_slice(key.as_ref());
-        Ok(match self.client.lease_get(&self.name, &key).await? {
+        let operation = self.operation("lookup");
+        let result = operation.instrument(self.lookup_inner(key.as_ref())).await;
+        operation.finish(result)
+    }
+
+    async fn lookup_inner(&self, key: &[u8]) -> Result<Lookup> {
+        let key = Bytes::copy_from_slice(key);
+        let strategy = self.strategy_label();
+        let reply = self.client.lease_get(&self.name, &key).await?;
+        let (hit, outcome) = match &reply {
+            LeaseReply::Hit(_) => (Some(true), "hit"),
+            LeaseReply::Lease { .. } => (Some(false), "granted"),
+            LeaseReply::Wait { .. } => (None, "wait"),
+        };
+        if let Some(hit) = hit {
+            telemetry::lookup(&self.name, strategy, hit);
+        }
+        telemetry::lease(&self.name, strategy, outcome);
+        Ok(match reply {
             LeaseReply::Hit(entry) => match untag(&self.name, &entry.value)? {
                 Some(value) => Lookup::Hit(value, entry.version),
                 None => Lookup::Absent,
@@ -797,6 +876,14 @@ impl Keyspace {
     /// # Errors
     /// [`Error::Unsupported`] when the keyspace is not defined.
     pub async fn fill(&self, lease: Lease, value: Option<Bytes>, version: u64) -> Result<bool> {
+        let operation = self.operation("fill");
+        let result = operation
+            .instrument(self.fill_inner(lease, value, version))
+            .await;
+        operation.finish(result)
+    }
+
+    async fn fill_inner(&self, lease: Lease, value: Option<Bytes>, version: u64) -> Result<bool> {
         let state = self.state()?;
         let loaded = match value {
             Some(value) => Loaded::Present(crate::store::Row { value, version }),
@@ -818,7 +905,15 @@ impl Keyspace {
     /// # Errors
     /// A refusal of the request itself (bad key).
     pub async fn invalidate(&self, key: impl AsRef<[u8]>) -> Result<()> {
-        let key = Bytes::copy_from_slice(key.as_ref());
+        let operation = self.operation("invalidate");
+        let result = operation
+            .instrument(self.invalidate_inner(key.as_ref()))
+            .await;
+        operation.finish(result)
+    }
+
+    async fn invalidate_inner(&self, key: &[u8]) -> Result<()> {
+        let key = Bytes::copy_from_slice(key);
         match self.client.delete(&self.name, &key).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_retryable() => {
@@ -880,9 +975,12 @@ impl Keyspace {
     /// otherwise by loading it), except as `docs/strategies.md` bounds it
     /// while nodes fail.
     pub async fn put(&self, key: impl AsRef<[u8]>, value: impl Into<Bytes>) -> Result<Written> {
+        let operation = self.operation("put");
         let value = value.into();
-        self.write(Bytes::copy_from_slice(key.as_ref()), Some(value))
-            .await
+        let result = operation
+            .instrument(self.write(Bytes::copy_from_slice(key.as_ref()), Some(value)))
+            .await;
+        operation.finish(result)
     }
 
     /// Deletes a key through the keyspace's strategy (a tombstone in the
@@ -891,7 +989,11 @@ impl Keyspace {
     /// # Errors
     /// As [`Keyspace::put`].
     pub async fn remove(&self, key: impl AsRef<[u8]>) -> Result<Written> {
-        self.write(Bytes::copy_from_slice(key.as_ref()), None).await
+        let operation = self.operation("remove");
+        let result = operation
+            .instrument(self.write(Bytes::copy_from_slice(key.as_ref()), None))
+            .await;
+        operation.finish(result)
     }
 
     async fn write(&self, key: Bytes, value: Option<Bytes>) -> Result<Written> {
@@ -912,7 +1014,7 @@ impl Keyspace {
                 self.client.inner.clock.observe(applied.version);
                 // Invalidate even when a newer write won: the cache may hold
                 // anything older than the winner.
-                self.invalidate(&key).await?;
+                self.invalidate_inner(&key).await?;
                 Ok(Written::from(applied, version))
             }
         }
@@ -971,7 +1073,7 @@ impl Keyspace {
                     // one, could leave the two apart. The pending change is
                     // left to time out instead, which removes it together
                     // with the cached value: absent is always correct.
-                    self.count("ringcache_client_twopc_aborts_total");
+                    telemetry::twopc_abort(&self.name, "commit");
                     return Err(e);
                 }
                 self.client
@@ -992,7 +1094,10 @@ impl Keyspace {
                 self.client
                     .finish(&self.name, &key, txn.as_str(), &prepared, false)
                     .await;
-                self.count("ringcache_client_twopc_aborts_total");
+                telemetry::twopc_abort(
+                    &self.name,
+                    if applied.applied { "cache" } else { "version" },
+                );
                 if !applied.applied {
                     self.client.inner.clock.observe(applied.version);
                     return Ok(Written {
@@ -1010,7 +1115,7 @@ impl Keyspace {
                 self.client
                     .finish(&self.name, &key, txn.as_str(), &prepared, false)
                     .await;
-                self.count("ringcache_client_twopc_aborts_total");
+                telemetry::twopc_abort(&self.name, "store");
                 Err(e)
             }
         }
@@ -1069,34 +1174,40 @@ impl Keyspace {
         };
         match state.settings.ack {
             Ack::Durable => {
-                if let Err(e) = producer.send(&record).await {
-                    self.count("ringcache_client_write_back_failures_total");
-                    return Err(e);
-                }
+                let started = std::time::Instant::now();
+                let sent = producer.send(&record).await;
+                telemetry::write_back_produced(&self.name, "durable", started, sent.is_ok());
+                sent?;
                 if let Err(e) = self.client.set(&self.name, &key, cached, options).await {
                     // The record is queued and will be stored; the cache
                     // may still hold an older dirty value of the key, which
                     // must not outlive this write.
-                    let _ = self.invalidate(&key).await;
+                    self.count(telemetry::WRITE_BACK_CACHE_FAILURES);
+                    let _ = self.invalidate_inner(&key).await;
                     return Err(e);
                 }
             }
             Ack::Fast => {
                 self.client.set(&self.name, &key, cached, options).await?;
                 let this = self.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = producer.send(&record).await {
-                        this.count("ringcache_client_write_back_failures_total");
+                // In the caller's span, so that the record carries the
+                // caller's trace context.
+                let span = tracing::Span::current();
+                let send = async move {
+                    let started = std::time::Instant::now();
+                    let sent = producer.send(&record).await;
+                    telemetry::write_back_produced(&this.name, "fast", started, sent.is_ok());
+                    if let Err(e) = sent {
                         tracing::error!(keyspace = %this.name, error = %e, "fast write-back write lost: the broker did not take it");
-                        let _ = this.invalidate(&record.key).await;
+                        let _ = this.invalidate_inner(&record.key).await;
                         if let Some(callback) = this.client.inner.write_back_failed.get() {
                             callback(&record, &e);
                         }
                     }
-                });
+                };
+                tokio::spawn(tracing::Instrument::instrument(send, span));
             }
         }
-        self.count("ringcache_client_write_back_queued_total");
         Ok(Written {
             version,
             applied: true,

@@ -169,6 +169,10 @@ async fn serve(
         CacheNodeServer::new(service).max_decoding_message_size(config.limits.max_request_bytes),
         crate::grpc::interceptor(Arc::clone(&auth), Arc::clone(&metrics)),
     );
+    #[cfg(feature = "otel")]
+    {
+        builder = builder.trace_fn(request_span);
+    }
     let grpc = builder
         .add_service(health_service)
         .add_service(reflection)
@@ -361,6 +365,27 @@ async fn sweep(store: Arc<Store>, auth: Arc<Auth>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// The span of one gRPC request, child of the caller's trace context when
+/// the request carries one (`traceparent` metadata).
+#[cfg(feature = "otel")]
+fn request_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
+    let path = request.uri().path();
+    let span = tracing::info_span!(
+        "ringcache.node.rpc",
+        otel.name = %path,
+        otel.kind = "server",
+        rpc.method = %path,
+    );
+    cache_client::telemetry::otel::set_parent_from_headers(
+        &span,
+        request
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes())),
+    );
+    span
 }
 
 #[cfg(test)]

@@ -19,6 +19,9 @@
 //!   SIGKILL and restart on the same address and storage.
 //! - [`PrivatePostgres`]: a PostgreSQL server of the test's own, which it
 //!   can stop and start again.
+//! - [`ServiceProcess`]: the example HTTP service
+//!   (`cache-client/examples/kv-service.rs`) as a child process, with a
+//!   small HTTP client to drive it.
 //! - [`bench`]: the `cache-bench` load generator's library (key
 //!   distributions, the open-loop schedule, summaries, the driver;
 //!   `docs/benchmarks.md`).
@@ -38,6 +41,7 @@ mod fixtures;
 mod node;
 mod postgres;
 mod process;
+mod service;
 mod worker;
 pub mod write_back;
 
@@ -48,4 +52,5 @@ pub use node::{
     HEALTH_TIMEOUT, NODE_HEALTH_SERVICE, NodeConfig, NodeProcess, free_addr, node_binary,
 };
 pub use postgres::PrivatePostgres;
+pub use service::{SERVICE_TIMEOUT, ServiceConfig, ServiceProcess, service_binary};
 pub use worker::{WorkerConfig, WorkerProcess, dead_letter_topic, worker_binary};

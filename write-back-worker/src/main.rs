@@ -10,24 +10,51 @@ use write_back_worker::config::{Cli, Config, LogFormat};
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli)?;
-    init_tracing(config.log_format);
+    let _exporter = init_tracing(config.log_format)?;
     write_back_worker::run(config, shutdown_signal())
         .await
         .context("write-back worker failed")
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stdout; with the `otel` feature, also exports spans over OTLP
+/// when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The guard flushes the exporter
+/// when dropped at the end of `main`.
+fn init_tracing(format: LogFormat) -> anyhow::Result<Option<Exporter>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only on a terminal, so that log files stay plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(ansi);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    #[cfg(feature = "otel")]
+    let (otel, guard) = match cache_client::telemetry::otel::otlp_tracer("write-back-worker")? {
+        Some((tracer, guard)) => (
+            Some(cache_client::telemetry::otel::layer(tracer)),
+            Some(guard),
+        ),
+        None => (None, None),
+    };
+    #[cfg(not(feature = "otel"))]
+    let (otel, guard): (Option<tracing_subscriber::layer::Identity>, _) = (None, None);
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .with(filter)
+        .init();
+    Ok(guard)
 }
+
+/// The OTLP exporter's guard; none can exist without the `otel` feature.
+#[cfg(feature = "otel")]
+type Exporter = cache_client::telemetry::otel::OtlpGuard;
+#[cfg(not(feature = "otel"))]
+type Exporter = std::convert::Infallible;
 
 /// Completes on the first SIGINT or SIGTERM.
 async fn shutdown_signal() {

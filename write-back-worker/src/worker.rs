@@ -260,6 +260,12 @@ impl Batcher<'_> {
         if self.pending.is_empty() {
             return Ok(());
         }
+        let span = batch_span(&self.pending);
+        tracing::Instrument::instrument(self.flush_pending(poller), span).await
+    }
+
+    /// [`Batcher::flush`] of a non-empty batch, in its span.
+    async fn flush_pending(&mut self, poller: &Poller) -> Result<()> {
         let records = std::mem::take(&mut self.pending);
         let count = records.len();
         let Built {
@@ -497,6 +503,28 @@ fn letter_of_row(
 }
 
 /// Sets the age gauge of the oldest write held unstored (`None`: none).
+/// The span of storing one batch. With the `otel` feature it links to the
+/// trace of every record's writer that sent one in the record's headers (the
+/// SDK keeps the first 128 links).
+fn batch_span(records: &[batch::Polled]) -> tracing::Span {
+    let span = tracing::info_span!(
+        "ringcache.write_back.store",
+        otel.name = "ringcache.write_back.store",
+        records = records.len(),
+    );
+    #[cfg(feature = "otel")]
+    for polled in records {
+        cache_client::telemetry::otel::link_from_headers(
+            &span,
+            polled
+                .headers
+                .iter()
+                .filter_map(|(name, value)| Some((name.as_str(), value.as_deref()?))),
+        );
+    }
+    span
+}
+
 fn set_oldest_unstored(written_at_ms: Option<u64>) {
     let age = written_at_ms.map_or(0.0, |at| {
         let now_ms = SystemTime::now()

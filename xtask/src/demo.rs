@@ -74,6 +74,8 @@ pub struct DemoCluster {
     pub cachectl: PathBuf,
     /// The write-back worker, once the walkthrough started it.
     pub worker: Option<ChildGuard>,
+    /// The example HTTP service, once the walkthrough started it.
+    pub service: Option<ChildGuard>,
 }
 
 /// Builds `cache-node`, starts the cluster, runs the walkthrough, then waits
@@ -109,8 +111,9 @@ pub async fn run_with(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `cargo build` of `cache-node` and `cachectl`, returning the node
-/// binary's path (cachectl lies beside it).
+/// `cargo build` of `cache-node`, `cachectl`, the worker and the example
+/// service, returning the node binary's path (cachectl and the worker lie
+/// beside it, the example in `examples/`).
 async fn build_node(cancel: &CancellationToken) -> Result<PathBuf> {
     let mut build = Command::new(paths::cargo());
     build
@@ -122,6 +125,8 @@ async fn build_node(cancel: &CancellationToken) -> Result<PathBuf> {
             "cachectl",
             "--bin",
             "write-back-worker",
+            "--example",
+            "kv-service",
             "--features",
             "cache-client/cli",
         ])
@@ -181,6 +186,7 @@ async fn start_cluster(
         node_binary: binary.to_path_buf(),
         cachectl: binary.with_file_name("cachectl"),
         worker: None,
+        service: None,
     })
 }
 
@@ -410,6 +416,7 @@ pub async fn walkthrough(
 
     strategies(&ctl)?;
     write_back(cluster, &ctl, services, cancel).await?;
+    service(cluster, services, &keyspaces, cancel).await?;
     println!("\nlogs and configs: {}", cluster.dir.display());
     Ok(())
 }
@@ -637,6 +644,124 @@ async fn write_back(
     Ok(())
 }
 
+/// Step 10: the example HTTP service (`cache-client/examples/kv-service.rs`),
+/// a service that links the client, started beside the cluster with the
+/// same keyspace file; it keeps running while the demo waits for Ctrl-C.
+async fn service(
+    cluster: &mut DemoCluster,
+    services: &Services,
+    keyspaces: &Path,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let seeds: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let log = cluster.dir.join("kv-service.log");
+    let binary = paths::target_dir()
+        .join("debug")
+        .join("examples")
+        .join("kv-service");
+    let mut command = Command::new(binary);
+    command
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--seeds")
+        .arg(seeds.join(","))
+        .arg("--keyspaces")
+        .arg(keyspaces)
+        .arg("--database-url")
+        .arg(services.postgres.url())
+        .arg("--brokers")
+        .arg(services.broker.brokers())
+        .env("NO_COLOR", "1");
+    let service =
+        cluster
+            .service
+            .insert(ChildGuard::spawn("kv-service", &mut command, Some(&log))?);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let base = format!("http://{addr}");
+    wait_until(
+        "kv-service to answer /healthz",
+        HEALTH_TIMEOUT,
+        cancel,
+        Some(service),
+        || async {
+            Ok(match http.get(format!("{base}/healthz")).send().await {
+                Ok(reply) if reply.status().is_success() => Probe::Ready,
+                Ok(reply) => Probe::NotYet(format!("/healthz answered {}", reply.status())),
+                Err(e) => Probe::NotYet(e.to_string()),
+            })
+        },
+    )
+    .await?;
+
+    step("10. A service links the client: kv-service, an HTTP API over the same keyspaces");
+    println!("  kv-service: http://{addr}  log {}", log.display());
+    let request = |method: reqwest::Method, path: &str, body: Option<&str>| {
+        let mut shown = format!("curl -X {method} {base}{path}");
+        let mut request = http.request(method, format!("{base}{path}"));
+        if let Some(body) = body {
+            let _ = write!(shown, " -d '{body}'");
+            request = request.body(body.to_owned());
+        }
+        async move {
+            println!("  $ {shown}");
+            let reply = request.send().await.with_context(|| shown.clone())?;
+            let status = reply.status();
+            let text = reply.text().await?;
+            for line in text.trim_end().lines() {
+                println!("    {line}");
+            }
+            Ok::<_, anyhow::Error>((status.as_u16(), text))
+        }
+    };
+    let (status, text) = request(
+        reqwest::Method::PUT,
+        "/kv/accounts/bob",
+        Some("balance=250"),
+    )
+    .await?;
+    if status != 200 || !text.contains("\"applied\":true") {
+        bail!("PUT /kv/accounts/bob answered {status} {text}");
+    }
+    let (status, text) = request(reqwest::Method::GET, "/kv/accounts/bob", None).await?;
+    if status != 200 || text != "balance=250" {
+        bail!("GET /kv/accounts/bob answered {status} {text:?}");
+    }
+    println!("  what cachectl wrote in step 6c, read through the service's client:");
+    let (status, text) = request(reqwest::Method::GET, "/kv/catalog/widget", None).await?;
+    if status != 200 || text != "price=7" {
+        bail!("GET /kv/catalog/widget answered {status} {text:?}");
+    }
+    println!("  the client's metrics, in the service's own registry (a few lines):");
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    println!("  $ curl {base}/metrics | grep ...");
+    let shown: Vec<&str> = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("ringcache_client_operations_total{")
+                || line.starts_with("ringcache_client_hits_total{")
+                || line.starts_with("ringcache_client_twopc_commits_total{")
+        })
+        .collect();
+    for line in &shown {
+        println!("    {line}");
+    }
+    if !shown
+        .iter()
+        .any(|l| l.contains("keyspace=\"accounts\"") && l.contains("op=\"put\""))
+    {
+        bail!("the service's /metrics lacks the client's put on accounts:\n{metrics}");
+    }
+    Ok(())
+}
+
 /// Waits until PostgreSQL holds `value` for `key` of `orders`.
 async fn wait_stored(
     ctl: &Ctl<'_>,
@@ -671,19 +796,11 @@ async fn wait_stored(
 
 /// The body of `GET /metrics` at `addr`.
 async fn scrape(addr: SocketAddr) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    let url = format!("http://{addr}/metrics");
+    let reply = reqwest::get(&url)
         .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
+        .with_context(|| format!("cannot scrape {url}"))?;
+    Ok(reply.text().await?)
 }
 
 /// The value of an unlabelled sample `name` in a Prometheus exposition.
@@ -697,6 +814,13 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// (or has to be killed) is reported as an error.
 async fn stop_cluster(cluster: &mut DemoCluster) -> Result<()> {
     let mut failures = Vec::new();
+    if let Some(service) = &mut cluster.service {
+        // First: it is a client of everything else.
+        let status = service.stop(Signal::SIGTERM, SHUTDOWN_GRACE).await?;
+        if !status.success() {
+            failures.push(format!("kv-service exited with {status}"));
+        }
+    }
     if let Some(worker) = &mut cluster.worker {
         // First, so that it drains while the nodes it tells are up.
         let status = worker.stop(Signal::SIGTERM, SHUTDOWN_GRACE).await?;

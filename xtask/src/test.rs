@@ -84,10 +84,11 @@ async fn build_and_test(
     services: &Services,
     cancel: &CancellationToken,
 ) -> Result<Outcome> {
-    // Process-level tests spawn `target/debug/<bin>`, which `cargo test`
-    // alone does not build for another crate's tests.
+    // Process-level tests spawn `target/debug/<bin>` and
+    // `target/debug/examples/<example>`, which `cargo test` alone does not
+    // build for another crate's tests.
     let mut build = Command::new(paths::cargo());
-    build.args(["build", "--workspace", "--bins"]);
+    build.args(["build", "--workspace", "--bins", "--examples"]);
     match run_cargo("cargo build", &mut build, cancel).await? {
         Outcome::Passed => {}
         other => return Ok(other),
