@@ -25,6 +25,8 @@
 //! - [`chaos`]: consistency chaos testing: the operation history and its
 //!   recorder, the checker of the strategies' contracts, the report, and a
 //!   fault-injecting TCP proxy (`docs/chaos.md`).
+//! - [`wb_bench`]: the write-back benchmark's load generator (`wb-bench`:
+//!   worker vs `COPY`, and the write-to-row lag; `docs/benchmarks.md`).
 //! - [`write_back`]: what PostgreSQL holds for a write-back keyspace and
 //!   waiting for it, durable puts retried until acknowledged, a trigger
 //!   that records every row change, the worker's stored offsets and dead
@@ -38,6 +40,7 @@ mod fixtures;
 mod node;
 mod postgres;
 mod process;
+pub mod wb_bench;
 mod worker;
 pub mod write_back;
 

@@ -15,6 +15,7 @@
 
 mod doc;
 mod machine;
+mod write_back;
 
 use std::{
     path::{Path, PathBuf},
@@ -169,14 +170,10 @@ pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_suite(suite: Suite, _ctx: &Ctx) -> Result<String> {
+async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
     match suite {
-        Suite::Resp
-        | Suite::Grpc
-        | Suite::Cluster
-        | Suite::WriteBack
-        | Suite::Ring
-        | Suite::Memory => {
+        Suite::WriteBack => write_back::run(ctx).await,
+        Suite::Resp | Suite::Grpc | Suite::Cluster | Suite::Ring | Suite::Memory => {
             bail!("not written yet")
         }
     }
