@@ -642,8 +642,9 @@ mod write_back {
     /// How the rows of a batch are written.
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Mode {
-        /// One statement per row; a row the store rejects aborts the
-        /// transaction, and the batch is redone [`Careful`](Mode::Careful)ly.
+        /// One statement per keyspace (per row for custom statements); a
+        /// row the store rejects aborts the transaction, and the batch is
+        /// redone [`Careful`](Mode::Careful)ly.
         Fast,
         /// Each row inside a savepoint, so that every rejected row is
         /// found, not only the first.
@@ -663,7 +664,9 @@ mod write_back {
         /// Applies one write-back batch in one transaction: every row as a
         /// version-guarded upsert or tombstone (each keyspace's layout, as
         /// [`Store::store`](super::Store::store) and
-        /// [`Store::delete`](super::Store::delete) would), and every
+        /// [`Store::delete`](super::Store::delete) would, all rows of a
+        /// keyspace in one statement unless its layout is custom
+        /// statements), and every
         /// partition's next offset into `ringcache_wb_offsets`, for
         /// `batch.consumer_group`.
         ///

@@ -335,6 +335,29 @@ mod tests {
     }
 
     #[test]
+    fn batch_upserts_keep_the_version_guard_and_custom_statements_have_none() {
+        let default = StoreLayout::Default.statements("ks").unwrap();
+        let many = default.upsert_many.as_deref().unwrap();
+        assert!(many.contains("UNNEST($1::BYTEA[], $2::BYTEA[], $3::BIGINT[])"));
+        assert!(many.contains("SELECT $4,"));
+        assert!(many.contains("WHERE t.version < EXCLUDED.version"));
+        let table = StoreLayout::Table(TableLayout::new("app.users"))
+            .statements("users")
+            .unwrap();
+        let many = table.upsert_many.as_deref().unwrap();
+        assert!(many.contains(r#"INSERT INTO "app"."users""#));
+        assert!(many.contains(r#"WHERE t."version" < EXCLUDED."version""#));
+        let custom = StoreLayout::Sql(SqlLayout {
+            load: "l".into(),
+            store: "s".into(),
+            delete: "d".into(),
+        })
+        .statements("c")
+        .unwrap();
+        assert_eq!(custom.upsert_many, None);
+    }
+
+    #[test]
     fn table_statements_quote_identifiers() {
         let layout = StoreLayout::Table(TableLayout {
             key_column: "Id".into(),
