@@ -28,6 +28,8 @@
 //! - [`chaos`]: consistency chaos testing: the operation history and its
 //!   recorder, the checker of the strategies' contracts, the report, and a
 //!   fault-injecting TCP proxy (`docs/chaos.md`).
+//! - [`wb_bench`]: the write-back benchmark's load generator (`wb-bench`:
+//!   worker vs `COPY`, and the write-to-row lag; `docs/benchmarks.md`).
 //! - [`write_back`]: what PostgreSQL holds for a write-back keyspace and
 //!   waiting for it, durable puts retried until acknowledged, a trigger
 //!   that records every row change, the worker's stored offsets and dead
@@ -42,6 +44,7 @@ mod node;
 mod postgres;
 mod process;
 mod service;
+pub mod wb_bench;
 mod worker;
 pub mod write_back;
 

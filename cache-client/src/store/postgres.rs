@@ -642,8 +642,9 @@ mod write_back {
     /// How the rows of a batch are written.
     #[derive(Clone, Copy, PartialEq, Eq)]
     enum Mode {
-        /// One statement per row; a row the store rejects aborts the
-        /// transaction, and the batch is redone [`Careful`](Mode::Careful)ly.
+        /// One statement per keyspace (per row for custom statements); a
+        /// row the store rejects aborts the transaction, and the batch is
+        /// redone [`Careful`](Mode::Careful)ly.
         Fast,
         /// Each row inside a savepoint, so that every rejected row is
         /// found, not only the first.
@@ -663,7 +664,9 @@ mod write_back {
         /// Applies one write-back batch in one transaction: every row as a
         /// version-guarded upsert or tombstone (each keyspace's layout, as
         /// [`Store::store`](super::Store::store) and
-        /// [`Store::delete`](super::Store::delete) would), and every
+        /// [`Store::delete`](super::Store::delete) would, all rows of a
+        /// keyspace in one statement unless its layout is custom
+        /// statements), and every
         /// partition's next offset into `ringcache_wb_offsets`, for
         /// `batch.consumer_group`.
         ///
@@ -791,7 +794,34 @@ mod write_back {
 
             let (mut applied, mut stale) = (0, 0);
             let mut rejected = Vec::new();
-            for row in &batch.rows {
+            let mut one_by_one: Vec<&WriteBackRow> = Vec::new();
+            if mode == Mode::Fast {
+                // One statement per keyspace whose layout has one: a round
+                // trip per batch instead of per row.
+                let mut start = 0;
+                while start < batch.rows.len() {
+                    let keyspace = batch.rows[start].record.keyspace.as_str();
+                    let end = start
+                        + batch.rows[start..]
+                            .iter()
+                            .take_while(|row| row.record.keyspace == keyspace)
+                            .count();
+                    let rows = &batch.rows[start..end];
+                    start = end;
+                    match write_rows(self, &mut tx, keyspace, rows).await {
+                        Ok(Some(written)) => {
+                            applied += written;
+                            stale += rows.len() - written;
+                        }
+                        Ok(None) => one_by_one.extend(rows),
+                        Err(err) if err.is_retryable() => return Err(err),
+                        Err(_) => return Ok(Err(NotCommitted::RowRejected)),
+                    }
+                }
+            } else {
+                one_by_one.extend(&batch.rows);
+            }
+            for row in one_by_one {
                 match write_row(self, &mut tx, row, mode).await {
                     Ok(true) => applied += 1,
                     Ok(false) => stale += 1,
@@ -812,6 +842,44 @@ mod write_back {
             tx.commit().await.map_err(|e| bookkeeping("commit", e))?;
             Ok(Ok(BatchOutcome::Committed { applied, stale }))
         }
+    }
+
+    /// Writes `rows`, all of `keyspace` and of distinct keys, in one
+    /// statement; how many the version guard let through, or `None` when
+    /// the keyspace's layout has no such statement (custom statements).
+    async fn write_rows(
+        store: &PgStore,
+        conn: &mut PgConnection,
+        keyspace: &str,
+        rows: &[WriteBackRow],
+    ) -> Result<Option<usize>> {
+        let st = store.statements(keyspace);
+        let Some(sql) = &st.upsert_many else {
+            return Ok(None);
+        };
+        let mut keys = Vec::with_capacity(rows.len());
+        let mut values = Vec::with_capacity(rows.len());
+        let mut versions = Vec::with_capacity(rows.len());
+        for row in rows {
+            // Refused before any SQL runs, so the transaction stays usable.
+            versions.push(db_version(keyspace, row.record.version)?);
+            keys.push(row.record.key.as_ref());
+            values.push(row.record.value.as_deref());
+        }
+        let mut query = sqlx::query(sql).bind(keys).bind(values).bind(versions);
+        if st.with_keyspace {
+            query = query.bind(keyspace);
+        }
+        let done = query.execute(&mut *conn).await.map_err(|err| {
+            let message = format!(
+                "keyspace {keyspace:?} ({}): store of {} rows failed: {err}",
+                st.target,
+                rows.len()
+            );
+            classify(keyspace, message, &err)
+        })?;
+        // At most one row per key: the keys are distinct.
+        Ok(Some(done.rows_affected() as usize))
     }
 
     /// Writes one row; `Ok(false)` when the version guard refused it.

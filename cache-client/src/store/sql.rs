@@ -141,6 +141,14 @@ pub(crate) struct Statements {
     pub(crate) store: String,
     pub(crate) delete: String,
     pub(crate) with_keyspace: bool,
+    /// The version-guarded upsert of many rows in one statement, for the
+    /// write-back worker's batches: `$1` the keys (`BYTEA[]`), `$2` the
+    /// values (`BYTEA[]`, `NULL` elements are tombstones), `$3` the
+    /// versions (`BIGINT[]`), then the keyspace when `with_keyspace`. The
+    /// keys must be distinct (an upsert cannot touch a row twice); it
+    /// affects one row per key it wrote. `None` for custom statements, which
+    /// are run row by row.
+    pub(crate) upsert_many: Option<String>,
 }
 
 impl StoreLayout {
@@ -173,6 +181,14 @@ pub(crate) fn default_statements() -> Statements {
         delete: upsert.clone(),
         store: upsert,
         with_keyspace: true,
+        upsert_many: Some(format!(
+            "INSERT INTO {DEFAULT_TABLE} AS t (keyspace, key, value, version) \
+             SELECT $4, u.key, u.value, u.version \
+             FROM UNNEST($1::BYTEA[], $2::BYTEA[], $3::BIGINT[]) AS u(key, value, version) \
+             ON CONFLICT (keyspace, key) DO UPDATE \
+             SET value = EXCLUDED.value, version = EXCLUDED.version, updated_at = now() \
+             WHERE t.version < EXCLUDED.version"
+        )),
     }
 }
 
@@ -197,12 +213,20 @@ fn table_statements(keyspace: &str, layout: &TableLayout) -> Result<Statements> 
          SET {value} = EXCLUDED.{value}, {version} = EXCLUDED.{version} \
          WHERE t.{version} < EXCLUDED.{version}"
     );
+    let upsert_many = format!(
+        "INSERT INTO {table} AS t ({key}, {value}, {version}) \
+         SELECT u.k, u.v, u.ver FROM UNNEST($1::BYTEA[], $2::BYTEA[], $3::BIGINT[]) AS u(k, v, ver) \
+         ON CONFLICT ({key}) DO UPDATE \
+         SET {value} = EXCLUDED.{value}, {version} = EXCLUDED.{version} \
+         WHERE t.{version} < EXCLUDED.{version}"
+    );
     Ok(Statements {
         target: format!("table {table}"),
         load: format!("SELECT {value}, {version} FROM {table} WHERE {key} = $1"),
         delete: upsert.clone(),
         store: upsert,
         with_keyspace: false,
+        upsert_many: Some(upsert_many),
     })
 }
 
@@ -224,6 +248,7 @@ fn sql_statements(keyspace: &str, layout: &SqlLayout) -> Result<Statements> {
         store: layout.store.clone(),
         delete: layout.delete.clone(),
         with_keyspace: false,
+        upsert_many: None,
     })
 }
 
@@ -307,6 +332,29 @@ mod tests {
         assert!(parse(r#"{"table": {"name": "t", "colour": "red"}}"#).is_err());
         assert!(parse(r#"{"sql": {"load": "l", "store": "s"}}"#).is_err());
         assert!(parse(r#""mysql""#).is_err());
+    }
+
+    #[test]
+    fn batch_upserts_keep_the_version_guard_and_custom_statements_have_none() {
+        let default = StoreLayout::Default.statements("ks").unwrap();
+        let many = default.upsert_many.as_deref().unwrap();
+        assert!(many.contains("UNNEST($1::BYTEA[], $2::BYTEA[], $3::BIGINT[])"));
+        assert!(many.contains("SELECT $4,"));
+        assert!(many.contains("WHERE t.version < EXCLUDED.version"));
+        let table = StoreLayout::Table(TableLayout::new("app.users"))
+            .statements("users")
+            .unwrap();
+        let many = table.upsert_many.as_deref().unwrap();
+        assert!(many.contains(r#"INSERT INTO "app"."users""#));
+        assert!(many.contains(r#"WHERE t."version" < EXCLUDED."version""#));
+        let custom = StoreLayout::Sql(SqlLayout {
+            load: "l".into(),
+            store: "s".into(),
+            delete: "d".into(),
+        })
+        .statements("c")
+        .unwrap();
+        assert_eq!(custom.upsert_many, None);
     }
 
     #[test]

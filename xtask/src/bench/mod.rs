@@ -17,6 +17,7 @@ mod doc;
 mod machine;
 mod memory;
 mod resp;
+mod write_back;
 
 use std::{
     path::{Path, PathBuf},
@@ -175,7 +176,8 @@ async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
     match suite {
         Suite::Resp => resp::run(ctx).await,
         Suite::Memory => memory::run(ctx).await,
-        Suite::Grpc | Suite::Cluster | Suite::WriteBack | Suite::Ring => {
+        Suite::WriteBack => write_back::run(ctx).await,
+        Suite::Grpc | Suite::Cluster | Suite::Ring => {
             bail!("not written yet")
         }
     }

@@ -1,0 +1,101 @@
+//! `wb-bench`: the write-back benchmark's load generator, run by `cargo
+//! xtask bench --suite write-back` (`docs/benchmarks.md`). Each subcommand
+//! prints one JSON object on stdout; the services come from
+//! `RINGCACHE_TEST_PG_URL` and `RINGCACHE_TEST_KAFKA_BROKERS`, the node and
+//! worker binaries from beside this one.
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use ringcache_tests::wb_bench::{self, LagOptions, ThroughputOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "wb-bench",
+    about = "Write-back benchmark: worker vs COPY, and the write-to-row lag"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Records on a topic drained by the worker, then the same rows by COPY.
+    Throughput {
+        /// Records (distinct keys).
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Bytes per value.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+    },
+    /// Durable write-back writes at a fixed rate: acknowledgement to row.
+    Lag(Load),
+    /// The broker alone at a fixed rate: acknowledgement to consumption.
+    Broker(Load),
+}
+
+#[derive(clap::Args)]
+struct Load {
+    /// Writes per second (open loop).
+    #[arg(long, default_value_t = 10_000.0)]
+    rate: f64,
+    /// Length of the measured phase.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Writes in flight at most.
+    #[arg(long, default_value_t = 4096)]
+    max_in_flight: usize,
+}
+
+impl Load {
+    fn options(&self, brokers: String) -> LagOptions {
+        LagOptions {
+            brokers,
+            rate: self.rate,
+            duration: self.duration,
+            value_size: self.value_size,
+            max_in_flight: self.max_in_flight,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("wb-bench: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<String> {
+    let brokers = ringcache_tests::kafka_brokers()?;
+    Ok(match cli.command {
+        Command::Throughput {
+            records,
+            value_size,
+        } => serde_json::to_string(
+            &wb_bench::throughput(&ThroughputOptions {
+                brokers,
+                records,
+                value_size,
+            })
+            .await?,
+        )?,
+        Command::Lag(load) => serde_json::to_string(&wb_bench::lag(&load.options(brokers)).await?)?,
+        Command::Broker(load) => {
+            serde_json::to_string(&wb_bench::broker(&load.options(brokers)).await?)?
+        }
+    })
+}
