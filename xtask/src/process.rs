@@ -81,6 +81,12 @@ impl ChildGuard {
         self.child.stdout.take()
     }
 
+    /// The child's process id (the bench suites read its CPU time from
+    /// `/proc`).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The name used in messages.
     pub fn name(&self) -> &str {
         &self.name

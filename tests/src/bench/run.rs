@@ -543,6 +543,7 @@ async fn operation(
         (key, result)
     };
     if !measured {
+        recorder.warmup_ops += 1;
         return;
     }
     let latency = from.elapsed();

@@ -29,6 +29,9 @@ pub struct Recorder {
     pub errors: u64,
     /// The first [`ERROR_SAMPLES`] error messages.
     pub error_samples: Vec<String>,
+    /// Operations done in the warm-up (counted only: they are not
+    /// measured).
+    pub warmup_ops: u64,
 }
 
 impl Default for Recorder {
@@ -49,6 +52,7 @@ impl Recorder {
             writes: 0,
             errors: 0,
             error_samples: Vec::new(),
+            warmup_ops: 0,
         }
     }
 
@@ -99,6 +103,7 @@ impl Recorder {
         self.hits += other.hits;
         self.writes += other.writes;
         self.errors += other.errors;
+        self.warmup_ops += other.warmup_ops;
         let room = ERROR_SAMPLES.saturating_sub(self.error_samples.len());
         self.error_samples
             .extend(other.error_samples.iter().take(room).cloned());
@@ -135,6 +140,7 @@ impl Recorder {
             writes: self.writes,
             errors: self.errors,
             error_samples: self.error_samples.clone(),
+            warmup_ops: self.warmup_ops,
             unsent,
             latency_us: Latencies {
                 p50: q(0.5),
@@ -191,6 +197,9 @@ pub struct Summary {
     pub errors: u64,
     /// The first error messages.
     pub error_samples: Vec<String>,
+    /// Operations done in the warm-up, not measured (with the preload's
+    /// writes, what else the server answered during the run).
+    pub warmup_ops: u64,
     /// Open loop: slots due in the run that no worker started
     /// before the run gave up on them (the workers could not keep up).
     pub unsent: u64,

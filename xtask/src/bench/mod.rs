@@ -13,8 +13,11 @@
 //! `redis-cli` are installed from Debian's packages when missing (as root);
 //! PostgreSQL and the broker are started as for the tests.
 
+mod cluster;
 mod doc;
+mod grpc;
 mod machine;
+mod ring;
 
 use std::{
     path::{Path, PathBuf},
@@ -169,14 +172,12 @@ pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_suite(suite: Suite, _ctx: &Ctx) -> Result<String> {
+async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
     match suite {
-        Suite::Resp
-        | Suite::Grpc
-        | Suite::Cluster
-        | Suite::WriteBack
-        | Suite::Ring
-        | Suite::Memory => {
+        Suite::Grpc => grpc::run(ctx).await,
+        Suite::Cluster => cluster::run(ctx).await,
+        Suite::Ring => ring::run(ctx).await,
+        Suite::Resp | Suite::WriteBack | Suite::Memory => {
             bail!("not written yet")
         }
     }
