@@ -145,6 +145,11 @@ pub struct Options {
     /// distinct drawn keys in one operation (`MultiGet` through the client,
     /// `MGET`, one `MGET` per server for `resp-ring`). Writes stay single.
     pub batch: usize,
+    /// gRPC: the client's per-request timeout, and a deadline of four
+    /// times it; `None` keeps the client's defaults. A benchmark on a busy
+    /// machine raises it, so that one stall does not mark the node down
+    /// and turn the rest of the run into errors.
+    pub request_timeout: Option<Duration>,
     /// Write every key once before the run.
     pub preload: bool,
     /// Seed of the workers' random choices.
@@ -165,6 +170,7 @@ impl Options {
             value_size: 100,
             read_ratio: 0.9,
             batch: 1,
+            request_timeout: None,
             preload: true,
             seed: 1,
         }
@@ -373,10 +379,20 @@ impl Conn {
 /// one HTTP/2 channel per node, as a service would); RESP workers each get
 /// their own connection (per server, for `resp-ring`), as
 /// `redis-benchmark -c` does.
-async fn connect(target: &Target, clients: usize) -> Result<Vec<Conn>> {
+async fn connect(
+    target: &Target,
+    clients: usize,
+    request_timeout: Option<Duration>,
+) -> Result<Vec<Conn>> {
     match target {
         Target::Grpc { seeds, keyspace } => {
-            let client = Client::connect(ClientConfig::new(seeds.iter().cloned()))
+            let mut config = ClientConfig::new(seeds.iter().cloned());
+            if let Some(timeout) = request_timeout {
+                config = config
+                    .with_request_timeout(timeout)
+                    .with_deadline(timeout * 4);
+            }
+            let client = Client::connect(config)
                 .await
                 .with_context(|| format!("failed to connect to the cluster at {seeds:?}"))?;
             let keyspace: Arc<str> = Arc::from(keyspace.as_str());
@@ -443,7 +459,7 @@ pub async fn run(options: &Options) -> Result<Summary> {
         Mode::Closed => None,
         Mode::Open { rate } => Some(Schedule::new(rate)?),
     };
-    let mut conns = connect(&options.target, options.clients).await?;
+    let mut conns = connect(&options.target, options.clients, options.request_timeout).await?;
     let value = Bytes::from(vec![b'x'; options.value_size]);
     if options.preload {
         preload(&mut conns, options.keys, &value).await?;

@@ -63,6 +63,10 @@ struct Cli {
     /// operation (MultiGet, MGET); writes stay single-key.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// gRPC: the client's per-request timeout (deadline: four times it);
+    /// default: the client's own.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    request_timeout: Option<Duration>,
     /// Write every key once before the run, so that reads hit.
     #[arg(long)]
     preload: bool,
@@ -94,6 +98,7 @@ impl Cli {
         options.value_size = self.value_size;
         options.read_ratio = self.read_ratio;
         options.batch = self.batch;
+        options.request_timeout = self.request_timeout;
         options.preload = self.preload;
         options.seed = self.seed;
         Ok(options)

@@ -346,6 +346,10 @@ pub(super) async fn cache_bench(
         .args(["--value-size", &load.value_size.to_string()])
         .args(["--read-ratio", &load.read_ratio.to_string()])
         .args(["--batch", &load.batch.to_string()])
+        // The client's default (500 ms) is for services; on a shared
+        // machine a server can stall longer, and a node marked down turns
+        // the rest of the run into errors.
+        .args(["--request-timeout", "5s"])
         .arg("--preload")
         .arg("--json")
         .arg(&json);
