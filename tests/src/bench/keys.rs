@@ -64,6 +64,39 @@ impl KeyChooser {
         }
     }
 
+    /// `n` distinct keys drawn one after the other (a draw that repeats an
+    /// earlier one is drawn again), for a batched read: a batch never names
+    /// a key twice. After `64 * n` draws (a key space too skewed to give
+    /// `n` distinct keys soon) the rest are the lowest indices not drawn.
+    ///
+    /// # Panics
+    ///
+    /// If `n` exceeds the number of keys (the options are validated first).
+    pub fn distinct_keys(&self, rng: &mut impl Rng, n: usize) -> Vec<String> {
+        assert!(
+            n as u64 <= self.keys,
+            "batch {n} exceeds {} keys",
+            self.keys
+        );
+        let mut indices: Vec<u64> = Vec::with_capacity(n);
+        let mut draws = 0;
+        while indices.len() < n && draws < 64 * n {
+            let index = self.next_index(rng);
+            if !indices.contains(&index) {
+                indices.push(index);
+            }
+            draws += 1;
+        }
+        let mut next = 0;
+        while indices.len() < n {
+            if !indices.contains(&next) {
+                indices.push(next);
+            }
+            next += 1;
+        }
+        indices.into_iter().map(Self::key).collect()
+    }
+
     /// The key (bytes on the wire) of index `index`.
     pub fn key(index: u64) -> String {
         format!("bench-{index:010}")
@@ -75,6 +108,24 @@ mod tests {
     use rand::{SeedableRng, rngs::StdRng};
 
     use super::*;
+
+    #[test]
+    fn distinct_keys_never_repeat_a_key() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for distribution in [
+            KeyDistribution::Uniform,
+            KeyDistribution::Zipf { exponent: 3.0 },
+        ] {
+            let chooser = KeyChooser::new(20, distribution).unwrap();
+            for n in [1, 16, 20] {
+                let mut keys = chooser.distinct_keys(&mut rng, n);
+                assert_eq!(keys.len(), n);
+                keys.sort();
+                keys.dedup();
+                assert_eq!(keys.len(), n, "{distribution:?}");
+            }
+        }
+    }
 
     fn counts(chooser: &KeyChooser, draws: usize) -> Vec<u64> {
         let mut rng = StdRng::seed_from_u64(7);

@@ -8,10 +8,16 @@
 //! - [`summary`]: per-worker recorders (HdrHistogram of latencies, counts,
 //!   the first errors), merged into a [`Summary`] printed as text or JSON.
 //!   Pure.
-//! - [`run`]: the driver: targets, preload, warm-up, the closed and open
-//!   loops.
+//! - [`run`]: the driver: targets (gRPC, RESP, RESP routed by the ring),
+//!   preload, warm-up, the closed and open loops, batched reads.
+//! - [`baseline`]: the `grpc-baseline` server, the `CacheNode` service
+//!   answering fixed replies without a cache, to measure the transport.
+//! - [`ring`]: the ring's balance, key movement and lookup cost, printed
+//!   by `ring-report`. Pure.
 
+pub mod baseline;
 pub mod keys;
+pub mod ring;
 pub mod run;
 pub mod schedule;
 pub mod summary;

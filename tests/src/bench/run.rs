@@ -2,6 +2,7 @@
 //! warm-up and the measured phase, and merges what they recorded.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -11,7 +12,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use cache_client::{Client, ClientConfig, SetOptions};
+use cache_client::{
+    Client, ClientConfig, SetOptions,
+    ring::{Ring, RingNode},
+};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::time::Instant;
 
@@ -32,27 +36,62 @@ pub enum Target {
         /// `host:port`.
         addr: String,
     },
+    /// Several RESP servers, each key sent to the one that
+    /// `cache_client::ring::Ring` names for it (in `keyspace`, at the
+    /// default virtual points), one connection per worker per server: a
+    /// cluster of servers that know nothing of each other, routed by the
+    /// client as ringcache's client routes.
+    RespRing {
+        /// The servers as `(ring id, host:port)`.
+        servers: Vec<(String, String)>,
+        /// The keyspace the keys are hashed in.
+        keyspace: String,
+    },
 }
 
 impl Target {
-    /// Parses `grpc://host:port[,host:port...]` or `resp://host:port`.
+    /// Parses `grpc://host:port[,host:port...]`, `resp://host:port` or
+    /// `resp-ring://[id=]host:port,...` (a server's ring id is its address
+    /// unless given).
     ///
     /// # Errors
     ///
     /// Fails on another scheme or an empty address.
     pub fn parse(target: &str, keyspace: &str) -> Result<Self> {
-        if let Some(rest) = target.strip_prefix("grpc://") {
-            let seeds: Vec<String> = rest
-                .split(',')
+        let list = |rest: &str| -> Vec<String> {
+            rest.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .map(str::to_owned)
-                .collect();
+                .collect()
+        };
+        if let Some(rest) = target.strip_prefix("grpc://") {
+            let seeds = list(rest);
             if seeds.is_empty() {
                 bail!("target {target:?} names no seed address");
             }
             Ok(Self::Grpc {
                 seeds,
+                keyspace: keyspace.to_owned(),
+            })
+        } else if let Some(rest) = target.strip_prefix("resp-ring://") {
+            let servers: Vec<(String, String)> = list(rest)
+                .into_iter()
+                .map(|entry| match entry.split_once('=') {
+                    Some((id, addr)) => (id.to_owned(), addr.to_owned()),
+                    None => (entry.clone(), entry),
+                })
+                .collect();
+            if servers.is_empty() || servers.iter().any(|(id, a)| id.is_empty() || a.is_empty()) {
+                bail!("target {target:?} must name [id=]host:port entries");
+            }
+            let mut ids: Vec<&str> = servers.iter().map(|(id, _)| id.as_str()).collect();
+            ids.sort_unstable();
+            if ids.windows(2).any(|w| w[0] == w[1]) {
+                bail!("target {target:?} names a ring id twice");
+            }
+            Ok(Self::RespRing {
+                servers,
                 keyspace: keyspace.to_owned(),
             })
         } else if let Some(addr) = target.strip_prefix("resp://") {
@@ -63,7 +102,7 @@ impl Target {
                 addr: addr.to_owned(),
             })
         } else {
-            bail!("target {target:?} must start with grpc:// or resp://")
+            bail!("target {target:?} must start with grpc://, resp:// or resp-ring://")
         }
     }
 }
@@ -102,6 +141,15 @@ pub struct Options {
     pub value_size: usize,
     /// Fraction of operations that are reads (0.0 to 1.0).
     pub read_ratio: f64,
+    /// Keys per read: 1 reads one key (`Get`, `GET`); more read that many
+    /// distinct drawn keys in one operation (`MultiGet` through the client,
+    /// `MGET`, one `MGET` per server for `resp-ring`). Writes stay single.
+    pub batch: usize,
+    /// gRPC: the client's per-request timeout, and a deadline of four
+    /// times it; `None` keeps the client's defaults. A benchmark on a busy
+    /// machine raises it, so that one stall does not mark the node down
+    /// and turn the rest of the run into errors.
+    pub request_timeout: Option<Duration>,
     /// Write every key once before the run.
     pub preload: bool,
     /// Seed of the workers' random choices.
@@ -121,6 +169,8 @@ impl Options {
             distribution: KeyDistribution::Zipf { exponent: 0.99 },
             value_size: 100,
             read_ratio: 0.9,
+            batch: 1,
+            request_timeout: None,
             preload: true,
             seed: 1,
         }
@@ -136,6 +186,12 @@ impl Options {
         if self.duration.is_zero() {
             bail!("duration must be positive");
         }
+        if self.batch == 0 {
+            bail!("batch must be at least 1");
+        }
+        if self.batch as u64 > self.keys {
+            bail!("batch {} exceeds the {} keys", self.batch, self.keys);
+        }
         Ok(())
     }
 }
@@ -146,13 +202,118 @@ enum Conn {
         client: Client,
         keyspace: Arc<str>,
     },
-    Resp {
-        client: redis::Client,
-        /// `None` once the server closed it (as it does after a protocol
-        /// error): the next operation opens a new one, so that one refused
-        /// request does not turn the rest of the run into errors.
-        con: Option<redis::aio::MultiplexedConnection>,
+    Resp(RespConn),
+    RespRing {
+        route: Arc<RingRoute>,
+        /// One connection per server, in `route`'s server order.
+        conns: Vec<RespConn>,
     },
+}
+
+/// A RESP connection that reopens itself.
+struct RespConn {
+    client: redis::Client,
+    /// `None` once the server closed it (as it does after a protocol
+    /// error): the next operation opens a new one, so that one refused
+    /// request does not turn the rest of the run into errors.
+    con: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl RespConn {
+    async fn open(addr: &str) -> Result<Self> {
+        let client = redis::Client::open(format!("redis://{addr}/"))
+            .with_context(|| format!("invalid RESP address {addr}"))?;
+        // The redis error already names the cause; `with_context` would
+        // print it twice (its source repeats it).
+        let con = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| anyhow::anyhow!("failed to connect to {addr}: {e}"))?;
+        Ok(Self {
+            client,
+            con: Some(con),
+        })
+    }
+
+    /// Runs `cmd`, reopening the connection first if it was lost.
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, String> {
+        if self.con.is_none() {
+            self.con = Some(
+                self.client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| format!("reconnect: {e}"))?,
+            );
+        }
+        let connection = self.con.as_mut().expect("opened above when it was missing");
+        cmd.query_async::<T>(connection).await.map_err(|e| {
+            if e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_io_error() {
+                self.con = None;
+            }
+            e.to_string()
+        })
+    }
+
+    async fn get(&mut self, key: &str) -> Result<bool, String> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(key);
+        self.query::<Option<Vec<u8>>>(&cmd)
+            .await
+            .map(|value| value.is_some())
+    }
+
+    /// `MGET`; the number of keys found.
+    async fn mget(&mut self, keys: &[&str]) -> Result<u64, String> {
+        let mut cmd = redis::cmd("MGET");
+        for key in keys {
+            cmd.arg(*key);
+        }
+        let values = self.query::<Vec<Option<Vec<u8>>>>(&cmd).await?;
+        if values.len() != keys.len() {
+            return Err(format!(
+                "MGET of {} keys answered {}",
+                keys.len(),
+                values.len()
+            ));
+        }
+        Ok(values.iter().filter(|v| v.is_some()).count() as u64)
+    }
+
+    async fn set(&mut self, key: &str, value: &Bytes) -> Result<(), String> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value.as_ref());
+        self.query::<()>(&cmd).await
+    }
+}
+
+/// Which server of a `resp-ring` target holds a key.
+struct RingRoute {
+    ring: Ring,
+    keyspace: String,
+    /// Ring id to index in the target's server list.
+    index: HashMap<String, usize>,
+}
+
+impl RingRoute {
+    fn new(servers: &[(String, String)], keyspace: &str) -> Self {
+        Self {
+            ring: Ring::new(servers.iter().map(|(id, _)| RingNode::new(id.clone(), 1))),
+            keyspace: keyspace.to_owned(),
+            index: servers
+                .iter()
+                .enumerate()
+                .map(|(i, (id, _))| (id.clone(), i))
+                .collect(),
+        }
+    }
+
+    fn server(&self, key: &str) -> usize {
+        let owner = self
+            .ring
+            .owner(&self.keyspace, key.as_bytes())
+            .expect("a ring of at least one server of weight 1 owns every key");
+        self.index[owner]
+    }
 }
 
 impl Conn {
@@ -163,12 +324,40 @@ impl Conn {
                 .await
                 .map(|entry| entry.is_some())
                 .map_err(|e| e.to_string()),
-            Conn::Resp { .. } => {
-                let mut cmd = redis::cmd("GET");
-                cmd.arg(key);
-                self.resp::<Option<Vec<u8>>>(&cmd)
+            Conn::Resp(conn) => conn.get(key).await,
+            Conn::RespRing { route, conns } => conns[route.server(key)].get(key).await,
+        }
+    }
+
+    /// Reads several keys in one operation; the number found.
+    async fn get_many(&mut self, keys: &[String]) -> Result<u64, String> {
+        match self {
+            Conn::Grpc { client, keyspace } => {
+                let keys: Vec<Bytes> = keys.iter().map(|k| Bytes::from(k.clone())).collect();
+                client
+                    .multi_get(keyspace, &keys)
                     .await
-                    .map(|value| value.is_some())
+                    .map(|entries| entries.iter().filter(|e| e.is_some()).count() as u64)
+                    .map_err(|e| e.to_string())
+            }
+            Conn::Resp(conn) => {
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                conn.mget(&keys).await
+            }
+            Conn::RespRing { route, conns } => {
+                let mut groups: Vec<Vec<&str>> = vec![Vec::new(); conns.len()];
+                for key in keys {
+                    groups[route.server(key)].push(key);
+                }
+                let found = futures::future::try_join_all(
+                    conns
+                        .iter_mut()
+                        .zip(&groups)
+                        .filter(|(_, keys)| !keys.is_empty())
+                        .map(|(conn, keys)| conn.mget(keys)),
+                )
+                .await?;
+                Ok(found.into_iter().sum())
             }
         }
     }
@@ -180,44 +369,30 @@ impl Conn {
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string()),
-            Conn::Resp { .. } => {
-                let mut cmd = redis::cmd("SET");
-                cmd.arg(key).arg(value.as_ref());
-                self.resp::<()>(&cmd).await
-            }
+            Conn::Resp(conn) => conn.set(key, value).await,
+            Conn::RespRing { route, conns } => conns[route.server(key)].set(key, value).await,
         }
-    }
-
-    /// Runs `cmd` on the RESP connection, reopening it first if it was lost.
-    async fn resp<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, String> {
-        let Conn::Resp { client, con } = self else {
-            unreachable!("only called on RESP connections");
-        };
-        if con.is_none() {
-            *con = Some(
-                client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| format!("reconnect: {e}"))?,
-            );
-        }
-        let connection = con.as_mut().expect("opened above when it was missing");
-        cmd.query_async::<T>(connection).await.map_err(|e| {
-            if e.is_connection_dropped() || e.is_unrecoverable_error() || e.is_io_error() {
-                *con = None;
-            }
-            e.to_string()
-        })
     }
 }
 
 /// Opens one connection per worker: gRPC workers share one client (it keeps
 /// one HTTP/2 channel per node, as a service would); RESP workers each get
-/// their own connection, as `redis-benchmark -c` does.
-async fn connect(target: &Target, clients: usize) -> Result<Vec<Conn>> {
+/// their own connection (per server, for `resp-ring`), as
+/// `redis-benchmark -c` does.
+async fn connect(
+    target: &Target,
+    clients: usize,
+    request_timeout: Option<Duration>,
+) -> Result<Vec<Conn>> {
     match target {
         Target::Grpc { seeds, keyspace } => {
-            let client = Client::connect(ClientConfig::new(seeds.iter().cloned()))
+            let mut config = ClientConfig::new(seeds.iter().cloned());
+            if let Some(timeout) = request_timeout {
+                config = config
+                    .with_request_timeout(timeout)
+                    .with_deadline(timeout * 4);
+            }
+            let client = Client::connect(config)
                 .await
                 .with_context(|| format!("failed to connect to the cluster at {seeds:?}"))?;
             let keyspace: Arc<str> = Arc::from(keyspace.as_str());
@@ -229,19 +404,23 @@ async fn connect(target: &Target, clients: usize) -> Result<Vec<Conn>> {
                 .collect())
         }
         Target::Resp { addr } => {
-            let client = redis::Client::open(format!("redis://{addr}/"))
-                .with_context(|| format!("invalid RESP address {addr}"))?;
             let mut conns = Vec::with_capacity(clients);
             for _ in 0..clients {
-                // The redis error already names the cause; `with_context`
-                // would print it twice (its source repeats it).
-                let con = client
-                    .get_multiplexed_async_connection()
-                    .await
-                    .map_err(|e| anyhow::anyhow!("failed to connect to {addr}: {e}"))?;
-                conns.push(Conn::Resp {
-                    client: client.clone(),
-                    con: Some(con),
+                conns.push(Conn::Resp(RespConn::open(addr).await?));
+            }
+            Ok(conns)
+        }
+        Target::RespRing { servers, keyspace } => {
+            let route = Arc::new(RingRoute::new(servers, keyspace));
+            let mut conns = Vec::with_capacity(clients);
+            for _ in 0..clients {
+                let mut per_server = Vec::with_capacity(servers.len());
+                for (_, addr) in servers {
+                    per_server.push(RespConn::open(addr).await?);
+                }
+                conns.push(Conn::RespRing {
+                    route: route.clone(),
+                    conns: per_server,
                 });
             }
             Ok(conns)
@@ -254,6 +433,7 @@ struct Plan {
     chooser: KeyChooser,
     value: Bytes,
     read_ratio: f64,
+    batch: usize,
     /// When the run (warm-up included) started.
     start: Instant,
     /// When measuring starts: operations begun (closed) or due (open)
@@ -279,7 +459,7 @@ pub async fn run(options: &Options) -> Result<Summary> {
         Mode::Closed => None,
         Mode::Open { rate } => Some(Schedule::new(rate)?),
     };
-    let mut conns = connect(&options.target, options.clients).await?;
+    let mut conns = connect(&options.target, options.clients, options.request_timeout).await?;
     let value = Bytes::from(vec![b'x'; options.value_size]);
     if options.preload {
         preload(&mut conns, options.keys, &value).await?;
@@ -292,6 +472,7 @@ pub async fn run(options: &Options) -> Result<Summary> {
         chooser,
         value,
         read_ratio: options.read_ratio,
+        batch: options.batch,
         start,
         measure_from,
         end,
@@ -353,7 +534,8 @@ async fn preload(conns: &mut [Conn], keys: u64, value: &Bytes) -> Result<()> {
     .map(drop)
 }
 
-/// One operation: a read or a write of a drawn key, recorded if `measured`.
+/// One operation: a read (of `plan.batch` keys) or a write of a drawn key,
+/// recorded if `measured`.
 async fn operation(
     conn: &mut Conn,
     plan: &Plan,
@@ -362,19 +544,27 @@ async fn operation(
     from: Instant,
     measured: bool,
 ) {
-    let key = KeyChooser::key(plan.chooser.next_index(rng));
     let read = rng.random_bool(plan.read_ratio);
-    let result = if read {
-        conn.get(&key).await.map(Some)
+    let (key, result) = if read && plan.batch > 1 {
+        let keys = plan.chooser.distinct_keys(rng, plan.batch);
+        let result = conn.get_many(&keys).await.map(Some);
+        (keys[0].clone(), result)
     } else {
-        conn.set(&key, &plan.value).await.map(|()| None)
+        let key = KeyChooser::key(plan.chooser.next_index(rng));
+        let result = if read {
+            conn.get(&key).await.map(|hit| Some(u64::from(hit)))
+        } else {
+            conn.set(&key, &plan.value).await.map(|()| None)
+        };
+        (key, result)
     };
     if !measured {
+        recorder.warmup_ops += 1;
         return;
     }
     let latency = from.elapsed();
     match result {
-        Ok(Some(hit)) => recorder.read(latency, hit),
+        Ok(Some(hits)) => recorder.read_batch(latency, plan.batch as u64, hits),
         Ok(None) => recorder.write(latency),
         Err(e) => recorder.error(format!("{} {key}: {e}", if read { "get" } else { "set" })),
     }
@@ -415,5 +605,50 @@ async fn open_loop(
         tokio::time::sleep_until(due).await;
         let measured = due >= plan.measure_from;
         operation(&mut conn, &plan, &mut rng, &mut recorder, due, measured).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resp_ring_targets_name_servers_with_optional_ids() {
+        let target = Target::parse("resp-ring://a=127.0.0.1:1, 127.0.0.1:2", "ks").unwrap();
+        assert_eq!(
+            target,
+            Target::RespRing {
+                servers: vec![
+                    ("a".into(), "127.0.0.1:1".into()),
+                    ("127.0.0.1:2".into(), "127.0.0.1:2".into()),
+                ],
+                keyspace: "ks".into(),
+            }
+        );
+        assert!(Target::parse("resp-ring://", "ks").is_err());
+        assert!(Target::parse("resp-ring://x=h:1,x=h:2", "ks").is_err());
+        assert!(Target::parse("resp-ring://=h:1", "ks").is_err());
+    }
+
+    #[test]
+    fn resp_ring_routes_like_the_client_ring() {
+        let servers = vec![
+            ("node-1".to_owned(), "h:1".to_owned()),
+            ("node-2".to_owned(), "h:2".to_owned()),
+            ("node-3".to_owned(), "h:3".to_owned()),
+        ];
+        let route = RingRoute::new(&servers, "default");
+        let ring = Ring::new((1..=3).map(|i| RingNode::new(format!("node-{i}"), 1)));
+        let mut used = [false; 3];
+        for i in 0..300 {
+            let key = KeyChooser::key(i);
+            let server = route.server(&key);
+            used[server] = true;
+            assert_eq!(
+                Some(servers[server].0.as_str()),
+                ring.owner("default", key.as_bytes())
+            );
+        }
+        assert_eq!(used, [true; 3]);
     }
 }

@@ -19,7 +19,9 @@ pub struct Recorder {
     latency_us: Histogram<u64>,
     /// Reads done (hits and misses).
     pub reads: u64,
-    /// Reads that found the key.
+    /// Keys read (a batched read reads several).
+    pub keys_read: u64,
+    /// Keys read that were found.
     pub hits: u64,
     /// Writes done.
     pub writes: u64,
@@ -27,6 +29,9 @@ pub struct Recorder {
     pub errors: u64,
     /// The first [`ERROR_SAMPLES`] error messages.
     pub error_samples: Vec<String>,
+    /// Operations done in the warm-up (counted only: they are not
+    /// measured).
+    pub warmup_ops: u64,
 }
 
 impl Default for Recorder {
@@ -42,10 +47,12 @@ impl Recorder {
             latency_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGFIG)
                 .expect("constant bounds are valid: 1 <= low, high >= 2 * low, sigfig <= 5"),
             reads: 0,
+            keys_read: 0,
             hits: 0,
             writes: 0,
             errors: 0,
             error_samples: Vec::new(),
+            warmup_ops: 0,
         }
     }
 
@@ -59,10 +66,16 @@ impl Recorder {
             .expect("the value was clamped into the histogram's bounds");
     }
 
-    /// Records a read.
+    /// Records a read of one key.
     pub fn read(&mut self, latency: Duration, hit: bool) {
+        self.read_batch(latency, 1, u64::from(hit));
+    }
+
+    /// Records a read of `keys` keys of which `hits` were found.
+    pub fn read_batch(&mut self, latency: Duration, keys: u64, hits: u64) {
         self.reads += 1;
-        self.hits += u64::from(hit);
+        self.keys_read += keys;
+        self.hits += hits;
         self.latency(latency);
     }
 
@@ -86,9 +99,11 @@ impl Recorder {
             .add(&other.latency_us)
             .expect("histograms of the same bounds always add");
         self.reads += other.reads;
+        self.keys_read += other.keys_read;
         self.hits += other.hits;
         self.writes += other.writes;
         self.errors += other.errors;
+        self.warmup_ops += other.warmup_ops;
         let room = ERROR_SAMPLES.saturating_sub(self.error_samples.len());
         self.error_samples
             .extend(other.error_samples.iter().take(room).cloned());
@@ -101,6 +116,10 @@ impl Recorder {
         // Counts stay far below 2^53.
         #[allow(clippy::cast_precision_loss)]
         let ops_per_sec = if secs > 0.0 { ops as f64 / secs } else { 0.0 };
+        // Every write writes one key.
+        let keys = self.keys_read + self.writes;
+        #[allow(clippy::cast_precision_loss)]
+        let keys_per_sec = if secs > 0.0 { keys as f64 / secs } else { 0.0 };
         let h = &self.latency_us;
         let q = |quantile| {
             if h.is_empty() {
@@ -113,11 +132,15 @@ impl Recorder {
             elapsed_secs: secs,
             ops,
             ops_per_sec,
+            keys,
+            keys_per_sec,
             reads: self.reads,
+            keys_read: self.keys_read,
             hits: self.hits,
             writes: self.writes,
             errors: self.errors,
             error_samples: self.error_samples.clone(),
+            warmup_ops: self.warmup_ops,
             unsent,
             latency_us: Latencies {
                 p50: q(0.5),
@@ -157,9 +180,16 @@ pub struct Summary {
     pub ops: u64,
     /// Successful operations per second.
     pub ops_per_sec: f64,
+    /// Keys the successful operations read or wrote (a batched read counts
+    /// each of its keys).
+    pub keys: u64,
+    /// Keys read or written per second.
+    pub keys_per_sec: f64,
     /// Successful reads.
     pub reads: u64,
-    /// Reads that found their key.
+    /// Keys the successful reads asked for.
+    pub keys_read: u64,
+    /// Keys read that were found.
     pub hits: u64,
     /// Successful writes.
     pub writes: u64,
@@ -167,6 +197,9 @@ pub struct Summary {
     pub errors: u64,
     /// The first error messages.
     pub error_samples: Vec<String>,
+    /// Operations done in the warm-up, not measured (with the preload's
+    /// writes, what else the server answered during the run).
+    pub warmup_ops: u64,
     /// Open loop: slots due in the run that no worker started
     /// before the run gave up on them (the workers could not keep up).
     pub unsent: u64,
@@ -183,6 +216,13 @@ impl fmt::Display for Summary {
             "ops        {} in {:.2} s: {:.0} ops/s ({} reads, {} hits, {} writes)",
             self.ops, self.elapsed_secs, self.ops_per_sec, self.reads, self.hits, self.writes
         )?;
+        if self.keys_read != self.reads {
+            writeln!(
+                f,
+                "keys       {} in {:.2} s: {:.0} keys/s ({} read in batches, {} hits)",
+                self.keys, self.elapsed_secs, self.keys_per_sec, self.keys_read, self.hits
+            )?;
+        }
         writeln!(
             f,
             "latency ms p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  mean {:.3}",

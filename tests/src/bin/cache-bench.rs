@@ -21,10 +21,13 @@ enum Distribution {
     about = "Benchmark a ringcache cluster (gRPC) or any RESP server: closed or open loop"
 )]
 struct Cli {
-    /// `grpc://host:port[,host:port...]` (cluster seeds) or `resp://host:port`.
+    /// `grpc://host:port[,host:port...]` (cluster seeds), `resp://host:port`,
+    /// or `resp-ring://[id=]host:port,...` (RESP servers, each key sent to
+    /// the one the client's ring names).
     #[arg(long)]
     target: String,
-    /// Keyspace of the keys (gRPC only; RESP keys go to the server's default).
+    /// Keyspace of the keys (gRPC; for resp-ring, the keyspace keys are
+    /// hashed in; RESP keys go to the server's default).
     #[arg(long, default_value = "default")]
     keyspace: String,
     /// Concurrent clients (closed loop), or workers sending the scheduled
@@ -56,6 +59,14 @@ struct Cli {
     /// Fraction of reads, 0.0 to 1.0 (the rest are writes).
     #[arg(long, default_value_t = 0.9)]
     read_ratio: f64,
+    /// Keys per read: more than 1 reads that many distinct keys in one
+    /// operation (MultiGet, MGET); writes stay single-key.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// gRPC: the client's per-request timeout (deadline: four times it);
+    /// default: the client's own.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    request_timeout: Option<Duration>,
     /// Write every key once before the run, so that reads hit.
     #[arg(long)]
     preload: bool,
@@ -86,6 +97,8 @@ impl Cli {
         };
         options.value_size = self.value_size;
         options.read_ratio = self.read_ratio;
+        options.batch = self.batch;
+        options.request_timeout = self.request_timeout;
         options.preload = self.preload;
         options.seed = self.seed;
         Ok(options)
@@ -109,8 +122,13 @@ async fn bench(cli: Cli) -> Result<()> {
         Mode::Closed => format!("closed loop, {} clients", options.clients),
         Mode::Open { rate } => format!("open loop, {rate} ops/s, {} workers", options.clients),
     };
+    let batch = if options.batch > 1 {
+        format!(" of {} keys", options.batch)
+    } else {
+        String::new()
+    };
     println!(
-        "cache-bench: {} ({mode}), {} keys {:?}, {} B values, {:.0}% reads, warm-up {}, measured {}",
+        "cache-bench: {} ({mode}), {} keys {:?}, {} B values, {:.0}% reads{batch}, warm-up {}, measured {}",
         cli.target,
         options.keys,
         options.distribution,
@@ -135,6 +153,7 @@ async fn bench(cli: Cli) -> Result<()> {
             "zipf_exponent": cli.zipf_exponent,
             "value_size": options.value_size,
             "read_ratio": options.read_ratio,
+            "batch": options.batch,
             "preload": options.preload,
             "summary": summary,
         });

@@ -13,10 +13,13 @@
 //! `redis-cli` are installed from Debian's packages when missing (as root);
 //! PostgreSQL and the broker are started as for the tests.
 
+mod cluster;
 mod doc;
+mod grpc;
 mod machine;
 mod memory;
 mod resp;
+mod ring;
 mod write_back;
 
 use std::{
@@ -177,9 +180,9 @@ async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
         Suite::Resp => resp::run(ctx).await,
         Suite::Memory => memory::run(ctx).await,
         Suite::WriteBack => write_back::run(ctx).await,
-        Suite::Grpc | Suite::Cluster | Suite::Ring => {
-            bail!("not written yet")
-        }
+        Suite::Grpc => grpc::run(ctx).await,
+        Suite::Cluster => cluster::run(ctx).await,
+        Suite::Ring => ring::run(ctx).await,
     }
 }
 
