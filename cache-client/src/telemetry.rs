@@ -220,7 +220,9 @@ pub(crate) fn twopc_abort(keyspace: &str, reason: &'static str) {
         .increment(1);
 }
 
-/// Records one write-back record's trip to the broker.
+/// Records one write-back record's trip to the broker (only the `kafka`
+/// feature produces).
+#[cfg(feature = "kafka")]
 pub(crate) fn write_back_produced(keyspace: &str, ack: &'static str, started: Instant, ok: bool) {
     let (name, outcome) = if ok {
         (WRITE_BACK_QUEUED, "acked")

@@ -409,12 +409,18 @@ pub(crate) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_concurrency_limit_refuses_while_its_slot_is_held() {
-        let gate = Arc::new(Gate::default());
-        let mut config = Config::default();
-        config.limits.max_concurrent_requests = Some(1);
+    /// A gated server on a free port: its address, the gate, the sender
+    /// that shuts it down, and its task.
+    async fn start_gated(
+        mut config: Config,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<Gate>,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<()>>,
+    ) {
         config.validate().unwrap();
+        let gate = Arc::new(Gate::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -432,6 +438,14 @@ pub(crate) mod tests {
                 gate: Some(Arc::clone(&gate)),
             },
         ));
+        (addr, gate, stop_tx, server)
+    }
+
+    #[tokio::test]
+    async fn the_concurrency_limit_refuses_while_its_slot_is_held() {
+        let mut config = Config::default();
+        config.limits.max_concurrent_requests = Some(1);
+        let (addr, gate, stop_tx, server) = start_gated(config).await;
         let mut client = CacheNodeClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
@@ -459,26 +473,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn shutdown_finishes_an_in_flight_request() {
-        let gate = Arc::new(Gate::default());
-        let mut config = Config::default();
-        config.validate().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            config,
-            Listeners {
-                grpc: listener,
-                metrics: None,
-                resp: None,
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-            Hooks {
-                gate: Some(Arc::clone(&gate)),
-            },
-        ));
+        let (addr, gate, stop_tx, server) = start_gated(Config::default()).await;
         let mut client = CacheNodeClient::connect(format!("http://{addr}"))
             .await
             .unwrap();
