@@ -8,6 +8,8 @@
 //! - [`store`]: the domain core: keyspaces of versioned entries in
 //!   byte-bounded moka caches, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
+//! - [`table`]: the compact, sharded, byte-bounded entry table meant to
+//!   replace moka under the store (issue 14; not yet used by it).
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
 //! - [`resp`]: the optional Redis-protocol (RESP2) listener, a second thin
 //!   transport over the same store.
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod resp;
 pub mod server;
 pub mod store;
+pub mod table;
 pub mod tls;
 
 pub use config::{Cli, Config};
