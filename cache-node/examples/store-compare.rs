@@ -9,6 +9,10 @@
 //!     --config 'profile.dev.package.cache-node.opt-level=3' -- [all|mem|speed|hits|expiry]
 //! ```
 //!
+//! `hits` takes `--caches table,moka,quick` (which to run) and
+//! `--rss moka=N,quick=N` (their RSS per item from `mem`, for the
+//! same-memory comparison).
+//!
 //! Each memory figure comes from a child process of its own (this binary,
 //! re-run with `child-mem`), so that one cache's freed memory cannot hide
 //! another's growth.
@@ -449,9 +453,15 @@ fn hits() {
                 .collect()
         })
         .unwrap_or_default();
+    let caches: Vec<String> = std::env::args()
+        .skip_while(|a| a != "--caches")
+        .nth(1)
+        .map_or_else(|| vec!["table".into(), "moka".into(), "quick".into()], |list| {
+            list.split(',').map(str::to_owned).collect()
+        });
     println!("trace\tcache\tcapacity\thit ratio (hot reads)\titems held\tns/request");
     for (name, trace) in traces(keys, requests) {
-        for kind in ["table", "moka", "quick"] {
+        for kind in caches.iter().map(String::as_str) {
             let mut modes = vec![("same accounting", budget)];
             if let Some((_, rss)) = rss_per_item.iter().find(|(k, _)| k == kind) {
                 let weight = (key(500_000).len() + value.len()) as f64 + MOKA_OVERHEAD as f64;

@@ -1,6 +1,6 @@
 //! Eviction: a small probation queue in front of CLOCK with a 2-bit
-//! counter (after S3-FIFO, Yang et al., SOSP 2023, without its ghost
-//! queue).
+//! counter, after S3-FIFO (Yang et al., SOSP 2023), its ghost queue a
+//! Bloom filter ([`super::ghost`]).
 //!
 //! Every read or overwrite raises the entry's counter by one, up to 3. A
 //! new clean entry starts on probation: its hash goes to the back of the
@@ -9,7 +9,8 @@
 //! - While more than [`PROBATION_PERCENT`] of its entries are on
 //!   probation, the queue's front is dealt with: an entry used since it was
 //!   written is promoted to the main part (it stays, counter kept), one
-//!   never used is the victim. A one-pass scan therefore only ever evicts
+//!   never used is the victim, and its hash is remembered as a ghost: if
+//!   the key is written again soon, it skips probation. A one-pass scan therefore only ever evicts
 //!   other new entries and cannot wear down the counters of the hot ones.
 //! - Otherwise the CLOCK hand walks the buckets over the main part: an
 //!   entry with a counter above 0 has it lowered and is passed over, one at
@@ -98,6 +99,8 @@ fn probation_victim(
             shard.promote(index);
             continue;
         }
+        let len = shard.len();
+        shard.ghost.remember(hash, len);
         break Some((index, Cause::Evicted));
     };
     if let Some(hash) = spared {

@@ -6,7 +6,8 @@
 //! key length, flags), the key and the value ([`entry`]). The index is a
 //! hashbrown `HashTable` of those allocations per shard ([`shard`]), each
 //! shard behind its own mutex. Room is made by a small probation queue in
-//! front of CLOCK with a 2-bit counter ([`eviction`]); dirty (write-back) entries are never evicted and never
+//! front of CLOCK with a 2-bit counter ([`eviction`]), with a Bloom-filter
+//! memory of keys evicted from probation ([`ghost`]); dirty (write-back) entries are never evicted and never
 //! expire. Expired entries leave lazily, when an operation or the eviction
 //! hand meets them, and actively, by sampling ([`expiry`]). Every entry and
 //! index allocation is charged what glibc's malloc really takes for it
@@ -38,6 +39,7 @@ pub mod accounting;
 pub mod entry;
 pub mod eviction;
 pub mod expiry;
+pub mod ghost;
 pub mod shard;
 
 use std::borrow::Cow;
@@ -419,8 +421,9 @@ impl Table {
                 Ok(index)
             }
             _ => {
-                // A new clean entry starts on probation (see `eviction`).
-                new.set_probation(pool == Pool::Clean);
+                // A new clean entry starts on probation, unless it was
+                // evicted from probation lately (see `eviction`).
+                new.set_probation(pool == Pool::Clean && !shard.ghost.contains(hash));
                 let rehash = |entry: &Entry| self.hash(entry.key());
                 let index = shard.insert(hash, new, rehash);
                 eviction::age_probation(shard, &rehash);

@@ -17,6 +17,7 @@ use hashbrown::HashTable;
 
 use super::accounting::malloc_footprint;
 use super::entry::Entry;
+use super::ghost::Ghost;
 
 /// A shard's index and the hands that walk it.
 #[derive(Debug, Default)]
@@ -36,6 +37,8 @@ pub struct Shard {
     pub small: VecDeque<u64>,
     /// Entries with the probation flag now.
     pub on_probation: usize,
+    /// Hashes of entries lately evicted from probation.
+    pub ghost: Ghost,
 }
 
 impl Shard {
@@ -128,9 +131,11 @@ impl Shard {
         entry
     }
 
-    /// Takes every entry out, keeping the index allocation.
+    /// Takes every entry out, keeping the index allocation (the ghosts'
+    /// memory is given back).
     pub fn drain(&mut self) -> Vec<Entry> {
         self.small.clear();
+        self.ghost.clear();
         self.on_probation = 0;
         self.map.drain().collect()
     }
@@ -157,7 +162,11 @@ impl Shard {
     /// What the index and the probation queue are charged now.
     pub fn index_footprint(&self) -> u64 {
         let footprint = |bytes: usize| if bytes == 0 { 0 } else { malloc_footprint(bytes) };
-        footprint(self.map.allocation_size()) + footprint(self.small.capacity() * 8)
+        let [first, second] = self.ghost.allocations();
+        footprint(self.map.allocation_size())
+            + footprint(self.small.capacity() * 8)
+            + footprint(first)
+            + footprint(second)
     }
 
     /// The change of the index allocation's footprint since the last call

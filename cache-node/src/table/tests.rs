@@ -278,3 +278,40 @@ fn for_each_dirty_sees_exactly_the_dirty_entries() {
     seen.sort_unstable();
     assert_eq!(seen, (0..10).map(|i| i * 10).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_key_evicted_from_probation_skips_it_when_written_again() {
+    let now = Instant::now();
+    let value = [0u8; 100];
+    let per_entry = Table::entry_footprint(b"key:0000", &value) + 40;
+    let t = Table::new(
+        TableConfig {
+            capacity_bytes: 1000 * per_entry,
+            max_dirty_bytes: 0,
+            shards: 1,
+        },
+        now,
+    );
+    for i in 0..5000 {
+        t.insert(format!("key:{i:04}").as_bytes(), &value, Meta::clean(1, None), now).unwrap();
+    }
+    // The latest evicted.
+    let evicted: Vec<String> = (0..5000)
+        .rev()
+        .map(|i| format!("key:{i:04}"))
+        .filter(|key| t.get(key.as_bytes(), now).is_none())
+        .take(100)
+        .collect();
+    assert_eq!(evicted.len(), 100);
+    let mut skipped = 0;
+    for key in &evicted {
+        t.insert(key.as_bytes(), &value, Meta::clean(2, None), now).unwrap();
+        let shard = t.shards[0].lock().unwrap();
+        let index = shard.find(t.hash(key.as_bytes()), key.as_bytes()).unwrap();
+        skipped += usize::from(!shard.at(index).is_probation());
+    }
+    // Ghosts are remembered for a while, not forever: most of the lately
+    // evicted come straight back into the main part.
+    assert!(skipped >= 50, "only {skipped} of 100 skipped probation");
+    assert_tallies_exact(&t);
+}
