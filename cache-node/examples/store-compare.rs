@@ -9,7 +9,7 @@
 //!     --config 'profile.dev.package.cache-node.opt-level=3' -- [all|mem|speed|hits|expiry]
 //! ```
 //!
-//! `hits` takes `--caches table,moka,quick` (which to run) and
+//! `hits` takes `--caches table,moka,quick,redis` (which to run) and
 //! `--rss moka=N,quick=N` (their RSS per item from `mem`, for the
 //! same-memory comparison).
 //!
@@ -461,7 +461,7 @@ fn hits() {
         });
     println!("trace\tcache\tcapacity\thit ratio (hot reads)\titems held\tns/request");
     for (name, trace) in traces(keys, requests) {
-        for kind in caches.iter().map(String::as_str) {
+        for kind in caches.iter().map(String::as_str).filter(|&c| c != "redis") {
             let mut modes = vec![("same accounting", budget)];
             if let Some((_, rss)) = rss_per_item.iter().find(|(k, _)| k == kind) {
                 let weight = (key(500_000).len() + value.len()) as f64 + MOKA_OVERHEAD as f64;
@@ -494,7 +494,78 @@ fn hits() {
                 );
             }
         }
+        if caches.iter().any(|c| c == "redis") {
+            for policy in ["allkeys-lru", "allkeys-lfu"] {
+                match redis_hits(&trace, policy, budget, &value) {
+                    Ok(line) => println!("{name}\t{line}"),
+                    Err(e) => println!("{name}\tredis-server ({policy})\tnot measured: {e}"),
+                }
+            }
+        }
     }
+}
+
+/// Replays a trace against redis-server with `maxmemory` = `budget` (plus
+/// what the empty server already uses) under `policy`: GETs in pipelined
+/// batches of 64, then a SET for each miss of the batch. A key repeated
+/// within one batch misses each time (a slight disadvantage for Redis on
+/// the hottest keys; see the notes).
+fn redis_hits(trace: &[Request], policy: &str, budget: u64, value: &[u8]) -> Result<String, String> {
+    let redis = Redis::start(&["--maxmemory-policy", policy])?;
+    let info = redis.command(&["INFO", "memory"])?;
+    let empty = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or("no used_memory")?;
+    let maxmemory = (budget + empty).to_string();
+    redis.command(&["CONFIG", "SET", "maxmemory", &maxmemory])?;
+    let stream = redis.connect()?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let value = std::str::from_utf8(value).map_err(|e| e.to_string())?;
+    let (mut hot, mut hot_hits) = (0u64, 0u64);
+    let start = Instant::now();
+    for batch in trace.chunks(64) {
+        let keys: Vec<(String, bool)> = batch
+            .iter()
+            .map(|request| match *request {
+                Request::Hot(rank) => (key(rank), true),
+                Request::Scan(i) => (format!("scan:{i}"), false),
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (k, _) in &keys {
+            out.extend_from_slice(&encode(&["GET", k]));
+        }
+        writer.write_all(&out).map_err(|e| e.to_string())?;
+        let mut misses = Vec::new();
+        for (k, counted) in &keys {
+            let hit = !read_reply(&mut reader)?.is_empty();
+            if *counted {
+                hot += 1;
+                hot_hits += u64::from(hit);
+            }
+            if !hit {
+                misses.push(k);
+            }
+        }
+        let mut out = Vec::new();
+        for k in &misses {
+            out.extend_from_slice(&encode(&["SET", k, value]));
+        }
+        writer.write_all(&out).map_err(|e| e.to_string())?;
+        for _ in &misses {
+            read_reply(&mut reader)?;
+        }
+    }
+    let ns = start.elapsed().as_nanos() as f64 / trace.len() as f64;
+    let items = redis.command(&["DBSIZE"])?;
+    Ok(format!(
+        "redis-server ({policy})\t{maxmemory}\t{:.4}\t{}\t{ns:.0}",
+        hot_hits as f64 / hot as f64,
+        items.trim_start_matches(':')
+    ))
 }
 
 /// Expiry without reads: a million entries with a 2 s TTL, nobody reads
