@@ -6,7 +6,7 @@
 //! new clean entry starts on probation: its hash goes to the back of the
 //! shard's probation queue. When the shard must make room:
 //!
-//! - While more than [`PROBATION_PERCENT`] of its entries are on
+//! - While more than [`PROBATION_PERCENT`] % of its entries are on
 //!   probation, the queue's front is dealt with: an entry used since it was
 //!   written is promoted to the main part (it stays, counter kept), one
 //!   never used is the victim, and its hash is remembered as a ghost: if
@@ -33,8 +33,13 @@ use super::expiry::is_expired;
 use super::shard::Shard;
 
 /// The share of a shard's entries on probation beyond which room is made
-/// among them.
-pub const PROBATION_PERCENT: usize = 10;
+/// among them. Measured with `examples/store-compare.rs` (hit ratios at
+/// 10/15/20/25/30%: Zipf .790/.788/.787/.785/.769, Zipf with scans
+/// .775/.774/.773/.771/.709, shifting Zipf .724/.727/.730/.732/.740): 20
+/// is the best share that beats redis-server's best policy on all three
+/// (.778, .759, .726); beyond 25 the queue meets [`age_probation`]'s cap
+/// and scans get in.
+pub const PROBATION_PERCENT: usize = 20;
 
 /// Records a use of the entry.
 pub fn touch(entry: &mut Entry) {
@@ -200,8 +205,8 @@ mod tests {
         for i in 0..10 {
             insert(&mut shard, &format!("new{i}"), 0, false, true);
         }
-        // Down to 1 of 11, within the 10% share: then the main part.
-        for i in 0..9 {
+        // Down to 2 of 12, within the 20% share: then the main part.
+        for i in 0..8 {
             assert_eq!(evict(&mut shard, 1), Some((format!("new{i}"), Cause::Evicted)));
         }
         assert!(evict(&mut shard, 1).unwrap().0.starts_with("main"));
@@ -234,7 +239,7 @@ mod tests {
         }
         // The queue grows to its share at the main part's expense, then the
         // scan only evicts itself.
-        assert!(hot_evicted <= 11, "{hot_evicted} hot entries evicted by the scan");
+        assert!(hot_evicted <= 22, "{hot_evicted} hot entries evicted by the scan");
         assert_eq!(shard.len(), 100);
     }
 
