@@ -230,6 +230,30 @@ fn active_expiry_empties_a_table_nobody_reads() {
 }
 
 #[test]
+fn active_expiry_is_not_stalled_by_a_stretch_it_already_cleared() {
+    let (t, now) = table(1 << 30);
+    let at = now + Duration::from_secs(2);
+    for i in 0..200_000 {
+        t.insert(format!("key:{i}").as_bytes(), b"v", Meta::clean(1, Some(at)), now).unwrap();
+    }
+    // Before the expiry the hand walks a little on each call.
+    for _ in 0..10 {
+        assert_eq!(t.expire_some(now, 8192), 0);
+    }
+    // Enough calls to walk every bucket twice at full speed. When the
+    // index shrinks midway, what is left sits in the upper part of the new
+    // buckets: the hand, back at 0, first meets a stretch of empty ones.
+    let buckets: usize = t.shards.iter().map(|s| s.lock().unwrap().num_buckets()).max().unwrap();
+    let bound = 2 * buckets.div_ceil(8192) + 4;
+    let mut calls = 0;
+    while t.stats().items > 0 {
+        t.expire_some(at, 8192);
+        calls += 1;
+        assert!(calls <= bound, "expiry stalled: {} left after {calls} calls", t.stats().items);
+    }
+}
+
+#[test]
 fn a_hot_set_survives_a_one_pass_scan() {
     let value = [0u8; 100];
     let per_entry = Table::entry_footprint(b"hot:000", &value) + 20;
