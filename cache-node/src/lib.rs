@@ -8,8 +8,6 @@
 //! - [`store`]: the domain core: keyspaces of versioned entries in
 //!   byte-bounded moka caches, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
-//! - [`table`]: the compact, sharded, byte-bounded entry table meant to
-//!   replace moka under the store (issue 14; not yet used by it).
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
 //! - [`resp`]: the optional Redis-protocol (RESP2) listener, a second thin
 //!   transport over the same store.
