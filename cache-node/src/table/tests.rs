@@ -339,3 +339,95 @@ fn a_key_evicted_from_probation_skips_it_when_written_again() {
     assert!(skipped >= 50, "only {skipped} of 100 skipped probation");
     assert_tallies_exact(&t);
 }
+
+mod model {
+    //! Random operation sequences against a plain map of what should be
+    //! live (no eviction: the capacity is never reached).
+
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Put { key: u8, len: usize, version: u64, ttl_ms: Option<u64>, dirty: bool },
+        Remove { key: u8 },
+        Clean { key: u8 },
+        Advance { ms: u64 },
+        Expire,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0u8..16, 0usize..300, 1u64..100, proptest::option::of(1u64..2000), any::<bool>())
+                .prop_map(|(key, len, version, ttl_ms, dirty)| Step::Put { key, len, version, ttl_ms, dirty }),
+            1 => (0u8..16).prop_map(|key| Step::Remove { key }),
+            1 => (0u8..16).prop_map(|key| Step::Clean { key }),
+            2 => (0u64..1000).prop_map(|ms| Step::Advance { ms }),
+            1 => Just(Step::Expire),
+        ]
+    }
+
+    /// What the model holds for a key: value and header.
+    type Model = HashMap<u8, (Vec<u8>, Meta)>;
+
+    fn live(model: &Model, key: u8, now: Instant) -> Option<&(Vec<u8>, Meta)> {
+        model
+            .get(&key)
+            .filter(|(_, meta)| meta.dirty.is_some() || meta.expires_at.is_none_or(|at| at > now))
+    }
+
+    proptest! {
+        #[test]
+        fn the_table_agrees_with_a_plain_map(steps in proptest::collection::vec(step(), 1..200)) {
+            let (t, start) = table(1 << 30);
+            let mut now = start;
+            let mut model = Model::new();
+            for step in steps {
+                match step {
+                    Step::Put { key, len, version, ttl_ms, dirty } => {
+                        let value = vec![key; len];
+                        let meta = if dirty {
+                            Meta { version, expires_at: None, dirty: Some(DirtyMeta { since: now, ttl: ttl_ms.map(Duration::from_millis) }) }
+                        } else {
+                            Meta::clean(version, ttl_ms.map(|ms| now + Duration::from_millis(ms)))
+                        };
+                        t.insert(&[key], &value, meta, now).unwrap();
+                        model.insert(key, (value, meta));
+                    }
+                    Step::Remove { key } => {
+                        let removed = t.remove(&[key], now);
+                        prop_assert_eq!(removed, live(&model, key, now).is_some());
+                        model.remove(&key);
+                    }
+                    Step::Clean { key } => {
+                        t.compute(&[key], now, |current| match current.and_then(|e| e.meta.dirty.map(|d| (e.meta.version, d))) {
+                            Some((version, dirty)) => (Op::SetMeta(Meta::clean(version, dirty.ttl.map(|ttl| now + ttl))), ()),
+                            None => (Op::Keep, ()),
+                        }).unwrap();
+                        if let Some((_, meta)) = model.get_mut(&key)
+                            && let Some(dirty) = meta.dirty
+                        {
+                            *meta = Meta::clean(meta.version, dirty.ttl.map(|ttl| now + ttl));
+                        }
+                    }
+                    Step::Advance { ms } => now += Duration::from_millis(ms),
+                    Step::Expire => {
+                        t.expire_some(now, usize::MAX);
+                    }
+                }
+                for key in 0..16u8 {
+                    let found = t.get(&[key], now);
+                    let expected = live(&model, key, now);
+                    prop_assert_eq!(found.as_ref().map(|f| (f.value.to_vec(), f.meta)), expected.cloned(), "key {}", key);
+                }
+            }
+            t.expire_some(now, usize::MAX);
+            let expected_items = (0..16u8).filter(|&k| live(&model, k, now).is_some()).count() as u64;
+            prop_assert_eq!(t.stats().items, expected_items);
+            assert_tallies_exact(&t);
+        }
+    }
+}
