@@ -222,7 +222,7 @@ impl Client {
         Ok(client)
     }
 
-    /// Rolls back in-doubt transactions of write-through keyspaces every
+    /// Rolls back in-doubt transactions (`Client::recover_in_doubt`) every
     /// `recovery_interval`, until the last clone of the client drops.
     fn spawn_recovery(&self, stop: CancellationToken) {
         let weak = Arc::downgrade(&self.inner);
@@ -869,7 +869,14 @@ async fn delete_from(
     let reply = call(
         &node,
         timeout,
-        client.delete(request(v1::DeleteRequest { keyspace, key }, timeout)),
+        client.delete(request(
+            v1::DeleteRequest {
+                keyspace,
+                key,
+                below_version: 0,
+            },
+            timeout,
+        )),
     )
     .await?;
     Ok(vec![reply.deleted])

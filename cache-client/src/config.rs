@@ -97,9 +97,9 @@ pub struct ClientConfig {
     /// back to it, and the copy left on the fallback node could otherwise
     /// come back stale if the owner fails again later; the cap bounds that.
     pub fallback_ttl: Duration,
-    /// How often the client rolls back in-doubt prepared transactions of its
-    /// write-through keyspaces (default 10 s; see
-    /// `Client::recover_in_doubt`).
+    /// How often the client rolls back in-doubt prepared transactions of the
+    /// stores its write-through keyspaces use or used, and abandoned ones of
+    /// its other stores (default 10 s; see `Client::recover_in_doubt`).
     pub recovery_interval: Duration,
     /// Virtual points per unit of node weight (default
     /// [`DEFAULT_VNODES`]); every client of a pool must use the same value.

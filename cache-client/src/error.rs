@@ -78,6 +78,22 @@ pub enum Error {
         /// Which node refused and why.
         reason: String,
     },
+    /// A write-through writer was held up between its prepare and its
+    /// commit for longer than the keyspace's `pending_timeout` (a slow
+    /// database, a lock wait, a paused process): the nodes may have given
+    /// its change up, so it rolled the write back instead of committing.
+    /// Nothing changed; retrying may succeed.
+    #[error(
+        "write-through write in keyspace {keyspace:?} rolled back: {elapsed:?} passed between prepare and commit, more than pending_timeout ({pending_timeout:?})"
+    )]
+    PendingTimedOut {
+        /// The keyspace of the call.
+        keyspace: String,
+        /// How long the prepare phase took.
+        elapsed: Duration,
+        /// The keyspace's pending timeout.
+        pending_timeout: Duration,
+    },
     /// A keyspace configuration is invalid; the message names the keyspace
     /// and the field. The previous configuration stays in force.
     #[error("invalid keyspace config: keyspaces.{keyspace}.{field}: {reason}")]
@@ -161,7 +177,8 @@ impl Error {
             | Error::DeadlineExceeded { .. }
             | Error::QuorumNotReached { .. }
             | Error::Store { .. }
-            | Error::Conflict { .. } => true,
+            | Error::Conflict { .. }
+            | Error::PendingTimedOut { .. } => true,
             Error::Codec(_)
             | Error::KeyspaceConfig { .. }
             | Error::Unsupported { .. }
@@ -183,6 +200,7 @@ impl Error {
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::QuorumNotReached { .. } => "quorum_not_reached",
             Error::Conflict { .. } => "conflict",
+            Error::PendingTimedOut { .. } => "pending_timed_out",
             Error::KeyspaceConfig { .. } => "keyspace_config",
             Error::Unsupported { .. } => "unsupported",
             Error::Codec(_) => "codec",

@@ -37,6 +37,20 @@ pub(crate) enum LeaseReply {
     },
 }
 
+/// What phase one did on the cache.
+#[derive(Debug, Default)]
+pub(crate) struct Prepared {
+    /// The nodes that prepared the change: phase two goes to them.
+    pub(crate) nodes: Vec<Arc<NodeHandle>>,
+    /// The nodes that answered but refused (another transaction pending,
+    /// a version as new or newer live, a change in doubt), with the version
+    /// they reported. They keep what they hold: if the write commits
+    /// anyway, one holding an older value must be invalidated.
+    pub(crate) refused: Vec<(Arc<NodeHandle>, u64)>,
+    /// The first failure, if any.
+    pub(crate) failure: Option<Error>,
+}
+
 /// What a fill did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum FillReply {
@@ -182,9 +196,10 @@ impl Client {
     }
 
     /// Phase one on the cache: prepares the change on the first `replicas`
-    /// healthy nodes in parallel. Returns the nodes that prepared and the
-    /// first failure, if any; the caller decides with its quorum and must
-    /// abort what prepared if it gives up.
+    /// healthy nodes in parallel. Returns what each did; the caller decides
+    /// with its quorum and must abort what prepared if it gives up. A node
+    /// that failed (unreachable) is marked down, so it is flushed before
+    /// this client reads from it again.
     pub(crate) async fn prepare(
         &self,
         keyspace: &str,
@@ -193,16 +208,16 @@ impl Client {
         txn: &str,
         pending_timeout: Duration,
         replicas: usize,
-    ) -> (Vec<Arc<NodeHandle>>, Option<Error>) {
+    ) -> Prepared {
         let nodes = self.healthy_in_order(keyspace, &item.key, replicas);
         if nodes.is_empty() {
-            return (
-                Vec::new(),
-                Some(Error::NoNodeAvailable {
+            return Prepared {
+                failure: Some(Error::NoNodeAvailable {
                     keyspace: keyspace.to_owned(),
                     reason: "every node that could hold the key is down".into(),
                 }),
-            );
+                ..Prepared::default()
+            };
         }
         let timeout = self.config().request_timeout;
         let asks = nodes.into_iter().map(|(node, fallback)| {
@@ -225,30 +240,43 @@ impl Client {
                 (node, reply)
             }
         });
-        let mut prepared = Vec::new();
-        let mut failure = None;
+        let mut prepared = Prepared::default();
         for (node, reply) in futures::future::join_all(asks).await {
             match reply {
-                Ok(r) if r.prepared => prepared.push(node),
+                Ok(r) if r.prepared => prepared.nodes.push(node),
                 Ok(r) => {
                     self.inner.clock.observe(r.current_version);
-                    failure = Some(Error::Conflict {
+                    prepared.failure = Some(Error::Conflict {
                         keyspace: keyspace.to_owned(),
                         reason: format!(
-                            "node {} refused the prepare (another write is pending, or version {} is live)",
+                            "node {} refused the prepare (another write is pending, or version {} is live or in doubt)",
                             node.id, r.current_version
                         ),
                     });
+                    prepared.refused.push((node, r.current_version));
                 }
-                Err(e) => failure = Some(e),
+                Err(e) => {
+                    // A refusal of the request itself (a bad pending
+                    // timeout, a missing permission): the node is alive and
+                    // keeps what it holds, like a node that answered no.
+                    if !e.is_node_failure() {
+                        prepared.refused.push((node, 0));
+                    }
+                    prepared.failure = Some(e);
+                }
             }
         }
-        (prepared, failure)
+        prepared
     }
 
     /// Phase two on the cache: commits (or aborts) `txn` on every node that
-    /// prepared it, in parallel. Returns how many acknowledged; a node that
-    /// does not lets the change time out, which removes the key there.
+    /// prepared it, in parallel. Returns the nodes that answered without
+    /// acknowledging: after a commit, each of them may hold (or be about to
+    /// fill) the value the change replaced, and the caller must invalidate
+    /// it there ([`invalidate_below`](Client::invalidate_below)). A node
+    /// that could not be reached is marked down instead (flushed before
+    /// this client reads from it again); if it only missed the call, the
+    /// change times out there, which removes the key.
     pub(crate) async fn finish(
         &self,
         keyspace: &str,
@@ -256,7 +284,7 @@ impl Client {
         txn: &str,
         nodes: &[Arc<NodeHandle>],
         commit: bool,
-    ) -> usize {
+    ) -> Vec<Arc<NodeHandle>> {
         let timeout = self.config().request_timeout;
         let asks = nodes.iter().map(|node| async move {
             let mut client = node.client.clone();
@@ -281,15 +309,55 @@ impl Client {
             }
         });
         let results = futures::future::join_all(asks).await;
-        for (node, result) in nodes.iter().zip(&results) {
-            if !matches!(result, Ok(true)) {
-                tracing::warn!(node = %node.id, keyspace, txn, commit, ?result, "cache phase two not acknowledged; the pending change will time out");
+        let mut unacknowledged = Vec::new();
+        for (node, result) in nodes.iter().zip(results) {
+            match result {
+                Ok(true) => {}
+                Err(e) if e.is_node_failure() => {
+                    tracing::warn!(node = %node.id, keyspace, txn, commit, error = %e, "cache phase two failed; the node is marked down");
+                }
+                other => {
+                    tracing::warn!(node = %node.id, keyspace, txn, commit, result = ?other, "cache phase two not acknowledged");
+                    unacknowledged.push(Arc::clone(node));
+                }
             }
         }
-        results
-            .into_iter()
-            .filter(|r| matches!(r, Ok(true)))
-            .count()
+        unacknowledged
+    }
+
+    /// Version-fenced invalidation of `key` on each of `nodes`, in
+    /// parallel: removes an entry older than `version` and drops the key's
+    /// lease (`DeleteRequest.below_version`). A node that does not do it is
+    /// marked down, so that this client flushes it before reading from it
+    /// again.
+    pub(crate) async fn invalidate_below(
+        &self,
+        keyspace: &str,
+        key: &Bytes,
+        version: u64,
+        nodes: &[Arc<NodeHandle>],
+    ) {
+        let timeout = self.config().request_timeout;
+        let asks = nodes.iter().map(|node| async move {
+            let mut client = node.client.clone();
+            let message = v1::DeleteRequest {
+                keyspace: keyspace.to_owned(),
+                key: key.clone(),
+                below_version: version,
+            };
+            let result = self
+                .on_node(node, true, client.delete(request(message, timeout)))
+                .await;
+            if let Err(e) = result {
+                // `on_node` marked a node failure down already; a refusal
+                // of the request must not leave the old value either.
+                tracing::warn!(node = %node.id, keyspace, version, error = %e, "version-fenced invalidation failed; the node is marked down");
+                if !e.is_node_failure() {
+                    self.inner.cluster.mark_down(node, &e);
+                }
+            }
+        });
+        futures::future::join_all(asks).await;
     }
 
     /// Write-back: tells the nodes that may hold the keys' dirty entries

@@ -41,6 +41,14 @@ use crate::telemetry;
 pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Default [`KeyspaceSettings::pending_timeout`].
 pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+/// In-doubt recovery rolls back a prepared transaction found in a store
+/// that no keyspace of this process uses (or used) for write-through only
+/// once it is this old: it was left by a write-through keyspace of another
+/// process, or of this one before a restart, whose pending timeout is not
+/// known here. Any writer has given such a transaction up long before (a
+/// writer never commits past its pending timeout, which nodes cap at
+/// `limits.max_pending_timeout`, 30 s by default).
+pub const ABANDONED_IN_DOUBT_AFTER: Duration = Duration::from_secs(600);
 /// How long absence is cached when a keyspace sets no `negative_ttl`: just
 /// long enough for readers waiting on the lease to see it.
 pub const MIN_NEGATIVE_TTL: Duration = Duration::from_millis(100);
@@ -256,6 +264,10 @@ pub(crate) struct KeyspaceState {
 #[derive(Default)]
 pub(crate) struct Registry {
     map: RwLock<Arc<HashMap<String, Arc<KeyspaceState>>>>,
+    /// Every store a write-through keyspace of this process used, with the
+    /// longest pending timeout it was used with: in-doubt recovery keeps
+    /// covering it after a switch away from write-through.
+    write_through: parking_lot::Mutex<Vec<(Arc<dyn Store>, Duration)>>,
 }
 
 impl Registry {
@@ -265,6 +277,15 @@ impl Registry {
 
     pub(crate) fn all(&self) -> Arc<HashMap<String, Arc<KeyspaceState>>> {
         Arc::clone(&self.map.read())
+    }
+
+    /// Remembers a store used by a write-through keyspace.
+    fn remember_write_through(&self, store: &Arc<dyn Store>, pending_timeout: Duration) {
+        let mut stores = self.write_through.lock();
+        match stores.iter_mut().find(|(s, _)| Arc::ptr_eq(s, store)) {
+            Some((_, longest)) => *longest = (*longest).max(pending_timeout),
+            None => stores.push((Arc::clone(store), pending_timeout)),
+        }
     }
 
     fn update(
@@ -335,6 +356,15 @@ impl Client {
                     field: "store".into(),
                     reason: format!("strategy {} needs a store", settings.strategy),
                 });
+            }
+        }
+        for (_, settings, store) in &keyspaces {
+            if settings.strategy == Strategy::WriteThrough
+                && let Some(store) = store
+            {
+                self.inner
+                    .keyspaces
+                    .remember_write_through(store, settings.pending_timeout);
             }
         }
         self.inner.keyspaces.update(|map| {
@@ -441,42 +471,73 @@ impl Client {
         self.inner.keyspaces.get(name).map(|k| k.settings.clone())
     }
 
-    /// Resolves in-doubt prepared transactions of the write-through
-    /// keyspaces' stores: any prepared more than twice the longest pending
-    /// timeout ago is rolled back. Such a transaction was never committed,
-    /// so its writer never reported success; its cache side times out on the
-    /// nodes, which removes the key there. Returns how many were resolved.
+    /// Resolves in-doubt prepared transactions: rolls back those prepared
+    /// more than twice the longest pending timeout ago in every store a
+    /// write-through keyspace of this client uses or used (whatever the
+    /// keyspace's strategy now), and those older than
+    /// [`ABANDONED_IN_DOUBT_AFTER`] in the stores of its other keyspaces.
+    /// Such a transaction was never committed, so its writer never reported
+    /// success (a writer does not commit past its pending timeout). Each one
+    /// rolled back is also aborted on the key's nodes, which clears the
+    /// in-doubt fence its timed-out change left there. Returns how many
+    /// were resolved.
     ///
     /// # Errors
     /// The first store failure.
     pub async fn recover_in_doubt(&self) -> Result<usize> {
         let all = self.inner.keyspaces.all();
+        // Per store: how old a transaction must be to be rolled back, and a
+        // keyspace name for the metric when the store did not record one.
         let mut stores: Vec<(Arc<dyn Store>, Duration, String)> = Vec::new();
-        for (name, state) in all.iter() {
-            if state.settings.strategy != Strategy::WriteThrough {
-                continue;
-            }
+        for (store, pending_timeout) in self.inner.keyspaces.write_through.lock().iter() {
+            stores.push((Arc::clone(store), *pending_timeout * 2, String::new()));
+        }
+        let mut names: Vec<&String> = all.keys().collect();
+        names.sort();
+        for name in names {
+            let state = &all[name];
             let Some(store) = &state.store else { continue };
             match stores.iter_mut().find(|(s, _, _)| Arc::ptr_eq(s, store)) {
-                Some(entry) => entry.1 = entry.1.max(state.settings.pending_timeout),
+                Some(entry) => {
+                    if entry.2.is_empty() {
+                        entry.2 = name.clone();
+                    }
+                }
                 None => stores.push((
                     Arc::clone(store),
-                    state.settings.pending_timeout,
+                    ABANDONED_IN_DOUBT_AFTER.max(state.settings.pending_timeout * 2),
                     name.clone(),
                 )),
             }
         }
         let mut resolved = 0;
-        for (store, pending_timeout, keyspace) in stores {
-            for txn in store.in_doubt(pending_timeout * 2).await? {
+        for (store, older_than, name) in stores {
+            for txn in store.in_doubt(older_than).await? {
+                let keyspace = txn.keyspace.clone().unwrap_or_else(|| name.clone());
                 match store.abort_prepared(&txn.txn).await {
-                    Ok(()) | Err(Error::TxnNotFound { .. }) => {
-                        resolved += 1;
-                        metrics::counter!("ringcache_client_twopc_recovered_total", "keyspace" => keyspace.clone()).increment(1);
-                        tracing::warn!(txn = %txn.txn.as_str(), "rolled back an in-doubt prepared transaction");
+                    Ok(()) => {
+                        tracing::warn!(txn = %txn.txn.as_str(), keyspace = %keyspace, "rolled back an in-doubt prepared transaction");
+                        // Its change may be in doubt on the nodes, fencing
+                        // off the (correct) old value: tell them.
+                        if let (Some(ks), Some(key)) = (&txn.keyspace, &txn.key) {
+                            let replicas = self.replication(ks).replicas;
+                            let nodes: Vec<Arc<NodeHandle>> = self
+                                .healthy_in_order(ks, key, replicas + 1)
+                                .into_iter()
+                                .map(|(node, _)| node)
+                                .collect();
+                            self.finish(ks, key, txn.txn.as_str(), &nodes, false)
+                                .await;
+                        }
                     }
+                    // Resolved by someone else meanwhile, maybe committed by
+                    // its writer: the nodes are left alone.
+                    Err(Error::TxnNotFound { .. }) => {}
                     Err(e) => return Err(e),
                 }
+                resolved += 1;
+                metrics::counter!(telemetry::TWOPC_RECOVERED, "keyspace" => keyspace)
+                    .increment(1);
             }
         }
         Ok(resolved)
@@ -962,11 +1023,16 @@ impl Keyspace {
     /// - cache-aside (with a store), read-through, write-around: the store,
     ///   then [`Keyspace::invalidate`];
     /// - write-through: prepared on the owning nodes and in the store, then
-    ///   committed in both (the store first).
+    ///   committed in both (the store first); an owner that refused the
+    ///   prepare or did not commit is invalidated (version-fenced) or marked
+    ///   down before it returns.
     ///
     /// # Errors
     /// A store failure (nothing was written), [`Error::Conflict`] when a
-    /// write-through write of the same key is in flight, or
+    /// write-through write of the same key is in flight,
+    /// [`Error::PendingTimedOut`] when a write-through writer was held past
+    /// its pending timeout before committing (rolled back), a node's
+    /// refusal of a `pending_timeout` above its `max_pending_timeout`, or
     /// [`Error::Unsupported`] for a cache-aside keyspace without a store.
     ///
     /// # Consistency
@@ -1042,8 +1108,11 @@ impl Keyspace {
             Some(v) => Change::Put(v),
             None => Change::Delete,
         };
+        // Taken before the prepare is sent, so it ends no later than the
+        // nodes' own deadlines for the change, which start when they get it.
+        let started = Instant::now();
         // Phase one, cache and store in parallel.
-        let ((prepared, cache_failure), db) = tokio::join!(
+        let (prepared, db) = tokio::join!(
             self.client.prepare(
                 &self.name,
                 item,
@@ -1054,9 +1123,32 @@ impl Keyspace {
             ),
             store.prepare(&txn, &self.name, &key, change, version),
         );
-        let cache_ok = prepared.len() >= settings.write_quorum;
+        let cache_ok = prepared.nodes.len() >= settings.write_quorum;
         match db {
             Ok(applied) if applied.applied && cache_ok => {
+                let elapsed = started.elapsed();
+                if elapsed >= settings.pending_timeout {
+                    // Held up past the pending timeout (a pool or lock wait,
+                    // a paused process): the nodes may have given the change
+                    // up and let a reader fill the old row back. Committing
+                    // now could leave that value beside the new row, so roll
+                    // back; the aborts clear the nodes' in-doubt fences.
+                    let rolled_back = store.abort_prepared(&txn).await;
+                    self.client
+                        .finish(&self.name, &key, txn.as_str(), &prepared.nodes, false)
+                        .await;
+                    telemetry::twopc_abort(&self.name, "timeout");
+                    return match rolled_back {
+                        // Not found: recovery rolled it back first.
+                        Ok(()) | Err(Error::TxnNotFound { .. }) => Err(Error::PendingTimedOut {
+                            keyspace: self.name.to_string(),
+                            elapsed,
+                            pending_timeout: settings.pending_timeout,
+                        }),
+                        // Still prepared, maybe: recovery rolls it back.
+                        Err(e) => Err(e),
+                    };
+                }
                 // Phase two: the store decides. Once it committed, the write
                 // happened; the cache commit is best effort, because a pending
                 // change that is not committed in time removes the key.
@@ -1064,7 +1156,7 @@ impl Keyspace {
                     if matches!(e, Error::TxnNotFound { .. }) {
                         // Rolled back by recovery: nothing changed anywhere.
                         self.client
-                            .finish(&self.name, &key, txn.as_str(), &prepared, false)
+                            .finish(&self.name, &key, txn.as_str(), &prepared.nodes, false)
                             .await;
                     }
                     // Otherwise the outcome is unknown (the connection broke
@@ -1072,13 +1164,38 @@ impl Keyspace {
                     // value, so aborting the cache side, which keeps the old
                     // one, could leave the two apart. The pending change is
                     // left to time out instead, which removes it together
-                    // with the cached value: absent is always correct.
+                    // with the cached value and leaves it in doubt on the
+                    // node (no older fill lands) until recovery resolves it:
+                    // absent is always correct.
                     telemetry::twopc_abort(&self.name, "commit");
                     return Err(e);
                 }
-                self.client
-                    .finish(&self.name, &key, txn.as_str(), &prepared, true)
+                let unacknowledged = self
+                    .client
+                    .finish(&self.name, &key, txn.as_str(), &prepared.nodes, true)
                     .await;
+                // The database holds `version`. A node that did not commit
+                // it (the change timed out and was forgotten: flushed,
+                // restarted, superseded) or refused the prepare (another
+                // transaction was pending there) may hold the value it
+                // replaced, or be about to fill it: invalidate what is older.
+                let stale: Vec<Arc<NodeHandle>> = unacknowledged
+                    .into_iter()
+                    .chain(
+                        prepared
+                            .refused
+                            .into_iter()
+                            .filter(|(_, live)| *live < version)
+                            .map(|(node, _)| node),
+                    )
+                    .collect();
+                if !stale.is_empty() {
+                    metrics::counter!(telemetry::TWOPC_INVALIDATIONS, "keyspace" => self.name.to_string())
+                        .increment(stale.len() as u64);
+                    self.client
+                        .invalidate_below(&self.name, &key, version, &stale)
+                        .await;
+                }
                 self.count("ringcache_client_twopc_commits_total");
                 Ok(Written {
                     version,
@@ -1092,7 +1209,7 @@ impl Keyspace {
                     store.abort_prepared(&txn).await?;
                 }
                 self.client
-                    .finish(&self.name, &key, txn.as_str(), &prepared, false)
+                    .finish(&self.name, &key, txn.as_str(), &prepared.nodes, false)
                     .await;
                 telemetry::twopc_abort(
                     &self.name,
@@ -1105,15 +1222,17 @@ impl Keyspace {
                         applied: false,
                     });
                 }
-                Err(cache_failure.unwrap_or_else(|| Error::QuorumNotReached {
-                    acked: prepared.len(),
-                    needed: settings.write_quorum,
-                    last: "too few nodes prepared".into(),
-                }))
+                Err(prepared
+                    .failure
+                    .unwrap_or_else(|| Error::QuorumNotReached {
+                        acked: prepared.nodes.len(),
+                        needed: settings.write_quorum,
+                        last: "too few nodes prepared".into(),
+                    }))
             }
             Err(e) => {
                 self.client
-                    .finish(&self.name, &key, txn.as_str(), &prepared, false)
+                    .finish(&self.name, &key, txn.as_str(), &prepared.nodes, false)
                     .await;
                 telemetry::twopc_abort(&self.name, "store");
                 Err(e)

@@ -65,10 +65,14 @@ pub const TWOPC_COMMITS: &str = "ringcache_client_twopc_commits_total";
 /// Write-through writes aborted, labels `keyspace`, `reason` (`version`:
 /// the store holds a newer version; `cache`: too few nodes prepared;
 /// `store`: the store's prepare failed; `commit`: the store's commit failed
-/// or its outcome is unknown).
+/// or its outcome is unknown; `timeout`: the writer was held past its
+/// pending timeout before committing).
 pub const TWOPC_ABORTS: &str = "ringcache_client_twopc_aborts_total";
 /// In-doubt prepared transactions rolled back by recovery, label `keyspace`.
 pub const TWOPC_RECOVERED: &str = "ringcache_client_twopc_recovered_total";
+/// Version-fenced invalidations sent after a write-through commit to nodes
+/// that did not commit the change or refused its prepare, label `keyspace`.
+pub const TWOPC_INVALIDATIONS: &str = "ringcache_client_twopc_invalidations_total";
 /// Background retries of a failed invalidation, label `keyspace`.
 pub const INVALIDATION_RETRIES: &str = "ringcache_client_invalidation_retries_total";
 /// Write-back records the broker acknowledged, labels `keyspace`, `ack`.

@@ -39,9 +39,14 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_KEYSPACES: usize = 1024;
 /// Default time shutdown waits for in-flight requests.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// Default cap on how long a 2PC change may stay pending (`Prepare`'s
-/// `timeout_ms` is capped to it; 0 asks for the cap).
+/// Default cap on how long a 2PC change may stay pending (a `Prepare`
+/// asking for more is refused; 0 asks for the cap).
 pub const DEFAULT_MAX_PENDING_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default lifetime of the in-doubt fence a timed-out 2PC change leaves
+/// (`docs/leases.md`): twice the default pending cap, so that a writer's
+/// commit delayed by a stalled database, and the clients' in-doubt recovery
+/// (which rolls back after twice the pending timeout), still find it.
+pub const DEFAULT_IN_DOUBT_TTL: Duration = Duration::from_secs(60);
 /// Default lifetime of a lease handed out by `LeaseGet`: long enough for a
 /// slow database load, short enough that a crashed holder does not block the
 /// key's fillers for long.
@@ -308,9 +313,14 @@ pub struct Limits {
     pub max_keyspaces: usize,
     /// Longest time a `Prepare`d change may stay pending before the node
     /// drops it (and deletes the key's live entry). A `Prepare` asking for
-    /// more, or for 0, gets this.
+    /// 0 gets this; one asking for more is refused.
     #[serde(with = "humantime_serde")]
     pub max_pending_timeout: Duration,
+    /// How long a timed-out `Prepare`d change is remembered as in doubt:
+    /// meanwhile fills and version-fenced writes older than it are refused
+    /// and a late `Commit` of it still applies (`docs/leases.md`).
+    #[serde(with = "humantime_serde")]
+    pub in_doubt_ttl: Duration,
     /// The rate limit of each client identity (a token, or without a token
     /// the peer's IP address); absent means none.
     pub rate_limit: Option<RateLimit>,
@@ -329,6 +339,7 @@ impl Default for Limits {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_keyspaces: DEFAULT_MAX_KEYSPACES,
             max_pending_timeout: DEFAULT_MAX_PENDING_TIMEOUT,
+            in_doubt_ttl: DEFAULT_IN_DOUBT_TTL,
             rate_limit: None,
             max_concurrent_requests: None,
         }
@@ -705,6 +716,9 @@ impl Config {
                 "limits.max_pending_timeout",
                 "must be at least 1ms",
             ));
+        }
+        if limits.in_doubt_ttl < Duration::from_millis(1) {
+            return Err(Error::config("limits.in_doubt_ttl", "must be at least 1ms"));
         }
         if limits.max_batch_keys == 0 {
             return Err(Error::config("limits.max_batch_keys", "must be at least 1"));

@@ -36,6 +36,16 @@ pub enum Error {
         /// The configured maximum.
         max_ms: u64,
     },
+    /// A `Prepare` asked for a pending timeout above
+    /// `limits.max_pending_timeout`. Refused rather than capped: its writer
+    /// would believe its change pending for longer than the node keeps it.
+    #[error("pending timeout of {timeout_ms} ms exceeds max_pending_timeout ({max_ms} ms)")]
+    PendingTimeoutOutOfRange {
+        /// The requested timeout.
+        timeout_ms: u64,
+        /// The configured maximum.
+        max_ms: u64,
+    },
     /// A batch request named more keys than `limits.max_batch_keys`.
     #[error("batch of {len} keys exceeds max_batch_keys ({max})")]
     BatchTooLarge {
@@ -176,6 +186,7 @@ impl ServiceError for Error {
             | Error::KeyTooLarge { .. }
             | Error::ValueTooLarge { .. }
             | Error::TtlOutOfRange { .. }
+            | Error::PendingTimeoutOutOfRange { .. }
             | Error::BatchTooLarge { .. }
             | Error::EmptyTxnId
             | Error::TxnIdTooLong { .. }

@@ -278,7 +278,12 @@ impl CacheNode for CacheNodeService {
         let (caller, req) = admitted(request)?;
         self.call(Rpc::Delete, || {
             caller.check(&req.keyspace, Permission::Write)?;
-            let deleted = self.store.delete(&req.keyspace, &req.key)?;
+            let deleted = if req.below_version == 0 {
+                self.store.delete(&req.keyspace, &req.key)?
+            } else {
+                self.store
+                    .delete_below(&req.keyspace, &req.key, req.below_version)?
+            };
             Ok(v1::DeleteResponse { deleted })
         })
     }

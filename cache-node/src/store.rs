@@ -27,6 +27,10 @@
 //!   why a keyspace with no records may skip the lock.
 //! - **A pending change is never visible to readers**; it lives in the
 //!   record, not in the cache, until it is committed.
+//! - **A pending change that timed out stays in doubt** (`Fence`) for
+//!   `limits.in_doubt_ttl`: its writer's database may still commit it, so
+//!   no fill, `IF_NEWER_VERSION` clean write or prepare of an older version
+//!   lands meanwhile, and a late commit of it still applies.
 //! - **A dirty (write-back) entry is never evicted** and does not expire
 //!   while dirty: it lives in the keyspace's dirty table, outside moka,
 //!   within `max_dirty_bytes`, until `mark_clean` moves it into the cache.
@@ -261,8 +265,8 @@ pub struct Prepare {
     pub delete: bool,
     /// The writer's transaction id.
     pub txn_id: String,
-    /// How long the change may stay pending; `None`, or more than
-    /// `limits.max_pending_timeout`, means that cap.
+    /// How long the change may stay pending; `None` means
+    /// `limits.max_pending_timeout`, and more than that is refused.
     pub timeout: Option<Duration>,
 }
 
@@ -371,12 +375,32 @@ struct Pending {
     deadline: Instant,
 }
 
+/// What a pending change leaves when it times out: its writer may have
+/// stalled between its database prepare and commit (a pool or lock wait, a
+/// paused process, a stalled database) and still commit the database, so
+/// the change is *in doubt*. Until `until`, the old value a reader loads
+/// meanwhile (the prepared row is invisible to it) must not be cached: the
+/// fence refuses fills, `IF_NEWER_VERSION` clean writes and prepares older
+/// than `version`. A late `Commit` of `txn_id` applies `change`; its
+/// `Abort`, a stored entry of `version` or newer, a flush, or `until`
+/// clear it. Past `until`, a writer's late commit is answered
+/// `committed = false`, and the writer invalidates the key itself.
+#[derive(Clone, Debug)]
+struct Fence {
+    txn_id: String,
+    version: u64,
+    change: Change,
+    until: Instant,
+}
+
 /// Coordination state of one key. A record exists only while one of the
 /// fields is set; [`Records::update`] removes it when all are empty.
 #[derive(Clone, Debug, Default)]
 struct KeyState {
     lease: Option<Lease>,
     pending: Option<Pending>,
+    /// The newest timed-out change still in doubt.
+    fence: Option<Fence>,
     /// The last deleted value, with `expires_at` set to the end of its stale
     /// window. Never served as a hit.
     stale: Option<Stored>,
@@ -391,7 +415,26 @@ struct Footprint {
 
 impl KeyState {
     fn is_empty(&self) -> bool {
-        self.lease.is_none() && self.pending.is_none() && self.stale.is_none()
+        self.lease.is_none()
+            && self.pending.is_none()
+            && self.fence.is_none()
+            && self.stale.is_none()
+    }
+
+    /// The version of the in-doubt fence if it refuses `version`.
+    fn fenced(&self, version: u64) -> Option<u64> {
+        self.fence
+            .as_ref()
+            .map(|f| f.version)
+            .filter(|&fenced| version < fenced)
+    }
+
+    /// Drops the fence once an entry of its version or newer is stored: the
+    /// change in doubt is superseded whatever its outcome.
+    fn superseded(&mut self, stored: u64) {
+        if self.fence.as_ref().is_some_and(|f| stored >= f.version) {
+            self.fence = None;
+        }
     }
 
     fn footprint(&self) -> Footprint {
@@ -622,11 +665,13 @@ pub struct Keyspace {
     dirty: DirtyTable,
     max_dirty_bytes: u64,
     config: KeyspaceConfig,
+    /// How long a timed-out pending change stays in doubt (`Fence`).
+    in_doubt_ttl: Duration,
     counters: Arc<Counters>,
 }
 
 impl Keyspace {
-    fn new(name: &str, config: KeyspaceConfig) -> Self {
+    fn new(name: &str, config: KeyspaceConfig, in_doubt_ttl: Duration) -> Self {
         let counters = Arc::new(Counters::default());
         let listener_counters = Arc::clone(&counters);
         let cache = Cache::builder()
@@ -652,6 +697,7 @@ impl Keyspace {
             dirty: DirtyTable::default(),
             max_dirty_bytes: config.max_dirty_bytes(),
             config,
+            in_doubt_ttl,
             counters,
         }
     }
@@ -761,12 +807,14 @@ impl Keyspace {
         }
     }
 
-    /// Brings a record up to date at `now`: drops an expired lease and stale
-    /// value, and times out an expired pending change. A timed-out change
-    /// also deletes the key's live entry: its writer may have committed the
-    /// database and died before committing here, so the cached value may be
-    /// stale, and absent is always safe. True when a change timed out.
-    /// Called with the record's lock held.
+    /// Brings a record up to date at `now`: drops an expired lease, stale
+    /// value and in-doubt fence, and times out an expired pending change. A
+    /// timed-out change also deletes the key's live entry: its writer may
+    /// have committed the database and died before committing here, so the
+    /// cached value may be stale, and absent is always safe. It stays in
+    /// doubt (`Fence`) for `in_doubt_ttl`, so that the old value is not
+    /// filled back while its writer may still commit. True when a change
+    /// timed out. Called with the record's lock held.
     fn settle(&self, key: &[u8], state: &mut KeyState, now: Instant) -> bool {
         if state.lease.as_ref().is_some_and(|l| l.expires_at <= now) {
             state.lease = None;
@@ -774,9 +822,22 @@ impl Keyspace {
         if state.stale.as_ref().is_some_and(|s| !s.is_live(now)) {
             state.stale = None;
         }
+        if state.fence.as_ref().is_some_and(|f| f.until <= now) {
+            state.fence = None;
+        }
         let timed_out = state.pending.as_ref().is_some_and(|p| p.deadline <= now);
         if timed_out {
             let pending = state.pending.take();
+            if let Some(pending) = &pending
+                && state.fence.as_ref().is_none_or(|f| f.version < pending.version)
+            {
+                state.fence = Some(Fence {
+                    txn_id: pending.txn_id.clone(),
+                    version: pending.version,
+                    change: pending.change.clone(),
+                    until: now + self.in_doubt_ttl,
+                });
+            }
             self.remove_cached(key);
             // A dirty entry older than the change is superseded too; a newer
             // one was written after the prepare and stays.
@@ -1143,6 +1204,17 @@ impl Keyspace {
             self.records.update(key.clone(), |state| {
                 self.settle(&key, state, now);
                 state.lease = None;
+                // A versioned clean write older than a change in doubt may
+                // be the old row its writer is replacing (see `Fence`).
+                if !item.dirty
+                    && item.condition == WriteCondition::IfNewerVersion
+                    && let Some(fenced) = state.fenced(item.version)
+                {
+                    return Ok(SetResult {
+                        outcome: SetOutcome::StaleVersion,
+                        current_version: fenced,
+                    });
+                }
                 let result = write(key.clone());
                 if result
                     .as_ref()
@@ -1150,6 +1222,7 @@ impl Keyspace {
                 {
                     // A newer value is live; the old deleted one is no use.
                     state.stale = None;
+                    state.superseded(item.version);
                 }
                 result
             })
@@ -1294,6 +1367,40 @@ impl Keyspace {
         deleted
     }
 
+    /// A version-fenced invalidation: removes the key's live entry (clean or
+    /// dirty) if it is older than `version`, and drops its lease whatever
+    /// it holds; true when an entry went. A write-through writer sends it to
+    /// a node that did not commit its change although the database did: the
+    /// node may hold, or be about to fill, the value the change replaced.
+    /// An entry of `version` or newer is correct (or newer) and stays.
+    fn delete_below(&self, key: &[u8], version: u64, now: Instant) -> bool {
+        let remove = |state: Option<&mut KeyState>| {
+            let removed = self.remove_older(&Bytes::copy_from_slice(key), version, now);
+            match (removed, state) {
+                (Ok(Some(removed)), Some(state)) => {
+                    self.keep_stale(state, &removed, now);
+                    true
+                }
+                (Ok(removed), _) => removed.is_some(),
+                (Err(_), _) => false,
+            }
+        };
+        let deleted = if self.records.any() || self.config.keep_stale_for.is_some() {
+            self.records.update(Bytes::copy_from_slice(key), |state| {
+                self.settle(key, state, now);
+                state.lease = None;
+                remove(Some(state))
+            })
+        } else {
+            // No record, so no lease to drop; see `Keyspace::set`.
+            remove(None)
+        };
+        if deleted {
+            bump(&self.counters.deletes, 1);
+        }
+        deleted
+    }
+
     /// Keeps `removed` as the key's stale value, if the keyspace keeps stale
     /// values and the stale budget has room. Called under the record's lock.
     fn keep_stale(&self, state: &mut KeyState, removed: &Stored, now: Instant) {
@@ -1326,9 +1433,10 @@ impl Keyspace {
     /// gone no fill can store under it, so a fill either stored before (and
     /// `invalidate_all` then drops its value) or is refused. moka marks all
     /// current entries invalid at once, so no read after this call returns
-    /// an entry written before it. Pending changes are dropped too: their
-    /// commits answer `committed = false`, which a writer must treat like a
-    /// failed cache update.
+    /// an entry written before it. Pending changes and in-doubt fences are
+    /// dropped too: their commits answer `committed = false`, after which a
+    /// writer whose database committed invalidates the key here
+    /// (`delete_below`).
     ///
     /// Dirty entries are dropped too: a client flushes a node only before
     /// routing to it again, and the write-back records are in Kafka, so
@@ -1400,10 +1508,19 @@ impl Keyspace {
             }
             // Stored or fenced off, the holder is done with the lease.
             state.lease = None;
+            // The loaded row may be the one a change in doubt replaces.
+            if let Some(fenced) = state.fenced(item.version) {
+                bump(&self.counters.fills_refused, 1);
+                return FillResult {
+                    outcome: FillOutcome::StaleVersion,
+                    current_version: fenced,
+                };
+            }
             let new = self.stored(&item.value, item.version, item.ttl, now);
             let result = self.put_clean(key.clone(), new, WriteCondition::IfNewerVersion, now);
             if result.outcome == SetOutcome::Stored {
                 state.stale = None;
+                state.superseded(item.version);
                 bump(&self.counters.fills_stored, 1);
                 FillResult {
                     outcome: FillOutcome::Stored,
@@ -1447,6 +1564,14 @@ impl Keyspace {
             if live.is_some_and(|live| live.version >= prepare.item.version) {
                 return refused;
             }
+            // Its commit would be refused by the fence, or (if the change in
+            // doubt is rolled back) it may be retried then.
+            if let Some(fenced) = state.fenced(prepare.item.version) {
+                return PrepareResult {
+                    prepared: false,
+                    current_version: current_version.max(fenced),
+                };
+            }
             let change = if prepare.delete {
                 Change::Delete
             } else {
@@ -1470,8 +1595,9 @@ impl Keyspace {
         })
     }
 
-    /// `Commit`: applies the transaction's pending change, fenced against the
-    /// live entry, and drops the pending record.
+    /// `Commit`: applies the transaction's pending change, or its change in
+    /// doubt (`Fence`) if it timed out, fenced against the live entry, and
+    /// drops the record of it.
     fn commit(&self, key: &[u8], txn_id: &str, now: Instant) -> CommitResult {
         if !self.records.any() {
             return CommitResult {
@@ -1482,35 +1608,46 @@ impl Keyspace {
         let key = Bytes::copy_from_slice(key);
         self.records.update(key.clone(), |state| {
             self.settle(&key, state, now);
-            let Some(pending) = state.pending.take_if(|p| p.txn_id == txn_id) else {
+            let (version, change) = if let Some(pending) =
+                state.pending.take_if(|p| p.txn_id == txn_id)
+            {
+                // No lease can exist while a change is pending (prepare drops
+                // it, LeaseGet grants none), so there is none to invalidate.
+                debug_assert!(state.lease.is_none(), "lease granted while pending");
+                (pending.version, pending.change)
+            } else if let Some(fence) = state.fence.take_if(|f| f.txn_id == txn_id) {
+                // A late commit: a lease granted since the timeout was for a
+                // load that may predate the database commit.
+                state.lease = None;
+                (fence.version, fence.change)
+            } else {
                 return CommitResult {
                     committed: false,
                     current_version: self.live_version(&key, now),
                 };
             };
             bump(&self.counters.commits, 1);
-            // No lease can exist while a change is pending (prepare drops it,
-            // LeaseGet grants none), so there is none to invalidate here.
-            debug_assert!(state.lease.is_none(), "lease granted while pending");
-            let current_version = match pending.change {
+            let current_version = match change {
                 Change::Put { value, ttl } => {
                     let new = Stored {
                         value,
-                        version: pending.version,
+                        version,
                         expires_at: ttl.or(self.config.default_ttl).map(|ttl| now + ttl),
                     };
                     let result =
                         self.put_clean(key.clone(), new, WriteCondition::IfNewerVersion, now);
                     if result.outcome == SetOutcome::Stored {
                         state.stale = None;
+                        state.superseded(version);
                     }
                     result.current_version
                 }
-                Change::Delete => match self.remove_older(&key, pending.version, now) {
+                Change::Delete => match self.remove_older(&key, version, now) {
                     Ok(removed) => {
                         if let Some(removed) = &removed {
                             self.keep_stale(state, removed, now);
                         }
+                        state.superseded(version);
                         0
                     }
                     Err(winner) => winner,
@@ -1558,14 +1695,17 @@ impl Keyspace {
         Ok(newest(removed_dirty, removed_clean))
     }
 
-    /// `Abort`: drops the transaction's pending change; true when it existed.
+    /// `Abort`: drops the transaction's pending change, or its change in
+    /// doubt (its database side was rolled back, so the fence is no longer
+    /// needed); true when it existed.
     fn abort(&self, key: &[u8], txn_id: &str, now: Instant) -> bool {
         if !self.records.any() {
             return false;
         }
         self.records.update(Bytes::copy_from_slice(key), |state| {
             self.settle(key, state, now);
-            let aborted = state.pending.take_if(|p| p.txn_id == txn_id).is_some();
+            let aborted = state.pending.take_if(|p| p.txn_id == txn_id).is_some()
+                || state.fence.take_if(|f| f.txn_id == txn_id).is_some();
             if aborted {
                 bump(&self.counters.aborts, 1);
             }
@@ -1648,7 +1788,11 @@ impl Store {
         for (name, keyspace) in &config.keyspaces {
             keyspaces.insert(
                 name.clone(),
-                Arc::new(Keyspace::new(name, keyspace.clone())),
+                Arc::new(Keyspace::new(
+                    name,
+                    keyspace.clone(),
+                    config.limits.in_doubt_ttl,
+                )),
             );
         }
         Store {
@@ -1699,7 +1843,11 @@ impl Store {
                     .entry(name.to_owned())
                     .or_insert_with(|| {
                         tracing::info!(keyspace = name, "creating keyspace on demand");
-                        Arc::new(Keyspace::new(name, self.created.clone()))
+                        Arc::new(Keyspace::new(
+                            name,
+                            self.created.clone(),
+                            self.limits.in_doubt_ttl,
+                        ))
                     })
                     .clone();
                 Ok(keyspace)
@@ -1839,6 +1987,18 @@ impl Store {
         Ok(self.keyspace(keyspace)?.delete(key, Instant::now()))
     }
 
+    /// Deletes one key's live entry if it is older than `version`, and drops
+    /// its lease in any case; true when an entry was removed.
+    ///
+    /// # Errors
+    /// Invalid key or unknown keyspace.
+    pub fn delete_below(&self, keyspace: &str, key: &[u8], version: u64) -> Result<bool> {
+        self.check_key(key)?;
+        Ok(self
+            .keyspace(keyspace)?
+            .delete_below(key, version, Instant::now()))
+    }
+
     /// Reads many keys; results in request order.
     ///
     /// # Errors
@@ -1949,8 +2109,8 @@ impl Store {
         Ok(self.keyspace(keyspace)?.fill(item, token, Instant::now()))
     }
 
-    /// Records a pending 2PC change; see [`Prepare`]. The timeout is capped
-    /// to `limits.max_pending_timeout`.
+    /// Records a pending 2PC change; see [`Prepare`]. No timeout means
+    /// `limits.max_pending_timeout`.
     ///
     /// # Consistency
     /// Readers keep seeing the committed entry (or a miss) until `commit`. A
@@ -1959,7 +2119,8 @@ impl Store {
     /// ([`Store::expire_pending`]), whichever comes first.
     ///
     /// # Errors
-    /// Invalid key, value, TTL or transaction id, or unknown keyspace.
+    /// Invalid key, value, TTL or transaction id, a timeout above
+    /// `limits.max_pending_timeout`, or unknown keyspace.
     pub fn prepare(&self, keyspace: &str, prepare: Prepare) -> Result<PrepareResult> {
         if prepare.delete {
             self.check_key(&prepare.item.key)?;
@@ -1968,7 +2129,13 @@ impl Store {
         }
         Self::check_txn_id(&prepare.txn_id)?;
         let cap = self.limits.max_pending_timeout;
-        let timeout = prepare.timeout.map_or(cap, |t| t.min(cap));
+        let timeout = prepare.timeout.unwrap_or(cap);
+        if timeout > cap {
+            return Err(Error::PendingTimeoutOutOfRange {
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                max_ms: u64::try_from(cap.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
         Ok(self
             .keyspace(keyspace)?
             .prepare(prepare, timeout, Instant::now()))
@@ -2392,7 +2559,11 @@ mod tests {
     fn keyspace(toml_keyspace: &str) -> Keyspace {
         let mut config = Config::from_toml(&format!("[keyspaces.t]\n{toml_keyspace}")).unwrap();
         config.validate().unwrap();
-        Keyspace::new("t", config.keyspaces["t"].clone())
+        Keyspace::new(
+            "t",
+            config.keyspaces["t"].clone(),
+            config.limits.in_doubt_ttl,
+        )
     }
 
     fn token(read: LeaseRead) -> u64 {
@@ -3000,10 +3171,13 @@ mod tests {
         assert!(ks.get(b"k", t0).is_some());
         assert_eq!(ks.sweep(t0 + TIMEOUT), 1);
         assert_eq!(ks.get(b"k", t0 + TIMEOUT), None);
-        assert!(!ks.commit(b"k", "tx", t0 + TIMEOUT).committed);
         assert_eq!(ks.stats().pending_timeouts, 1);
-        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
         assert_eq!(ks.records.pending.load(Ordering::Relaxed), 0);
+        // The change stays in doubt until `in_doubt_ttl`, then goes too.
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 1);
+        ks.sweep(t0 + TIMEOUT + ks.in_doubt_ttl);
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        assert!(!ks.commit(b"k", "tx", t0 + TIMEOUT + ks.in_doubt_ttl).committed);
     }
 
     #[test]
@@ -3020,16 +3194,16 @@ mod tests {
         at(&ks, t0);
         assert_eq!(ks.get(b"k", late), None);
         assert_eq!(ks.stats().pending_timeouts, 1);
-        // A commit that comes too late.
+        // A commit that comes late, while the change is in doubt, applies.
         let ks = keyspace("");
         at(&ks, t0);
-        assert!(!ks.commit(b"k", "tx", late).committed);
-        assert_eq!(ks.get(b"k", late), None);
-        // An abort that comes too late still deletes: the writer's database
-        // state is unknown to the node by then.
+        assert!(ks.commit(b"k", "tx", late).committed);
+        assert_eq!(ks.get(b"k", late).unwrap().value, "pending");
+        // An abort that comes late still deletes: the writer's database
+        // state was unknown to the node until then.
         let ks = keyspace("");
         at(&ks, t0);
-        assert!(!ks.abort(b"k", "tx", late));
+        assert!(ks.abort(b"k", "tx", late));
         assert_eq!(ks.get(b"k", late), None);
         // A new prepare takes over the key.
         let ks = keyspace("");
@@ -3042,17 +3216,126 @@ mod tests {
     }
 
     #[test]
-    fn prepare_timeouts_are_capped_by_the_node() {
+    fn prepare_timeouts_above_the_cap_are_refused_and_none_means_the_cap() {
         let s = store("[limits]\nmax_pending_timeout = \"1s\"");
         let mut p = prepare("k", "v", 1, "tx");
         p.timeout = Some(Duration::from_secs(3600));
+        let err = s.prepare("default", p.clone()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pending timeout of 3600000 ms exceeds max_pending_timeout (1000 ms)"
+        );
+        p.timeout = Some(Duration::from_secs(1));
         let before = Instant::now();
         s.prepare("default", p).unwrap();
         assert_eq!(s.expire_pending(before), 0);
         assert_eq!(s.expire_pending(Instant::now() + Duration::from_secs(1)), 1);
-        // None means the cap as well.
-        s.prepare("default", prepare("k", "v", 1, "tx")).unwrap();
+        // None means the cap.
+        s.prepare("default", prepare("k2", "v", 1, "tx2")).unwrap();
         assert_eq!(s.expire_pending(Instant::now() + Duration::from_secs(1)), 1);
+    }
+
+    #[test]
+    fn a_timed_out_change_stays_in_doubt_and_fences_older_values() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let t0 = Instant::now();
+        let late = t0 + TIMEOUT;
+        ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0)
+            .unwrap();
+        ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+        // The writer stalls; the node gives up: the old value goes, and a
+        // reader who loads the old row (the writer's database change is not
+        // visible yet) cannot fill it.
+        assert_eq!(ks.get(b"k", late), None);
+        let lease = token(ks.lease_get(b"k", late, &tokens));
+        let filled = ks.fill(fill_item("k", "old", 1), lease, late);
+        assert_eq!(
+            (filled.outcome, filled.current_version),
+            (FillOutcome::StaleVersion, 5)
+        );
+        // Nor can a versioned clean write or a prepare older than the fence.
+        let set = ks
+            .set(item("k", "old", 4, WriteCondition::IfNewerVersion), late)
+            .unwrap();
+        assert_eq!(set.outcome, SetOutcome::StaleVersion);
+        assert!(!ks.prepare(prepare("k", "older", 4, "tx2"), TIMEOUT, late).prepared);
+        assert_eq!(ks.get(b"k", late), None);
+        // The writer's late commit applies its change.
+        assert!(ks.commit(b"k", "tx", late).committed);
+        assert_eq!(ks.get(b"k", late).unwrap().value, "new");
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+
+        // Rolled back instead: the abort clears the fence, and the old row
+        // (which the database kept) may be filled again.
+        let ks = keyspace("");
+        ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+        assert_eq!(ks.get(b"k", late), None);
+        assert!(ks.abort(b"k", "tx", late));
+        let lease = token(ks.lease_get(b"k", late, &tokens));
+        assert_eq!(
+            ks.fill(fill_item("k", "old", 1), lease, late).outcome,
+            FillOutcome::Stored
+        );
+
+        // A newer entry supersedes the change in doubt, whatever its fate.
+        let ks = keyspace("");
+        ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+        assert_eq!(ks.get(b"k", late), None);
+        let lease = token(ks.lease_get(b"k", late, &tokens));
+        assert_eq!(
+            ks.fill(fill_item("k", "newer", 6), lease, late).outcome,
+            FillOutcome::Stored
+        );
+        assert!(!ks.commit(b"k", "tx", late).committed);
+        assert_eq!(ks.get(b"k", late).unwrap().value, "newer");
+
+        // A flush, or the end of `in_doubt_ttl`, forgets it.
+        for flush in [true, false] {
+            let ks = keyspace("");
+            ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+            assert_eq!(ks.get(b"k", late), None);
+            if flush {
+                ks.flush();
+            } else {
+                ks.sweep(late + ks.in_doubt_ttl);
+            }
+            let later = late + ks.in_doubt_ttl;
+            assert!(!ks.commit(b"k", "tx", later).committed);
+            let lease = token(ks.lease_get(b"k", later, &tokens));
+            assert_eq!(
+                ks.fill(fill_item("k", "old", 1), lease, later).outcome,
+                FillOutcome::Stored
+            );
+        }
+    }
+
+    #[test]
+    fn a_version_fenced_delete_removes_only_older_entries_and_drops_the_lease() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        ks.set(item("k", "v5", 5, WriteCondition::Unconditional), now)
+            .unwrap();
+        assert!(!ks.delete_below(b"k", 5, now));
+        assert_eq!(ks.get(b"k", now).unwrap().value, "v5");
+        assert!(ks.delete_below(b"k", 6, now));
+        assert_eq!(ks.get(b"k", now), None);
+        // A reader's lease from before the invalidation cannot fill.
+        let lease = token(ks.lease_get(b"k", now, &tokens));
+        assert!(!ks.delete_below(b"k", 7, now));
+        assert_eq!(
+            ks.fill(fill_item("k", "v5", 5), lease, now).outcome,
+            FillOutcome::LeaseInvalid
+        );
+        // Dirty entries are fenced the same way.
+        let mut d = item("d", "dirty", 3, WriteCondition::IfNewerVersion);
+        d.dirty = true;
+        ks.set(d, now).unwrap();
+        assert!(!ks.delete_below(b"d", 3, now));
+        assert!(ks.delete_below(b"d", 4, now));
+        assert_eq!(ks.get(b"d", now), None);
+        assert_eq!(ks.stats().dirty_items, 0);
     }
 
     #[test]

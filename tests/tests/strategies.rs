@@ -15,7 +15,11 @@ use cache_client::keyspaces::KeyspacesFile;
 use cache_client::store::{Applied, Change, InDoubt, Loaded, PgStore, Store, TxnId};
 use cache_client::strategy::{KeyspaceSettings, Lookup, Strategy};
 use cache_client::{Client, ClientConfig, SetOptions};
+use ringcache_proto::v1;
 use ringcache_tests::{NodeProcess, cluster};
+
+/// A raw gRPC client of one node.
+type Raw = v1::cache_node_client::CacheNodeClient<tonic::transport::Channel>;
 
 fn client_config(nodes: &[NodeProcess]) -> ClientConfig {
     ClientConfig::new(nodes.iter().map(|n| n.addr().to_string()))
@@ -87,6 +91,15 @@ struct Faulty {
     stall_after_commit: AtomicBool,
     fail_after_commit: AtomicBool,
     prepared: tokio::sync::Notify,
+    /// Holds the writer after the database prepared, until `release`.
+    hold_after_prepare: AtomicBool,
+    /// Holds the writer in `commit_prepared` before it reaches the database
+    /// (past the writer's own deadline check), until `release`.
+    hold_before_commit: AtomicBool,
+    /// Told when a writer is held.
+    held: tokio::sync::Notify,
+    /// Lets one held writer go on.
+    release: tokio::sync::Notify,
 }
 
 impl Faulty {
@@ -100,7 +113,19 @@ impl Faulty {
             stall_after_commit: AtomicBool::new(false),
             fail_after_commit: AtomicBool::new(false),
             prepared: tokio::sync::Notify::new(),
+            hold_after_prepare: AtomicBool::new(false),
+            hold_before_commit: AtomicBool::new(false),
+            held: tokio::sync::Notify::new(),
+            release: tokio::sync::Notify::new(),
         })
+    }
+
+    /// If `flag` is set, clears it, says so on `held` and waits for `release`.
+    async fn hold_if(&self, flag: &AtomicBool) {
+        if flag.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            self.release.notified().await;
+        }
     }
 }
 
@@ -152,9 +177,11 @@ impl Store for Faulty {
             self.prepared.notify_one();
             std::future::pending::<()>().await; // the writer hangs here until dropped
         }
+        self.hold_if(&self.hold_after_prepare).await;
         Ok(applied)
     }
     async fn commit_prepared(&self, txn: &TxnId) -> cache_client::Result<()> {
+        self.hold_if(&self.hold_before_commit).await;
         self.inner.commit_prepared(txn).await?;
         if self.fail_after_commit.load(Ordering::SeqCst) {
             // The commit applied, but its reply was lost.
@@ -805,5 +832,293 @@ async fn bad_keyspace_config_is_refused_and_the_previous_one_stays() -> Result<(
         client.keyspace("watched").get("x").await?,
         Some(Bytes::from_static(b"y"))
     );
+    Ok(())
+}
+
+/// The `pending_timeouts` counter of `keyspace` summed over the nodes.
+async fn pending_timeouts(client: &Client, keyspace: &str) -> u64 {
+    client
+        .stats()
+        .await
+        .into_iter()
+        .filter_map(|n| n.stats.ok())
+        .flat_map(|s| s.keyspaces)
+        .filter(|k| k.name == keyspace)
+        .map(|k| k.pending_timeouts)
+        .sum()
+}
+
+/// A raw gRPC client of one node, to act on it alone.
+async fn direct(node: &NodeProcess) -> Result<Raw> {
+    Ok(Raw::connect(node.endpoint()).await?)
+}
+
+/// Issue 13, defect 1: a write-through writer that stalls between its
+/// prepare and `COMMIT PREPARED` for longer than the pending timeout. The
+/// node gives the pending change up; a reader then loads the old row (the
+/// prepared transaction is invisible) and fills it. Whatever the writer does
+/// afterwards, the cache must not keep the old value beside the new row.
+#[tokio::test]
+async fn a_write_through_writer_stalled_past_its_pending_timeout_never_leaves_the_old_value_cached()
+-> Result<()> {
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_wt_stalled").await?;
+    let faulty = Faulty::new(Arc::clone(&pg));
+    // Recovery would roll back a held writer's transaction on its own
+    // schedule; here the writers are released by the test.
+    let config = client_config(&nodes).with_recovery_interval(Duration::from_secs(3600));
+    let client = Client::connect(config).await?;
+    let settings = KeyspaceSettings::new(Strategy::WriteThrough)
+        .with_pending_timeout(Duration::from_millis(300));
+    client.define_keyspace("stalled", settings, Some(faulty.clone()))?;
+    let ks = client.keyspace("stalled");
+    let node_gave_up = |after: u64| {
+        let client = client.clone();
+        move || {
+            let client = client.clone();
+            async move { Ok(pending_timeouts(&client, "stalled").await > after) }
+        }
+    };
+    let check = |key: &'static str, answered: String| {
+        let (client, pg) = (client.clone(), Arc::clone(&pg));
+        async move {
+            let cache = cached(&client, "stalled", key).await?;
+            let db = stored(&pg, "stalled", key).await?;
+            ensure!(
+                cache.is_none() || cache == db,
+                "{key}: the cache keeps {cache:?} but the database holds {db:?} (the writer answered {answered})"
+            );
+            anyhow::Ok(db)
+        }
+    };
+
+    // 1. Stalled after the prepare (pool wait, lock wait, a paused process):
+    //    by the time it could commit, its pending change is gone.
+    ks.put("a", "old").await?;
+    faulty.hold_after_prepare.store(true, Ordering::SeqCst);
+    let writer = tokio::spawn({
+        let ks = ks.clone();
+        async move { ks.put("a", "new").await }
+    });
+    faulty.held.notified().await;
+    let timeouts = pending_timeouts(&client, "stalled").await;
+    eventually(
+        Duration::from_secs(10),
+        "the node to give up the pending change",
+        node_gave_up(timeouts),
+    )
+    .await?;
+    assert_eq!(ks.get("a").await?, Some(Bytes::from_static(b"old")));
+    faulty.release.notify_one();
+    let answered = writer.await?;
+    let db = check("a", format!("{answered:?}")).await?;
+    ensure!(
+        answered.is_err() && db.map(|d| d.0) == Some(Bytes::from_static(b"old")),
+        "a writer past its pending deadline rolls back: it answered {answered:?}"
+    );
+    ensure!(pg.in_doubt(Duration::ZERO).await?.is_empty());
+
+    // 2. Stalled inside COMMIT PREPARED, past its own deadline check (a
+    //    database stall): the node keeps an in-doubt fence, so the reader's
+    //    old value is not filled, and the late commit installs the new one.
+    ks.put("b", "old").await?;
+    faulty.hold_before_commit.store(true, Ordering::SeqCst);
+    let writer = tokio::spawn({
+        let ks = ks.clone();
+        async move { ks.put("b", "new").await }
+    });
+    faulty.held.notified().await;
+    let timeouts = pending_timeouts(&client, "stalled").await;
+    eventually(
+        Duration::from_secs(10),
+        "the node to give up the pending change",
+        node_gave_up(timeouts),
+    )
+    .await?;
+    assert_eq!(ks.get("b").await?, Some(Bytes::from_static(b"old")));
+    faulty.release.notify_one();
+    let answered = writer.await?;
+    let db = check("b", format!("{answered:?}")).await?;
+    ensure!(
+        answered.is_ok() && db.map(|d| d.0) == Some(Bytes::from_static(b"new")),
+        "the commit went through: {answered:?}"
+    );
+    assert_eq!(ks.get("b").await?, Some(Bytes::from_static(b"new")));
+
+    // 3. As 2, but the node lost its fence meanwhile (restarted, flushed or
+    //    the fence outlived): the reader fills the old value, and the writer,
+    //    told `committed = false`, must invalidate it.
+    ks.put("c", "old").await?;
+    faulty.hold_before_commit.store(true, Ordering::SeqCst);
+    let writer = tokio::spawn({
+        let ks = ks.clone();
+        async move { ks.put("c", "new").await }
+    });
+    faulty.held.notified().await;
+    let timeouts = pending_timeouts(&client, "stalled").await;
+    eventually(
+        Duration::from_secs(10),
+        "the node to give up the pending change",
+        node_gave_up(timeouts),
+    )
+    .await?;
+    direct(&nodes[0])
+        .await?
+        .flush(v1::FlushRequest {
+            keyspace: "stalled".into(),
+        })
+        .await?;
+    assert_eq!(ks.get("c").await?, Some(Bytes::from_static(b"old")));
+    faulty.release.notify_one();
+    let answered = writer.await?;
+    check("c", format!("{answered:?}")).await?;
+    assert_eq!(ks.get("c").await?, Some(Bytes::from_static(b"new")));
+    Ok(())
+}
+
+/// Issue 13, defect 1 (second part): a client asking for a longer pending
+/// timeout than a node allows must hear so, not be capped silently (its
+/// writer would believe its change pending for longer than it is).
+#[tokio::test]
+async fn a_pending_timeout_above_the_nodes_cap_is_refused_loudly() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_wt_cap").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    let settings = KeyspaceSettings::new(Strategy::WriteThrough)
+        .with_pending_timeout(Duration::from_secs(3600));
+    client.define_keyspace("capped", settings, Some(pg.clone()))?;
+    let answered = client.keyspace("capped").put("k", "v").await;
+    let err = match answered {
+        Ok(written) => anyhow::bail!(
+            "a pending timeout of 1 h above the node's max_pending_timeout (30 s) was accepted: {written:?}"
+        ),
+        Err(e) => e,
+    };
+    ensure!(
+        err.to_string().contains("max_pending_timeout"),
+        "the error names the node's limit: {err}"
+    );
+    ensure!(stored(&pg, "capped", "k").await?.is_none(), "nothing written");
+    ensure!(pg.in_doubt(Duration::ZERO).await?.is_empty());
+    Ok(())
+}
+
+/// Issue 13, defect 5: with `replicas = 2` and `write_quorum = 1`, a replica
+/// that refused the prepare (another transaction was pending there) must
+/// not keep the old value once the write committed.
+#[tokio::test]
+async fn a_write_through_replica_that_refused_the_prepare_does_not_keep_the_old_value()
+-> Result<()> {
+    let nodes = cluster(2).await?;
+    let pg = own_database("rc_wt_replicas").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    let settings = KeyspaceSettings::new(Strategy::WriteThrough).with_replication(2, 1);
+    client.define_keyspace("replicated", settings, Some(pg.clone()))?;
+    let ks = client.keyspace("replicated");
+    let old = ks.put("k", "old").await?;
+    let owners = client.owners("replicated", b"k");
+    let second = nodes
+        .iter()
+        .find(|n| n.config().node_id == owners[1])
+        .context("the second owner")?;
+    let mut raw = direct(second).await?;
+    let read_second = |mut raw: Raw| async move {
+        let entry = raw
+            .get(v1::GetRequest {
+                keyspace: "replicated".into(),
+                key: Bytes::from_static(b"k"),
+            })
+            .await?
+            .into_inner()
+            .entry;
+        anyhow::Ok(entry.map(|e| (e.value.slice(1..), e.version)))
+    };
+    assert_eq!(
+        read_second(raw.clone()).await?,
+        Some((Bytes::from_static(b"old"), old.version))
+    );
+    // Another writer's change is pending on the second owner only.
+    let prepared = raw
+        .prepare(v1::PrepareRequest {
+            keyspace: "replicated".into(),
+            item: Some(v1::SetItem {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"\0other"),
+                version: old.version + 1,
+                ..Default::default()
+            }),
+            txn_id: "other-writer".into(),
+            timeout_ms: 20_000,
+            delete: false,
+        })
+        .await?
+        .into_inner();
+    ensure!(prepared.prepared);
+    let new = ks.put("k", "new").await?;
+    ensure!(new.applied, "one replica is the quorum: {new:?}");
+    // The other writer gives up.
+    raw.abort(v1::AbortRequest {
+        keyspace: "replicated".into(),
+        key: Bytes::from_static(b"k"),
+        txn_id: "other-writer".into(),
+    })
+    .await?;
+    let on_second = read_second(raw.clone()).await?;
+    ensure!(
+        on_second.is_none() || on_second == Some((Bytes::from_static(b"new"), new.version)),
+        "the replica that refused the prepare keeps {on_second:?} while the database holds {:?}",
+        stored(&pg, "replicated", "k").await?
+    );
+    Ok(())
+}
+
+/// Issue 13, defect 7: a keyspace switched away from write-through while
+/// one of its transactions is in doubt. Recovery must still roll it back
+/// (it holds its row lock, and writes of the key wait on it), and tell the
+/// nodes, whose in-doubt fence would refuse the old value's fills.
+#[tokio::test]
+async fn switching_away_from_write_through_still_recovers_its_in_doubt_transactions()
+-> Result<()> {
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_wt_switch_recover").await?;
+    let faulty = Faulty::new(Arc::clone(&pg));
+    let client = Client::connect(client_config(&nodes)).await?;
+    let settings = KeyspaceSettings::new(Strategy::WriteThrough)
+        .with_pending_timeout(Duration::from_millis(200));
+    client.define_keyspace("switched", settings, Some(faulty.clone()))?;
+    let ks = client.keyspace("switched");
+    ks.put("k", "1").await?;
+    faulty.stall_after_prepare.store(true, Ordering::SeqCst);
+    let writer = tokio::spawn({
+        let ks = ks.clone();
+        async move { ks.put("k", "2").await }
+    });
+    faulty.prepared.notified().await;
+    writer.abort(); // the writer dies with its transaction prepared
+    faulty.stall_after_prepare.store(false, Ordering::SeqCst);
+    ensure!(pg.in_doubt(Duration::ZERO).await?.len() == 1);
+    client.set_strategy("switched", Strategy::WriteAround)?;
+    eventually(
+        Duration::from_secs(20),
+        "in-doubt recovery after the switch",
+        || {
+            let (client, pg) = (client.clone(), Arc::clone(&pg));
+            async move {
+                client.recover_in_doubt().await?;
+                Ok(pg.in_doubt(Duration::ZERO).await?.is_empty())
+            }
+        },
+    )
+    .await?;
+    // The node was told: the old value, the one the database holds, fills.
+    assert_eq!(ks.get("k").await?, Some(Bytes::from_static(b"1")));
+    assert_eq!(
+        cached(&client, "switched", "k").await?.map(|c| c.0),
+        Some(Bytes::from_static(b"1")),
+        "the rolled-back transaction's fence is gone from the node"
+    );
+    // The row lock is free: a write-around write goes through.
+    ks.put("k", "3").await?;
+    assert_eq!(ks.get("k").await?, Some(Bytes::from_static(b"3")));
     Ok(())
 }
