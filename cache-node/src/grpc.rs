@@ -278,7 +278,10 @@ impl CacheNode for CacheNodeService {
         let (caller, req) = admitted(request)?;
         self.call(Rpc::Delete, || {
             caller.check(&req.keyspace, Permission::Write)?;
-            let deleted = self.store.delete(&req.keyspace, &req.key)?;
+            let deleted = match req.only_version {
+                0 => self.store.delete(&req.keyspace, &req.key)?,
+                version => self.store.discard(&req.keyspace, &req.key, version)?,
+            };
             Ok(v1::DeleteResponse { deleted })
         })
     }

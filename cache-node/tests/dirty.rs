@@ -187,6 +187,7 @@ async fn dirty_entries_outlive_eviction_and_show_in_metrics() {
         .delete(v1::DeleteRequest {
             keyspace: "wb".into(),
             key: b"d0".to_vec().into(),
+            ..Default::default()
         })
         .await
         .unwrap()

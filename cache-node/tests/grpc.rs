@@ -70,6 +70,7 @@ async fn set_get_delete_round_trip() {
         .delete(v1::DeleteRequest {
             keyspace: "default".into(),
             key: "k".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -80,6 +81,7 @@ async fn set_get_delete_round_trip() {
         .delete(v1::DeleteRequest {
             keyspace: "default".into(),
             key: "k".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -63,6 +63,7 @@ async fn delete(c: &mut CacheNodeClient<Channel>, key: &str) -> bool {
     c.delete(v1::DeleteRequest {
         keyspace: "default".into(),
         key: key.as_bytes().to_vec().into(),
+        ..Default::default()
     })
     .await
     .unwrap()
