@@ -493,7 +493,13 @@ impl Client {
                     writes: true,
                 },
                 |node, _idxs, timeout, _fallback| {
-                    delete_from(node, keyspace.to_owned(), keys[0].clone(), only_version, timeout)
+                    delete_from(
+                        node,
+                        keyspace.to_owned(),
+                        keys[0].clone(),
+                        only_version,
+                        timeout,
+                    )
                 },
             )
             .await?;

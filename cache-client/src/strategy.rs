@@ -1209,7 +1209,11 @@ impl Keyspace {
                         // Only this write's entry goes: a later write of the
                         // key (durable or fast) may have replaced it, and its
                         // dirty entry must stay.
-                        if let Err(e) = this.client.discard(&this.name, &record.key, record.version).await {
+                        if let Err(e) = this
+                            .client
+                            .discard(&this.name, &record.key, record.version)
+                            .await
+                        {
                             tracing::warn!(keyspace = %this.name, error = %e, "cannot discard the lost fast write's cache entry");
                         }
                         if let Some(callback) = this.client.inner.write_back_failed.get() {

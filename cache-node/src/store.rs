@@ -1925,7 +1925,9 @@ impl Store {
     /// Invalid key or unknown keyspace.
     pub fn discard(&self, keyspace: &str, key: &[u8], version: u64) -> Result<bool> {
         self.check_key(key)?;
-        Ok(self.keyspace(keyspace)?.discard(key, version, Instant::now()))
+        Ok(self
+            .keyspace(keyspace)?
+            .discard(key, version, Instant::now()))
     }
 
     /// Reads many keys; results in request order.
@@ -3366,12 +3368,18 @@ mod tests {
     #[test]
     fn mark_clean_of_a_newer_version_drops_older_entries_dirty_or_clean() {
         let s = store("");
-        s.set("default", dirty("d", "d3", 3, WriteCondition::Unconditional))
-            .unwrap();
+        s.set(
+            "default",
+            dirty("d", "d3", 3, WriteCondition::Unconditional),
+        )
+        .unwrap();
         s.set("default", item("c", "c3", 3, WriteCondition::Unconditional))
             .unwrap();
-        s.set("default", dirty("n", "n9", 9, WriteCondition::Unconditional))
-            .unwrap();
+        s.set(
+            "default",
+            dirty("n", "n9", 9, WriteCondition::Unconditional),
+        )
+        .unwrap();
         let stored = [
             (Bytes::from_static(b"d"), 5),
             (Bytes::from_static(b"c"), 5),
@@ -3408,8 +3416,11 @@ mod tests {
     #[test]
     fn discard_removes_only_the_named_version() {
         let s = store("");
-        s.set("default", dirty("k", "v7", 7, WriteCondition::Unconditional))
-            .unwrap();
+        s.set(
+            "default",
+            dirty("k", "v7", 7, WriteCondition::Unconditional),
+        )
+        .unwrap();
         assert!(!s.discard("default", b"k", 6).unwrap());
         assert_eq!(read(&s, "default", "k"), Some(("v7".into(), 7)));
         assert!(s.discard("default", b"k", 7).unwrap());

@@ -448,14 +448,17 @@ async fn a_dead_lettered_write_left_dirty_is_discarded_by_the_repair_round() -> 
     let first = tokio::spawn(write_back_worker::run(config.clone(), async {
         let _ = stopped.await;
     }));
-    wait_until("the good write stored and the poison one dead-lettered", || async {
-        let stored = matches!(
-            pg.load(&keyspace, b"ok").await?,
-            Loaded::Present(row) if row.version == good
-        );
-        let letters = ringcache_tests::write_back::dead_letters(&brokers, &group).await?;
-        Ok(stored && letters >= 1)
-    })
+    wait_until(
+        "the good write stored and the poison one dead-lettered",
+        || async {
+            let stored = matches!(
+                pg.load(&keyspace, b"ok").await?,
+                Loaded::Present(row) if row.version == good
+            );
+            let letters = ringcache_tests::write_back::dead_letters(&brokers, &group).await?;
+            Ok(stored && letters >= 1)
+        },
+    )
     .await?;
     let _ = stop.send(());
     first.await??;

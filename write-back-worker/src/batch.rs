@@ -218,7 +218,11 @@ mod tests {
             .iter()
             .map(|r| (r.record.version, r.source.offset))
             .collect();
-        assert_eq!(fallbacks, vec![(4, 12), (3, 10)], "older writes, newest first");
+        assert_eq!(
+            fallbacks,
+            vec![(4, 12), (3, 10)],
+            "older writes, newest first"
+        );
         assert_eq!(
             built.batch.offsets,
             vec![PartitionOffset {

@@ -112,7 +112,12 @@ async fn round(
         }
         if !unstored.is_empty() {
             let done = cache.discard_on(&node, keyspace, &unstored).await;
-            debug!(keyspace, node, discarded = done, "dirty repair: dead-lettered writes discarded");
+            debug!(
+                keyspace,
+                node,
+                discarded = done,
+                "dirty repair: dead-lettered writes discarded"
+            );
             cleaned += done;
         }
         if stored.is_empty() {

@@ -426,9 +426,10 @@ impl Batcher<'_> {
             // the cache does not serve a value the database never took, and
             // a dirty entry does not pin its bytes forever. If this is lost,
             // the repair round finds the write in `ringcache_wb_discarded`.
-            for ((keyspace, replicas), unstored) in
-                by_holders(cache, dead_lettered.iter().filter_map(|(row, _)| row.as_ref()))
-            {
+            for ((keyspace, replicas), unstored) in by_holders(
+                cache,
+                dead_lettered.iter().filter_map(|(row, _)| row.as_ref()),
+            ) {
                 cache.discard_unstored(keyspace, &unstored, replicas).await;
             }
             // Every row of the batch is now in the store at its version or

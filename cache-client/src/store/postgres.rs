@@ -755,7 +755,11 @@ mod write_back {
             .fetch_optional(self.pool())
             .await
             .map_err(|err| {
-                classify(keyspace, format!("failed to read {DISCARDED_TABLE}: {err}"), &err)
+                classify(
+                    keyspace,
+                    format!("failed to read {DISCARDED_TABLE}: {err}"),
+                    &err,
+                )
             })?;
             Ok(found.is_some())
         }
