@@ -463,6 +463,23 @@ impl Client {
     }
 
     async fn delete_key(&self, keyspace: &str, key: &[u8]) -> Result<bool> {
+        self.delete_version(keyspace, key, 0).await
+    }
+
+    /// Write-back: removes the key's entry of exactly `version` from its
+    /// replicas, leaving any other version (a newer write, or an older
+    /// acknowledged one): for a write the store will never hold. True if
+    /// any replica held it.
+    ///
+    /// # Errors
+    /// As [`Client::set`].
+    pub(crate) async fn discard(&self, keyspace: &str, key: &[u8], version: u64) -> Result<bool> {
+        debug_assert!(version != 0, "version 0 would delete every version");
+        self.delete_version(keyspace, key, version).await
+    }
+
+    /// `Delete` on the key's replicas; see [`delete_from`].
+    async fn delete_version(&self, keyspace: &str, key: &[u8], only_version: u64) -> Result<bool> {
         let replication = self.replication(keyspace);
         let keys = [Bytes::copy_from_slice(key)];
         let slots = self
@@ -476,7 +493,13 @@ impl Client {
                     writes: true,
                 },
                 |node, _idxs, timeout, _fallback| {
-                    delete_from(node, keyspace.to_owned(), keys[0].clone(), timeout)
+                    delete_from(
+                        node,
+                        keyspace.to_owned(),
+                        keys[0].clone(),
+                        only_version,
+                        timeout,
+                    )
                 },
             )
             .await?;
@@ -859,10 +882,13 @@ async fn write_to(
     Ok(results.into_iter().map(from_proto_outcome).collect())
 }
 
-async fn delete_from(
+/// `Delete` of one key on `node`; with a non-zero `only_version`, only an
+/// entry of exactly that version goes (`DeleteRequest.only_version`).
+pub(crate) async fn delete_from(
     node: Arc<NodeHandle>,
     keyspace: String,
     key: Bytes,
+    only_version: u64,
     timeout: Duration,
 ) -> Result<Vec<bool>> {
     let mut client = node.client.clone();
@@ -874,6 +900,7 @@ async fn delete_from(
                 keyspace,
                 key,
                 below_version: 0,
+                only_version,
             },
             timeout,
         )),

@@ -344,6 +344,7 @@ impl Client {
                 keyspace: keyspace.to_owned(),
                 key: key.clone(),
                 below_version: version,
+                only_version: 0,
             };
             let result = self
                 .on_node(node, true, client.delete(request(message, timeout)))
@@ -362,16 +363,86 @@ impl Client {
 
     /// Write-back: tells the nodes that may hold the keys' dirty entries
     /// (the first `replicas` healthy nodes of each key, and the next one in
-    /// case a write went to a fallback) that these versions are stored, so
-    /// that they treat entries of those versions or older as clean. Best
-    /// effort: returns how many entries became clean; a node that misses it
-    /// keeps the entry dirty until a later write of the key is cleaned.
+    /// case a write went to a fallback) that these versions are stored: an
+    /// entry of exactly that version becomes clean, an older one is dropped
+    /// (see `MarkCleanRequest`). `replicas` is the keyspace's replication in
+    /// this client's view; a caller that knows how many replicas the writer
+    /// used calls [`mark_clean_replicas`](Client::mark_clean_replicas).
+    /// Best effort: returns how many entries became clean or were dropped; a
+    /// node that misses it keeps the entry dirty until the worker's repair
+    /// round finds it.
     pub async fn mark_clean(&self, keyspace: &str, stored: &[(Bytes, u64)]) -> usize {
         let replicas = self.replication(keyspace).replicas;
+        self.mark_clean_replicas(keyspace, stored, replicas).await
+    }
+
+    /// [`mark_clean`](Client::mark_clean) of keys written to `replicas`
+    /// replicas (the write-back record's `rc-replicas`), whatever this
+    /// client's own replication of the keyspace: every replica the writer
+    /// may have written is told (issue 13, defect 8).
+    pub async fn mark_clean_replicas(
+        &self,
+        keyspace: &str,
+        stored: &[(Bytes, u64)],
+        replicas: usize,
+    ) -> usize {
+        let asks = self
+            .by_holder(keyspace, stored, replicas)
+            .into_values()
+            .map(|(node, keys)| async move { self.mark_clean_node(&node, keyspace, keys).await });
+        futures::future::join_all(asks).await.into_iter().sum()
+    }
+
+    /// Write-back: these versions of the keys will never be stored (their
+    /// records were dead-lettered); the nodes that may hold them (as for
+    /// [`mark_clean_replicas`](Client::mark_clean_replicas)) remove an entry
+    /// of exactly that version and leave any other. Best effort: returns how
+    /// many entries went; the worker's repair round discards the ones a
+    /// node missed.
+    pub async fn discard_unstored(
+        &self,
+        keyspace: &str,
+        unstored: &[(Bytes, u64)],
+        replicas: usize,
+    ) -> usize {
+        let asks = self
+            .by_holder(keyspace, unstored, replicas)
+            .into_values()
+            .map(|(node, keys)| async move { self.discard_node(&node, keyspace, keys).await });
+        futures::future::join_all(asks).await.into_iter().sum()
+    }
+
+    /// Tells the member `node` (by id) that these versions will never be
+    /// stored, as [`discard_unstored`](Client::discard_unstored) tells a
+    /// key's holders: for dirty entries the repair round found there. Best
+    /// effort: returns how many entries went.
+    pub async fn discard_on(&self, node: &str, keyspace: &str, unstored: &[(Bytes, u64)]) -> usize {
+        let Some(node) = self.member_nodes().into_iter().find(|n| n.id == node) else {
+            return 0;
+        };
+        let keys = unstored
+            .iter()
+            .map(|(key, version)| v1::CleanKey {
+                key: key.clone(),
+                version: *version,
+            })
+            .collect();
+        self.discard_node(&node, keyspace, keys).await
+    }
+
+    /// The keys grouped by the nodes that may hold them: the first
+    /// `replicas + 1` healthy nodes of each key's ring order (the owners,
+    /// and one more in case a write fell back), by node id.
+    fn by_holder(
+        &self,
+        keyspace: &str,
+        keys: &[(Bytes, u64)],
+        replicas: usize,
+    ) -> std::collections::HashMap<String, (Arc<NodeHandle>, Vec<v1::CleanKey>)> {
         let mut groups: std::collections::HashMap<String, (Arc<NodeHandle>, Vec<v1::CleanKey>)> =
             std::collections::HashMap::new();
-        for (key, version) in stored {
-            for (node, _) in self.healthy_in_order(keyspace, key, replicas + 1) {
+        for (key, version) in keys {
+            for (node, _) in self.healthy_in_order(keyspace, key, replicas.max(1) + 1) {
                 groups
                     .entry(node.id.clone())
                     .or_insert_with(|| (Arc::clone(&node), Vec::new()))
@@ -382,10 +453,40 @@ impl Client {
                     });
             }
         }
-        let asks = groups
-            .into_values()
-            .map(|(node, keys)| async move { self.mark_clean_node(&node, keyspace, keys).await });
-        futures::future::join_all(asks).await.into_iter().sum()
+        groups
+    }
+
+    /// `Delete` with `only_version` of each of `keys` on one node; how many
+    /// entries went. Failures are logged: the repair round comes back.
+    async fn discard_node(
+        &self,
+        node: &Arc<NodeHandle>,
+        keyspace: &str,
+        keys: Vec<v1::CleanKey>,
+    ) -> usize {
+        let timeout = self.config().request_timeout;
+        let mut discarded = 0;
+        for key in keys {
+            if key.version == 0 {
+                // Version 0 would delete every version; no write has it.
+                continue;
+            }
+            match crate::client::delete_from(
+                Arc::clone(node),
+                keyspace.to_owned(),
+                key.key,
+                key.version,
+                timeout,
+            )
+            .await
+            {
+                Ok(gone) => discarded += usize::from(gone.first().copied().unwrap_or(false)),
+                Err(e) => {
+                    tracing::warn!(node = %node.id, keyspace, error = %e, "discard failed; the entry stays until the repair round");
+                }
+            }
+        }
+        discarded
     }
 
     /// `MarkClean` of `keys` on one node, in requests of at most 1000 keys;

@@ -1248,13 +1248,15 @@ impl Keyspace {
     /// write at once). If the broker does not take it, the write fails and
     /// the cache is untouched: the dirty entries of earlier acknowledged
     /// writes stay, so readers keep seeing them. If the cache write fails
-    /// after the broker took the record, the key is invalidated (readers
-    /// fall back to the store until the worker catches up) and the write
-    /// fails, although it will be stored.
+    /// after the broker took the record (a node down, `max_dirty_bytes`
+    /// full), the write fails, although it will be stored; the cache keeps
+    /// what it had (earlier acknowledged writes stay readable) until the
+    /// worker stores this record, whose `MarkClean` drops the older entries.
     ///
     /// A `fast` write goes to the cache first and returns; the record is
     /// produced in the background, and if the broker does not take it the
-    /// key is invalidated.
+    /// cache entry of exactly this write is discarded (a later write's entry
+    /// stays).
     #[cfg(feature = "kafka")]
     async fn write_back(
         &self,
@@ -1290,6 +1292,8 @@ impl Keyspace {
             version,
             value,
             written_at_ms: crate::hlc::physical_ms(version),
+            // So that the worker tells every replica this write reaches.
+            replicas: state.settings.replicas as u64,
         };
         match state.settings.ack {
             Ack::Durable => {
@@ -1298,11 +1302,14 @@ impl Keyspace {
                 telemetry::write_back_produced(&self.name, "durable", started, sent.is_ok());
                 sent?;
                 if let Err(e) = self.client.set(&self.name, &key, cached, options).await {
-                    // The record is queued and will be stored; the cache
-                    // may still hold an older dirty value of the key, which
-                    // must not outlive this write.
+                    // The record is queued and will be stored. The cache is
+                    // left as it is: it may hold the dirty entry of an
+                    // earlier acknowledged write, which a delete would erase
+                    // (readers would then load a store lagging behind it and
+                    // cache that as clean: issue 13, defect 4). When the
+                    // worker stores this record, its `MarkClean` drops every
+                    // older entry of the key on the nodes.
                     self.count(telemetry::WRITE_BACK_CACHE_FAILURES);
-                    let _ = self.invalidate_inner(&key).await;
                     return Err(e);
                 }
             }
@@ -1318,7 +1325,16 @@ impl Keyspace {
                     telemetry::write_back_produced(&this.name, "fast", started, sent.is_ok());
                     if let Err(e) = sent {
                         tracing::error!(keyspace = %this.name, error = %e, "fast write-back write lost: the broker did not take it");
-                        let _ = this.invalidate_inner(&record.key).await;
+                        // Only this write's entry goes: a later write of the
+                        // key (durable or fast) may have replaced it, and its
+                        // dirty entry must stay.
+                        if let Err(e) = this
+                            .client
+                            .discard(&this.name, &record.key, record.version)
+                            .await
+                        {
+                            tracing::warn!(keyspace = %this.name, error = %e, "cannot discard the lost fast write's cache entry");
+                        }
                         if let Some(callback) = this.client.inner.write_back_failed.get() {
                             callback(&record, &e);
                         }

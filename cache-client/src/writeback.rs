@@ -22,6 +22,10 @@
 //!   - `rc-written-at` (optional, 0 when absent): when the write was queued,
 //!     8 bytes, big-endian `u64` milliseconds since the Unix epoch; the
 //!     worker measures its lag with it.
+//!   - `rc-replicas` (optional, 0 when absent): how many replicas the
+//!     writer wrote the dirty entry to, 8 bytes, big-endian `u64`. The
+//!     worker tells that many of the key's nodes (and one more, for a
+//!     fallback) what it stored, whatever its own client's replication.
 //!   - Other headers are ignored. A known header that appears twice, or has
 //!     the wrong length, makes the record malformed.
 //!
@@ -41,6 +45,8 @@ pub const TOPIC_PREFIX: &str = "ringcache-wb-";
 pub const HEADER_VERSION: &str = "rc-version";
 /// The header holding the time the write was queued (optional).
 pub const HEADER_WRITTEN_AT: &str = "rc-written-at";
+/// The header holding the writer's replica count (optional).
+pub const HEADER_REPLICAS: &str = "rc-replicas";
 /// The byte between the keyspace and the key in a record key.
 pub const KEY_SEPARATOR: u8 = 0x00;
 
@@ -71,6 +77,9 @@ pub struct WriteBackRecord {
     /// When the write was queued, in milliseconds since the Unix epoch (0
     /// when unknown).
     pub written_at_ms: u64,
+    /// How many replicas the writer wrote the dirty entry to (0 when
+    /// unknown: the worker then uses its own view of the keyspace).
+    pub replicas: u64,
 }
 
 impl WriteBackRecord {
@@ -87,11 +96,12 @@ impl WriteBackRecord {
         out
     }
 
-    /// The Kafka headers: `rc-version` and `rc-written-at`.
-    pub fn headers(&self) -> [(&'static str, [u8; 8]); 2] {
+    /// The Kafka headers: `rc-version`, `rc-written-at` and `rc-replicas`.
+    pub fn headers(&self) -> [(&'static str, [u8; 8]); 3] {
         [
             (HEADER_VERSION, self.version.to_be_bytes()),
             (HEADER_WRITTEN_AT, self.written_at_ms.to_be_bytes()),
+            (HEADER_REPLICAS, self.replicas.to_be_bytes()),
         ]
     }
 
@@ -154,10 +164,12 @@ pub fn decode<'a>(
 
     let mut version = None;
     let mut written_at = None;
+    let mut replicas = None;
     for (name, bytes) in headers {
         let (slot, header) = match name {
             HEADER_VERSION => (&mut version, HEADER_VERSION),
             HEADER_WRITTEN_AT => (&mut written_at, HEADER_WRITTEN_AT),
+            HEADER_REPLICAS => (&mut replicas, HEADER_REPLICAS),
             _ => continue,
         };
         if slot.is_some() {
@@ -173,6 +185,7 @@ pub fn decode<'a>(
         version: version.ok_or(DecodeError::MissingVersion)?,
         value: value.map(Bytes::copy_from_slice),
         written_at_ms: written_at.unwrap_or(0),
+        replicas: replicas.unwrap_or(0),
     })
 }
 
@@ -232,6 +245,23 @@ pub struct WriteBackBatch {
     pub rows: Vec<WriteBackRow>,
     /// The new offset of every partition the batch read from.
     pub offsets: Vec<PartitionOffset>,
+    /// Writes of the batch that were dead-lettered and will never be
+    /// stored, recorded in `ringcache_wb_discarded` in the same transaction
+    /// as the offsets, so that the worker's repair round can discard their
+    /// dirty cache entries.
+    pub discarded: Vec<DiscardedWrite>,
+}
+
+/// A write-back write the worker will never store (its record is on the
+/// dead-letter topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscardedWrite {
+    /// The keyspace.
+    pub keyspace: String,
+    /// The key.
+    pub key: Bytes,
+    /// The write's version.
+    pub version: u64,
 }
 
 /// What applying a [`WriteBackBatch`] did.
@@ -275,6 +305,7 @@ mod tests {
             version: 0x0102_0304_0506_0708,
             value: value.map(Bytes::from_static),
             written_at_ms: 1_700_000_000_000,
+            replicas: 2,
         }
     }
 
@@ -300,10 +331,11 @@ mod tests {
     fn encodes_the_documented_bytes() {
         let r = record(Some(b"v"));
         assert_eq!(r.encode_key(), b"users\0a\0b");
-        let [(version, v), (written, w)] = r.headers();
+        let [(version, v), (written, w), (replicas, n)] = r.headers();
         assert_eq!((version, v), ("rc-version", [1, 2, 3, 4, 5, 6, 7, 8]));
         assert_eq!(written, "rc-written-at");
         assert_eq!(u64::from_be_bytes(w), 1_700_000_000_000);
+        assert_eq!((replicas, u64::from_be_bytes(n)), ("rc-replicas", 2));
     }
 
     #[test]
@@ -326,6 +358,7 @@ mod tests {
         assert_eq!(&decoded.key[..], b"\0");
         assert_eq!(decoded.version, 9);
         assert_eq!(decoded.written_at_ms, 0, "rc-written-at is optional");
+        assert_eq!(decoded.replicas, 0, "rc-replicas is optional");
     }
 
     #[test]

@@ -278,11 +278,10 @@ impl CacheNode for CacheNodeService {
         let (caller, req) = admitted(request)?;
         self.call(Rpc::Delete, || {
             caller.check(&req.keyspace, Permission::Write)?;
-            let deleted = if req.below_version == 0 {
-                self.store.delete(&req.keyspace, &req.key)?
-            } else {
-                self.store
-                    .delete_below(&req.keyspace, &req.key, req.below_version)?
+            let deleted = match (req.only_version, req.below_version) {
+                (0, 0) => self.store.delete(&req.keyspace, &req.key)?,
+                (0, below) => self.store.delete_below(&req.keyspace, &req.key, below)?,
+                (version, _) => self.store.discard(&req.keyspace, &req.key, version)?,
             };
             Ok(v1::DeleteResponse { deleted })
         })

@@ -33,7 +33,9 @@
 //!   lands meanwhile, and a late commit of it still applies.
 //! - **A dirty (write-back) entry is never evicted** and does not expire
 //!   while dirty: it lives in the keyspace's dirty table, outside moka,
-//!   within `max_dirty_bytes`, until `mark_clean` moves it into the cache.
+//!   within `max_dirty_bytes`, until `mark_clean` moves it into the cache
+//!   (its exact version stored) or drops it (a newer version stored), or
+//!   `discard` removes its exact version (dead-lettered, never stored).
 //!   Reads see the newer of the dirty and the cached entry; a clean write of
 //!   an equal or older version never replaces a dirty entry.
 //! - **Lock order: records shard, then dirty-table shard, then the key
@@ -1016,31 +1018,108 @@ impl Keyspace {
         })
     }
 
-    /// `MarkClean` of one key: if its dirty entry is of `version` or older,
-    /// it becomes a clean cached entry (evictable, TTL counted from now);
-    /// true when it did.
+    /// `MarkClean` of one key: the store holds `version` of it. A dirty
+    /// entry of exactly that version becomes a clean cached entry
+    /// (evictable, TTL counted from now); a dirty or cached entry of an
+    /// older version is dropped, because the store holds a newer value
+    /// (absent is always correct: readers load the stored one); a newer
+    /// entry is left alone. The key's lease goes too, like a write's: a
+    /// reader that loaded the row before the store had `version` must not
+    /// fill it afterwards. True when an entry became clean or was dropped.
+    ///
+    /// Dropping rather than cleaning an older entry is what lets the cache
+    /// recover from a write-back write whose cache write failed (issue 13,
+    /// defect 4): the cache keeps the older value until the record is
+    /// stored, and this is the moment it stops being the newest.
     fn mark_clean(&self, key: &[u8], version: u64, now: Instant) -> bool {
-        if !self.dirty.any() {
-            return false;
+        if self.records.any() {
+            self.records.update(Bytes::copy_from_slice(key), |state| {
+                self.settle(key, state, now);
+                state.lease = None;
+                self.settle_stored(key, version, now)
+            })
+        } else {
+            self.settle_stored(key, version, now)
         }
-        let Entry::Occupied(dirty) = self.dirty.table.entry(Bytes::copy_from_slice(key)) else {
-            return false;
+    }
+
+    /// The cache part of [`Keyspace::mark_clean`].
+    fn settle_stored(&self, key: &[u8], version: u64, now: Instant) -> bool {
+        let key = Bytes::copy_from_slice(key);
+        // A cached entry older than the stored version is superseded.
+        let drop_older = |current: Option<Stored>| match current {
+            Some(existing) if existing.version < version => Op::Remove,
+            _ => Op::Nop,
         };
-        if dirty.get().version > version {
-            return false;
+        if !self.dirty.any() {
+            return matches!(self.compute(key, drop_older), Computed::Removed(Some(_)));
         }
-        let clean = dirty.get().as_stored(now);
-        // Into the cache first, then out of the table (see `lookup`); fenced
-        // in case a newer clean entry is cached.
-        self.compute(dirty.key().clone(), |current| {
-            match current.filter(|s| s.is_live(now)) {
-                Some(existing) if existing.version >= clean.version => Op::Nop,
-                _ => Op::Put(clean),
+        // The dirty shard stays locked through the compute (the lock order),
+        // so no dirty write of the key comes in between.
+        match self.dirty.table.entry(key.clone()) {
+            Entry::Occupied(dirty) => {
+                let dirty_version = dirty.get().version;
+                if dirty_version > version {
+                    return false;
+                }
+                if dirty_version == version {
+                    let clean = dirty.get().as_stored(now);
+                    // Into the cache first, then out of the table (see
+                    // `lookup`); fenced in case a newer clean entry is
+                    // cached.
+                    self.compute(key, |current| match current.filter(|s| s.is_live(now)) {
+                        Some(existing) if existing.version >= clean.version => Op::Nop,
+                        _ => Op::Put(clean),
+                    });
+                } else {
+                    self.compute(key, drop_older);
+                }
+                let (key, entry) = dirty.remove_entry();
+                self.dirty.forget(&key, &entry);
+                true
             }
-        });
-        let (key, entry) = dirty.remove_entry();
-        self.dirty.forget(&key, &entry);
-        true
+            Entry::Vacant(_vacant) => {
+                matches!(self.compute(key, drop_older), Computed::Removed(Some(_)))
+            }
+        }
+    }
+
+    /// Removes the key's dirty and cached entries of exactly `version`,
+    /// leaving any other version: a write-back write the store will never
+    /// hold (a `fast` write the broker refused, a dead-lettered record).
+    /// Invalidates the lease like [`Keyspace::delete`]; true when an entry
+    /// went.
+    fn discard(&self, key: &[u8], version: u64, now: Instant) -> bool {
+        let remove = || {
+            let mut gone = false;
+            if self.dirty.any()
+                && let Some((key, entry)) = self
+                    .dirty
+                    .table
+                    .remove_if(key, |_, entry| entry.version == version)
+            {
+                self.dirty.forget(&key, &entry);
+                gone = true;
+            }
+            let removed = self.compute(Bytes::copy_from_slice(key), |current| match current {
+                Some(existing) if existing.version == version => Op::Remove,
+                _ => Op::Nop,
+            });
+            gone || matches!(removed, Computed::Removed(Some(_)))
+        };
+        let gone = if self.records.any() {
+            self.records.update(Bytes::copy_from_slice(key), |state| {
+                self.settle(key, state, now);
+                state.lease = None;
+                remove()
+            })
+        } else {
+            remove()
+        };
+        if gone {
+            bump(&self.counters.deletes, 1);
+        }
+        gone
     }
 
     /// The dirty entries written at least `min_age` before `now`, in key
@@ -1999,6 +2078,18 @@ impl Store {
             .delete_below(key, version, Instant::now()))
     }
 
+    /// Deletes the key's entry only if it is of exactly `version` (dirty or
+    /// cached); true when one was removed. See `DeleteRequest.only_version`.
+    ///
+    /// # Errors
+    /// Invalid key or unknown keyspace.
+    pub fn discard(&self, keyspace: &str, key: &[u8], version: u64) -> Result<bool> {
+        self.check_key(key)?;
+        Ok(self
+            .keyspace(keyspace)?
+            .discard(key, version, Instant::now()))
+    }
+
     /// Reads many keys; results in request order.
     ///
     /// # Errors
@@ -2042,11 +2133,12 @@ impl Store {
             .collect()
     }
 
-    /// `MarkClean`: the write-back worker stored `version` of each key; a
-    /// dirty entry of that version or older becomes a clean cached entry
-    /// (evictable, its TTL counted from now). Newer dirty entries stay
-    /// dirty; keys with no dirty entry are ignored. Returns how many became
-    /// clean.
+    /// `MarkClean`: the write-back worker stored `version` of each key. A
+    /// dirty entry of exactly that version becomes a clean cached entry
+    /// (evictable, its TTL counted from now); a dirty or cached entry of an
+    /// older version is dropped (the store holds a newer value); newer
+    /// entries stay as they are. The key's lease is invalidated. Returns how
+    /// many entries became clean or were dropped.
     ///
     /// # Errors
     /// Too many keys, any invalid key, or unknown keyspace; nothing changes.
@@ -3505,7 +3597,7 @@ mod tests {
     }
 
     #[test]
-    fn mark_clean_cleans_older_or_equal_dirty_entries_only() {
+    fn mark_clean_cleans_the_stored_version_and_leaves_newer_ones_dirty() {
         let s = store("");
         s.set(
             "default",
@@ -3538,7 +3630,7 @@ mod tests {
                 .unwrap(),
             0
         );
-        // A newer stored version cleans too.
+        // A newer stored version drops the entry: the store has moved on.
         s.set(
             "default",
             dirty("k", "v6", 6, WriteCondition::Unconditional),
@@ -3549,7 +3641,79 @@ mod tests {
                 .unwrap(),
             1
         );
-        assert_eq!(read(&s, "default", "k"), Some(("v6".into(), 6)));
+        assert_eq!(read(&s, "default", "k"), None);
+    }
+
+    /// Issue 13, defect 4: `MarkClean(V)` means the store holds `V` of the
+    /// key. A dirty or clean entry older than `V` is a value the store has
+    /// superseded: it is dropped (readers load `V`), never kept, and never
+    /// made clean with its old value. A newer entry is left alone.
+    #[test]
+    fn mark_clean_of_a_newer_version_drops_older_entries_dirty_or_clean() {
+        let s = store("");
+        s.set(
+            "default",
+            dirty("d", "d3", 3, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        s.set("default", item("c", "c3", 3, WriteCondition::Unconditional))
+            .unwrap();
+        s.set(
+            "default",
+            dirty("n", "n9", 9, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        let stored = [
+            (Bytes::from_static(b"d"), 5),
+            (Bytes::from_static(b"c"), 5),
+            (Bytes::from_static(b"n"), 5),
+        ];
+        assert_eq!(s.mark_clean("default", &stored).unwrap(), 2);
+        assert_eq!(read(&s, "default", "d"), None, "older dirty entry dropped");
+        assert_eq!(read(&s, "default", "c"), None, "older clean entry dropped");
+        assert_eq!(
+            read(&s, "default", "n"),
+            Some(("n9".into(), 9)),
+            "newer dirty entry untouched"
+        );
+        assert_eq!(one_stats(&s, "default").dirty_items, 1);
+    }
+
+    /// A reader that took a lease before the worker stored a newer version
+    /// may have loaded the older row: its fill must not land after the
+    /// `MarkClean` that says the store moved on.
+    #[test]
+    fn mark_clean_invalidates_a_lease_granted_before_it() {
+        let ks = keyspace("");
+        let tokens = Tokens::new();
+        let now = Instant::now();
+        let t = token(ks.lease_get(b"k", now, &tokens));
+        ks.mark_clean(b"k", 5, now);
+        let r = ks.fill(fill_item("k", "old", 3), t, now);
+        assert_eq!(r.outcome, FillOutcome::LeaseInvalid);
+        assert!(ks.get(b"k", now).is_none());
+    }
+
+    /// A write the store will never hold is discarded by its exact version
+    /// (`Delete` with `only_version`): other versions of the key stay.
+    #[test]
+    fn discard_removes_only_the_named_version() {
+        let s = store("");
+        s.set(
+            "default",
+            dirty("k", "v7", 7, WriteCondition::Unconditional),
+        )
+        .unwrap();
+        assert!(!s.discard("default", b"k", 6).unwrap());
+        assert_eq!(read(&s, "default", "k"), Some(("v7".into(), 7)));
+        assert!(s.discard("default", b"k", 7).unwrap());
+        assert_eq!(read(&s, "default", "k"), None);
+        assert_eq!(one_stats(&s, "default").dirty_items, 0);
+        s.set("default", item("c", "c2", 2, WriteCondition::Unconditional))
+            .unwrap();
+        assert!(!s.discard("default", b"c", 3).unwrap());
+        assert!(s.discard("default", b"c", 2).unwrap());
+        assert_eq!(read(&s, "default", "c"), None);
     }
 
     #[test]

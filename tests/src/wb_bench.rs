@@ -225,6 +225,7 @@ pub async fn throughput(options: &ThroughputOptions) -> Result<ThroughputResult>
             version: i + 1,
             value: Some(value(i, options.value_size)),
             written_at_ms,
+            replicas: 0,
         })
         .collect();
     let started = Instant::now();
@@ -658,6 +659,7 @@ pub async fn broker(options: &LagOptions) -> Result<BrokerResult> {
             version: i + 1,
             value: Some(value(i, options.value_size)),
             written_at_ms: (now_us() / 1000) as u64,
+            replicas: 0,
         };
         tokio::spawn(async move {
             let sent = produce(&producer, &record).await;

@@ -342,3 +342,217 @@ async fn a_worker_started_before_its_cache_nodes_marks_clean_once_they_are_up() 
     worker.await??;
     Ok(())
 }
+
+/// Polls `check` every 100 ms until it holds, failing with `what` after a
+/// minute.
+async fn wait_until<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 13, defect 4: a dirty write the node refuses (here because the
+/// keyspace's `max_dirty_bytes` is full, as with a stalled worker) must not
+/// erase the key's earlier acknowledged write from the cache: readers keep
+/// seeing it, instead of loading a store that does not have it yet.
+#[tokio::test]
+async fn a_refused_dirty_write_keeps_the_earlier_acknowledged_one_readable() -> Result<()> {
+    let keyspace = ringcache_tests::unique("wbfull");
+    let mut config = ringcache_tests::NodeConfig::single("full-node")?;
+    config.extra_tables =
+        format!("[keyspaces.{keyspace}]\ncapacity_bytes = 8388608\nmax_dirty_bytes = 4096\n");
+    let nodes = [NodeProcess::start(config).await?];
+    let (_url, pg) = own_database("rc_wb_full").await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let client = client(&nodes, &brokers, Duration::from_secs(10)).await?;
+    client.define_keyspace(
+        &keyspace,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let ks = client.keyspace(&keyspace);
+    ks.put("k", "small").await?;
+    // No worker runs: the store does not have it.
+    ensure!(
+        matches!(pg.load(&keyspace, b"k").await?, Loaded::Absent { .. }),
+        "the store lags behind the cache"
+    );
+    let big = vec![b'x'; 8192];
+    let err = ks.put("k", big).await.unwrap_err();
+    ensure!(
+        err.to_string().contains("max_dirty_bytes"),
+        "refused for the dirty budget: {err}"
+    );
+    assert_eq!(
+        ks.get("k").await?,
+        Some(Bytes::from_static(b"small")),
+        "the earlier acknowledged write is still served"
+    );
+    Ok(())
+}
+
+/// Issue 13, defect 6: a write-back write the database refuses is
+/// dead-lettered; if the `MarkClean` that should settle its dirty entry is
+/// lost (here: the worker that dead-lettered it knew no cache node), the
+/// repair round must still discard the entry, which the store will never
+/// hold, instead of leaving it dirty (unevictable, never expiring, served)
+/// forever.
+#[tokio::test]
+async fn a_dead_lettered_write_left_dirty_is_discarded_by_the_repair_round() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let (url, pg) = own_database("rc_wb_dlq_repair").await?;
+    let pool = sqlx::PgPool::connect(&url).await?;
+    sqlx::query(
+        "ALTER TABLE ringcache_entries ADD CONSTRAINT no_poison \
+         CHECK (value IS NULL OR value <> 'poison'::bytea)",
+    )
+    .execute(&pool)
+    .await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let client = client(&nodes, &brokers, Duration::from_secs(10)).await?;
+    let keyspace = ringcache_tests::unique("wbdlqrepair");
+    client.define_keyspace(
+        &keyspace,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let ks = client.keyspace(&keyspace);
+    let good = ks.put("ok", "good").await?.version;
+    ks.put("bad", "poison").await?;
+
+    let group = format!("{keyspace}_group");
+    let config = write_back_worker::Config {
+        brokers: brokers.clone(),
+        database_url: url,
+        group: group.clone(),
+        keyspaces: vec![keyspace.clone()],
+        metrics_listen: None,
+        dead_letter_topic: ringcache_tests::dead_letter_topic(&group),
+        dead_letter_after_attempts: 1,
+        dirty_repair_interval: Duration::from_millis(300),
+        ..write_back_worker::Config::default()
+    };
+    // First worker: no cache seeds, so every MarkClean it owes is lost.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn(write_back_worker::run(config.clone(), async {
+        let _ = stopped.await;
+    }));
+    wait_until(
+        "the good write stored and the poison one dead-lettered",
+        || async {
+            let stored = matches!(
+                pg.load(&keyspace, b"ok").await?,
+                Loaded::Present(row) if row.version == good
+            );
+            let letters = ringcache_tests::write_back::dead_letters(&brokers, &group).await?;
+            Ok(stored && letters >= 1)
+        },
+    )
+    .await?;
+    let _ = stop.send(());
+    first.await??;
+    ensure!(
+        dirty_items(&client, &keyspace).await? == 2,
+        "both entries are still dirty on the node"
+    );
+
+    // Second worker, same group: nothing left to consume, so only its
+    // repair round can settle the two entries.
+    let config = write_back_worker::Config {
+        cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
+        ..config
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = tokio::spawn(write_back_worker::run(config, async {
+        let _ = stopped.await;
+    }));
+    let waited = wait_until("no dirty entry left", || async {
+        Ok(dirty_items(&client, &keyspace).await? == 0)
+    })
+    .await;
+    let _ = stop.send(());
+    second.await??;
+    waited?;
+    assert_eq!(
+        ks.get("bad").await?,
+        None,
+        "the value the database never took is not served"
+    );
+    assert_eq!(ks.get("ok").await?, Some(Bytes::from_static(b"good")));
+    Ok(())
+}
+
+/// Issue 13, defect 8: the worker must tell every replica that holds a
+/// key's dirty entry that it is stored, whatever replication its own
+/// client was configured with: the writer's replica count travels with
+/// the record.
+#[tokio::test]
+async fn mark_clean_reaches_every_replica_the_writer_wrote() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let (url, pg) = own_database("rc_wb_replicas").await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let client = client(&nodes, &brokers, Duration::from_secs(10)).await?;
+    let keyspace = ringcache_tests::unique("wbreplicas");
+    client.define_keyspace(
+        &keyspace,
+        KeyspaceSettings::new(Strategy::WriteBack).with_replication(3, 3),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let ks = client.keyspace(&keyspace);
+    let mut last = 0;
+    for i in 0..10 {
+        last = ks.put(format!("k{i}"), format!("v{i}")).await?.version;
+    }
+    ensure!(
+        dirty_items(&client, &keyspace).await? == 30,
+        "every write is dirty on its three replicas"
+    );
+
+    let group = format!("{keyspace}_group");
+    // No keyspace file: the worker's client knows nothing of the
+    // keyspace's replication.
+    let config = write_back_worker::Config {
+        brokers: brokers.clone(),
+        database_url: url,
+        group: group.clone(),
+        keyspaces: vec![keyspace.clone()],
+        cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
+        metrics_listen: None,
+        dead_letter_topic: ringcache_tests::dead_letter_topic(&group),
+        // Out of the way: only the worker's own MarkClean may clean them.
+        dirty_repair_interval: Duration::from_secs(3600),
+        ..write_back_worker::Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(write_back_worker::run(config, async {
+        let _ = stopped.await;
+    }));
+    wait_until("k9 stored", || async {
+        Ok(matches!(
+            pg.load(&keyspace, b"k9").await?,
+            Loaded::Present(row) if row.version == last
+        ))
+    })
+    .await?;
+    let waited = wait_until("no dirty entry left on any replica", || async {
+        Ok(dirty_items(&client, &keyspace).await? == 0)
+    })
+    .await;
+    let left = dirty_items(&client, &keyspace).await?;
+    let _ = stop.send(());
+    worker.await??;
+    waited.map_err(|e| e.context(format!("{left} of 30 entries still dirty")))?;
+    Ok(())
+}

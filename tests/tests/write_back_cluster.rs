@@ -886,6 +886,7 @@ fn record(keyspace: &str, key: &str, version: u64, value: Option<&str>) -> Write
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default(),
+        replicas: 0,
     }
 }
 

@@ -160,6 +160,7 @@ impl Fixture {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or_default(),
+            replicas: 0,
         }
     }
 
@@ -717,6 +718,70 @@ async fn database_outages_are_retried_without_skipping_a_batch() -> Result<()> {
     ensure!(
         fx.dead_letters(&fx.group).await?.is_empty(),
         "nothing dead-lettered"
+    );
+    Ok(())
+}
+
+/// Issue 13, defect 2: when the newest write of a key is refused by the
+/// table and dead-lettered, the older acknowledged writes of that key in
+/// the same batch must not vanish with it: the next older one is stored
+/// (or, if refused too, dead-lettered as well). Every record is stored,
+/// superseded by a newer stored one, or on the dead-letter topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_write_is_stored_when_the_newer_one_of_its_key_is_dead_lettered() -> Result<()> {
+    let fx = Fixture::with_own_database("wb_fallback").await?;
+    sqlx::query(
+        "ALTER TABLE ringcache_entries ADD CONSTRAINT no_poison \
+         CHECK (value IS NULL OR value <> 'poison'::bytea)",
+    )
+    .execute(&fx.pool)
+    .await?;
+    // One key per partition order: k's three writes, then q's two poison
+    // ones. All five are produced before the worker starts, and the batch
+    // waits long enough to hold them all, so that they meet in one batch.
+    let records = [
+        fx.record("k", 3, Some("first")),
+        fx.record("k", 4, Some("second")),
+        fx.record("k", 5, Some("poison")),
+        fx.record("q", 6, Some("poison")),
+        fx.record("q", 7, Some("poison")),
+    ];
+    for r in &records {
+        fx.produce(r).await?;
+    }
+    let config = Config {
+        max_batch_records: 100,
+        max_batch_delay: Duration::from_secs(5),
+        ..fx.config(&fx.group)
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(write_back_worker::run(config, async move {
+        let _ = stopped.await;
+    }));
+    let worker = Worker { stop, task };
+    wait_for_consumed(&fx, &fx.group, records.len()).await?;
+    worker.shutdown().await?;
+
+    let rows = fx.contents().await?;
+    let want = Expected::from([(b"k".to_vec(), (Some(b"second".to_vec()), 4))]);
+    ensure!(
+        rows == want,
+        "the newest acknowledged write the table takes is stored: rows are {rows:?}, expected {want:?}"
+    );
+    let mut letters: Vec<(Vec<u8>, String)> = fx
+        .dead_letter_records(&fx.group)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let version = r.header("rc-version").unwrap_or_default();
+            (r.key.unwrap_or_default(), version)
+        })
+        .collect();
+    letters.sort();
+    letters.dedup();
+    ensure!(
+        letters.len() == 3,
+        "the three poison writes are dead letters: {letters:?}"
     );
     Ok(())
 }

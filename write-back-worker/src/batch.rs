@@ -1,6 +1,7 @@
 //! Turning polled Kafka records into one [`WriteBackBatch`]: decoding,
-//! dead-lettering what can never be applied, coalescing writes of one key,
-//! and the next offset of every partition. Pure.
+//! dead-lettering what can never be applied, coalescing writes of one key
+//! (keeping the older ones as fallbacks), and the next offset of every
+//! partition. Pure.
 
 use std::collections::HashMap;
 
@@ -25,6 +26,9 @@ pub(crate) struct Polled {
 /// committed at, by `(topic, partition)`; `None` when nothing is stored.
 pub(crate) type Expected = HashMap<(String, i32), Option<i64>>;
 
+/// Older writes of a key in a batch, newest first, by `(keyspace, key)`.
+pub(crate) type Fallbacks = HashMap<(String, Bytes), Vec<WriteBackRow>>;
+
 /// A batch and what building it counted.
 #[derive(Debug)]
 pub(crate) struct Built {
@@ -34,6 +38,11 @@ pub(crate) struct Built {
     pub dead_letters: Vec<DeadLetter>,
     /// Decoded records folded into a newer write of the same key.
     pub coalesced: usize,
+    /// Per `(keyspace, key)` of the batch, the older writes folded into its
+    /// row, newest first. If the database refuses the row for good and it
+    /// is dead-lettered, the next one here takes its place, so that an
+    /// acknowledged older write is not lost with it (issue 13, defect 2).
+    pub fallbacks: Fallbacks,
     /// `written_at_ms` of every decoded record (0s left out), for the lag.
     pub written_at_ms: Vec<u64>,
 }
@@ -42,6 +51,7 @@ pub(crate) struct Built {
 pub(crate) fn build(group: &str, records: Vec<Polled>, expected: &Expected) -> Built {
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     let mut rows: HashMap<(String, Bytes), WriteBackRow> = HashMap::new();
+    let mut fallbacks = Fallbacks::new();
     let mut dead_letters = Vec::new();
     let (mut decoded, mut written_at_ms) = (0, Vec::new());
 
@@ -63,14 +73,17 @@ pub(crate) fn build(group: &str, records: Vec<Polled>, expected: &Expected) -> B
                     source: polled.source,
                 };
                 let id = (row.record.keyspace.clone(), row.record.key.clone());
-                match rows.get(&id) {
-                    // Strictly newer wins; on a tie the first stays, as the
-                    // store's guard (`stored < new`) would decide.
-                    Some(kept) if kept.record.version >= row.record.version => {}
-                    _ => {
-                        rows.insert(id, row);
-                    }
-                }
+                // Strictly newer wins; on a tie the first stays, as the
+                // store's guard (`stored < new`) would decide. The loser is
+                // kept as a fallback.
+                let older = match rows.get(&id) {
+                    Some(kept) if kept.record.version >= row.record.version => row,
+                    _ => match rows.insert(id.clone(), row) {
+                        Some(replaced) => replaced,
+                        None => continue,
+                    },
+                };
+                fallbacks.entry(id).or_default().push(older);
             }
             Err(reason) => dead_letters.push(DeadLetter {
                 source: polled.source,
@@ -84,6 +97,15 @@ pub(crate) fn build(group: &str, records: Vec<Polled>, expected: &Expected) -> B
     }
 
     let coalesced = decoded - rows.len();
+    for older in fallbacks.values_mut() {
+        // Newest first; on a tie the earlier record first, as above.
+        older.sort_by(|a, b| {
+            b.record
+                .version
+                .cmp(&a.record.version)
+                .then(a.source.offset.cmp(&b.source.offset))
+        });
+    }
     let mut rows: Vec<WriteBackRow> = rows.into_values().collect();
     // A stable order of row locks across batches.
     rows.sort_by(|a, b| {
@@ -105,9 +127,11 @@ pub(crate) fn build(group: &str, records: Vec<Polled>, expected: &Expected) -> B
             consumer_group: group.to_owned(),
             rows,
             offsets,
+            discarded: Vec::new(),
         },
         dead_letters,
         coalesced,
+        fallbacks,
         written_at_ms,
     }
 }
@@ -150,6 +174,7 @@ mod tests {
             version,
             value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
             written_at_ms: 7,
+            replicas: 0,
         };
         Polled {
             source: RecordSource {
@@ -188,6 +213,15 @@ mod tests {
         assert_eq!(
             rows,
             vec![(Bytes::from("a"), 5, 11), (Bytes::from("b"), 1, 13)]
+        );
+        let fallbacks: Vec<_> = built.fallbacks[&("ks".to_owned(), Bytes::from("a"))]
+            .iter()
+            .map(|r| (r.record.version, r.source.offset))
+            .collect();
+        assert_eq!(
+            fallbacks,
+            vec![(4, 12), (3, 10)],
+            "older writes, newest first"
         );
         assert_eq!(
             built.batch.offsets,

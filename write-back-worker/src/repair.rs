@@ -5,9 +5,13 @@
 //!
 //! Every `dirty_repair_interval`, the worker lists each node's dirty
 //! entries of its keyspaces that are at least that old, looks their keys up
-//! in the store, and marks clean those whose version the store holds (or a
-//! newer one). An entry the store does not have yet stays dirty: that is a
-//! write still on its way, which this never touches.
+//! in the store, and tells the node the version the store holds when it is
+//! the entry's or a newer one (`MarkClean`: the entry becomes clean, or is
+//! dropped when the store has moved past it). An entry the store does not
+//! have yet is a write still on its way, which this never touches, unless
+//! the worker dead-lettered that very version (`ringcache_wb_discarded`):
+//! the store will never hold it, so the entry is discarded, instead of
+//! staying dirty, unevictable and served, forever.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -68,6 +72,7 @@ async fn round(
     let mut known: HashMap<Bytes, u64> = HashMap::new();
     'nodes: for (node, entries) in cache.dirty_entries(keyspace, min_age).await {
         let mut stored = Vec::new();
+        let mut unstored = Vec::new();
         for (key, version) in entries {
             let held = match known.get(&key) {
                 Some(held) => *held,
@@ -87,8 +92,33 @@ async fn round(
                 }
             };
             if held >= version {
-                stored.push((key, version));
+                // The held version: an older entry is dropped, not made
+                // clean with a value the store has superseded.
+                stored.push((key, held));
+                continue;
             }
+            if lookups >= MAX_LOOKUPS_PER_ROUND {
+                break;
+            }
+            lookups += 1;
+            match store.is_discarded_write(keyspace, &key, version).await {
+                Ok(true) => unstored.push((key, version)),
+                Ok(false) => {}
+                Err(err) => {
+                    debug!(keyspace, error = %err, "dirty repair: discarded-write lookup failed; next round");
+                    break 'nodes;
+                }
+            }
+        }
+        if !unstored.is_empty() {
+            let done = cache.discard_on(&node, keyspace, &unstored).await;
+            debug!(
+                keyspace,
+                node,
+                discarded = done,
+                "dirty repair: dead-lettered writes discarded"
+            );
+            cleaned += done;
         }
         if stored.is_empty() {
             continue;

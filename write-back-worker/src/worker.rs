@@ -11,7 +11,7 @@ use std::{
 
 use cache_client::{
     store::PgStore,
-    writeback::{BatchOutcome, RecordSource, WriteBackRow},
+    writeback::{BatchOutcome, DiscardedWrite, RecordSource, WriteBackBatch, WriteBackRow},
 };
 use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     Config,
-    batch::{self, Built, Expected, Polled},
+    batch::{self, Built, Expected, Fallbacks, Polled},
     consumer::{Event, Poller, Positions},
     dead_letter::{DeadLetter, DeadLetters},
     error::{Error, Result},
@@ -272,6 +272,7 @@ impl Batcher<'_> {
             mut batch,
             dead_letters,
             coalesced,
+            mut fallbacks,
             written_at_ms,
         } = batch::build(&self.config.group, records, &self.expected);
         // Each with its decoded row, for those the database refused.
@@ -343,6 +344,7 @@ impl Batcher<'_> {
                                 && let Some(at) = batch.rows.iter().position(|r| r.source == source)
                             {
                                 let row = batch.rows.remove(at);
+                                set_aside(&mut batch, &mut fallbacks, &row);
                                 letters.push(letter_of_row(&row, reason, *refused));
                             }
                         }
@@ -419,22 +421,23 @@ impl Batcher<'_> {
         metrics::counter!(m::RECORDS_COALESCED_TOTAL).increment(coalesced as u64);
         metrics::histogram!(m::BATCH_SECONDS).record(started.elapsed().as_secs_f64());
         if let Some(cache) = self.cache.get() {
-            // Every row of the batch is now in the store at its version or
-            // a newer one (a stale row lost to a newer stored version), so
-            // entries of those versions may be clean. A dead-lettered write
-            // is marked clean too: it will never be stored, and a dirty
-            // entry would pin its bytes forever.
-            let mut by_keyspace: std::collections::BTreeMap<&str, Vec<(bytes::Bytes, u64)>> =
-                std::collections::BTreeMap::new();
-            let dead_rows = dead_lettered.iter().filter_map(|(row, _)| row.as_ref());
-            for row in batch.rows.iter().chain(dead_rows) {
-                by_keyspace
-                    .entry(row.record.keyspace.as_str())
-                    .or_default()
-                    .push((row.record.key.clone(), row.record.version));
+            // A dead-lettered write will never be stored: its entry (of
+            // exactly that version) is discarded, not marked clean, so that
+            // the cache does not serve a value the database never took, and
+            // a dirty entry does not pin its bytes forever. If this is lost,
+            // the repair round finds the write in `ringcache_wb_discarded`.
+            for ((keyspace, replicas), unstored) in by_holders(
+                cache,
+                dead_lettered.iter().filter_map(|(row, _)| row.as_ref()),
+            ) {
+                cache.discard_unstored(keyspace, &unstored, replicas).await;
             }
-            for (keyspace, stored) in by_keyspace {
-                cache.mark_clean(keyspace, &stored).await;
+            // Every row of the batch is now in the store at its version or
+            // a newer one (a stale row lost to a newer stored version): an
+            // entry of that version becomes clean, an older one is dropped.
+            // Each key's nodes are the writer's replicas (`rc-replicas`).
+            for ((keyspace, replicas), stored) in by_holders(cache, batch.rows.iter()) {
+                cache.mark_clean_replicas(keyspace, &stored, replicas).await;
             }
         }
         debug!(
@@ -473,6 +476,51 @@ impl Batcher<'_> {
         }
         Ok(())
     }
+}
+
+/// Takes `row`, refused for good, out of the batch's writes: records it as
+/// discarded (with the offsets, for the repair round) and puts the key's
+/// next older write of the batch in its place, so that an acknowledged
+/// older write is stored instead of being lost with it (issue 13, defect 2).
+fn set_aside(batch: &mut WriteBackBatch, fallbacks: &mut Fallbacks, row: &WriteBackRow) {
+    batch.discarded.push(DiscardedWrite {
+        keyspace: row.record.keyspace.clone(),
+        key: row.record.key.clone(),
+        version: row.record.version,
+    });
+    let id = (row.record.keyspace.clone(), row.record.key.clone());
+    let Some(older) = fallbacks.get_mut(&id).filter(|older| !older.is_empty()) else {
+        return;
+    };
+    let next = older.remove(0);
+    // Where it sorts: the rows keep one lock order across batches.
+    let at = batch.rows.partition_point(|r| {
+        (&r.record.keyspace, &r.record.key) < (&next.record.keyspace, &next.record.key)
+    });
+    batch.rows.insert(at, next);
+}
+
+/// The keys and versions of `rows`, grouped by keyspace and by how many
+/// replicas their writer wrote (`rc-replicas`; when a record does not say,
+/// the worker's own view of the keyspace).
+fn by_holders<'a>(
+    cache: &cache_client::Client,
+    rows: impl Iterator<Item = &'a WriteBackRow>,
+) -> std::collections::BTreeMap<(&'a str, usize), Vec<(bytes::Bytes, u64)>> {
+    let mut groups: std::collections::BTreeMap<(&str, usize), Vec<(bytes::Bytes, u64)>> =
+        std::collections::BTreeMap::new();
+    for row in rows {
+        let keyspace = row.record.keyspace.as_str();
+        let replicas = match usize::try_from(row.record.replicas) {
+            Ok(0) | Err(_) => cache.replication(keyspace).replicas,
+            Ok(n) => n,
+        };
+        groups
+            .entry((keyspace, replicas))
+            .or_default()
+            .push((row.record.key.clone(), row.record.version));
+    }
+    groups
 }
 
 /// The dead letter of a decoded row the database refused `attempts` times.
@@ -534,4 +582,75 @@ fn set_oldest_unstored(written_at_ms: Option<u64>) {
         Duration::from_millis(now_ms.saturating_sub(at)).as_secs_f64()
     });
     metrics::gauge!(m::OLDEST_UNSTORED_SECONDS).set(age);
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use cache_client::writeback::WriteBackRecord;
+
+    use super::*;
+
+    fn row(key: &str, version: u64, offset: i64) -> WriteBackRow {
+        WriteBackRow {
+            record: WriteBackRecord {
+                keyspace: "ks".into(),
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                version,
+                value: Some(Bytes::from_static(b"v")),
+                written_at_ms: 0,
+                replicas: 0,
+            },
+            source: RecordSource {
+                topic: "ringcache-wb-ks".into(),
+                partition: 0,
+                offset,
+            },
+        }
+    }
+
+    /// Issue 13, defect 2: a dead-lettered row gives its place to the
+    /// key's next older write, in key order, and is recorded as discarded;
+    /// once no older write is left, the key has no row.
+    #[test]
+    fn a_set_aside_row_is_replaced_by_the_next_older_write_of_its_key() {
+        let mut batch = WriteBackBatch {
+            rows: vec![row("a", 1, 0), row("k", 5, 3), row("z", 1, 4)],
+            ..WriteBackBatch::default()
+        };
+        let mut fallbacks = Fallbacks::from([(
+            ("ks".to_owned(), Bytes::from_static(b"k")),
+            vec![row("k", 4, 2), row("k", 3, 1)],
+        )]);
+        let refused = batch.rows.remove(1);
+        set_aside(&mut batch, &mut fallbacks, &refused);
+        let rows: Vec<_> = batch
+            .rows
+            .iter()
+            .map(|r| (r.record.key.clone(), r.record.version))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (Bytes::from("a"), 1),
+                (Bytes::from("k"), 4),
+                (Bytes::from("z"), 1)
+            ]
+        );
+        assert_eq!(
+            batch.discarded,
+            vec![DiscardedWrite {
+                keyspace: "ks".into(),
+                key: Bytes::from("k"),
+                version: 5,
+            }]
+        );
+        let refused = batch.rows.remove(1);
+        set_aside(&mut batch, &mut fallbacks, &refused);
+        assert_eq!(batch.rows[1].record.version, 3);
+        let refused = batch.rows.remove(1);
+        set_aside(&mut batch, &mut fallbacks, &refused);
+        assert_eq!(batch.rows.len(), 2, "no older write of k is left");
+        assert_eq!(batch.discarded.len(), 3);
+    }
 }

@@ -638,6 +638,8 @@ mod write_back {
 
     /// The table of consumed offsets (`cache-client/migrations/`).
     const OFFSETS_TABLE: &str = "ringcache_wb_offsets";
+    /// The table of dead-lettered writes (`cache-client/migrations/`).
+    const DISCARDED_TABLE: &str = "ringcache_wb_discarded";
 
     /// How the rows of a batch are written.
     #[derive(Clone, Copy, PartialEq, Eq)]
@@ -728,6 +730,40 @@ mod write_back {
                 .collect())
         }
 
+        /// Whether `version` of the key is a write the worker dead-lettered
+        /// (recorded by [`apply_write_back_batch`](PgStore::apply_write_back_batch)
+        /// from `WriteBackBatch::discarded`): one the store will never hold.
+        ///
+        /// # Errors
+        /// When the database fails or the table is missing.
+        pub async fn is_discarded_write(
+            &self,
+            keyspace: &str,
+            key: &[u8],
+            version: u64,
+        ) -> Result<bool> {
+            let Ok(version) = i64::try_from(version) else {
+                return Ok(false);
+            };
+            let found: Option<i32> = sqlx::query_scalar(&format!(
+                "SELECT 1 FROM {DISCARDED_TABLE} \
+                 WHERE keyspace = $1 AND record_key = $2 AND version = $3"
+            ))
+            .bind(keyspace)
+            .bind(key)
+            .bind(version)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|err| {
+                classify(
+                    keyspace,
+                    format!("failed to read {DISCARDED_TABLE}: {err}"),
+                    &err,
+                )
+            })?;
+            Ok(found.is_some())
+        }
+
         async fn write_back_tx(
             &self,
             batch: &WriteBackBatch,
@@ -790,6 +826,30 @@ mod write_back {
                         stored,
                     })));
                 }
+            }
+
+            if !batch.discarded.is_empty() {
+                // With the offsets that skip them: a write is stored, on its
+                // way, or listed here for the repair round to discard.
+                let mut keyspaces = Vec::with_capacity(batch.discarded.len());
+                let mut keys = Vec::with_capacity(batch.discarded.len());
+                let mut versions = Vec::with_capacity(batch.discarded.len());
+                for write in &batch.discarded {
+                    keyspaces.push(write.keyspace.as_str());
+                    keys.push(write.key.as_ref());
+                    versions.push(db_version(&write.keyspace, write.version)?);
+                }
+                sqlx::query(&format!(
+                    "INSERT INTO {DISCARDED_TABLE} (keyspace, record_key, version) \
+                     SELECT * FROM UNNEST($1::text[], $2::bytea[], $3::bigint[]) \
+                     ON CONFLICT DO NOTHING"
+                ))
+                .bind(keyspaces)
+                .bind(keys)
+                .bind(versions)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| bookkeeping("discarded writes insert", e))?;
             }
 
             let (mut applied, mut stale) = (0, 0);
