@@ -896,6 +896,14 @@ impl Keyspace {
         Ok(self.fill_lease(&lease.node, lease.token, item).await)
     }
 
+    /// Cache-aside: hands a lease back unused (stub).
+    ///
+    /// # Errors
+    /// None yet.
+    pub async fn release(&self, _lease: Lease) -> Result<()> {
+        Ok(())
+    }
+
     /// Deletes a key from the cache on every replica, which also invalidates
     /// any outstanding lease. If no replica can be reached, the delete is
     /// retried in the background until it succeeds or the keyspace's TTL
