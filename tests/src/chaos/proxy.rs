@@ -50,6 +50,10 @@ const IN_FLIGHT: usize = 64;
 const BACKLOG: u32 = 1024;
 /// Pause after a failed `accept` (out of descriptors), before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Gap between the held chunks of a stranded connection when they are
+/// delivered: segments retransmitted after a partition arrive one by one,
+/// not as one read.
+const STRAND_GAP: Duration = Duration::from_millis(200);
 
 /// What happens to connections that exist when a partition starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +216,7 @@ struct Shared {
     addr: SocketAddr,
     target: SocketAddr,
     accepted: Arc<AtomicU64>,
+    stranded_done: watch::Receiver<u64>,
 }
 
 /// Controls a [`FaultProxy`]; cheap to clone.
@@ -239,6 +244,19 @@ impl ProxyHandle {
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `n` stranded connections have delivered their held bytes
+    /// and the target has closed them (it has read everything).
+    ///
+    /// # Errors
+    /// The proxy was dropped first.
+    pub async fn stranded_delivered(&self, n: u64) -> Result<()> {
+        let mut done = self.shared.stranded_done.clone();
+        done.wait_for(|&d| d >= n)
+            .await
+            .map(|_| ())
+            .map_err(|_| anyhow!("proxy {} has stopped", self.shared.addr))
     }
 
     /// Injects `fault`. Returns once the listening side is in its new state
@@ -327,7 +345,9 @@ impl FaultProxy {
         let (state_tx, state_rx) = watch::channel(State::default());
         let (applied_tx, applied_rx) = watch::channel(Applied::default());
         let accepted = Arc::new(AtomicU64::new(0));
+        let (stranded_tx, stranded_rx) = watch::channel(0u64);
         let acceptor = Acceptor {
+            stranded_done: Arc::new(stranded_tx),
             _reserved: reserved,
             listener: Some(listener),
             addr,
@@ -345,6 +365,7 @@ impl FaultProxy {
                     addr,
                     target,
                     accepted,
+                    stranded_done: stranded_rx,
                 }),
             },
             task,
@@ -409,6 +430,8 @@ struct Acceptor {
     state: watch::Receiver<State>,
     applied: watch::Sender<Applied>,
     accepted: Arc<AtomicU64>,
+    /// Stranded connections that delivered their held bytes and closed.
+    stranded_done: Arc<watch::Sender<u64>>,
 }
 
 impl Acceptor {
@@ -450,6 +473,7 @@ impl Acceptor {
                                 cut: current.cut_epoch,
                                 strand: current.strand_epoch,
                             },
+                            Arc::clone(&self.stranded_done),
                         ));
                     }
                     Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
@@ -494,6 +518,7 @@ async fn serve(
     target: SocketAddr,
     mut state: watch::Receiver<State>,
     epochs: Epochs,
+    stranded_done: Arc<watch::Sender<u64>>,
 ) {
     // A connection made during a hang waits, without reaching the target,
     // until the partition heals.
@@ -510,7 +535,12 @@ async fn serve(
         }
     }
     match TcpStream::connect(target).await {
-        Ok(upstream) => forward(client, upstream, state, epochs).await,
+        Ok(upstream) => {
+            forward(client, upstream, state.clone(), epochs).await;
+            if epochs.stranded(&state.borrow()) {
+                stranded_done.send_modify(|done| *done += 1);
+            }
+        }
         // The target is down: so is the connection.
         Err(_) => reset(client),
     }
@@ -658,6 +688,11 @@ where
             flowing(&mut write_state, epochs).await;
             if !client_gone(&write_state) {
                 to.write_all(&chunk).await?;
+                if epochs.stranded(&write_state.borrow()) {
+                    // Held through a strand: the next chunk comes as a
+                    // separate arrival.
+                    tokio::time::sleep(STRAND_GAP).await;
+                }
             }
         }
         flowing(&mut write_state, epochs).await;
