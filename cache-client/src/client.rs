@@ -202,6 +202,10 @@ impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Client> {
         config.validate()?;
         let backoff = Backoff::new(&config);
+        let mut clock = crate::hlc::Hlc::new();
+        if let Some(writer) = config.writer_id {
+            clock = clock.with_writer_id(writer);
+        }
         let cluster = Cluster::bootstrap(config).await?;
         let stop = CancellationToken::new();
         cluster.spawn_background(stop.clone());
@@ -209,7 +213,7 @@ impl Client {
             inner: Arc::new(Inner {
                 cluster,
                 backoff,
-                clock: crate::hlc::Hlc::new(),
+                clock,
                 keyspaces: crate::strategy::Registry::default(),
                 #[cfg(feature = "kafka")]
                 producer: std::sync::OnceLock::new(),

@@ -12,6 +12,10 @@
 //! - A down node is probed every `probe_interval`. When it answers, the
 //!   client **flushes it before routing to it again**, so it cannot serve a
 //!   value that was overwritten elsewhere while the client routed around it.
+//! - Every request carries the client's [`Session`] stamp, and each
+//!   re-admission flush starts a new generation of it: the node refuses a
+//!   write of an older generation that reaches it after the flush (one the
+//!   network delayed on the connection the client gave up).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -50,14 +54,61 @@ impl std::fmt::Debug for NodeHandle {
     }
 }
 
-/// Adds the client's bearer token to every request.
+/// The metadata key of a request's session stamp (the node's
+/// `sessions::SESSION_HEADER`).
+const SESSION_HEADER: &str = "ringcache-session";
+
+/// This client's session: a random id, and the generation, bumped before
+/// every re-admission flush, that its requests carry as
+/// `ringcache-session: <id hex>-<generation>`. A node refuses writes of a
+/// generation older than that of the last flush it received from the
+/// session, so that a write this client gave up on cannot land after the
+/// flush that re-admitted the node.
+pub(crate) struct Session {
+    id: u64,
+    /// The generation and its header value; the lock is held only to clone
+    /// the value or to bump both together (so the header never goes back).
+    current: RwLock<(u64, tonic::metadata::MetadataValue<tonic::metadata::Ascii>)>,
+}
+
+impl Session {
+    fn new() -> Self {
+        let id = rand::random::<u64>();
+        Session {
+            id,
+            current: RwLock::new((0, Session::header(id, 0))),
+        }
+    }
+
+    fn header(id: u64, generation: u64) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+        format!("{id:016x}-{generation}")
+            .parse()
+            .expect("hex digits, a dash and decimal digits are valid metadata")
+    }
+
+    /// Starts a new generation: requests sent from now on are newer than
+    /// every request sent before.
+    fn bump(&self) -> u64 {
+        let mut current = self.current.write();
+        let generation = current.0 + 1;
+        *current = (generation, Session::header(self.id, generation));
+        generation
+    }
+
+    fn value(&self) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+        self.current.read().1.clone()
+    }
+}
+
+/// Adds the client's bearer token and session stamp to every request.
 #[derive(Clone)]
 pub(crate) struct Authorize {
     header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    session: Arc<Session>,
 }
 
 impl Authorize {
-    fn new(config: &ClientConfig) -> Result<Self> {
+    fn new(config: &ClientConfig, session: Arc<Session>) -> Result<Self> {
         let header = match &config.token {
             None => None,
             Some(token) => {
@@ -73,7 +124,7 @@ impl Authorize {
                 Some(value)
             }
         };
-        Ok(Authorize { header })
+        Ok(Authorize { header, session })
     }
 }
 
@@ -87,12 +138,21 @@ impl tonic::service::Interceptor for Authorize {
                 .metadata_mut()
                 .insert("authorization", header.clone());
         }
+        request
+            .metadata_mut()
+            .insert(SESSION_HEADER, self.session.value());
         Ok(request)
     }
 }
 
 impl NodeHandle {
-    fn new(id: &str, address: &str, weight: u32, config: &ClientConfig) -> Result<Self> {
+    fn new(
+        id: &str,
+        address: &str,
+        weight: u32,
+        config: &ClientConfig,
+        session: &Arc<Session>,
+    ) -> Result<Self> {
         let endpoint = config.endpoint(address)?;
         let endpoint = endpoint
             .connect_timeout(config.connect_timeout)
@@ -106,7 +166,7 @@ impl NodeHandle {
             // Lazy: building a view never blocks on a dead node.
             client: CacheNodeClient::with_interceptor(
                 endpoint.connect_lazy(),
-                Authorize::new(config)?,
+                Authorize::new(config, Arc::clone(session))?,
             )
             .max_decoding_message_size(usize::MAX),
             failures: AtomicU32::new(0),
@@ -137,15 +197,17 @@ pub(crate) struct Cluster {
     pub(crate) config: ClientConfig,
     view: RwLock<Arc<View>>,
     refresh_now: Notify,
+    session: Arc<Session>,
 }
 
 impl Cluster {
     /// Asks the seeds for the topology and builds the first view.
     pub(crate) async fn bootstrap(config: ClientConfig) -> Result<Arc<Cluster>> {
+        let session = Arc::new(Session::new());
         let mut best: Option<v1::TopologyResponse> = None;
         let mut last = String::from("no seed tried");
         for seed in &config.seeds {
-            let handle = NodeHandle::new(seed, seed, 1, &config)?;
+            let handle = NodeHandle::new(seed, seed, 1, &config, &session)?;
             match fetch_topology(&handle, config.request_timeout.max(config.connect_timeout)).await
             {
                 Ok(topology) => {
@@ -160,7 +222,7 @@ impl Cluster {
             seeds: config.seeds.join(","),
             last,
         })?;
-        let view = build_view(&topology, None, &config)?;
+        let view = build_view(&topology, None, &config, &session)?;
         tracing::info!(
             epoch = view.epoch,
             members = view.nodes.len(),
@@ -170,6 +232,7 @@ impl Cluster {
             config,
             view: RwLock::new(Arc::new(view)),
             refresh_now: Notify::new(),
+            session,
         }))
     }
 
@@ -240,7 +303,7 @@ impl Cluster {
         if topology.epoch <= current.epoch {
             return Ok(false);
         }
-        let view = build_view(topology, Some(&current), &self.config)?;
+        let view = build_view(topology, Some(&current), &self.config, &self.session)?;
         let mut slot = self.view.write();
         // Another refresh may have won the race meanwhile: never go back.
         if view.epoch <= slot.epoch {
@@ -275,6 +338,10 @@ impl Cluster {
             // Flush before re-admitting: while this client routed around the
             // node, writes for its keys went elsewhere, so anything it holds
             // may be stale. Until the flush succeeds the node stays down.
+            // The flush starts a new session generation: a write this client
+            // sent before, still on its way on a connection it gave up, is
+            // refused by the node if it arrives after the flush.
+            self.session.bump();
             let mut client = node.client.clone();
             let mut request = tonic::Request::new(v1::FlushRequest::default());
             request.set_timeout(timeout);
@@ -369,6 +436,7 @@ fn build_view(
     topology: &v1::TopologyResponse,
     previous: Option<&View>,
     config: &ClientConfig,
+    session: &Arc<Session>,
 ) -> Result<View> {
     let mut nodes = HashMap::new();
     for member in &topology.members {
@@ -383,6 +451,7 @@ fn build_view(
                 &member.address,
                 member.weight,
                 config,
+                session,
             )?),
         };
         nodes.insert(member.id.clone(), handle);

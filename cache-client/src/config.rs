@@ -115,6 +115,15 @@ pub struct ClientConfig {
     /// TLS to the nodes (default none: plaintext). The client verifies each
     /// node's certificate against the CA.
     pub tls: Option<ClientTls>,
+    /// The writer id every version this client makes carries, at most
+    /// [`crate::hlc::MAX_WRITER_ID`] (default none: a random id drawn at
+    /// `connect`). Two clients with different ids never make the same
+    /// version, so concurrent writes of one key are always ordered the same
+    /// way by the nodes and the store. To be sure of it, give every client
+    /// process that writes a keyspace its own id (from the pod ordinal, a
+    /// lease in your coordination service...); random ids are the same for
+    /// two clients with probability 1/4096.
+    pub writer_id: Option<u16>,
 }
 
 /// A bearer token's secret: `Debug` never shows it.
@@ -242,7 +251,14 @@ impl ClientConfig {
             keyspace_replication: HashMap::new(),
             token: None,
             tls: None,
+            writer_id: None,
         }
+    }
+
+    /// Sets [`ClientConfig::writer_id`].
+    pub fn with_writer_id(mut self, writer_id: u16) -> Self {
+        self.writer_id = Some(writer_id);
+        self
     }
 
     /// Sets [`ClientConfig::token`].
@@ -413,6 +429,12 @@ impl ClientConfig {
         if self.vnodes == 0 {
             return bad("vnodes", "must be at least 1");
         }
+        if self
+            .writer_id
+            .is_some_and(|id| id > crate::hlc::MAX_WRITER_ID)
+        {
+            return bad("writer_id", "must be at most 4095 (12 bits)");
+        }
         if self.probe_interval.is_zero() || self.refresh_interval.is_zero() {
             return bad("probe_interval", "intervals must be greater than zero");
         }
@@ -486,6 +508,15 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("keyspace_replication"), "{err}");
+        let err = ClientConfig::new(["a:1"])
+            .with_writer_id(4096)
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("writer_id"), "{err}");
+        ClientConfig::new(["a:1"])
+            .with_writer_id(4095)
+            .validate()
+            .unwrap();
         ClientConfig::new(["a:1"]).validate().unwrap();
     }
 }

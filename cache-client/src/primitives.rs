@@ -195,6 +195,36 @@ impl Client {
         })
     }
 
+    /// `ReleaseLease` on the node that granted the lease: hands it back
+    /// unused, so that the next reader of the key is granted it at once.
+    /// Best effort: a lease that cannot be handed back expires on the node
+    /// after its `lease_ttl`.
+    pub(crate) async fn release_lease(
+        &self,
+        keyspace: &str,
+        node: &NodeHandle,
+        key: &Bytes,
+        token: u64,
+    ) -> bool {
+        let mut client = node.client.clone();
+        let timeout = self.config().request_timeout;
+        let message = v1::ReleaseLeaseRequest {
+            keyspace: keyspace.to_owned(),
+            key: key.clone(),
+            lease_token: token,
+        };
+        match self
+            .on_node(node, false, client.release_lease(request(message, timeout)))
+            .await
+        {
+            Ok(reply) => reply.released,
+            Err(e) => {
+                tracing::debug!(node = %node.id, keyspace, error = %e, "lease not handed back; it expires on the node");
+                false
+            }
+        }
+    }
+
     /// Phase one on the cache: prepares the change on the first `replicas`
     /// healthy nodes in parallel. Returns what each did; the caller decides
     /// with its quorum and must abort what prepared if it gives up. A node

@@ -552,7 +552,8 @@ pub enum Lookup {
     /// A cached absence: the store had no such row when it was loaded.
     Absent,
     /// A miss, and this caller holds the key's lease: load the value and
-    /// [`Keyspace::fill`] it.
+    /// [`Keyspace::fill`] it, or [`Keyspace::release`] the lease if the
+    /// load failed.
     Miss(Lease),
     /// A miss while another caller loads the key: retry after the delay. A
     /// recently deleted value may come along, if the keyspace keeps them.
@@ -786,7 +787,18 @@ impl Keyspace {
                     telemetry::lookup(&self.name, strategy, false);
                     telemetry::lease(&self.name, strategy, "granted");
                     self.count("ringcache_client_loads_total");
-                    let loaded = load().await?;
+                    let loaded = match load().await {
+                        Ok(loaded) => loaded,
+                        Err(e) => {
+                            // Hand the lease back, so that the next reader
+                            // loads at once instead of waiting `lease_wait`
+                            // for a fill that will not come.
+                            self.client
+                                .release_lease(&self.name, &node, &key, token)
+                                .await;
+                            return Err(e);
+                        }
+                    };
                     let (value, mut item) = self.fill_item(state, &key, loaded);
                     if fallback {
                         self.client.cap_for_fallback(&mut item);
@@ -955,6 +967,22 @@ impl Keyspace {
             self.client.cap_for_fallback(&mut item);
         }
         Ok(self.fill_lease(&lease.node, lease.token, item).await)
+    }
+
+    /// Cache-aside: hands a lease back unused, when loading the value
+    /// failed, so that the next reader of the key is granted the lease at
+    /// once rather than waiting for it (readers wait up to `lease_wait`;
+    /// the node lets an abandoned lease expire after its `lease_ttl`).
+    /// Best effort: a lease that cannot be handed back expires.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the keyspace is not defined.
+    pub async fn release(&self, lease: Lease) -> Result<()> {
+        self.state()?;
+        self.client
+            .release_lease(&self.name, &lease.node, &lease.key, lease.token)
+            .await;
+        Ok(())
     }
 
     /// Deletes a key from the cache on every replica, which also invalidates

@@ -132,6 +132,20 @@ pub enum Error {
         /// The permission needed.
         need: &'static str,
     },
+    /// A write was sent by a client before the flush with which that client
+    /// re-admitted this node (`crate::sessions`): the client gave it up, and
+    /// applying it now could bring back an overwritten value.
+    #[error(
+        "write of client session {session:x} generation {generation} predates the flush of generation {flushed}; refused"
+    )]
+    StaleSession {
+        /// The client's session id.
+        session: u64,
+        /// The generation the write was sent under.
+        generation: u64,
+        /// The generation of the session's last flush of this node.
+        flushed: u64,
+    },
     /// The caller's rate limit is exhausted.
     #[error("rate limit of {identity} exceeded; retry after {retry_after_ms} ms")]
     RateLimited {
@@ -196,6 +210,9 @@ impl ServiceError for Error {
             | Error::NotAnInteger
             | Error::IncrementOverflow => ErrorKind::InvalidArgument,
             Error::DirtyEntry => ErrorKind::FailedPrecondition,
+            // The client gave the request up (its deadline passed) before
+            // the node saw it.
+            Error::StaleSession { .. } => ErrorKind::DeadlineExceeded,
             Error::UnknownKeyspace { .. } => ErrorKind::NotFound,
             Error::TooManyKeyspaces { .. }
             | Error::DirtyBytesExhausted { .. }

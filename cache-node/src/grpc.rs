@@ -13,6 +13,7 @@ use crate::auth::{Auth, Principal};
 use crate::config::{Config, Permission};
 use crate::error::Error;
 use crate::metrics::{NodeMetrics, Rpc};
+use crate::sessions::{SESSION_HEADER, Sessions, Stamp};
 use crate::store::{
     FillOutcome, Hit, LeaseRead, Prepare, SetItem, SetOutcome, SetResult, Store, WriteCondition,
 };
@@ -87,9 +88,20 @@ fn admitted<T>(request: Request<T>) -> Result<(Caller, T), Status> {
     Ok((caller, message))
 }
 
+/// The session stamp of a request (`crate::sessions`), if it carries one.
+fn stamp_of<T>(request: &Request<T>) -> Option<Stamp> {
+    request
+        .metadata()
+        .get(SESSION_HEADER)
+        .and_then(|value| Stamp::parse(value.as_bytes()))
+}
+
 /// The `CacheNode` service of one node.
 pub struct CacheNodeService {
     store: Arc<Store>,
+    /// The flush generations of client sessions, and the fence between
+    /// their writes and flushes.
+    sessions: Sessions,
     metrics: Arc<NodeMetrics>,
     topology: v1::TopologyResponse,
     started: Instant,
@@ -127,6 +139,7 @@ impl CacheNodeService {
         };
         CacheNodeService {
             store,
+            sessions: Sessions::default(),
             metrics,
             topology: v1::TopologyResponse {
                 epoch: config.cluster.epoch.max(1),
@@ -137,6 +150,28 @@ impl CacheNodeService {
             node_id: config.node_id.clone(),
             #[cfg(test)]
             gate: None,
+        }
+    }
+
+    /// For a write stamped `stamp`: the read side of the session fence, to
+    /// hold while the write is applied, or the refusal of a write sent
+    /// before its session's last flush of this node. Unstamped writes are
+    /// not fenced.
+    fn admit_write(
+        &self,
+        stamp: Option<Stamp>,
+    ) -> Result<Option<parking_lot::RwLockReadGuard<'_, ()>>, Error> {
+        let Some(stamp) = stamp else {
+            return Ok(None);
+        };
+        let guard = self.sessions.write_guard();
+        match self.sessions.is_stale(stamp) {
+            Some(flushed) => Err(Error::StaleSession {
+                session: stamp.session,
+                generation: stamp.generation,
+                flushed,
+            }),
+            None => Ok(Some(guard)),
         }
     }
 
@@ -263,10 +298,12 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::SetRequest>,
     ) -> Result<Response<v1::SetResponse>, Status> {
+        let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
         self.call(Rpc::Set, || {
             caller.check(&req.keyspace, Permission::Write)?;
             let item = required_item(req.item, "set")?;
+            let _fence = self.admit_write(stamp)?;
             self.store.set(&req.keyspace, item).map(set_result_to_proto)
         })
     }
@@ -305,6 +342,7 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::MultiSetRequest>,
     ) -> Result<Response<v1::MultiSetResponse>, Status> {
+        let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
         self.call(Rpc::MultiSet, || {
             caller.check(&req.keyspace, Permission::Write)?;
@@ -313,6 +351,7 @@ impl CacheNode for CacheNodeService {
                 .into_iter()
                 .map(item_from_proto)
                 .collect::<Result<Vec<_>, _>>()?;
+            let _fence = self.admit_write(stamp)?;
             let results = self.store.multi_set(&req.keyspace, items)?;
             Ok(v1::MultiSetResponse {
                 results: results.into_iter().map(set_result_to_proto).collect(),
@@ -371,10 +410,17 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::FlushRequest>,
     ) -> Result<Response<v1::FlushResponse>, Status> {
+        let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
         self.call(Rpc::Flush, || {
             caller.check_scope(&req.keyspace, Permission::Write)?;
             let filter = (!req.keyspace.is_empty()).then_some(req.keyspace.as_str());
+            // Recorded before flushing, under the fence: a write of an older
+            // generation is either flushed below or refused afterwards.
+            let _fence = self.sessions.flush_guard();
+            if let Some(stamp) = stamp {
+                self.sessions.record_flush(stamp, Instant::now());
+            }
             self.store.flush(filter)?;
             tracing::info!(keyspace = ?filter, "flushed");
             Ok(v1::FlushResponse {})
@@ -398,10 +444,12 @@ impl CacheNode for CacheNodeService {
         &self,
         request: Request<v1::FillRequest>,
     ) -> Result<Response<v1::FillResponse>, Status> {
+        let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
         self.call(Rpc::Fill, || {
             caller.check(&req.keyspace, Permission::Write)?;
             let item = required_item(req.item, "fill")?;
+            let _fence = self.admit_write(stamp)?;
             let result = self.store.fill(&req.keyspace, item, req.lease_token)?;
             let outcome = match result.outcome {
                 FillOutcome::Stored => v1::FillOutcome::Stored,
@@ -415,13 +463,31 @@ impl CacheNode for CacheNodeService {
         })
     }
 
+    async fn release_lease(
+        &self,
+        request: Request<v1::ReleaseLeaseRequest>,
+    ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
+        let (caller, req) = admitted(request)?;
+        self.call(Rpc::ReleaseLease, || {
+            // The holder got the lease by reading: reading is all it takes
+            // to hand it back.
+            caller.check(&req.keyspace, Permission::Read)?;
+            let released = self
+                .store
+                .release_lease(&req.keyspace, &req.key, req.lease_token)?;
+            Ok(v1::ReleaseLeaseResponse { released })
+        })
+    }
+
     async fn prepare(
         &self,
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::PrepareResponse>, Status> {
+        let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
         self.call(Rpc::Prepare, || {
             caller.check(&req.keyspace, Permission::Write)?;
+            let _fence = self.admit_write(stamp)?;
             let prepare = Prepare {
                 item: required_item(req.item, "prepare")?,
                 delete: req.delete,

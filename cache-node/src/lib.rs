@@ -11,6 +11,9 @@
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
 //! - [`resp`]: the optional Redis-protocol (RESP2) listener, a second thin
 //!   transport over the same store.
+//! - [`sessions`]: client sessions and their flush generations, so that a
+//!   write a client sent before re-admitting the node never lands after
+//!   the flush (gRPC only).
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that
 //!   times out pending changes, and drains on shutdown.
@@ -25,6 +28,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod resp;
 pub mod server;
+pub mod sessions;
 pub mod store;
 pub mod table;
 pub mod tls;

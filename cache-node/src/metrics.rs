@@ -60,11 +60,13 @@ pub enum Rpc {
     MarkClean,
     /// `ListDirty`.
     ListDirty,
+    /// `ReleaseLease`.
+    ReleaseLease,
 }
 
 impl Rpc {
     // In declaration order: `time` indexes by `rpc as usize`.
-    const ALL: [Rpc; 15] = [
+    const ALL: [Rpc; 16] = [
         Rpc::Get,
         Rpc::Set,
         Rpc::Delete,
@@ -80,6 +82,7 @@ impl Rpc {
         Rpc::Abort,
         Rpc::MarkClean,
         Rpc::ListDirty,
+        Rpc::ReleaseLease,
     ];
 
     fn name(self) -> &'static str {
@@ -99,6 +102,7 @@ impl Rpc {
             Rpc::Abort => "Abort",
             Rpc::MarkClean => "MarkClean",
             Rpc::ListDirty => "ListDirty",
+            Rpc::ReleaseLease => "ReleaseLease",
         }
     }
 }

@@ -1615,6 +1615,18 @@ impl Keyspace {
         })
     }
 
+    /// `ReleaseLease`: drops the key's lease if `token` is the current one;
+    /// true when it was.
+    fn release_lease(&self, key: &[u8], token: u64, now: Instant) -> bool {
+        if token == 0 || !self.records.any() {
+            return false;
+        }
+        self.records.update(Bytes::copy_from_slice(key), |state| {
+            self.settle(key, state, now);
+            state.lease.take_if(|l| l.token == token).is_some()
+        })
+    }
+
     /// `Prepare`: records `prepare` as the key's pending change, unless
     /// another transaction is pending or the live version is equal or newer.
     /// Invalidates the key's lease: a fill loaded before the writer's
@@ -2199,6 +2211,19 @@ impl Store {
     pub fn fill(&self, keyspace: &str, item: SetItem, token: u64) -> Result<FillResult> {
         self.check_item(&item)?;
         Ok(self.keyspace(keyspace)?.fill(item, token, Instant::now()))
+    }
+
+    /// Hands the lease `token` on `key` back unused (its holder's load
+    /// failed), so that the next `LeaseGet` is granted it at once; false
+    /// when `token` is not the key's current lease.
+    ///
+    /// # Errors
+    /// Invalid key, or unknown keyspace.
+    pub fn release_lease(&self, keyspace: &str, key: &[u8], token: u64) -> Result<bool> {
+        self.check_key(key)?;
+        Ok(self
+            .keyspace(keyspace)?
+            .release_lease(key, token, Instant::now()))
     }
 
     /// Records a pending 2PC change; see [`Prepare`]. No timeout means

@@ -121,6 +121,13 @@ impl CacheNode for Baseline {
         Err(unimplemented("Fill"))
     }
 
+    async fn release_lease(
+        &self,
+        _: Request<v1::ReleaseLeaseRequest>,
+    ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
+        Err(unimplemented("ReleaseLease"))
+    }
+
     async fn prepare(
         &self,
         _: Request<v1::PrepareRequest>,

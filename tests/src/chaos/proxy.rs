@@ -15,6 +15,14 @@
 //!   fails with `ECONNREFUSED`, like a dead process) or hang (the kernel
 //!   completes the handshake, then nothing crosses until the partition heals:
 //!   to gRPC, what a real partition looks like).
+//! - [`Fault::Strand`]: the clients of existing connections are told the
+//!   connection ended (their side is shut down at once), while the bytes
+//!   they had sent that have not reached the target stay held, and reach it
+//!   when the fault ends; new connections pass. After a hanging partition,
+//!   this is a client that gave up a connection and opened a new one, while
+//!   its last requests on the old one are still on their way (the kernel
+//!   retransmitting an orphaned connection's segments after a partition, or
+//!   a paused process's socket buffer).
 //!
 //! While refusing, the port stays reserved by a bound, non-listening socket
 //! (`SO_REUSEPORT`), so that no other process takes it before the proxy
@@ -42,6 +50,10 @@ const IN_FLIGHT: usize = 64;
 const BACKLOG: u32 = 1024;
 /// Pause after a failed `accept` (out of descriptors), before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// Gap between the held chunks of a stranded connection when they are
+/// delivered: segments retransmitted after a partition arrive one by one,
+/// not as one read.
+const STRAND_GAP: Duration = Duration::from_millis(200);
 
 /// What happens to connections that exist when a partition starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +93,10 @@ pub enum Fault {
         /// What happens to new ones.
         new: NewConnections,
     },
+    /// Existing connections are ended on the client's side; the bytes held
+    /// towards the target reach it when the fault ends. New connections
+    /// pass.
+    Strand,
 }
 
 impl Fault {
@@ -126,6 +142,10 @@ impl Fault {
                 ..
             }
         )
+    }
+
+    fn strands(&self) -> bool {
+        matches!(self, Fault::Strand)
     }
 
     fn hangs_existing(&self) -> bool {
@@ -176,6 +196,9 @@ struct State {
     /// so that a cut followed at once by a heal still cuts every connection
     /// that existed, even one whose task saw only the heal.
     cut_epoch: u64,
+    /// Bumped by every `set` of [`Fault::Strand`]: a connection accepted
+    /// under an older epoch is stranded.
+    strand_epoch: u64,
 }
 
 /// Which [`State::generation`] the acceptor has put into effect.
@@ -193,6 +216,7 @@ struct Shared {
     addr: SocketAddr,
     target: SocketAddr,
     accepted: Arc<AtomicU64>,
+    stranded_done: watch::Receiver<u64>,
 }
 
 /// Controls a [`FaultProxy`]; cheap to clone.
@@ -222,6 +246,19 @@ impl ProxyHandle {
         self.shared.accepted.load(Ordering::Relaxed)
     }
 
+    /// Waits until `n` stranded connections have delivered their held bytes
+    /// and the target has closed them (it has read everything).
+    ///
+    /// # Errors
+    /// The proxy was dropped first.
+    pub async fn stranded_delivered(&self, n: u64) -> Result<()> {
+        let mut done = self.shared.stranded_done.clone();
+        done.wait_for(|&d| d >= n)
+            .await
+            .map(|_| ())
+            .map_err(|_| anyhow!("proxy {} has stopped", self.shared.addr))
+    }
+
     /// Injects `fault`. Returns once the listening side is in its new state
     /// (after a refusal starts, connecting fails; after it ends, connecting
     /// succeeds); existing connections follow on their own tasks at once
@@ -235,6 +272,9 @@ impl ProxyHandle {
             state.generation += 1;
             if fault.cuts() {
                 state.cut_epoch += 1;
+            }
+            if fault.strands() {
+                state.strand_epoch += 1;
             }
             state.fault = fault;
             generation = state.generation;
@@ -305,7 +345,9 @@ impl FaultProxy {
         let (state_tx, state_rx) = watch::channel(State::default());
         let (applied_tx, applied_rx) = watch::channel(Applied::default());
         let accepted = Arc::new(AtomicU64::new(0));
+        let (stranded_tx, stranded_rx) = watch::channel(0u64);
         let acceptor = Acceptor {
+            stranded_done: Arc::new(stranded_tx),
             _reserved: reserved,
             listener: Some(listener),
             addr,
@@ -323,6 +365,7 @@ impl FaultProxy {
                     addr,
                     target,
                     accepted,
+                    stranded_done: stranded_rx,
                 }),
             },
             task,
@@ -387,6 +430,8 @@ struct Acceptor {
     state: watch::Receiver<State>,
     applied: watch::Sender<Applied>,
     accepted: Arc<AtomicU64>,
+    /// Stranded connections that delivered their held bytes and closed.
+    stranded_done: Arc<watch::Sender<u64>>,
 }
 
 impl Acceptor {
@@ -424,7 +469,11 @@ impl Acceptor {
                             stream,
                             self.target,
                             self.state.clone(),
-                            current.cut_epoch,
+                            Epochs {
+                                cut: current.cut_epoch,
+                                strand: current.strand_epoch,
+                            },
+                            Arc::clone(&self.stranded_done),
                         ));
                     }
                     Err(_) => tokio::time::sleep(ACCEPT_BACKOFF).await,
@@ -450,18 +499,32 @@ fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// The epochs a connection was accepted under.
+#[derive(Clone, Copy, Debug)]
+struct Epochs {
+    cut: u64,
+    strand: u64,
+}
+
+impl Epochs {
+    fn stranded(self, state: &State) -> bool {
+        state.strand_epoch > self.strand
+    }
+}
+
 /// One client connection, from accept to close.
 async fn serve(
     client: TcpStream,
     target: SocketAddr,
     mut state: watch::Receiver<State>,
-    epoch: u64,
+    epochs: Epochs,
+    stranded_done: Arc<watch::Sender<u64>>,
 ) {
     // A connection made during a hang waits, without reaching the target,
     // until the partition heals.
     loop {
         let current = *state.borrow_and_update();
-        if current.cut_epoch > epoch || current.fault.refuses() {
+        if current.cut_epoch > epochs.cut || current.fault.refuses() {
             return reset(client);
         }
         if !current.fault.holds_new() {
@@ -472,18 +535,32 @@ async fn serve(
         }
     }
     match TcpStream::connect(target).await {
-        Ok(upstream) => forward(client, upstream, state, epoch).await,
+        Ok(upstream) => {
+            forward(client, upstream, state.clone(), epochs).await;
+            if epochs.stranded(&state.borrow()) {
+                stranded_done.send_modify(|done| *done += 1);
+            }
+        }
         // The target is down: so is the connection.
         Err(_) => reset(client),
     }
 }
 
 async fn forward(
-    mut client: TcpStream,
+    client: TcpStream,
     mut upstream: TcpStream,
     state: watch::Receiver<State>,
-    epoch: u64,
+    epochs: Epochs,
 ) {
+    // A second descriptor of the client's socket, to shut it down while
+    // the pipes borrow it (a strand).
+    let Ok((mut client, control)) = client
+        .into_std()
+        .and_then(|std| Ok((std.try_clone()?, std)))
+        .and_then(|(std, control)| Ok((TcpStream::from_std(std)?, control)))
+    else {
+        return;
+    };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let clean = {
@@ -491,12 +568,21 @@ async fn forward(
         let (target_read, target_write) = upstream.split();
         tokio::select! {
             piped = async {
-                tokio::try_join!(
-                    pipe(client_read, target_write, state.clone(), Direction::ToTarget),
-                    pipe(target_read, client_write, state.clone(), Direction::ToClient),
-                )
+                let pipes = async {
+                    tokio::try_join!(
+                        pipe(client_read, target_write, state.clone(), Direction::ToTarget, epochs),
+                        pipe(target_read, client_write, state.clone(), Direction::ToClient, epochs),
+                    )
+                };
+                tokio::pin!(pipes);
+                tokio::select! {
+                    piped = &mut pipes => piped,
+                    // Stranded: the pipes go on, delivering the held bytes
+                    // when the strand ends.
+                    () = strand(state.clone(), epochs, &control) => pipes.await,
+                }
             } => piped.is_ok(),
-            () = cut(state.clone(), epoch) => false,
+            () = cut(state.clone(), epochs.cut) => false,
         }
     };
     if !clean {
@@ -521,10 +607,35 @@ async fn cut(mut state: watch::Receiver<State>, epoch: u64) {
     }
 }
 
-/// Resolves when bytes may cross: at once unless existing connections hang.
-async fn flowing(state: &mut watch::Receiver<State>) {
+/// When the connection is stranded, shuts the client's side down (it reads
+/// the end of the stream, and what it sends is dropped); bytes already read
+/// from it stay held by the pipe towards the target.
+async fn strand(
+    mut state: watch::Receiver<State>,
+    epochs: Epochs,
+    client: &std::net::TcpStream,
+) {
     loop {
-        let hang = state.borrow_and_update().fault.hangs_existing();
+        if epochs.stranded(&state.borrow_and_update()) {
+            // Already shut down, or reset by the client: either way ended.
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if state.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Resolves when bytes may cross: at once unless existing connections hang,
+/// or this one is stranded and the strand lasts.
+async fn flowing(state: &mut watch::Receiver<State>, epochs: Epochs) {
+    loop {
+        let hang = {
+            let current = state.borrow_and_update();
+            current.fault.hangs_existing()
+                || (current.fault.strands() && epochs.stranded(&current))
+        };
         if !hang {
             return;
         }
@@ -543,6 +654,7 @@ async fn pipe<R, W>(
     mut to: W,
     state: watch::Receiver<State>,
     direction: Direction,
+    epochs: Epochs,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
@@ -566,12 +678,27 @@ where
         }
     };
     let writing = async move {
+        // The client of a stranded connection is gone: what the target
+        // answers is dropped.
+        let client_gone = |state: &watch::Receiver<State>| {
+            matches!(direction, Direction::ToClient) && epochs.stranded(&state.borrow())
+        };
         while let Some((due, chunk)) = queued.recv().await {
             tokio::time::sleep_until(due).await;
-            flowing(&mut write_state).await;
-            to.write_all(&chunk).await?;
+            flowing(&mut write_state, epochs).await;
+            if !client_gone(&write_state) {
+                to.write_all(&chunk).await?;
+                if epochs.stranded(&write_state.borrow()) {
+                    // Held through a strand: the next chunk comes as a
+                    // separate arrival.
+                    tokio::time::sleep(STRAND_GAP).await;
+                }
+            }
         }
-        flowing(&mut write_state).await;
+        flowing(&mut write_state, epochs).await;
+        if client_gone(&write_state) {
+            return Ok(());
+        }
         to.shutdown().await
     };
     tokio::try_join!(reading, writing).map(|((), ())| ())
@@ -815,6 +942,59 @@ mod tests {
             .await
             .expect("a held connection goes through after healing");
         assert_eq!(&back, b"y");
+    }
+
+    /// A server that reads each connection to its end and reports what it
+    /// received.
+    async fn recording_server() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the recording server");
+        let addr = listener.local_addr().expect("the server's address");
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let _ = stream.read_to_end(&mut got).await;
+                    let _ = tx.send(got);
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn a_strand_ends_the_client_side_and_delivers_held_bytes_later() {
+        let (target, mut received) = recording_server().await;
+        let proxy = FaultProxy::start(target).await.expect("start the proxy");
+        let mut before = TcpStream::connect(proxy.addr())
+            .await
+            .expect("connect to the proxy");
+        before.write_all(b"early-").await.expect("write");
+
+        proxy.set(Fault::blackhole()).await.expect("partition");
+        before.write_all(b"held").await.expect("write into the hole");
+        proxy.set(Fault::Strand).await.expect("strand");
+        assert!(ended(&mut before).await, "the client's side has ended");
+        // A new connection passes, while the old one's bytes are held.
+        let mut fresh = TcpStream::connect(proxy.addr())
+            .await
+            .expect("a new connection is accepted");
+        fresh.write_all(b"fresh").await.expect("write");
+        fresh.shutdown().await.expect("half-close");
+        let got = within("the new connection's bytes", received.recv())
+            .await
+            .expect("the target reports");
+        assert_eq!(got, b"fresh");
+        drop(before);
+
+        proxy.heal().await.expect("heal");
+        let got = within("the held bytes", received.recv())
+            .await
+            .expect("the target reports");
+        assert_eq!(got, b"early-held", "held bytes arrive after the strand");
     }
 
     #[tokio::test]
