@@ -115,6 +115,11 @@ pub struct ClientConfig {
     /// TLS to the nodes (default none: plaintext). The client verifies each
     /// node's certificate against the CA.
     pub tls: Option<ClientTls>,
+    /// Addresses to dial per node id, overriding the addresses the nodes
+    /// advertise in the topology (default none). For a client that must
+    /// reach the nodes another way than the advertised one: through a
+    /// proxy of its own, or a network address translation.
+    pub node_addresses: HashMap<String, String>,
 }
 
 /// A bearer token's secret: `Debug` never shows it.
@@ -242,7 +247,27 @@ impl ClientConfig {
             keyspace_replication: HashMap::new(),
             token: None,
             tls: None,
+            node_addresses: HashMap::new(),
         }
+    }
+
+    /// Dials node `node_id` at `address` (`host:port`) instead of the
+    /// address the topology advertises for it; see
+    /// [`ClientConfig::node_addresses`].
+    pub fn with_node_address(
+        mut self,
+        node_id: impl Into<String>,
+        address: impl Into<String>,
+    ) -> Self {
+        self.node_addresses.insert(node_id.into(), address.into());
+        self
+    }
+
+    /// The address to dial for node `node_id` advertised at `advertised`.
+    pub(crate) fn node_address<'a>(&'a self, node_id: &str, advertised: &'a str) -> &'a str {
+        self.node_addresses
+            .get(node_id)
+            .map_or(advertised, String::as_str)
     }
 
     /// Sets [`ClientConfig::token`].
@@ -460,6 +485,19 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_address_overrides_only_its_own_node() {
+        let config = ClientConfig::new(["a:1"]).with_node_address("node-1", "127.0.0.1:9");
+        assert_eq!(
+            config.node_address("node-1", "10.0.0.1:7000"),
+            "127.0.0.1:9"
+        );
+        assert_eq!(
+            config.node_address("node-2", "10.0.0.2:7000"),
+            "10.0.0.2:7000"
+        );
+    }
 
     #[test]
     fn backoff_stays_within_its_exponential_bound() {
