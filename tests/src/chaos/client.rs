@@ -63,9 +63,9 @@ pub struct KeyspaceSpec {
     pub replicas: usize,
     /// Copies a write must reach.
     pub write_quorum: usize,
-    /// TTL of cached values.
-    #[serde(with = "super::history::nanos")]
-    pub ttl: Duration,
+    /// TTL of cached values; `None`: none (kept until replaced or evicted).
+    #[serde(with = "nanos_opt")]
+    pub ttl: Option<Duration>,
     /// Write-through `pending_timeout`.
     #[serde(with = "super::history::nanos")]
     pub pending_timeout: Duration,
@@ -78,6 +78,24 @@ impl KeyspaceSpec {
     /// An unknown name.
     pub fn strategy(&self) -> Result<Strategy> {
         parse_strategy(&self.strategy)
+    }
+}
+
+/// An `Option<Duration>` as integer nanoseconds or null.
+mod nanos_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_nanos))
     }
 }
 
@@ -424,8 +442,8 @@ async fn serve_inner(
     );
     for keyspace in &spec.keyspaces {
         let mut settings = KeyspaceSettings::new(keyspace.strategy()?)
-            .with_ttl(keyspace.ttl)
             .with_replication(keyspace.replicas, keyspace.write_quorum);
+        settings.ttl = keyspace.ttl;
         settings.pending_timeout = keyspace.pending_timeout;
         client.define_keyspace(&keyspace.name, settings, Some(store.clone()))?;
     }
@@ -562,7 +580,41 @@ impl Workload {
                 key: &key,
             };
             let roll = self.rng.random_range(0..100);
-            let ok = if roll < 50 {
+            let poisoning = in_window
+                && matches!(
+                    self.fault,
+                    FaultKind::Poison | FaultKind::WorkerKillAfterCommit
+                );
+            let ok = if poisoning && roll >= 90 {
+                // A pair on a key of its own that nothing writes after the
+                // window: an acknowledged value, then a poison one, so that
+                // what the store, the dead-letter topic and the caches hold
+                // for them is still there at quiescence.
+                seq += 1;
+                let key = format!(
+                    "p{}-px-c{}-{}",
+                    self.phase,
+                    self.client_id,
+                    self.rng.random_range(0..4)
+                );
+                let subject = Subject {
+                    task: self.task,
+                    keyspace: &self.keyspace,
+                    strategy,
+                    key: &key,
+                };
+                let mut ok = true;
+                for prefix in ["", POISON_PREFIX] {
+                    let mut value =
+                        format!("{prefix}c{}-t{}-{seq}-", self.client_id, self.task).into_bytes();
+                    value.resize(self.value_size.max(value.len()), b'x');
+                    let op = self.recorder.write(subject, &value);
+                    let result = keyspace.put(&key, value).await;
+                    ok &= result.is_ok();
+                    op.write_result(&result);
+                }
+                ok
+            } else if roll < 50 {
                 let op = self.recorder.read(subject);
                 let result = keyspace.get(&key).await;
                 let ok = result.is_ok();
@@ -570,7 +622,7 @@ impl Workload {
                 ok
             } else if roll < 90 {
                 seq += 1;
-                let poison = in_window && self.fault == FaultKind::Poison && roll >= 80;
+                let poison = poisoning && roll >= 80;
                 // Distinct per write, so that a read names the write it saw.
                 let mut value = format!(
                     "{}c{}-t{}-{seq}-",

@@ -151,7 +151,10 @@ impl Options {
                     strategy: strategy.to_string(),
                     replicas,
                     write_quorum,
-                    ttl: TTL,
+                    // Write-through as deployed by default, without a TTL:
+                    // its promise does not lean on one, and a divergence
+                    // stays for the final state to see.
+                    ttl: (strategy != Strategy::WriteThrough).then_some(TTL),
                     pending_timeout: PENDING_TIMEOUT,
                 });
             }
@@ -397,8 +400,8 @@ impl Cluster {
         for spec in &specs {
             let strategy = spec.strategy()?;
             let mut settings = KeyspaceSettings::new(strategy)
-                .with_ttl(TTL)
                 .with_replication(spec.replicas, spec.write_quorum);
+            settings.ttl = spec.ttl;
             settings.pending_timeout = PENDING_TIMEOUT;
             client.define_keyspace(&spec.name, settings, Some(store.clone()))?;
             keyspaces.push((spec.name.clone(), strategy));
@@ -551,6 +554,11 @@ impl Cluster {
             op.id = id as u64;
         }
         let history = History::from_ops(ops);
+        if let Some(dir) = std::env::var_os("RINGCACHE_CHAOS_HISTORY_DIR") {
+            let path = std::path::Path::new(&dir).join(format!("phase-{}.json", phase.index + 1));
+            std::fs::write(&path, serde_json::to_string(&history)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
         self.quiesce().await?;
         let observed_at = recorder.elapsed();
         let final_state = self.final_state(&history, observed_at).await?;
