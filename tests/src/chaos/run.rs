@@ -962,8 +962,15 @@ impl Cluster {
                     value: None,
                 }),
             };
+            // Only the key's owners: a copy a fallback node took while an
+            // owner was down is read by no one once the owners are back,
+            // and expires within `fallback_ttl` (`docs/failover.md`).
+            let owners = self.client.owners(keyspace, key.as_bytes());
             let mut cache = Vec::new();
             for (id, client) in &mut nodes {
+                if !owners.contains(id) {
+                    continue;
+                }
                 let reply = client
                     .get(v1::GetRequest {
                         keyspace: keyspace.to_owned(),
