@@ -440,15 +440,16 @@ fn build_view(
 ) -> Result<View> {
     let mut nodes = HashMap::new();
     for member in &topology.members {
+        let address = config.node_address(&member.id, &member.address);
         let reused = previous
             .and_then(|p| p.nodes.get(&member.id))
-            .filter(|n| n.address == member.address && n.weight == member.weight)
+            .filter(|n| n.address == address && n.weight == member.weight)
             .cloned();
         let handle = match reused {
             Some(handle) => handle,
             None => Arc::new(NodeHandle::new(
                 &member.id,
-                &member.address,
+                address,
                 member.weight,
                 config,
                 session,

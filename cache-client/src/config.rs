@@ -124,6 +124,11 @@ pub struct ClientConfig {
     /// lease in your coordination service...); random ids are the same for
     /// two clients with probability 1/4096.
     pub writer_id: Option<u16>,
+    /// Addresses to dial per node id, overriding the addresses the nodes
+    /// advertise in the topology (default none). For a client that must
+    /// reach the nodes another way than the advertised one: through a
+    /// proxy of its own, or a network address translation.
+    pub node_addresses: HashMap<String, String>,
 }
 
 /// A bearer token's secret: `Debug` never shows it.
@@ -252,6 +257,7 @@ impl ClientConfig {
             token: None,
             tls: None,
             writer_id: None,
+            node_addresses: HashMap::new(),
         }
     }
 
@@ -259,6 +265,25 @@ impl ClientConfig {
     pub fn with_writer_id(mut self, writer_id: u16) -> Self {
         self.writer_id = Some(writer_id);
         self
+    }
+
+    /// Dials node `node_id` at `address` (`host:port`) instead of the
+    /// address the topology advertises for it; see
+    /// [`ClientConfig::node_addresses`].
+    pub fn with_node_address(
+        mut self,
+        node_id: impl Into<String>,
+        address: impl Into<String>,
+    ) -> Self {
+        self.node_addresses.insert(node_id.into(), address.into());
+        self
+    }
+
+    /// The address to dial for node `node_id` advertised at `advertised`.
+    pub(crate) fn node_address<'a>(&'a self, node_id: &str, advertised: &'a str) -> &'a str {
+        self.node_addresses
+            .get(node_id)
+            .map_or(advertised, String::as_str)
     }
 
     /// Sets [`ClientConfig::token`].
@@ -482,6 +507,19 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_address_overrides_only_its_own_node() {
+        let config = ClientConfig::new(["a:1"]).with_node_address("node-1", "127.0.0.1:9");
+        assert_eq!(
+            config.node_address("node-1", "10.0.0.1:7000"),
+            "127.0.0.1:9"
+        );
+        assert_eq!(
+            config.node_address("node-2", "10.0.0.2:7000"),
+            "10.0.0.2:7000"
+        );
+    }
 
     #[test]
     fn backoff_stays_within_its_exponential_bound() {

@@ -56,4 +56,4 @@ pub use node::{
 };
 pub use postgres::PrivatePostgres;
 pub use service::{SERVICE_TIMEOUT, ServiceConfig, ServiceProcess, service_binary};
-pub use worker::{WorkerConfig, WorkerProcess, dead_letter_topic, worker_binary};
+pub use worker::{WorkerConfig, WorkerExtra, WorkerProcess, dead_letter_topic, worker_binary};

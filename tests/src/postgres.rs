@@ -147,6 +147,55 @@ impl PrivatePostgres {
             .with_context(|| format!("PostgreSQL did not start; log tail:\n{}", self.log_tail(30)))
     }
 
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the postmaster and every
+    /// backend: the server stalls as a whole, with its connections open, as
+    /// a frozen VM or a long I/O stall looks to its clients.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the server's processes cannot be found or signalled.
+    pub fn signal_all(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid_file = self.data_dir.join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("failed to read {}", pid_file.display()))?;
+        let postmaster: i32 = text
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse().ok())
+            .with_context(|| format!("no pid in {}", pid_file.display()))?;
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").context("failed to list /proc")? {
+            let Ok(entry) = entry else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // `pid (comm) state ppid ...`; comm may hold spaces, so split
+            // after its closing parenthesis.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<i32>().ok());
+            if parent == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for pid in pids {
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+                // A backend that exited meanwhile.
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(err) => bail!("cannot send {signal} to PostgreSQL process {pid}: {err}"),
+            }
+        }
+        Ok(())
+    }
+
     fn append_settings(&self) -> Result<()> {
         let conf = self.data_dir.join("postgresql.conf");
         let mut file = OpenOptions::new()

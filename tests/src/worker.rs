@@ -37,6 +37,18 @@ pub struct WorkerConfig {
     pub cache_seeds: Vec<String>,
 }
 
+/// Flags and environment variables a worker gets beyond its
+/// [`WorkerConfig`]: `--dirty-repair-interval 3s`, or a test-only fault
+/// point (`RINGCACHE_WORKER_FAULT`).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerExtra {
+    /// Extra command-line arguments.
+    pub args: Vec<String>,
+    /// Extra environment variables (set after the `RINGCACHE_*` ones of the
+    /// test's own environment were cleared).
+    pub env: Vec<(String, String)>,
+}
+
 impl WorkerConfig {
     /// The worker's dead-letter topic ([`dead_letter_topic`] of its group).
     pub fn dead_letter_topic(&self) -> String {
@@ -96,6 +108,9 @@ pub fn worker_binary() -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct WorkerProcess {
     config: WorkerConfig,
+    /// Extra flags and variables, beyond `config` (see
+    /// [`WorkerProcess::start_with`]).
+    extra: WorkerExtra,
     process: Guarded,
     incarnation: u32,
     // Dropped after the process is killed (see `Drop`).
@@ -110,14 +125,25 @@ impl WorkerProcess {
     /// Fails when the binary is missing (see [`worker_binary`]) or cannot be
     /// started.
     pub fn start(config: WorkerConfig) -> Result<Self> {
+        Self::start_with(config, WorkerExtra::default())
+    }
+
+    /// Spawns a worker with `config` and `extra` flags and environment
+    /// variables (kept for [`WorkerProcess::restart`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`WorkerProcess::start`].
+    pub fn start_with(config: WorkerConfig, extra: WorkerExtra) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("ringcache-worker-{}-", config.group))
             .tempdir()
             .context("failed to create the worker's temporary directory")?;
         let log = dir.path().join("worker.log");
         File::create(&log).with_context(|| format!("failed to create {}", log.display()))?;
-        let child = spawn(&config, &log, 1)?;
+        let child = spawn(&config, &extra, &log, 1)?;
         Ok(Self {
+            extra,
             process: Guarded::new(
                 format!("worker {}", config.group),
                 log,
@@ -140,7 +166,12 @@ impl WorkerProcess {
     pub async fn restart(&mut self, timeout: Duration) -> Result<()> {
         self.wait_exit(timeout).await?;
         self.incarnation += 1;
-        let child = spawn(&self.config, self.process.log_path(), self.incarnation)?;
+        let child = spawn(
+            &self.config,
+            &self.extra,
+            self.process.log_path(),
+            self.incarnation,
+        )?;
         self.process.replace(child);
         Ok(())
     }
@@ -293,6 +324,25 @@ impl WorkerProcess {
         self.signal(Signal::SIGKILL)
     }
 
+    /// Freezes the worker (it keeps its connections, consumes and stores
+    /// nothing); returns once every thread has stopped.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigstop(&mut self) -> Result<()> {
+        self.process.stop()
+    }
+
+    /// Lets a frozen worker go on.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sigcont(&mut self) -> Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
     /// Interrupts the worker as Ctrl-C would.
     ///
     /// # Errors
@@ -351,7 +401,12 @@ fn incarnation_marker(incarnation: u32) -> String {
 }
 
 /// Starts incarnation `incarnation` of the worker, appending to `log`.
-fn spawn(config: &WorkerConfig, log: &Path, incarnation: u32) -> Result<Child> {
+fn spawn(
+    config: &WorkerConfig,
+    extra: &WorkerExtra,
+    log: &Path,
+    incarnation: u32,
+) -> Result<Child> {
     let binary = worker_binary()?;
     let mut out = OpenOptions::new()
         .append(true)
@@ -392,6 +447,8 @@ fn spawn(config: &WorkerConfig, log: &Path, incarnation: u32) -> Result<Child> {
             .arg("--cache-seeds")
             .arg(config.cache_seeds.join(","));
     }
+    command.args(&extra.args);
+    command.envs(extra.env.iter().map(|(k, v)| (k, v)));
     command.stdin(Stdio::null()).stdout(out).stderr(err);
     command
         .spawn()

@@ -18,6 +18,8 @@
 //!   shutdown.
 //! - [`metrics`]: metric names and the Prometheus endpoint.
 //! - [`error`]: the crate's [`Error`].
+//! - [`fault`]: test-only fault points (`RINGCACHE_WORKER_FAULT`), for the
+//!   chaos suite.
 //!
 //! # Guarantees
 //! - **Every batch's rows, dead letters and consumed offsets commit in one
@@ -40,6 +42,7 @@ pub mod error;
 pub mod metrics;
 
 pub mod dead_letter;
+pub mod fault;
 
 mod batch;
 mod consumer;

@@ -392,6 +392,7 @@ impl Batcher<'_> {
             backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
         };
         set_oldest_unstored(None);
+        crate::fault::after_commit();
         if attempts > 1 {
             info!(attempts, "write-back batch written after retries");
         }

@@ -1,6 +1,7 @@
 //! `cargo xtask chaos [ARGS]`: a consistency chaos run on this machine.
 //!
-//! Builds the binaries, finds PostgreSQL's server binaries and the tansu
+//! Builds the binaries (the same `cargo build` as `cargo xtask test`, so
+//! that one reuses the other's build), finds PostgreSQL's server binaries and the tansu
 //! broker (installing it when missing), and runs the `chaos` binary of the
 //! integration-test crate with `ARGS` (`cargo xtask chaos -- --help` lists
 //! them). The run starts its own PostgreSQL, broker, cache nodes and worker,
@@ -19,15 +20,16 @@ use crate::{paths, process::ChildGuard};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Passed on to the chaos run, e.g. `-- --duration 15m --json report.json`.
-    #[arg(last = true)]
+    /// Passed on to the chaos run, e.g. `--clients 3 --duration 15m --json
+    /// report.json` (`cargo xtask chaos --help` lists them).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     chaos_args: Vec<OsString>,
 }
 
 pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
     let mut build = Command::new(paths::cargo());
     build
-        .args(["build", "--workspace", "--bins"])
+        .args(["build", "--workspace", "--bins", "--examples"])
         .current_dir(paths::workspace_root());
     let mut child = ChildGuard::spawn("cargo build", &mut build, None)?;
     let status = tokio::select! {

@@ -12,9 +12,12 @@ use ringcache_tests::chaos::run::{FaultKind, Options, run};
 #[derive(Parser)]
 #[command(
     name = "chaos",
-    about = "Consistency chaos run: a local ringcache cluster, a workload, injected faults, a checker"
+    about = "Consistency chaos run: a local ringcache cluster, client processes, injected faults, a checker",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
     /// Strategies to test, comma-separated (one keyspace each).
     #[arg(
         long,
@@ -25,19 +28,28 @@ struct Cli {
     strategies: Vec<Strategy>,
     /// Fault schedule: one phase per fault, in order, comma-separated
     /// (node-kill, node-pause, partition, latency, broker-restart,
-    /// postgres-restart, worker-kill, none). Repeat faults for longer runs.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "node-kill,node-pause,partition,latency,broker-restart,postgres-restart,worker-kill"
-    )]
-    faults: Vec<FaultKind>,
+    /// postgres-restart, worker-kill, db-stall, client-pause,
+    /// asymmetric-partition, poison, dirty-budget, strategy-switch,
+    /// worker-kill-after-commit, racing-writers, none). Repeat faults for
+    /// longer runs. Default: every fault once (with --single-writer, the
+    /// first seven).
+    #[arg(long, value_delimiter = ',')]
+    faults: Option<Vec<FaultKind>>,
+    /// Client processes, each with its own clock, health view and
+    /// connections (through proxies of its own).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// The suite as it was with one writer: one client, two tasks per
+    /// keyspace, no replicated keyspaces, the single-writer faults.
+    #[arg(long)]
+    single_writer: bool,
     /// Total workload time, split evenly over the phases (e.g. `2m`, `15m`).
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Client tasks per keyspace.
-    #[arg(long, default_value_t = 2)]
-    tasks: usize,
+    /// Workload tasks per keyspace and client (default 1; 2 with
+    /// --single-writer).
+    #[arg(long)]
+    tasks: Option<usize>,
     /// Keys per keyspace and phase.
     #[arg(long, default_value_t = 16)]
     keys: usize,
@@ -53,6 +65,13 @@ struct Cli {
     /// Also write the report, with every violation, as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+enum Sub {
+    /// A client process of a run (started by the run itself).
+    #[command(hide = true)]
+    Client,
 }
 
 fn parse_strategy(s: &str) -> Result<Strategy, String> {
@@ -76,24 +95,38 @@ async fn main() -> ExitCode {
 
 async fn main_inner() -> Result<bool> {
     let cli = Cli::parse();
-    let phases = u32::try_from(cli.faults.len()).context("too many phases")?;
+    if let Some(Sub::Client) = cli.command {
+        ringcache_tests::chaos::client::serve().await?;
+        return Ok(true);
+    }
+    let base = if cli.single_writer {
+        Options::single_writer()
+    } else {
+        Options::default()
+    };
+    let faults = cli.faults.unwrap_or(base.faults.clone());
+    let phases = u32::try_from(faults.len()).context("too many phases")?;
     let options = Options {
         strategies: cli.strategies,
-        faults: cli.faults,
         phase: cli.duration / phases.max(1),
-        tasks: cli.tasks,
+        faults,
+        clients: cli.clients.unwrap_or(base.clients),
+        tasks: cli.tasks.unwrap_or(base.tasks),
         keys: cli.keys,
         value_size: cli.value_size,
         seed: cli.seed,
         nodes: cli.nodes,
         progress: true,
+        ..base
     };
     eprintln!(
-        "chaos: {} phases of {:?}, seed {}, {} tasks per keyspace, {} keys per phase",
+        "chaos: {} phases of {:?}, seed {}, {} clients, {} tasks per keyspace and client, {} keyspaces, {} keys per phase",
         options.faults.len(),
         options.phase,
         options.seed,
+        options.clients,
         options.tasks,
+        options.keyspaces().len(),
         options.keys
     );
     let outcome = run(&options).await?;
@@ -101,6 +134,23 @@ async fn main_inner() -> Result<bool> {
         println!("\nVIOLATION during {fault}:\n{violation}");
     }
     println!("\n{}", outcome.report.table());
+    if !outcome.violations.is_empty() {
+        let mut counts: std::collections::BTreeMap<(String, String, String), usize> =
+            std::collections::BTreeMap::new();
+        for (fault, violation) in &outcome.violations {
+            *counts
+                .entry((
+                    format!("{:?}", violation.kind),
+                    fault.to_string(),
+                    violation.keyspace.clone(),
+                ))
+                .or_default() += 1;
+        }
+        println!("violations by check, fault and keyspace:");
+        for ((kind, fault, keyspace), count) in &counts {
+            println!("  {count:>6} x {kind:<20} {fault:<26} {keyspace}");
+        }
+    }
     if !outcome.errors.is_empty() {
         println!("errors seen (fault, strategy: count x message):");
         for ((fault, strategy, message), count) in &outcome.errors {

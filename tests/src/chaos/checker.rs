@@ -48,6 +48,7 @@ pub const STRATEGIES: [Strategy; 5] = [
 pub struct CheckConfig {
     bounds: HashMap<Strategy, Duration>,
     clock_slack: Duration,
+    read_your_writes: Duration,
 }
 
 impl Default for CheckConfig {
@@ -62,7 +63,22 @@ impl CheckConfig {
         CheckConfig {
             bounds: HashMap::new(),
             clock_slack: DEFAULT_CLOCK_SLACK,
+            read_your_writes: Duration::ZERO,
         }
+    }
+
+    /// Sets how long after a client's own acknowledged write-back write
+    /// returned that client may still read an older value (zero unless
+    /// set: a write-back client reads its own writes, `docs/write-back.md`;
+    /// faults that cut the client off from the key's owner relax it).
+    pub fn with_read_your_writes_bound(mut self, bound: Duration) -> CheckConfig {
+        self.read_your_writes = bound;
+        self
+    }
+
+    /// The read-your-writes bound of write-back.
+    pub fn read_your_writes_bound(&self) -> Duration {
+        self.read_your_writes
     }
 
     /// Sets the staleness `strategy` declares for the faults of the run
@@ -117,6 +133,23 @@ pub enum ViolationKind {
     /// Write-through at quiescence: a cache holds a value other than the
     /// store's.
     CacheDiverges,
+    /// At quiescence two places (the store and a cache, or two caches)
+    /// hold the same version of a key with different values.
+    SameVersionDiffers,
+    /// At quiescence a cache holds a version newer than the store's row: a
+    /// value the database never took.
+    CacheAheadOfStore,
+    /// Two acknowledged writes of one key got the same version with
+    /// different values: the newest write is ambiguous.
+    DuplicateVersion,
+    /// At quiescence a node still holds a dirty write-back entry.
+    DirtyLeft,
+    /// At quiescence a prepared (two-phase) transaction is left in
+    /// PostgreSQL.
+    PreparedLeft,
+    /// A write-back read returned something older than an acknowledged
+    /// write of the same client that returned before the read began.
+    ReadYourWrites,
 }
 
 impl fmt::Display for ViolationKind {
@@ -129,6 +162,12 @@ impl fmt::Display for ViolationKind {
             ViolationKind::StaleRead => "stale read",
             ViolationKind::StaleCache => "stale cache at quiescence",
             ViolationKind::CacheDiverges => "cache diverges from store",
+            ViolationKind::SameVersionDiffers => "same version, different values",
+            ViolationKind::CacheAheadOfStore => "cache ahead of store",
+            ViolationKind::DuplicateVersion => "duplicate version",
+            ViolationKind::DirtyLeft => "dirty entry left",
+            ViolationKind::PreparedLeft => "prepared transaction left",
+            ViolationKind::ReadYourWrites => "read-your-writes broken",
         })
     }
 }
@@ -304,6 +343,7 @@ pub fn check(history: &History, state: &FinalState, config: &CheckConfig) -> Che
         let final_key = finals.get(&(*keyspace, *key)).copied();
         key_history.prepare(final_key);
         checker.reads(key_history, &mut summaries);
+        checker.history_audit(key_history);
         match final_key {
             Some(final_key) => checker.at_quiescence(
                 key_history,
@@ -332,6 +372,15 @@ pub fn check(history: &History, state: &FinalState, config: &CheckConfig) -> Che
         }
     }
 
+    for gid in &state.prepared_elsewhere {
+        checker.violation(
+            ViolationKind::PreparedLeft,
+            Strategy::WriteThrough,
+            ("-", gid.as_str()),
+            format!("prepared transaction {gid} is left in PostgreSQL at quiescence, naming no key of the run"),
+            Vec::new(),
+        );
+    }
     for violation in &checker.violations {
         summary_of(&mut summaries, violation.strategy).violations += 1;
     }
@@ -450,6 +499,20 @@ impl<'a> KeyHistory<'a> {
                 && self.writes[*only].effect == Effect::Maybe(None)
             {
                 self.writes[*only].effect = Effect::Maybe(Some(version));
+            }
+        }
+        // A dead-lettered write was refused by the database: it is not
+        // required to be stored, nor to be seen after it returned.
+        if let Some(final_key) = final_key {
+            for letter in &final_key.dead_letters {
+                for write in &mut self.writes {
+                    if write.op.value == letter.value
+                        && write.version() == Some(letter.version)
+                        && write.possible()
+                    {
+                        write.effect = Effect::Maybe(Some(letter.version));
+                    }
+                }
             }
         }
         self.applied_by_end = (0..self.writes.len())
@@ -804,6 +867,7 @@ impl Checker<'_> {
                     .staleness = Some(staleness);
             }
         }
+        self.final_audit(history, final_key);
         for violation in &mut self.violations[first..] {
             violation.final_key = Some(final_key.clone());
         }
@@ -847,5 +911,6 @@ mod nanos_opt {
     }
 }
 
+mod audit;
 #[cfg(test)]
 mod tests;

@@ -88,6 +88,10 @@ impl Outcome {
 pub struct Op {
     /// Unique in the run, in start order.
     pub id: OpId,
+    /// The client process that ran it (its own clock, health view and
+    /// connections); 0 when the run has one in-process client.
+    #[serde(default)]
+    pub client: u32,
     /// The workload task that ran it.
     pub task: u32,
     /// The keyspace.
@@ -163,10 +167,13 @@ impl fmt::Display for ValueOf {
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{} ", self.id)?;
+        if self.client != 0 {
+            write!(f, "client {} ", self.client)?;
+        }
         write!(
             f,
-            "#{} task {} {} {}/{} [{}, {}] ",
-            self.id,
+            "task {} {} {}/{} [{}, {}] ",
             self.task,
             self.kind,
             self.keyspace,
@@ -228,6 +235,11 @@ pub struct Subject<'a> {
 
 struct RecorderInner {
     origin: Instant,
+    /// Time from the run's start to `origin` (a client process starts its
+    /// recorder after the run did).
+    offset: Duration,
+    /// The client process recorded operations belong to.
+    client: u32,
     next_id: AtomicU64,
     /// Appended to once per finished operation; the lock is held only for
     /// the push (never across an `.await`).
@@ -269,8 +281,17 @@ impl fmt::Debug for Recorder {
 impl Recorder {
     /// A recorder whose clock starts now: the run's start.
     pub fn new() -> Recorder {
+        Recorder::for_client(0, Duration::ZERO)
+    }
+
+    /// A recorder of client process `client` whose clock reads `offset`
+    /// now: how long ago the run started, by a clock every process of the
+    /// machine shares (see [`since_unix_origin`]).
+    pub fn for_client(client: u32, offset: Duration) -> Recorder {
         Recorder {
             inner: Arc::new(RecorderInner {
+                offset,
+                client,
                 origin: Instant::now(),
                 next_id: AtomicU64::new(0),
                 ops: Mutex::new(Vec::new()),
@@ -281,7 +302,7 @@ impl Recorder {
     /// Time since the run's start; the clock of every [`Op`] and of
     /// [`FinalState::observed_at`].
     pub fn elapsed(&self) -> Duration {
-        self.inner.origin.elapsed()
+        self.inner.offset + self.inner.origin.elapsed()
     }
 
     /// Starts recording a read. Call it right before the read is made.
@@ -307,6 +328,7 @@ impl Recorder {
             recorder: self.clone(),
             op: Some(Op {
                 id,
+                client: self.inner.client,
                 task: subject.task,
                 keyspace: subject.keyspace.to_owned(),
                 strategy: subject.strategy,
@@ -335,6 +357,25 @@ impl Recorder {
         let ops = self.inner.ops.lock().clone();
         History::from_ops(ops)
     }
+}
+
+/// Time since `origin` (nanoseconds since the Unix epoch), by the wall
+/// clock: how processes of one machine agree on the run's clock. Zero if
+/// the clock reads before `origin` (it was stepped back).
+pub fn since_unix_origin(origin_unix_ns: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_sub(Duration::from_nanos(origin_unix_ns))
+}
+
+/// Now, in nanoseconds since the Unix epoch: a run's origin for
+/// [`since_unix_origin`].
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
 }
 
 /// An operation that started and has not been recorded yet. Finish it with
@@ -473,6 +514,26 @@ pub struct FinalKey {
     pub db: Option<StoredRow>,
     /// What the caches held.
     pub cache: Vec<CacheObservation>,
+    /// The write-back records of the key on the dead-letter topic: refused
+    /// by the database, never to be stored.
+    #[serde(default)]
+    pub dead_letters: Vec<StoredRow>,
+    /// Dirty (not yet stored) write-back entries the nodes still held.
+    #[serde(default)]
+    pub dirty: Vec<DirtyObservation>,
+    /// Prepared (two-phase) transactions of the key left in PostgreSQL
+    /// (`pg_prepared_xacts`), by global id.
+    #[serde(default)]
+    pub prepared: Vec<String>,
+}
+
+/// A dirty write-back entry a node held at quiescence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyObservation {
+    /// The node.
+    pub source: String,
+    /// The dirty entry's version.
+    pub version: u64,
 }
 
 impl fmt::Display for FinalKey {
@@ -488,6 +549,20 @@ impl fmt::Display for FinalKey {
                 row.version
             )?,
             None => f.write_str("store: no row")?,
+        }
+        for row in &self.dead_letters {
+            write!(
+                f,
+                "; dead letter: {} version {}",
+                ValueOf(row.value),
+                row.version
+            )?;
+        }
+        for dirty in &self.dirty {
+            write!(f, "; dirty on {}: version {}", dirty.source, dirty.version)?;
+        }
+        for gid in &self.prepared {
+            write!(f, "; prepared transaction {gid}")?;
         }
         for observation in &self.cache {
             write!(f, "; cache {}: ", observation.source)?;
@@ -516,6 +591,10 @@ pub struct FinalState {
     /// Every key the workload touched. A key the history has and this lacks
     /// is not checked at quiescence (and is listed as unobserved).
     pub keys: Vec<FinalKey>,
+    /// Prepared transactions left in PostgreSQL that name no key of the
+    /// run (their bookkeeping row is gone).
+    #[serde(default)]
+    pub prepared_elsewhere: Vec<String>,
 }
 
 /// `Strategy` as its kebab-case name (`write-back`), the form of the
@@ -616,6 +695,23 @@ mod tests {
     }
 
     #[test]
+    fn a_client_recorder_reads_the_runs_clock_and_names_its_client() {
+        // The run started 5 s before this client's recorder.
+        let origin = unix_now_ns() - 5_000_000_000;
+        let recorder = Recorder::for_client(3, since_unix_origin(origin));
+        recorder.read(subject(1)).ok_read(None, None);
+        let op = &recorder.history().ops[0];
+        assert_eq!(op.client, 3);
+        assert!(op.start >= Duration::from_secs(5), "{:?}", op.start);
+        assert!(
+            op.to_string().starts_with("#0 client 3 task 1 read"),
+            "{op}"
+        );
+        // A clock stepped back reads zero, not a panic.
+        assert_eq!(since_unix_origin(u64::MAX), Duration::ZERO);
+    }
+
+    #[test]
     fn an_abandoned_operation_is_recorded_as_unknown() {
         let recorder = Recorder::new();
         let op = recorder.write(subject(1), b"v").with_ack(Ack::Fast);
@@ -686,7 +782,17 @@ mod tests {
                         value: Some(Digest::of(b"v")),
                     }),
                 }],
+                dead_letters: vec![StoredRow {
+                    version: 43,
+                    value: Some(Digest::of(b"poison")),
+                }],
+                dirty: vec![DirtyObservation {
+                    source: "node-1".into(),
+                    version: 42,
+                }],
+                prepared: vec!["rc-1".into()],
             }],
+            prepared_elsewhere: vec!["rc-2".into()],
         };
         let json = serde_json::to_string(&state).expect("a final state serialises");
         let back: FinalState = serde_json::from_str(&json).expect("and deserialises");

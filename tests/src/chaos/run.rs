@@ -1,8 +1,8 @@
 //! A whole chaos run: a real local cluster as separate processes (cache
-//! nodes behind fault-injecting proxies, the write-back worker, a broker
-//! and a PostgreSQL server of the run's own), a concurrent workload per
-//! strategy, one fault per phase, quiescence, the final state, the check,
-//! and the report.
+//! nodes, each behind a fault-injecting proxy per client, the write-back
+//! worker, a broker and a PostgreSQL server of the run's own), client
+//! processes (`client.rs`) each running a workload per keyspace, one fault
+//! per phase, quiescence, the final state, the check, and the report.
 //!
 //! Each phase works on keys of its own (`p<phase>-<n>`), so that every
 //! phase starts from empty keys, as the checker assumes, and its history is
@@ -10,20 +10,15 @@
 //!
 //! Timeline of a phase of length `P`: the workload runs for `P`; the fault
 //! is injected at `P/4` and healed at `3P/4` (a killed process is started
-//! again). Then the phase quiesces: every acknowledged durable write-back
-//! write is waited for in PostgreSQL (polled, with a deadline), in-doubt
-//! write-through transactions are recovered, and the run waits out the
-//! write-through bound (the time the contract gives a missed commit) before
-//! it reads the final state.
+//! again). Then the phase quiesces: the worker is waited for until it has
+//! consumed every write-back record, in-doubt write-through transactions
+//! are recovered, the run waits out the write-through bound (the time the
+//! contract gives a missed commit) and, for a while, for dirty entries to
+//! be marked clean, before it reads the final state.
 
 use std::{
-    collections::BTreeMap,
-    fmt,
-    str::FromStr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -34,17 +29,25 @@ use cache_client::{
     producer::WriteBackConfig,
     store::{Loaded, PgStore, Store},
     strategy::{KeyspaceSettings, Strategy, decode_cached},
+    writeback,
 };
+use nix::sys::signal::Signal;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use ringcache_proto::v1;
-use tokio_util::sync::CancellationToken;
+use tempfile::TempDir;
 
+pub use super::faults::FaultKind;
 use super::{
-    CacheObservation, CachedEntry, CheckConfig, Digest, FaultProxy, FinalKey, FinalState, Recorder,
-    Report, StoredRow, Subject, Violation, check,
+    CacheObservation, CachedEntry, CheckConfig, Digest, DirtyObservation, FaultProxy, FinalKey,
+    FinalState, History, Recorder, Report, StoredRow, Violation, check,
+    client::{ClientProcess, ClientSpec, Command, DEADLINE, Event, KeyspaceSpec, REQUEST_TIMEOUT},
     proxy::{Fault, ProxyHandle},
+    unix_now_ns,
 };
-use crate::{NodeConfig, NodeProcess, PrivateBroker, PrivatePostgres, WorkerConfig, WorkerProcess};
+use crate::{
+    NodeConfig, NodeProcess, PrivateBroker, PrivatePostgres, WorkerConfig, WorkerExtra,
+    WorkerProcess,
+};
 
 /// TTL of every chaos keyspace: the bound of the strategies whose stale
 /// values the TTL ends (`docs/strategies.md`).
@@ -52,99 +55,39 @@ const TTL: Duration = Duration::from_secs(4);
 /// Write-through `pending_timeout`: how long a node that missed a commit may
 /// serve the old value.
 const PENDING_TIMEOUT: Duration = Duration::from_secs(2);
-/// The client's per-request timeout: a paused or blackholed node costs this
-/// much per call before the client routes around it.
-const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
-/// The client's overall deadline per call.
-const DEADLINE: Duration = Duration::from_secs(3);
 /// Added latency in the latency phase, each way.
 const LATENCY: Duration = Duration::from_millis(150);
 /// Longest wait for processes to start and for the worker to catch up.
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// How often quiescence is polled.
 const POLL_EVERY: Duration = Duration::from_millis(100);
-
-/// A fault a phase injects.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum FaultKind {
-    /// No fault: the baseline.
-    None,
-    /// SIGKILL of a cache node, restarted (empty) at the heal.
-    NodeKill,
-    /// SIGSTOP of a cache node, SIGCONT at the heal.
-    NodePause,
-    /// The clients are cut off from a node: its proxy blackholes (existing
-    /// connections hang, new ones hang), as a real partition looks.
-    Partition,
-    /// Added latency between the clients and a node.
-    Latency,
-    /// SIGKILL of the Kafka broker, restarted on the same log at the heal.
-    BrokerRestart,
-    /// PostgreSQL stopped (fast), started again at the heal.
-    PostgresRestart,
-    /// SIGKILL of the write-back worker, restarted at the heal.
-    WorkerKill,
-}
-
-impl FaultKind {
-    /// Every fault, in the default schedule's order.
-    pub const ALL: [FaultKind; 7] = [
-        FaultKind::NodeKill,
-        FaultKind::NodePause,
-        FaultKind::Partition,
-        FaultKind::Latency,
-        FaultKind::BrokerRestart,
-        FaultKind::PostgresRestart,
-        FaultKind::WorkerKill,
-    ];
-
-    /// The fault's name, as options and reports spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            FaultKind::None => "none",
-            FaultKind::NodeKill => "node-kill",
-            FaultKind::NodePause => "node-pause",
-            FaultKind::Partition => "partition",
-            FaultKind::Latency => "latency",
-            FaultKind::BrokerRestart => "broker-restart",
-            FaultKind::PostgresRestart => "postgres-restart",
-            FaultKind::WorkerKill => "worker-kill",
-        }
-    }
-}
-
-impl fmt::Display for FaultKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for FaultKind {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        std::iter::once(FaultKind::None)
-            .chain(FaultKind::ALL)
-            .find(|f| f.name() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown fault {s:?}; one of none, {}",
-                    FaultKind::ALL.map(FaultKind::name).join(", ")
-                )
-            })
-    }
-}
+/// The worker's `dirty_repair_interval` in a run: the safety net for a lost
+/// `MarkClean` gets a few rounds within a phase's quiescence.
+const DIRTY_REPAIR_INTERVAL: &str = "2s";
+/// How long quiescence waits for dirty entries to be marked clean (the
+/// worker's `MarkClean`, or its repair rounds) before they count as left.
+const DIRTY_WAIT: Duration = Duration::from_secs(8);
+/// `max_dirty_bytes` of the write-back keyspaces on every node: room for
+/// the dirty entries of every key of a phase a few times over, not for the
+/// four times as many keys of `dirty-budget` while the worker is stopped.
+const MAX_DIRTY_BYTES: u64 = 6000;
+/// The CHECK constraint `poison` writes break.
+const POISON_CHECK: &str = "ALTER TABLE ringcache_entries ADD CONSTRAINT chaos_no_poison \
+     CHECK (value IS NULL OR substring(value from 1 for 6) <> 'poison'::bytea)";
 
 /// What a run does.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The strategies to test, one keyspace each.
+    /// The strategies to test, one keyspace each (and, with `replicated`,
+    /// two more for write-through and write-back).
     pub strategies: Vec<Strategy>,
     /// The fault schedule: one phase per entry, in order.
     pub faults: Vec<FaultKind>,
     /// How long each phase's workload runs.
     pub phase: Duration,
-    /// Client tasks per keyspace.
+    /// Client processes (each its own clock, health view and connections).
+    pub clients: usize,
+    /// Workload tasks per keyspace and client.
     pub tasks: usize,
     /// Keys per keyspace and phase.
     pub keys: usize,
@@ -154,7 +97,10 @@ pub struct Options {
     pub seed: u64,
     /// Cache nodes (at least three).
     pub nodes: usize,
-    /// Print a progress line to stderr.
+    /// Also the keyspaces `<strategy>_r2q1` and `<strategy>_r2q2` (two
+    /// replicas, write quorum one and two) for write-through and write-back.
+    pub replicated: bool,
+    /// Draw a progress bar to stderr (only drawn on a terminal).
     pub progress: bool,
 }
 
@@ -164,13 +110,56 @@ impl Default for Options {
             strategies: super::STRATEGIES.to_vec(),
             faults: FaultKind::ALL.to_vec(),
             phase: Duration::from_secs(20),
-            tasks: 2,
+            clients: 3,
+            tasks: 1,
             keys: 16,
             value_size: 64,
             seed: 1,
             nodes: 3,
+            replicated: true,
             progress: false,
         }
+    }
+}
+
+impl Options {
+    /// The suite as it was with one writer: one client process of two
+    /// tasks per keyspace, no replicated keyspaces, the single-writer faults.
+    pub fn single_writer() -> Options {
+        Options {
+            faults: FaultKind::SINGLE_WRITER.to_vec(),
+            clients: 1,
+            tasks: 2,
+            replicated: false,
+            ..Options::default()
+        }
+    }
+
+    /// The keyspaces of the run.
+    pub fn keyspaces(&self) -> Vec<KeyspaceSpec> {
+        let mut out = Vec::new();
+        for &strategy in &self.strategies {
+            let base = format!("chaos_{}", strategy.to_string().replace('-', "_"));
+            let mut shapes = vec![(base.clone(), 1, 1)];
+            if self.replicated && matches!(strategy, Strategy::WriteThrough | Strategy::WriteBack) {
+                shapes.push((format!("{base}_r2q1"), 2, 1));
+                shapes.push((format!("{base}_r2q2"), 2, 2));
+            }
+            for (name, replicas, write_quorum) in shapes {
+                out.push(KeyspaceSpec {
+                    name,
+                    strategy: strategy.to_string(),
+                    replicas,
+                    write_quorum,
+                    // Write-through as deployed by default, without a TTL:
+                    // its promise does not lean on one, and a divergence
+                    // stays for the final state to see.
+                    ttl: (strategy != Strategy::WriteThrough).then_some(TTL),
+                    pending_timeout: PENDING_TIMEOUT,
+                });
+            }
+        }
+        out
     }
 }
 
@@ -188,11 +177,14 @@ pub struct Outcome {
     pub errors: BTreeMap<(FaultKind, String, String), usize>,
 }
 
-/// The staleness each strategy's contract allows in these runs
-/// (`docs/strategies.md`, `docs/failover.md`, `docs/write-back.md`).
-pub fn bounds() -> CheckConfig {
+/// The staleness each strategy's contract allows in these runs under
+/// `fault` (`docs/strategies.md`, `docs/failover.md`, `docs/write-back.md`).
+pub fn bounds(fault: FaultKind) -> CheckConfig {
     // One probe interval plus a round trip, for a node coming back.
     let slack = Duration::from_millis(500);
+    // A lost owner: reads load from PostgreSQL, behind by the worker's
+    // backlog, and may cache that for the TTL.
+    let write_back = TTL + Duration::from_secs(10);
     CheckConfig::new()
         // A delete that reached no replica: until the TTL ends it.
         .with_bound(Strategy::CacheAside, TTL + slack)
@@ -200,9 +192,14 @@ pub fn bounds() -> CheckConfig {
         .with_bound(Strategy::WriteAround, TTL + slack)
         // A node that missed a commit: at most `pending_timeout`.
         .with_bound(Strategy::WriteThrough, PENDING_TIMEOUT + slack)
-        // A lost owner: reads load from PostgreSQL, behind by the worker's
-        // backlog, and may cache that for the TTL.
-        .with_bound(Strategy::WriteBack, TTL + Duration::from_secs(10))
+        .with_bound(Strategy::WriteBack, write_back)
+        // A client reads its own write-back writes, unless it was cut off
+        // from the key's owner.
+        .with_read_your_writes_bound(if fault.cuts_nodes() {
+            write_back
+        } else {
+            Duration::ZERO
+        })
 }
 
 /// Runs the schedule and checks every phase.
@@ -214,6 +211,9 @@ pub async fn run(options: &Options) -> Result<Outcome> {
     if options.nodes < 3 {
         bail!("a chaos run needs at least three cache nodes");
     }
+    if options.clients == 0 {
+        bail!("a chaos run needs at least one client");
+    }
     if options.strategies.is_empty() || options.faults.is_empty() {
         bail!("a chaos run needs at least one strategy and one fault");
     }
@@ -223,16 +223,23 @@ pub async fn run(options: &Options) -> Result<Outcome> {
     let mut violations = Vec::new();
     let mut unchecked = 0;
     let mut errors = BTreeMap::new();
-    let config = bounds();
+    let mut result = Ok(());
     for (index, &fault) in options.faults.iter().enumerate() {
         let phase = Phase {
             index,
             total: options.faults.len(),
             fault,
             victim: rng.random_range(0..cluster.nodes.len()),
+            victim_client: rng.random_range(0..cluster.clients.len()),
             seed: rng.random(),
         };
-        let (result, history) = cluster.phase(options, &phase, &config).await?;
+        let (checked, history) = match cluster.phase(options, &phase, &bounds(fault)).await {
+            Ok(done) => done,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
         for op in &history.ops {
             if let super::Outcome::Err(message) = &op.outcome {
                 *errors
@@ -240,18 +247,29 @@ pub async fn run(options: &Options) -> Result<Outcome> {
                     .or_default() += 1;
             }
         }
-        unchecked += result.unobserved_keys.len() + result.not_quiescent.len();
-        report.add(fault.name(), &result);
-        violations.extend(result.violations.into_iter().map(|v| (fault, v)));
+        unchecked += checked.unobserved_keys.len() + checked.not_quiescent.len();
+        report.add(fault.name(), &checked);
+        violations.extend(checked.violations.into_iter().map(|v| (fault, v)));
     }
-    if !violations.is_empty() || std::env::var_os("RINGCACHE_CHAOS_LOG_TAILS").is_some() {
+    if result.is_err()
+        || !violations.is_empty()
+        || std::env::var_os("RINGCACHE_CHAOS_LOG_TAILS").is_some()
+    {
         eprintln!(
             "\nworker log tail:\n{}\n\nbroker log tail:\n{}",
             cluster.worker.log_tail(60),
-            cluster.broker.log_tail(400)
+            cluster.broker.log_tail(100)
         );
+        for client in &cluster.clients {
+            eprintln!(
+                "\nclient {} log tail:\n{}",
+                client.client,
+                client.log_tail(20)
+            );
+        }
     }
     cluster.stop().await;
+    result?;
     Ok(Outcome {
         report,
         violations,
@@ -283,24 +301,38 @@ struct Phase {
     index: usize,
     total: usize,
     fault: FaultKind,
+    /// The node a node fault hits.
     victim: usize,
+    /// The client a client fault hits.
+    victim_client: usize,
     seed: u64,
 }
 
-/// The run's processes and the client the workload uses.
+/// The run's processes, and the runner's own client (for recovery and the
+/// strategy of each keyspace at quiescence).
 struct Cluster {
     pg: PrivatePostgres,
     broker: PrivateBroker,
     configs: Vec<NodeConfig>,
     nodes: Vec<Option<NodeProcess>>,
+    /// The proxies the nodes advertise: the runner's client and the
+    /// worker's way to the nodes.
     _proxies: Vec<FaultProxy>,
     proxies: Vec<ProxyHandle>,
+    /// Per client process, one proxy per node.
+    _client_proxies: Vec<FaultProxy>,
+    client_proxies: Vec<Vec<ProxyHandle>>,
+    clients: Vec<ClientProcess>,
     worker: WorkerProcess,
-    /// How many times the worker was started in a new group.
-    worker_generation: u32,
+    /// Every consumer group the worker ran in (a restart starts a new one),
+    /// for their dead-letter topics.
+    groups: Vec<String>,
     client: Client,
     store: Arc<PgStore>,
     keyspaces: Vec<(String, Strategy)>,
+    /// The write-through keyspaces are switched away (`strategy-switch`).
+    switched: bool,
+    _logs: TempDir,
 }
 
 impl Cluster {
@@ -312,10 +344,19 @@ impl Cluster {
             .await
             .context("cannot connect to the run's PostgreSQL")?;
         store.migrate().await?;
+        sqlx::query(POISON_CHECK)
+            .execute(store.pool())
+            .await
+            .context("adding the poison CHECK constraint")?;
         let broker = PrivateBroker::start(TIMEOUT).await?;
+        let logs = tempfile::Builder::new()
+            .prefix("ringcache-chaos-")
+            .tempdir()
+            .context("a directory for the clients' logs")?;
 
+        let specs = options.keyspaces();
         // Proxies first: the nodes advertise them as their addresses, so
-        // every client (and the worker) reaches a node through its proxy.
+        // that the runner's client and the worker reach a node through one.
         let mut configs = NodeConfig::cluster(options.nodes)?;
         let mut proxies = Vec::new();
         for config in &configs {
@@ -326,9 +367,17 @@ impl Cluster {
             .zip(&proxies)
             .map(|(config, proxy)| (config.node_id.clone(), proxy.addr()))
             .collect();
+        let mut tables = String::new();
+        for spec in specs.iter().filter(|s| s.strategy == "write-back") {
+            tables.push_str(&format!(
+                "[keyspaces.{}]\ncapacity_bytes = 67108864\nmax_dirty_bytes = {MAX_DIRTY_BYTES}\n\n",
+                spec.name
+            ));
+        }
         for config in &mut configs {
             config.members.clone_from(&members);
             config.extra_top_level = "unknown_keyspaces = \"create\"\n".into();
+            config.extra_tables.clone_from(&tables);
         }
         let mut nodes = Vec::new();
         for config in &configs {
@@ -344,39 +393,76 @@ impl Cluster {
         .await?;
         let mut wb = WriteBackConfig::new(broker.brokers());
         wb.delivery_timeout = DEADLINE;
-        // tansu 0.6 panics (and stops serving) when an idempotent producer
-        // of before a restart produces again after it; versions make the
-        // duplicates a plain producer may send harmless.
         wb.idempotent = false;
         client.enable_write_back(wb)?;
         let store = Arc::new(store);
         let mut keyspaces = Vec::new();
-        for &strategy in &options.strategies {
-            let name = format!("chaos_{}", strategy.to_string().replace('-', "_"));
-            let mut settings = KeyspaceSettings::new(strategy).with_ttl(TTL);
+        for spec in &specs {
+            let strategy = spec.strategy()?;
+            let mut settings = KeyspaceSettings::new(strategy)
+                .with_replication(spec.replicas, spec.write_quorum);
+            settings.ttl = spec.ttl;
             settings.pending_timeout = PENDING_TIMEOUT;
-            client.define_keyspace(&name, settings, Some(store.clone()))?;
-            keyspaces.push((name, strategy));
+            client.define_keyspace(&spec.name, settings, Some(store.clone()))?;
+            keyspaces.push((spec.name.clone(), strategy));
         }
         client.ensure_write_back_topics().await?;
+
+        // Each client process through proxies of its own, so that a fault
+        // can cut one client off from one node.
+        let mut client_proxies = Vec::new();
+        let mut all_client_proxies = Vec::new();
+        let mut clients = Vec::new();
+        for c in 0..options.clients {
+            let mut own = Vec::new();
+            for config in &configs {
+                let proxy = FaultProxy::start(config.listen).await?;
+                own.push((config.node_id.clone(), proxy.addr().to_string()));
+                client_proxies.push(proxy);
+            }
+            all_client_proxies.push(
+                client_proxies[c * configs.len()..]
+                    .iter()
+                    .map(FaultProxy::handle)
+                    .collect::<Vec<_>>(),
+            );
+            let spec = ClientSpec {
+                client: u32::try_from(c + 1)?,
+                seeds: own.iter().map(|(_, a)| a.clone()).collect(),
+                node_addresses: own,
+                brokers: broker.brokers(),
+                database_url: pg.url(),
+                keyspaces: specs.clone(),
+                tasks: options.tasks,
+                keys: options.keys,
+                value_size: options.value_size,
+            };
+            let log = logs.path().join(format!("client-{}.log", c + 1));
+            clients.push(ClientProcess::spawn(&spec, &log, TIMEOUT).await?);
+        }
+
         let wb_keyspaces: Vec<String> = keyspaces
             .iter()
             .filter(|(_, s)| *s == Strategy::WriteBack)
             .map(|(n, _)| n.clone())
             .collect();
-        let worker = WorkerProcess::start(WorkerConfig {
-            brokers: broker.brokers(),
-            database_url: pg.url(),
-            group: "ringcache-chaos".into(),
-            // The worker needs a keyspace even when write-back is not
-            // tested; an idle topic costs nothing.
-            keyspaces: if wb_keyspaces.is_empty() {
-                vec!["chaos_idle".into()]
-            } else {
-                wb_keyspaces
+        let group = "ringcache-chaos".to_owned();
+        let worker = WorkerProcess::start_with(
+            WorkerConfig {
+                brokers: broker.brokers(),
+                database_url: pg.url(),
+                group: group.clone(),
+                // The worker needs a keyspace even when write-back is not
+                // tested; an idle topic costs nothing.
+                keyspaces: if wb_keyspaces.is_empty() {
+                    vec!["chaos_idle".into()]
+                } else {
+                    wb_keyspaces
+                },
+                cache_seeds: seeds,
             },
-            cache_seeds: seeds,
-        })?;
+            worker_extra(false),
+        )?;
         Ok(Cluster {
             pg,
             broker,
@@ -384,15 +470,22 @@ impl Cluster {
             nodes,
             proxies: proxies.iter().map(FaultProxy::handle).collect(),
             _proxies: proxies,
+            _client_proxies: client_proxies,
+            client_proxies: all_client_proxies,
+            clients,
             worker,
-            worker_generation: 0,
+            groups: vec![group],
             client,
             store,
             keyspaces,
+            switched: false,
+            _logs: logs,
         })
     }
 
     async fn stop(mut self) {
+        // Closing their stdin ends the clients; `kill_on_drop` is the net.
+        self.clients.clear();
         for node in self.nodes.iter_mut().flatten() {
             let _ = node.sigterm();
         }
@@ -405,65 +498,139 @@ impl Cluster {
         options: &Options,
         phase: &Phase,
         config: &CheckConfig,
-    ) -> Result<(super::CheckResult, super::History)> {
+    ) -> Result<(super::CheckResult, History)> {
+        if self.switched {
+            self.switch_write_through(Strategy::WriteThrough).await?;
+            self.switched = false;
+        }
         let recorder = Recorder::new();
-        let stop = CancellationToken::new();
-        let ops = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        let mut task_id = 0u32;
-        for (keyspace, strategy) in &self.keyspaces {
-            for _ in 0..options.tasks {
-                let workload = Workload {
-                    client: self.client.clone(),
-                    recorder: recorder.clone(),
-                    keyspace: keyspace.clone(),
-                    strategy: *strategy,
-                    task: task_id,
-                    phase: phase.index,
-                    keys: options.keys,
-                    value_size: options.value_size,
-                    rng: StdRng::seed_from_u64(phase.seed ^ u64::from(task_id)),
-                    ops: ops.clone(),
-                    errors: errors.clone(),
-                };
-                tasks.spawn(workload.run(stop.clone()));
-                task_id += 1;
-            }
+        let origin_unix_ns = unix_now_ns();
+        for client in &mut self.clients {
+            client
+                .command(&Command::Phase {
+                    index: phase.index,
+                    seed: phase.seed,
+                    origin_unix_ns,
+                    length: options.phase,
+                    fault: phase.fault.name().to_owned(),
+                })
+                .await?;
         }
 
-        let started = Instant::now();
-        let progress = Progress {
-            enabled: options.progress,
-            phase,
-            length: options.phase,
-            started,
-            ops: &ops,
-            errors: &errors,
-        };
+        let mut progress = Progress::new(options.progress, phase, options.phase);
         let quarter = options.phase / 4;
-        progress.wait_until(quarter).await;
+        self.wait_until(&mut progress, quarter).await;
         let injected = self.inject(phase).await;
-        progress.wait_until(quarter * 3).await;
+        if phase.fault == FaultKind::StrategySwitch && injected.is_ok() {
+            self.wait_until(&mut progress, quarter * 2).await;
+            // And back to write-through, under load.
+            self.switch_write_through(Strategy::WriteThrough).await?;
+        }
+        self.wait_until(&mut progress, quarter * 3).await;
         let healed = self.heal(phase).await;
-        progress.wait_until(options.phase).await;
-        stop.cancel();
-        while tasks.join_next().await.is_some() {}
+        self.wait_until(&mut progress, options.phase).await;
         progress.done();
+        let mut ops = Vec::new();
+        for client in &mut self.clients {
+            client.command(&Command::Stop).await?;
+        }
+        for client in &mut self.clients {
+            loop {
+                match tokio::time::timeout(TIMEOUT, client.next_event()).await {
+                    Ok(Ok(Event::Op { op })) => ops.push(op),
+                    Ok(Ok(Event::Done)) => break,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => bail!("client {} did not stop within {TIMEOUT:?}", client.client),
+                }
+            }
+        }
         injected.with_context(|| format!("injecting {}", phase.fault))?;
         healed.with_context(|| format!("healing {}", phase.fault))?;
 
-        let history = recorder.history();
-        self.quiesce(&history).await?;
+        // One id space, in start order.
+        ops.sort_by_key(|op| (op.start, op.client, op.id));
+        for (id, op) in ops.iter_mut().enumerate() {
+            op.id = id as u64;
+        }
+        let history = History::from_ops(ops);
+        if let Some(dir) = std::env::var_os("RINGCACHE_CHAOS_HISTORY_DIR") {
+            let path = std::path::Path::new(&dir).join(format!("phase-{}.json", phase.index + 1));
+            std::fs::write(&path, serde_json::to_string(&history)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        self.quiesce().await?;
         let observed_at = recorder.elapsed();
         let final_state = self.final_state(&history, observed_at).await?;
         Ok((check(&history, &final_state, config), history))
     }
 
+    /// Waits until `at` into the phase, drawing the progress bar with the
+    /// clients' counts.
+    async fn wait_until(&mut self, progress: &mut Progress<'_>, at: Duration) {
+        loop {
+            let (mut ops, mut errors) = (0, 0);
+            for client in &mut self.clients {
+                let (o, e) = client.progress();
+                ops += o;
+                errors += e;
+            }
+            progress.draw(ops, errors);
+            let Some(left) = at.checked_sub(progress.started.elapsed()) else {
+                return;
+            };
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(500))).await;
+        }
+    }
+
+    /// Switches every write-through keyspace (by its defined strategy) to
+    /// `strategy`, in every client and the runner's.
+    async fn switch_write_through(&mut self, strategy: Strategy) -> Result<()> {
+        let names: Vec<String> = self
+            .keyspaces
+            .iter()
+            .filter(|(_, s)| *s == Strategy::WriteThrough)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &names {
+            self.client.set_strategy(name, strategy)?;
+            for client in &mut self.clients {
+                client
+                    .command(&Command::Switch {
+                        keyspace: name.clone(),
+                        strategy: strategy.to_string(),
+                    })
+                    .await?;
+            }
+            for client in &mut self.clients {
+                loop {
+                    match tokio::time::timeout(TIMEOUT, client.next_event()).await {
+                        Ok(Ok(Event::Ack)) => break,
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => bail!("client {} did not switch {name}", client.client),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The proxies between every client (the runner's and the worker's
+    /// included) and node `node`.
+    fn proxies_of(&self, node: usize) -> Vec<ProxyHandle> {
+        std::iter::once(self.proxies[node].clone())
+            .chain(self.client_proxies.iter().map(|own| own[node].clone()))
+            .collect()
+    }
+
     async fn inject(&mut self, phase: &Phase) -> Result<()> {
         let victim = phase.victim;
         match phase.fault {
-            FaultKind::None => {}
+            FaultKind::None | FaultKind::Poison | FaultKind::RacingWriters => {}
             FaultKind::NodeKill => {
                 if let Some(node) = &mut self.nodes[victim] {
                     node.sigkill()?;
@@ -475,8 +642,21 @@ impl Cluster {
                     node.sigstop()?;
                 }
             }
-            FaultKind::Partition => self.proxies[victim].set(Fault::blackhole()).await?,
-            FaultKind::Latency => self.proxies[victim].set(Fault::latency(LATENCY)).await?,
+            FaultKind::Partition => {
+                for proxy in self.proxies_of(victim) {
+                    proxy.set(Fault::blackhole()).await?;
+                }
+            }
+            FaultKind::Latency => {
+                for proxy in self.proxies_of(victim) {
+                    proxy.set(Fault::latency(LATENCY)).await?;
+                }
+            }
+            FaultKind::AsymmetricPartition => {
+                self.client_proxies[phase.victim_client][victim]
+                    .set(Fault::blackhole())
+                    .await?;
+            }
             FaultKind::BrokerRestart => {
                 self.broker.sigkill()?;
             }
@@ -484,8 +664,22 @@ impl Cluster {
                 let pg = &mut self.pg;
                 tokio::task::block_in_place(|| pg.stop_fast())?;
             }
+            FaultKind::DbStall => self.pg.signal_all(Signal::SIGSTOP)?,
             FaultKind::WorkerKill => {
                 self.worker.sigkill()?;
+            }
+            FaultKind::ClientPause => self.clients[phase.victim_client].signal(Signal::SIGSTOP)?,
+            // Killed rather than stopped: a worker frozen past its session
+            // timeout may be stranded by tansu's group coordinator (see
+            // `restart_worker_in_a_new_group`).
+            FaultKind::DirtyBudget => self.worker.sigkill()?,
+            FaultKind::StrategySwitch => {
+                self.switched = true;
+                self.switch_write_through(Strategy::CacheAside).await?;
+            }
+            FaultKind::WorkerKillAfterCommit => {
+                self.worker.sigkill()?;
+                self.restart_worker_in_a_new_group(true).await?;
             }
         }
         Ok(())
@@ -494,7 +688,7 @@ impl Cluster {
     async fn heal(&mut self, phase: &Phase) -> Result<()> {
         let victim = phase.victim;
         match phase.fault {
-            FaultKind::None => {}
+            FaultKind::None | FaultKind::Poison | FaultKind::RacingWriters => {}
             FaultKind::NodeKill => {
                 self.nodes[victim] = None;
                 self.nodes[victim] = Some(NodeProcess::start(self.configs[victim].clone()).await?);
@@ -504,13 +698,36 @@ impl Cluster {
                     node.sigcont()?;
                 }
             }
-            FaultKind::Partition | FaultKind::Latency => self.proxies[victim].heal().await?,
+            FaultKind::Partition | FaultKind::Latency => {
+                for proxy in self.proxies_of(victim) {
+                    proxy.heal().await?;
+                }
+            }
+            FaultKind::AsymmetricPartition => {
+                self.client_proxies[phase.victim_client][victim]
+                    .heal()
+                    .await?;
+            }
             FaultKind::BrokerRestart => self.broker.restart(TIMEOUT).await?,
             FaultKind::PostgresRestart => {
                 let pg = &mut self.pg;
                 tokio::task::block_in_place(|| pg.start_again())?;
             }
-            FaultKind::WorkerKill => self.restart_worker_in_a_new_group().await?,
+            FaultKind::DbStall => self.pg.signal_all(Signal::SIGCONT)?,
+            FaultKind::WorkerKill => self.restart_worker_in_a_new_group(false).await?,
+            FaultKind::ClientPause => self.clients[phase.victim_client].signal(Signal::SIGCONT)?,
+            FaultKind::DirtyBudget => self.restart_worker_in_a_new_group(false).await?,
+            // Away from write-through again, until the next phase.
+            FaultKind::StrategySwitch => {
+                self.switch_write_through(Strategy::WriteAround).await?;
+            }
+            FaultKind::WorkerKillAfterCommit => {
+                // It may have exited at its fault point already.
+                if self.worker.try_exit_status()?.is_none() {
+                    self.worker.sigkill()?;
+                }
+                self.restart_worker_in_a_new_group(false).await?;
+            }
         }
         Ok(())
     }
@@ -520,12 +737,12 @@ impl Cluster {
     /// the old one stopped (the worker seeks to the stored offsets), without
     /// rejoining the old group. tansu 0.6's group coordinator may never
     /// hand a dead member's partitions to anyone when that member led the
-    /// group (a single worker always does); Apache Kafka would.
-    async fn restart_worker_in_a_new_group(&mut self) -> Result<()> {
+    /// group (a single worker always does); Apache Kafka would. With
+    /// `fault_point`, it exits between its first commit and `MarkClean`.
+    async fn restart_worker_in_a_new_group(&mut self, fault_point: bool) -> Result<()> {
         self.worker.wait_exit(TIMEOUT).await?;
         let old = self.worker.config().clone();
-        self.worker_generation += 1;
-        let group = format!("ringcache-chaos-{}", self.worker_generation);
+        let group = format!("ringcache-chaos-{}", self.groups.len());
         sqlx::query(
             "INSERT INTO ringcache_wb_offsets (consumer_group, topic, kafka_partition, next_offset) \
              SELECT $2, topic, kafka_partition, next_offset FROM ringcache_wb_offsets \
@@ -536,66 +753,81 @@ impl Cluster {
         .execute(self.store.pool())
         .await
         .context("copying the worker's offsets to its new group")?;
-        self.worker = WorkerProcess::start(WorkerConfig { group, ..old })?;
+        self.groups.push(group.clone());
+        self.worker =
+            WorkerProcess::start_with(WorkerConfig { group, ..old }, worker_extra(fault_point))?;
         Ok(())
     }
 
-    /// Waits until every acknowledged durable write-back write is stored
-    /// (the worker caught up), recovers in-doubt write-through
-    /// transactions, and waits out the write-through bound.
-    async fn quiesce(&mut self, history: &super::History) -> Result<()> {
-        let mut newest: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for op in &history.ops {
-            if op.strategy == Strategy::WriteBack
-                && op.is_write()
-                && op.durable_ack()
-                && let Some(version) = op.version
-            {
-                let slot = newest.entry((&op.keyspace, &op.key)).or_default();
-                *slot = (*slot).max(version);
-            }
-        }
+    /// Waits until the worker consumed every write-back record (its stored
+    /// offsets reach the topics' ends), waits out the write-through bounds
+    /// (twice `pending_timeout`), recovers in-doubt write-through
+    /// transactions, and waits a while for dirty entries to be marked
+    /// clean.
+    async fn quiesce(&mut self) -> Result<()> {
+        let brokers = self.broker.brokers();
+        let topics: Vec<String> = self
+            .keyspaces
+            .iter()
+            .filter(|(_, s)| *s == Strategy::WriteBack)
+            .map(|(n, _)| writeback::topic_for(n))
+            .collect();
+        let ends = tokio::task::spawn_blocking(move || topic_ends(&brokers, &topics))
+            .await
+            .context("reading the topics' ends panicked")??;
         let deadline = Instant::now() + TIMEOUT;
-        for ((keyspace, key), version) in newest {
-            loop {
-                let stored = match self.store.load(keyspace, key.as_bytes()).await {
-                    Ok(Loaded::Present(row)) => row.version,
-                    Ok(Loaded::Absent { version }) => version,
-                    Err(_) => 0,
-                };
-                if stored >= version {
-                    break;
-                }
-                self.worker.ensure_running()?;
-                if Instant::now() >= deadline {
-                    // The checker reports what is missing.
-                    break;
-                }
-                tokio::time::sleep(POLL_EVERY).await;
+        loop {
+            let group = self.worker.config().group.clone();
+            let stored: Vec<(String, i32, i64)> = sqlx::query_as(
+                "SELECT topic, kafka_partition, next_offset FROM ringcache_wb_offsets \
+                 WHERE consumer_group = $1",
+            )
+            .bind(&group)
+            .fetch_all(self.store.pool())
+            .await
+            .unwrap_or_default();
+            let stored: HashMap<(String, i32), i64> =
+                stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+            let behind = ends
+                .iter()
+                .any(|(tp, end)| *end > 0 && stored.get(tp).copied().unwrap_or(0) < *end);
+            if !behind {
+                break;
             }
+            self.worker.ensure_running()?;
+            if Instant::now() >= deadline {
+                // The checker reports what is missing.
+                break;
+            }
+            tokio::time::sleep(POLL_EVERY).await;
         }
+        // The contract's time for an abandoned prepare: a node drops a
+        // pending change after `pending_timeout`, and recovery rolls back a
+        // transaction prepared more than twice that long ago. Not a
+        // stand-in for synchronisation.
+        tokio::time::sleep(PENDING_TIMEOUT * 2 + Duration::from_millis(500)).await;
         self.client
             .recover_in_doubt()
             .await
             .context("recovering in-doubt write-through transactions")?;
-        // The contract's time for a node that missed a commit; not a
-        // stand-in for synchronisation.
-        tokio::time::sleep(PENDING_TIMEOUT + Duration::from_millis(500)).await;
+        // Dirty entries: `MarkClean` follows the commit; the repair round
+        // catches a lost one within its interval.
+        let deadline = Instant::now() + DIRTY_WAIT;
+        while Instant::now() < deadline && !self.dirty_entries().await?.is_empty() {
+            tokio::time::sleep(POLL_EVERY * 5).await;
+        }
         Ok(())
     }
 
-    /// Every key of the history: its row in PostgreSQL, and what each node
-    /// caches (read directly, not through the proxies).
-    async fn final_state(
+    /// Direct connections to every node (not through the proxies).
+    async fn direct(
         &self,
-        history: &super::History,
-        observed_at: Duration,
-    ) -> Result<FinalState> {
-        let keys: BTreeMap<(&str, &str), Strategy> = history
-            .ops
-            .iter()
-            .map(|op| ((op.keyspace.as_str(), op.key.as_str()), op.strategy))
-            .collect();
+    ) -> Result<
+        Vec<(
+            String,
+            v1::cache_node_client::CacheNodeClient<tonic::transport::Channel>,
+        )>,
+    > {
         let mut nodes = Vec::new();
         for config in &self.configs {
             let client = v1::cache_node_client::CacheNodeClient::connect(format!(
@@ -606,8 +838,119 @@ impl Cluster {
             .with_context(|| format!("cannot reach {} directly", config.node_id))?;
             nodes.push((config.node_id.clone(), client));
         }
+        Ok(nodes)
+    }
+
+    /// Every dirty entry of the write-back keyspaces, per node:
+    /// `(keyspace, key, node, version)`.
+    async fn dirty_entries(&self) -> Result<Vec<(String, String, String, u64)>> {
         let mut out = Vec::new();
-        for ((keyspace, key), strategy) in keys {
+        for (id, mut node) in self.direct().await? {
+            for (keyspace, strategy) in &self.keyspaces {
+                if *strategy != Strategy::WriteBack {
+                    continue;
+                }
+                let mut after = Bytes::new();
+                loop {
+                    let reply = node
+                        .list_dirty(v1::ListDirtyRequest {
+                            keyspace: keyspace.clone(),
+                            min_age_ms: 0,
+                            after_key: after.clone(),
+                            limit: 0,
+                        })
+                        .await
+                        .with_context(|| format!("listing dirty entries of {keyspace} on {id}"))?
+                        .into_inner();
+                    for key in &reply.keys {
+                        out.push((
+                            keyspace.clone(),
+                            String::from_utf8_lossy(&key.key).into_owned(),
+                            id.clone(),
+                            key.version,
+                        ));
+                    }
+                    match reply.keys.last() {
+                        Some(last) if reply.more => after = last.key.clone(),
+                        _ => break,
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every key of the history: its row in PostgreSQL, its dead letters,
+    /// prepared transactions, and what each node caches and holds dirty
+    /// (read directly, not through the proxies).
+    async fn final_state(&self, history: &History, observed_at: Duration) -> Result<FinalState> {
+        let keys: BTreeSet<(&str, &str)> = history
+            .ops
+            .iter()
+            .map(|op| (op.keyspace.as_str(), op.key.as_str()))
+            .collect();
+        let mut dirty: HashMap<(String, String), Vec<DirtyObservation>> = HashMap::new();
+        for (keyspace, key, source, version) in self.dirty_entries().await? {
+            dirty
+                .entry((keyspace, key))
+                .or_default()
+                .push(DirtyObservation { source, version });
+        }
+        let mut dead: HashMap<(String, String), Vec<StoredRow>> = HashMap::new();
+        for group in &self.groups {
+            let topic = crate::dead_letter_topic(group);
+            for record in crate::write_back::read_topic(&self.broker.brokers(), &topic).await? {
+                let Some(key) = &record.key else { continue };
+                let headers = record
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_deref()));
+                let Ok(decoded) = writeback::decode(key, record.value.as_deref(), headers) else {
+                    continue;
+                };
+                dead.entry((
+                    decoded.keyspace.clone(),
+                    String::from_utf8_lossy(&decoded.key).into_owned(),
+                ))
+                .or_default()
+                .push(StoredRow {
+                    version: decoded.version,
+                    value: decoded.value.as_deref().map(Digest::of),
+                });
+            }
+        }
+        let prepared_rows: Vec<(String, Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT p.gid, t.keyspace, t.key FROM pg_prepared_xacts p \
+             LEFT JOIN ringcache_2pc t ON t.gid = p.gid",
+        )
+        .fetch_all(self.store.pool())
+        .await
+        .context("listing prepared transactions")?;
+        let mut prepared: HashMap<(String, String), Vec<String>> = HashMap::new();
+        let mut prepared_elsewhere = Vec::new();
+        for (gid, keyspace, key) in prepared_rows {
+            match (keyspace, key) {
+                (Some(keyspace), Some(key))
+                    if keys.contains(&(keyspace.as_str(), &*String::from_utf8_lossy(&key))) =>
+                {
+                    prepared
+                        .entry((keyspace, String::from_utf8_lossy(&key).into_owned()))
+                        .or_default()
+                        .push(gid);
+                }
+                // Another phase's key: that phase reported it.
+                (Some(_), Some(_)) => {}
+                _ => prepared_elsewhere.push(gid),
+            }
+        }
+
+        let mut nodes = self.direct().await?;
+        let mut out = Vec::new();
+        for (keyspace, key) in keys {
+            let strategy = self
+                .client
+                .keyspace_settings(keyspace)
+                .map_or(Strategy::CacheAside, |s| s.strategy);
             let db = match self.store.load(keyspace, key.as_bytes()).await? {
                 Loaded::Present(row) => Some(StoredRow {
                     version: row.version,
@@ -619,8 +962,15 @@ impl Cluster {
                     value: None,
                 }),
             };
+            // Only the key's owners: a copy a fallback node took while an
+            // owner was down is read by no one once the owners are back,
+            // and expires within `fallback_ttl` (`docs/failover.md`).
+            let owners = self.client.owners(keyspace, key.as_bytes());
             let mut cache = Vec::new();
             for (id, client) in &mut nodes {
+                if !owners.contains(id) {
+                    continue;
+                }
                 let reply = client
                     .get(v1::GetRequest {
                         keyspace: keyspace.to_owned(),
@@ -644,105 +994,95 @@ impl Cluster {
                     entry,
                 });
             }
+            let at = (keyspace.to_owned(), key.to_owned());
             out.push(FinalKey {
                 keyspace: keyspace.to_owned(),
                 key: key.to_owned(),
                 strategy,
                 db,
                 cache,
+                dead_letters: dead.remove(&at).unwrap_or_default(),
+                dirty: dirty.remove(&at).unwrap_or_default(),
+                prepared: prepared.remove(&at).unwrap_or_default(),
             });
         }
         Ok(FinalState {
             observed_at,
             keys: out,
+            prepared_elsewhere,
         })
     }
 }
 
-/// One client task's loop: reads, writes and deletes of random keys.
-struct Workload {
-    client: Client,
-    recorder: Recorder,
-    keyspace: String,
-    strategy: Strategy,
-    task: u32,
-    phase: usize,
-    keys: usize,
-    value_size: usize,
-    rng: StdRng,
-    ops: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-}
-
-impl Workload {
-    async fn run(mut self, stop: CancellationToken) {
-        let keyspace = self.client.keyspace(&self.keyspace);
-        let mut seq = 0u64;
-        while !stop.is_cancelled() {
-            let key = format!("p{}-{}", self.phase, self.rng.random_range(0..self.keys));
-            let subject = Subject {
-                task: self.task,
-                keyspace: &self.keyspace,
-                strategy: self.strategy,
-                key: &key,
-            };
-            let roll = self.rng.random_range(0..100);
-            let ok = if roll < 50 {
-                let op = self.recorder.read(subject);
-                let result = keyspace.get(&key).await;
-                let ok = result.is_ok();
-                op.read_result(&result);
-                ok
-            } else if roll < 90 {
-                seq += 1;
-                // Distinct per write, so that a read names the write it saw.
-                let mut value = format!("t{}-{seq}-", self.task).into_bytes();
-                value.resize(self.value_size.max(value.len()), b'x');
-                let op = self.recorder.write(subject, &value);
-                let result = keyspace.put(&key, value).await;
-                let ok = result.is_ok();
-                op.write_result(&result);
-                ok
-            } else {
-                let op = self.recorder.delete(subject);
-                let result = keyspace.remove(&key).await;
-                let ok = result.is_ok();
-                op.write_result(&result);
-                ok
-            };
-            self.ops.fetch_add(1, Ordering::Relaxed);
-            if !ok {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+/// The worker's extra flags: a short repair interval, and with
+/// `fault_point`, the fault point that exits after a commit.
+fn worker_extra(fault_point: bool) -> WorkerExtra {
+    WorkerExtra {
+        args: vec![
+            "--dirty-repair-interval".into(),
+            DIRTY_REPAIR_INTERVAL.into(),
+        ],
+        env: if fault_point {
+            vec![(
+                write_back_worker::fault::FAULT_VARIABLE.into(),
+                "exit-after-commit".into(),
+            )]
+        } else {
+            Vec::new()
+        },
     }
 }
 
-/// The progress line of a phase.
+/// The high watermark of every partition of `topics`. Blocking.
+fn topic_ends(brokers: &str, topics: &[String]) -> Result<BTreeMap<(String, i32), i64>> {
+    use rdkafka::{
+        ClientConfig,
+        consumer::{BaseConsumer, Consumer},
+    };
+    const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "ringcache-chaos-ends")
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("failed to create a watermark reader")?;
+    let mut ends = BTreeMap::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic.as_str()), KAFKA_TIMEOUT)
+            .with_context(|| format!("failed to read the metadata of {topic}"))?;
+        for meta in metadata.topics().iter().filter(|t| t.name() == topic) {
+            for partition in meta.partitions() {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, partition.id(), KAFKA_TIMEOUT)
+                    .with_context(|| format!("failed to read the watermarks of {topic}"))?;
+                ends.insert((topic.clone(), partition.id()), high);
+            }
+        }
+    }
+    Ok(ends)
+}
+
+/// The progress bar of a phase, drawn on stderr when it is a terminal.
 struct Progress<'a> {
     enabled: bool,
     phase: &'a Phase,
     length: Duration,
     started: Instant,
-    ops: &'a AtomicU64,
-    errors: &'a AtomicU64,
 }
 
-impl Progress<'_> {
-    /// Redraws the line every half second until `at` into the phase.
-    async fn wait_until(&self, at: Duration) {
-        let until = self.started + at;
-        loop {
-            self.draw();
-            let now = Instant::now();
-            if now >= until {
-                return;
-            }
-            tokio::time::sleep((until - now).min(Duration::from_millis(500))).await;
+impl<'a> Progress<'a> {
+    fn new(enabled: bool, phase: &'a Phase, length: Duration) -> Progress<'a> {
+        use std::io::IsTerminal;
+        Progress {
+            enabled: enabled && std::io::stderr().is_terminal(),
+            phase,
+            length,
+            started: Instant::now(),
         }
     }
 
-    fn draw(&self) {
+    fn draw(&self, ops: u64, errors: u64) {
         if !self.enabled {
             return;
         }
@@ -753,20 +1093,27 @@ impl Progress<'_> {
             .map(|i| if i < filled { '#' } else { '-' })
             .collect();
         eprint!(
-            "\rphase {}/{} {:<16} [{bar}] {:>5.1}s  ops {:>7}  errors {:>5}",
+            "\rphase {}/{} {:<24} [{bar}] {:>5.1}s  ops {:>7}  errors {:>5}",
             self.phase.index + 1,
             self.phase.total,
             self.phase.fault.name(),
             done.as_secs_f64(),
-            self.ops.load(Ordering::Relaxed),
-            self.errors.load(Ordering::Relaxed),
+            ops,
+            errors,
         );
     }
 
     fn done(&self) {
         if self.enabled {
-            self.draw();
             eprintln!("  quiescing and checking");
+        } else {
+            // Not a terminal: one line per phase.
+            eprintln!(
+                "phase {}/{} {} done; quiescing and checking",
+                self.phase.index + 1,
+                self.phase.total,
+                self.phase.fault.name()
+            );
         }
     }
 }
@@ -789,10 +1136,36 @@ mod tests {
     }
 
     #[test]
-    fn fault_names_round_trip() {
-        for fault in std::iter::once(FaultKind::None).chain(FaultKind::ALL) {
-            assert_eq!(fault.name().parse::<FaultKind>(), Ok(fault));
+    fn the_many_writer_run_has_replicated_keyspaces_of_both_quorums() {
+        let names: Vec<(String, usize, usize)> = Options::default()
+            .keyspaces()
+            .into_iter()
+            .map(|k| (k.name, k.replicas, k.write_quorum))
+            .collect();
+        for expected in [
+            ("chaos_write_through_r2q1", 2, 1),
+            ("chaos_write_through_r2q2", 2, 2),
+            ("chaos_write_back_r2q1", 2, 1),
+            ("chaos_write_back_r2q2", 2, 2),
+            ("chaos_cache_aside", 1, 1),
+        ] {
+            assert!(
+                names.contains(&(expected.0.to_owned(), expected.1, expected.2)),
+                "{names:?}"
+            );
         }
-        assert!("sigkill".parse::<FaultKind>().is_err());
+        assert_eq!(Options::single_writer().keyspaces().len(), 5);
+    }
+
+    #[test]
+    fn read_your_writes_is_relaxed_only_by_faults_that_cut_nodes() {
+        assert_eq!(
+            bounds(FaultKind::DirtyBudget).read_your_writes_bound(),
+            Duration::ZERO
+        );
+        assert_eq!(
+            bounds(FaultKind::NodeKill).read_your_writes_bound(),
+            bounds(FaultKind::NodeKill).bound(Strategy::WriteBack)
+        );
     }
 }

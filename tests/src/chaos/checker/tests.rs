@@ -45,6 +45,7 @@ impl Ops {
         let id = self.ops.len() as u64 + 1;
         self.ops.push(Op {
             id,
+            client: 0,
             task: (id % 4) as u32,
             keyspace: KS.into(),
             strategy: self.strategy,
@@ -147,6 +148,9 @@ fn final_key(
                 }),
             })
             .collect(),
+        dead_letters: Vec::new(),
+        dirty: Vec::new(),
+        prepared: Vec::new(),
     }
 }
 
@@ -154,6 +158,7 @@ fn at(observed_at: u64, keys: Vec<FinalKey>) -> FinalState {
     FinalState {
         observed_at: ms(observed_at),
         keys,
+        prepared_elsewhere: Vec::new(),
     }
 }
 
@@ -430,7 +435,14 @@ fn a_cached_value_no_write_produced_is_a_phantom() {
         )],
     );
     let result = check(&ops.history(), &state, &CheckConfig::new());
-    assert_eq!(kinds(&result), [ViolationKind::PhantomCached]);
+    // And the store holds another value at that version.
+    assert_eq!(
+        kinds(&result),
+        [
+            ViolationKind::PhantomCached,
+            ViolationKind::SameVersionDiffers
+        ]
+    );
 }
 
 #[test]
@@ -688,26 +700,6 @@ fn a_write_through_cache_read_before_the_bound_ran_out_is_not_judged() {
 }
 
 #[test]
-fn the_newest_of_equal_versions_may_be_either_write() {
-    // Two clocks may hand out the same version; write-back acknowledges
-    // both and the worker keeps one.
-    let mut ops = Ops::new(Strategy::WriteBack);
-    ops.put("k", "a", 20, (0, 10));
-    ops.put("k", "b", 20, (0, 10));
-    let state = at(
-        1000,
-        vec![final_key(
-            "k",
-            Strategy::WriteBack,
-            Some((20, Some("b"))),
-            &[],
-        )],
-    );
-    let result = check(&ops.history(), &state, &CheckConfig::new());
-    assert!(result.is_clean(), "{:#?}", result.violations);
-}
-
-#[test]
 fn keys_missing_from_the_final_state_are_listed() {
     let mut ops = Ops::new(Strategy::WriteBack);
     ops.put("k", "a", 20, (0, 10));
@@ -740,4 +732,304 @@ fn summaries_follow_the_strategy_order() {
     );
     let order: Vec<Strategy> = result.summaries.iter().map(|s| s.strategy).collect();
     assert_eq!(order, [Strategy::CacheAside, Strategy::WriteBack]);
+}
+
+// The final-state audit and the checks of many writers, each with the
+// history its fault leaves behind.
+
+/// Sets the client of every operation pushed so far from `from` (by index).
+fn by_client(ops: &mut Ops, from: usize, client: u32) {
+    for op in &mut ops.ops[from..] {
+        op.client = client;
+    }
+}
+
+#[test]
+fn racing_writers_with_one_version_are_caught() {
+    // Two processes wrote one key in the same millisecond and got the same
+    // version; the node kept one value, PostgreSQL the other.
+    let mut ops = Ops::new(Strategy::WriteBack);
+    let a = ops.put("k", "a", 20, (0, 10));
+    let b = ops.put("k", "b", 20, (0, 10));
+    by_client(&mut ops, 1, 2);
+    let state = at(
+        1000,
+        vec![final_key(
+            "k",
+            Strategy::WriteBack,
+            Some((20, Some("b"))),
+            &[("node-1", Some((Some(20), Some("a"))))],
+        )],
+    );
+    let result = check(&ops.history(), &state, &CheckConfig::new());
+    assert_eq!(
+        kinds(&result),
+        [
+            ViolationKind::DuplicateVersion,
+            ViolationKind::SameVersionDiffers
+        ],
+        "{:#?}",
+        result.violations
+    );
+    assert_eq!(op_ids(&result.violations[0]), [a, b]);
+    let shown = result.violations[1].to_string();
+    assert!(
+        shown.contains("the store holds value") && shown.contains("at the same version 20"),
+        "{shown}"
+    );
+    assert!(shown.contains("client 2 task"), "{shown}");
+}
+
+#[test]
+fn equal_versions_of_one_value_are_not_a_duplicate() {
+    let mut ops = Ops::new(Strategy::WriteThrough);
+    ops.put("k", "a", 20, (0, 10));
+    ops.put("k", "a", 20, (20, 30));
+    let state = at(
+        1000,
+        vec![final_key(
+            "k",
+            Strategy::WriteThrough,
+            Some((20, Some("a"))),
+            &[("node-1", Some((Some(20), Some("a"))))],
+        )],
+    );
+    let result = check(&ops.history(), &state, &CheckConfig::new());
+    assert!(result.is_clean(), "{:#?}", result.violations);
+}
+
+#[test]
+fn poison_an_acknowledged_write_lost_behind_a_dead_letter_is_caught() {
+    // Write-back: `a` acknowledged, then `poison` acknowledged and refused
+    // by the table; the worker stored neither and dead-lettered only the
+    // poison; the cache keeps the poison, clean.
+    let mut ops = Ops::new(Strategy::WriteBack);
+    let a = ops.put("k", "a", 10, (0, 10));
+    ops.put("k", "poison", 20, (20, 30));
+    let mut key = final_key(
+        "k",
+        Strategy::WriteBack,
+        None,
+        &[("node-1", Some((Some(20), Some("poison"))))],
+    );
+    key.dead_letters.push(StoredRow {
+        version: 20,
+        value: digest("poison"),
+    });
+    let result = check(&ops.history(), &at(5000, vec![key]), &CheckConfig::new());
+    assert_eq!(
+        kinds(&result),
+        [ViolationKind::LostWrite, ViolationKind::CacheAheadOfStore],
+        "{:#?}",
+        result.violations
+    );
+    assert_eq!(op_ids(&result.violations[0]), [a]);
+    assert!(
+        result.violations[0]
+            .to_string()
+            .contains("acknowledged write #1 (version 10) is not in the store, which has no row"),
+        "{}",
+        result.violations[0]
+    );
+}
+
+#[test]
+fn poison_a_dead_lettered_write_is_neither_lost_nor_required_to_be_seen() {
+    let mut ops = Ops::new(Strategy::WriteBack);
+    ops.put("k", "a", 10, (0, 10));
+    ops.put("k", "poison", 20, (20, 30));
+    ops.get("k", Some("a"), (100, 110));
+    let mut key = final_key(
+        "k",
+        Strategy::WriteBack,
+        Some((10, Some("a"))),
+        &[("node-1", Some((Some(10), Some("a"))))],
+    );
+    key.dead_letters.push(StoredRow {
+        version: 20,
+        value: digest("poison"),
+    });
+    let result = check(&ops.history(), &at(5000, vec![key]), &CheckConfig::new());
+    assert!(result.is_clean(), "{:#?}", result.violations);
+}
+
+#[test]
+fn worker_kill_after_commit_a_dirty_entry_left_is_caught() {
+    let mut ops = Ops::new(Strategy::WriteBack);
+    let write = ops.put("k", "a", 10, (0, 10));
+    let mut key = final_key(
+        "k",
+        Strategy::WriteBack,
+        Some((10, Some("a"))),
+        &[("node-2", Some((Some(10), Some("a"))))],
+    );
+    key.dirty.push(crate::chaos::DirtyObservation {
+        source: "node-2".into(),
+        version: 10,
+    });
+    let result = check(&ops.history(), &at(5000, vec![key]), &CheckConfig::new());
+    assert_eq!(kinds(&result), [ViolationKind::DirtyLeft]);
+    assert_eq!(op_ids(&result.violations[0]), [write]);
+    assert!(
+        result.violations[0]
+            .to_string()
+            .contains("dirty on node-2: version 10"),
+        "{}",
+        result.violations[0]
+    );
+}
+
+#[test]
+fn strategy_switch_a_prepared_transaction_left_is_caught() {
+    let mut ops = Ops::new(Strategy::WriteThrough);
+    ops.put_failed("k", "a", (0, 10));
+    let mut key = final_key("k", Strategy::WriteBack, None, &[]);
+    key.prepared.push("rc-7".into());
+    let mut state = at(5000, vec![key]);
+    state.prepared_elsewhere.push("rc-8".into());
+    let result = check(&ops.history(), &state, &CheckConfig::new());
+    assert_eq!(
+        kinds(&result),
+        [ViolationKind::PreparedLeft, ViolationKind::PreparedLeft]
+    );
+    assert!(result.violations[0].message.contains("rc-7"));
+    assert!(result.violations[1].message.contains("rc-8"));
+}
+
+#[test]
+fn dirty_budget_a_client_that_misses_its_own_write_is_caught() {
+    // Client 1's write is acknowledged; a later refused write deleted the
+    // key, and client 1 then loads the lagging row.
+    let mut ops = Ops::new(Strategy::WriteBack);
+    ops.put("k", "a", 10, (0, 10));
+    let own = ops.put("k", "b", 20, (20, 30));
+    ops.put_failed("k", "c", (40, 50));
+    let read = ops.get("k", Some("a"), (60, 70));
+    by_client(&mut ops, 0, 1);
+    // Another client's read of the same value is only a stale read, within
+    // the strategy's bound.
+    ops.get("k", Some("a"), (60, 70));
+    by_client(&mut ops, 4, 2);
+    let config = CheckConfig::new().with_bound(Strategy::WriteBack, ms(1000));
+    let result = check(&ops.history(), &FinalState::default(), &config);
+    assert_eq!(kinds(&result), [ViolationKind::ReadYourWrites]);
+    let violation = &result.violations[0];
+    assert_eq!(violation.staleness, Some(ms(30)));
+    assert_eq!(op_ids(violation), [1, own, read]);
+    assert!(
+        violation.message.starts_with("client 1 read value"),
+        "{}",
+        violation.message
+    );
+
+    // Faults that cut the client off from the owner relax it.
+    let relaxed = config.with_read_your_writes_bound(ms(1000));
+    assert!(check(&ops.history(), &FinalState::default(), &relaxed).is_clean());
+}
+
+#[test]
+fn db_stall_a_commit_after_the_pending_timeout_leaves_the_cache_diverging() {
+    // Write-through: the writer stalled past the pending timeout; the node
+    // dropped the change, a reader filled the old row, then the writer
+    // committed the new one.
+    let mut ops = Ops::new(Strategy::WriteThrough);
+    ops.put("k", "a", 10, (0, 10));
+    ops.put("k", "b", 20, (20, 5000));
+    let read = ops.get("k", Some("a"), (6000, 6010));
+    let state = at(
+        20_000,
+        vec![final_key(
+            "k",
+            Strategy::WriteThrough,
+            Some((20, Some("b"))),
+            &[("node-1", Some((Some(10), Some("a"))))],
+        )],
+    );
+    let config = CheckConfig::new().with_bound(Strategy::WriteThrough, ms(2500));
+    let result = check(&ops.history(), &state, &config);
+    // The read 1 s after the commit returned is within the bound; the cache
+    // left behind is not.
+    assert_eq!(
+        kinds(&result),
+        [ViolationKind::CacheDiverges],
+        "{:#?}",
+        result.violations
+    );
+    assert!(!op_ids(&result.violations[0]).contains(&read));
+}
+
+#[test]
+fn asymmetric_partition_a_reader_that_keeps_an_unflushed_node_is_caught() {
+    // Client 1 cannot reach node A: it wrote `b` on the fallback. Client 2
+    // still reads `a` from node A long after.
+    let mut ops = Ops::new(Strategy::CacheAside);
+    ops.put("k", "a", 10, (0, 10));
+    ops.put("k", "b", 20, (20, 30));
+    by_client(&mut ops, 0, 1);
+    let read = ops.get("k", Some("a"), (10_000, 10_010));
+    by_client(&mut ops, 2, 2);
+    let state = at(
+        20_000,
+        vec![final_key(
+            "k",
+            Strategy::CacheAside,
+            Some((20, Some("b"))),
+            &[("node-a", Some((Some(10), Some("a"))))],
+        )],
+    );
+    let config = CheckConfig::new().with_bound(Strategy::CacheAside, ms(4500));
+    let result = check(&ops.history(), &state, &config);
+    assert_eq!(
+        kinds(&result),
+        [ViolationKind::StaleRead, ViolationKind::StaleCache],
+        "{:#?}",
+        result.violations
+    );
+    assert!(result.violations[0].ops.iter().any(|op| op.id == read));
+}
+
+#[test]
+fn client_pause_a_write_that_lands_late_is_not_flagged() {
+    // A paused client's write returns seconds later; it may take effect
+    // any time in its interval, so a read in between may miss it.
+    let mut ops = Ops::new(Strategy::WriteThrough);
+    ops.put("k", "a", 10, (0, 10));
+    ops.put("k", "b", 20, (20, 8000));
+    by_client(&mut ops, 1, 3);
+    ops.get("k", Some("a"), (4000, 4010));
+    let state = at(
+        20_000,
+        vec![final_key(
+            "k",
+            Strategy::WriteThrough,
+            Some((20, Some("b"))),
+            &[("node-1", Some((Some(20), Some("b"))))],
+        )],
+    );
+    let result = check(&ops.history(), &state, &CheckConfig::new());
+    assert!(result.is_clean(), "{:#?}", result.violations);
+}
+
+#[test]
+fn a_cache_ahead_of_the_store_is_caught_for_every_strategy() {
+    for strategy in STRATEGIES {
+        let mut ops = Ops::new(strategy);
+        ops.put("k", "a", 10, (0, 10));
+        ops.put_failed("k", "b", (20, 30));
+        let state = at(
+            20_000,
+            vec![final_key(
+                "k",
+                strategy,
+                Some((10, Some("a"))),
+                &[("node-1", Some((Some(20), Some("b"))))],
+            )],
+        );
+        let result = check(&ops.history(), &state, &CheckConfig::new());
+        assert!(
+            kinds(&result).contains(&ViolationKind::CacheAheadOfStore),
+            "{strategy}: {:#?}",
+            result.violations
+        );
+    }
 }
