@@ -526,8 +526,7 @@ impl Client {
                                 .into_iter()
                                 .map(|(node, _)| node)
                                 .collect();
-                            self.finish(ks, key, txn.txn.as_str(), &nodes, false)
-                                .await;
+                            self.finish(ks, key, txn.txn.as_str(), &nodes, false).await;
                         }
                     }
                     // Resolved by someone else meanwhile, maybe committed by
@@ -536,8 +535,7 @@ impl Client {
                     Err(e) => return Err(e),
                 }
                 resolved += 1;
-                metrics::counter!(telemetry::TWOPC_RECOVERED, "keyspace" => keyspace)
-                    .increment(1);
+                metrics::counter!(telemetry::TWOPC_RECOVERED, "keyspace" => keyspace).increment(1);
             }
         }
         Ok(resolved)
@@ -1250,13 +1248,11 @@ impl Keyspace {
                         applied: false,
                     });
                 }
-                Err(prepared
-                    .failure
-                    .unwrap_or_else(|| Error::QuorumNotReached {
-                        acked: prepared.nodes.len(),
-                        needed: settings.write_quorum,
-                        last: "too few nodes prepared".into(),
-                    }))
+                Err(prepared.failure.unwrap_or_else(|| Error::QuorumNotReached {
+                    acked: prepared.nodes.len(),
+                    needed: settings.write_quorum,
+                    last: "too few nodes prepared".into(),
+                }))
             }
             Err(e) => {
                 self.client

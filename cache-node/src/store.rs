@@ -831,7 +831,10 @@ impl Keyspace {
         if timed_out {
             let pending = state.pending.take();
             if let Some(pending) = &pending
-                && state.fence.as_ref().is_none_or(|f| f.version < pending.version)
+                && state
+                    .fence
+                    .as_ref()
+                    .is_none_or(|f| f.version < pending.version)
             {
                 state.fence = Some(Fence {
                     txn_id: pending.txn_id.clone(),
@@ -1699,24 +1702,23 @@ impl Keyspace {
         let key = Bytes::copy_from_slice(key);
         self.records.update(key.clone(), |state| {
             self.settle(&key, state, now);
-            let (version, change) = if let Some(pending) =
-                state.pending.take_if(|p| p.txn_id == txn_id)
-            {
-                // No lease can exist while a change is pending (prepare drops
-                // it, LeaseGet grants none), so there is none to invalidate.
-                debug_assert!(state.lease.is_none(), "lease granted while pending");
-                (pending.version, pending.change)
-            } else if let Some(fence) = state.fence.take_if(|f| f.txn_id == txn_id) {
-                // A late commit: a lease granted since the timeout was for a
-                // load that may predate the database commit.
-                state.lease = None;
-                (fence.version, fence.change)
-            } else {
-                return CommitResult {
-                    committed: false,
-                    current_version: self.live_version(&key, now),
+            let (version, change) =
+                if let Some(pending) = state.pending.take_if(|p| p.txn_id == txn_id) {
+                    // No lease can exist while a change is pending (prepare drops
+                    // it, LeaseGet grants none), so there is none to invalidate.
+                    debug_assert!(state.lease.is_none(), "lease granted while pending");
+                    (pending.version, pending.change)
+                } else if let Some(fence) = state.fence.take_if(|f| f.txn_id == txn_id) {
+                    // A late commit: a lease granted since the timeout was for a
+                    // load that may predate the database commit.
+                    state.lease = None;
+                    (fence.version, fence.change)
+                } else {
+                    return CommitResult {
+                        committed: false,
+                        current_version: self.live_version(&key, now),
+                    };
                 };
-            };
             bump(&self.counters.commits, 1);
             let current_version = match change {
                 Change::Put { value, ttl } => {
@@ -3294,7 +3296,10 @@ mod tests {
         assert_eq!(ks.records.count.load(Ordering::SeqCst), 1);
         ks.sweep(t0 + TIMEOUT + ks.in_doubt_ttl);
         assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
-        assert!(!ks.commit(b"k", "tx", t0 + TIMEOUT + ks.in_doubt_ttl).committed);
+        assert!(
+            !ks.commit(b"k", "tx", t0 + TIMEOUT + ks.in_doubt_ttl)
+                .committed
+        );
     }
 
     #[test]
@@ -3376,7 +3381,10 @@ mod tests {
             .set(item("k", "old", 4, WriteCondition::IfNewerVersion), late)
             .unwrap();
         assert_eq!(set.outcome, SetOutcome::StaleVersion);
-        assert!(!ks.prepare(prepare("k", "older", 4, "tx2"), TIMEOUT, late).prepared);
+        assert!(
+            !ks.prepare(prepare("k", "older", 4, "tx2"), TIMEOUT, late)
+                .prepared
+        );
         assert_eq!(ks.get(b"k", late), None);
         // The writer's late commit applies its change.
         assert!(ks.commit(b"k", "tx", late).committed);

@@ -998,7 +998,10 @@ async fn a_pending_timeout_above_the_nodes_cap_is_refused_loudly() -> Result<()>
         err.to_string().contains("max_pending_timeout"),
         "the error names the node's limit: {err}"
     );
-    ensure!(stored(&pg, "capped", "k").await?.is_none(), "nothing written");
+    ensure!(
+        stored(&pg, "capped", "k").await?.is_none(),
+        "nothing written"
+    );
     ensure!(pg.in_doubt(Duration::ZERO).await?.is_empty());
     Ok(())
 }
@@ -1007,8 +1010,8 @@ async fn a_pending_timeout_above_the_nodes_cap_is_refused_loudly() -> Result<()>
 /// that refused the prepare (another transaction was pending there) must
 /// not keep the old value once the write committed.
 #[tokio::test]
-async fn a_write_through_replica_that_refused_the_prepare_does_not_keep_the_old_value()
--> Result<()> {
+async fn a_write_through_replica_that_refused_the_prepare_does_not_keep_the_old_value() -> Result<()>
+{
     let nodes = cluster(2).await?;
     let pg = own_database("rc_wt_replicas").await?;
     let client = Client::connect(client_config(&nodes)).await?;
@@ -1077,8 +1080,8 @@ async fn a_write_through_replica_that_refused_the_prepare_does_not_keep_the_old_
 /// (it holds its row lock, and writes of the key wait on it), and tell the
 /// nodes, whose in-doubt fence would refuse the old value's fills.
 #[tokio::test]
-async fn switching_away_from_write_through_still_recovers_its_in_doubt_transactions()
--> Result<()> {
+async fn switching_away_from_write_through_still_recovers_its_in_doubt_transactions() -> Result<()>
+{
     let nodes = cluster(1).await?;
     let pg = own_database("rc_wt_switch_recover").await?;
     let faulty = Faulty::new(Arc::clone(&pg));
