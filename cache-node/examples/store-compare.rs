@@ -85,7 +85,11 @@ impl Cache {
                     .eviction_listener(|_, _, _| {})
                     .build(),
             ),
-            "quick" => Cache::Quick(quick_cache::sync::Cache::with_weighter(estimated_items, capacity, Weigh)),
+            "quick" => Cache::Quick(quick_cache::sync::Cache::with_weighter(
+                estimated_items,
+                capacity,
+                Weigh,
+            )),
             other => panic!("unknown cache {other}"),
         }
     }
@@ -156,7 +160,13 @@ fn rss_of(pid: &str) -> u64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .expect("VmRSS line")
         * 1024
 }
@@ -218,7 +228,11 @@ fn child_mem(kind: &str, value_bytes: usize, items: usize) {
     }
     let accounted = cache.accounted();
     let after = rss();
-    assert_eq!(cache.items(), items as u64, "{kind} evicted during the memory run");
+    assert_eq!(
+        cache.items(),
+        items as u64,
+        "{kind} evicted during the memory run"
+    );
     println!(
         "{kind}\t{value_bytes}\t{:.1}\t{:.1}",
         (after - before) as f64 / items as f64,
@@ -233,7 +247,12 @@ fn mem() {
     for value_bytes in [100, 1024] {
         for kind in ["table", "moka", "quick"] {
             let out = Command::new(&exe)
-                .args(["child-mem", kind, &value_bytes.to_string(), &ITEMS.to_string()])
+                .args([
+                    "child-mem",
+                    kind,
+                    &value_bytes.to_string(),
+                    &ITEMS.to_string(),
+                ])
                 .stderr(Stdio::inherit())
                 .output()
                 .expect("run child");
@@ -266,7 +285,14 @@ impl Redis {
             .map_err(|e| e.to_string())?
             .port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--enable-debug-command", "yes"])
             .args(extra)
             .stdout(Stdio::null())
@@ -328,7 +354,13 @@ fn read_reply(reader: &mut impl BufRead) -> Result<String, String> {
 fn redis_mem(value_bytes: usize) -> Result<String, String> {
     let redis = Redis::start(&[])?;
     let before = redis.rss();
-    redis.command(&["DEBUG", "POPULATE", &ITEMS.to_string(), "key", &value_bytes.to_string()])?;
+    redis.command(&[
+        "DEBUG",
+        "POPULATE",
+        &ITEMS.to_string(),
+        "key",
+        &value_bytes.to_string(),
+    ])?;
     let after = redis.rss();
     let info = redis.command(&["INFO", "memory"])?;
     let used = info
@@ -349,7 +381,9 @@ fn speed() {
     let value = vec![b'v'; 100];
     let keys: Vec<String> = (0..ITEMS as u64).map(key).collect();
     let mut rng = Rng(7);
-    let order: Vec<usize> = (0..ITEMS).map(|_| (rng.next() % ITEMS as u64) as usize).collect();
+    let order: Vec<usize> = (0..ITEMS)
+        .map(|_| (rng.next() % ITEMS as u64) as usize)
+        .collect();
     for kind in ["table", "moka", "quick"] {
         let now = Instant::now();
         let cache = Arc::new(Cache::new(kind, u64::MAX / 4, ITEMS));
@@ -402,7 +436,9 @@ enum Request {
 fn traces(keys: usize, requests: usize) -> Vec<(&'static str, Vec<Request>)> {
     let zipf = Zipf::new(keys, 0.99);
     let mut rng = Rng(42);
-    let plain: Vec<Request> = (0..requests).map(|_| Request::Hot(zipf.sample(&mut rng))).collect();
+    let plain: Vec<Request> = (0..requests)
+        .map(|_| Request::Hot(zipf.sample(&mut rng)))
+        .collect();
     // Every tenth of the trace, a one-pass scan over half as many fresh
     // keys as the workload has.
     let mut scanned = Vec::with_capacity(requests * 2);
@@ -421,11 +457,17 @@ fn traces(keys: usize, requests: usize) -> Vec<(&'static str, Vec<Request>)> {
         .iter()
         .enumerate()
         .map(|(i, request)| match request {
-            Request::Hot(rank) => Request::Hot((rank + (i * 5 / requests) as u64 * keys as u64 / 5) % keys as u64),
+            Request::Hot(rank) => {
+                Request::Hot((rank + (i * 5 / requests) as u64 * keys as u64 / 5) % keys as u64)
+            }
             scan => *scan,
         })
         .collect();
-    vec![("zipf 0.99", plain), ("zipf + scans", scanned), ("shifting zipf", shifting)]
+    vec![
+        ("zipf 0.99", plain),
+        ("zipf + scans", scanned),
+        ("shifting zipf", shifting),
+    ]
 }
 
 fn hits() {
@@ -456,9 +498,10 @@ fn hits() {
     let caches: Vec<String> = std::env::args()
         .skip_while(|a| a != "--caches")
         .nth(1)
-        .map_or_else(|| vec!["table".into(), "moka".into(), "quick".into()], |list| {
-            list.split(',').map(str::to_owned).collect()
-        });
+        .map_or_else(
+            || vec!["table".into(), "moka".into(), "quick".into()],
+            |list| list.split(',').map(str::to_owned).collect(),
+        );
     println!("trace\tcache\tcapacity\thit ratio (hot reads)\titems held\tns/request");
     for (name, trace) in traces(keys, requests) {
         for kind in caches.iter().map(String::as_str).filter(|&c| c != "redis") {
@@ -510,7 +553,12 @@ fn hits() {
 /// batches of 64, then a SET for each miss of the batch. A key repeated
 /// within one batch misses each time (a slight disadvantage for Redis on
 /// the hottest keys; see the notes).
-fn redis_hits(trace: &[Request], policy: &str, budget: u64, value: &[u8]) -> Result<String, String> {
+fn redis_hits(
+    trace: &[Request],
+    policy: &str,
+    budget: u64,
+    value: &[u8],
+) -> Result<String, String> {
     let redis = Redis::start(&["--maxmemory-policy", policy])?;
     let info = redis.command(&["INFO", "memory"])?;
     let empty = info
@@ -578,7 +626,12 @@ fn child_expiry() {
     let table = Table::new(TableConfig::new(u64::MAX / 4), now);
     for i in 0..ITEMS as u64 {
         table
-            .insert(key(i).as_bytes(), &value, Meta::clean(1, Some(now + Duration::from_secs(2))), now)
+            .insert(
+                key(i).as_bytes(),
+                &value,
+                Meta::clean(1, Some(now + Duration::from_secs(2))),
+                now,
+            )
             .expect("clean");
     }
     let loaded = Instant::now();
@@ -607,16 +660,25 @@ fn child_expiry() {
 }
 
 fn expiry() {
-    println!("## Expiry without reads: {ITEMS} entries, 2 s TTL, `expire_some(now, 8192)` every 100 ms");
+    println!(
+        "## Expiry without reads: {ITEMS} entries, 2 s TTL, `expire_some(now, 8192)` every 100 ms"
+    );
     let exe = std::env::current_exe().expect("own path");
-    let out = Command::new(exe).arg("child-expiry").output().expect("run child");
+    let out = Command::new(exe)
+        .arg("child-expiry")
+        .output()
+        .expect("run child");
     print!("{}", String::from_utf8_lossy(&out.stdout));
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str).unwrap_or("all") {
-        "child-mem" => child_mem(&args[2], args[3].parse().expect("value bytes"), args[4].parse().expect("items")),
+        "child-mem" => child_mem(
+            &args[2],
+            args[3].parse().expect("value bytes"),
+            args[4].parse().expect("items"),
+        ),
         "child-expiry" => child_expiry(),
         "mem" => mem(),
         "speed" => speed(),

@@ -25,7 +25,10 @@ where
 {
     let start = Instant::now();
     while !check().await? {
-        ensure!(start.elapsed() < WAIT, "{what} did not happen within {WAIT:?}");
+        ensure!(
+            start.elapsed() < WAIT,
+            "{what} did not happen within {WAIT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await; // polling a condition
     }
     Ok(())
@@ -53,7 +56,10 @@ async fn a_failing_loader_hands_the_lease_back_so_the_next_reader_loads_at_once(
             Err::<Option<(Bytes, u64)>, _>("injected: the database is down")
         })
         .await;
-    ensure!(failed.is_err(), "the loader's error is returned: {failed:?}");
+    ensure!(
+        failed.is_err(),
+        "the loader's error is returned: {failed:?}"
+    );
     match flaky.lookup("k").await? {
         Lookup::Miss(lease) => {
             // Cache-aside callers hand a lease back themselves when their
@@ -157,7 +163,10 @@ async fn a_write_the_network_delivers_after_the_readmission_flush_does_not_land(
         .await
         .context("the held bytes were not delivered")??;
     let sets_after = sets_answered(configs[0].metrics_listen).await?;
-    let read = client.get("late", &key).await?.map(|e| (e.value, e.version));
+    let read = client
+        .get("late", &key)
+        .await?
+        .map(|e| (e.value, e.version));
     ensure!(
         read.is_none() || read == Some((Bytes::from_static(b"v2"), 3)),
         "after re-admission the node serves {read:?}: the write of v1, sent before the \

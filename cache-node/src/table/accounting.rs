@@ -171,7 +171,10 @@ mod tests {
         assert_eq!((tally.items(), tally.dirty_items()), (2, 1));
         tally.count(Pool::Dirty, false);
         tally.sub(Pool::Dirty, 48);
-        assert_eq!((tally.items(), tally.dirty_items(), tally.dirty_bytes()), (1, 0, 0));
+        assert_eq!(
+            (tally.items(), tally.dirty_items(), tally.dirty_bytes()),
+            (1, 0, 0)
+        );
         assert_eq!(tally.clean_bytes(), 32);
     }
 }

@@ -231,11 +231,15 @@ mod tests {
 
     #[test]
     fn the_clock_counter_changes_only_its_own_bits() {
-        let mut entry = Entry::new(b"k", b"v", RawMeta {
-            version: 1,
-            time: 0,
-            dirty_ttl: Some(0),
-        });
+        let mut entry = Entry::new(
+            b"k",
+            b"v",
+            RawMeta {
+                version: 1,
+                time: 0,
+                dirty_ttl: Some(0),
+            },
+        );
         for clock in 0..=3 {
             entry.set_clock(clock);
             assert_eq!(entry.clock(), clock);
@@ -252,19 +256,29 @@ mod tests {
 
     #[test]
     fn with_meta_moves_between_dirty_and_clean_keeping_key_value_and_clock() {
-        let mut dirty = Entry::new(b"key", b"value", RawMeta {
-            version: 3,
-            time: 10,
-            dirty_ttl: Some(0),
-        });
+        let mut dirty = Entry::new(
+            b"key",
+            b"value",
+            RawMeta {
+                version: 3,
+                time: 10,
+                dirty_ttl: Some(0),
+            },
+        );
         dirty.set_clock(2);
         dirty.set_probation(true);
         let clean_entry = dirty.with_meta(clean(3, 77));
         assert!(!clean_entry.is_dirty());
-        assert_eq!((clean_entry.key(), clean_entry.value()), (&b"key"[..], &b"value"[..]));
+        assert_eq!(
+            (clean_entry.key(), clean_entry.value()),
+            (&b"key"[..], &b"value"[..])
+        );
         assert_eq!(clean_entry.clock(), 2);
         assert!(clean_entry.is_probation());
-        assert_eq!(clean_entry.alloc_len() + DIRTY_EXTRA_BYTES, dirty.alloc_len());
+        assert_eq!(
+            clean_entry.alloc_len() + DIRTY_EXTRA_BYTES,
+            dirty.alloc_len()
+        );
     }
 
     #[test]

@@ -185,11 +185,15 @@ mod tests {
 
     #[test]
     fn touch_saturates_at_three() {
-        let mut entry = Entry::new(b"k", b"v", RawMeta {
-            version: 0,
-            time: 0,
-            dirty_ttl: None,
-        });
+        let mut entry = Entry::new(
+            b"k",
+            b"v",
+            RawMeta {
+                version: 0,
+                time: 0,
+                dirty_ttl: None,
+            },
+        );
         for expected in [1, 2, 3, 3] {
             touch(&mut entry);
             assert_eq!(entry.clock(), expected);
@@ -207,7 +211,10 @@ mod tests {
         }
         // Down to 2 of 12, within the 20% share: then the main part.
         for i in 0..8 {
-            assert_eq!(evict(&mut shard, 1), Some((format!("new{i}"), Cause::Evicted)));
+            assert_eq!(
+                evict(&mut shard, 1),
+                Some((format!("new{i}"), Cause::Evicted))
+            );
         }
         assert!(evict(&mut shard, 1).unwrap().0.starts_with("main"));
     }
@@ -239,7 +246,10 @@ mod tests {
         }
         // The queue grows to its share at the main part's expense, then the
         // scan only evicts itself.
-        assert!(hot_evicted <= 22, "{hot_evicted} hot entries evicted by the scan");
+        assert!(
+            hot_evicted <= 22,
+            "{hot_evicted} hot entries evicted by the scan"
+        );
         assert_eq!(shard.len(), 100);
     }
 
@@ -265,7 +275,10 @@ mod tests {
         shard.dirty = 50;
         insert(&mut shard, "clean", 0, false, false);
         insert(&mut shard, "new", 0, false, true);
-        let mut evicted = [evict(&mut shard, 1).unwrap().0, evict(&mut shard, 1).unwrap().0];
+        let mut evicted = [
+            evict(&mut shard, 1).unwrap().0,
+            evict(&mut shard, 1).unwrap().0,
+        ];
         evicted.sort();
         assert_eq!(evicted, ["clean", "new"]);
         assert_eq!(evict(&mut shard, 1), None);
@@ -279,7 +292,10 @@ mod tests {
         assert_eq!(next_victim(&mut shard, 1, Some(only), &hash), None);
         // Still queued.
         let main = insert(&mut shard, "main", 0, false, false);
-        assert_eq!(next_victim(&mut shard, 1, Some(main), &hash), Some((only, Cause::Evicted)));
+        assert_eq!(
+            next_victim(&mut shard, 1, Some(main), &hash),
+            Some((only, Cause::Evicted))
+        );
     }
 
     #[test]
@@ -289,7 +305,10 @@ mod tests {
         for _ in 0..3 {
             touch(shard.at_mut(index));
         }
-        assert_eq!(evict(&mut shard, 5), Some(("expired".to_owned(), Cause::Expired)));
+        assert_eq!(
+            evict(&mut shard, 5),
+            Some(("expired".to_owned(), Cause::Expired))
+        );
     }
 
     #[test]

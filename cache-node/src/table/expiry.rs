@@ -33,7 +33,9 @@ impl Clock {
     /// the epoch.
     pub fn encode(&self, at: Instant) -> u64 {
         let nanos = at.saturating_duration_since(self.epoch).as_nanos();
-        u64::try_from(nanos).unwrap_or(u64::MAX - 1).saturating_add(1)
+        u64::try_from(nanos)
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
     }
 
     /// An optional expiry in header units (0 = never).
@@ -99,31 +101,55 @@ mod tests {
 
     #[test]
     fn an_entry_expires_at_its_time_and_a_dirty_one_never() {
-        let clean = Entry::new(b"k", b"v", RawMeta {
-            version: 1,
-            time: 100,
-            dirty_ttl: None,
-        });
+        let clean = Entry::new(
+            b"k",
+            b"v",
+            RawMeta {
+                version: 1,
+                time: 100,
+                dirty_ttl: None,
+            },
+        );
         assert!(!is_expired(&clean, 99));
         assert!(is_expired(&clean, 100));
-        let forever = Entry::new(b"k", b"v", RawMeta {
-            version: 1,
-            time: 0,
-            dirty_ttl: None,
-        });
+        let forever = Entry::new(
+            b"k",
+            b"v",
+            RawMeta {
+                version: 1,
+                time: 0,
+                dirty_ttl: None,
+            },
+        );
         assert!(!is_expired(&forever, u64::MAX));
-        let dirty = Entry::new(b"k", b"v", RawMeta {
-            version: 1,
-            time: 100,
-            dirty_ttl: Some(1),
-        });
+        let dirty = Entry::new(
+            b"k",
+            b"v",
+            RawMeta {
+                version: 1,
+                time: 100,
+                dirty_ttl: Some(1),
+            },
+        );
         assert!(!is_expired(&dirty, u64::MAX));
     }
 
     #[test]
     fn rounds_go_on_while_a_quarter_has_expired() {
-        assert!(Round { met: 20, expired: 5 }.go_on());
-        assert!(!Round { met: 20, expired: 4 }.go_on());
+        assert!(
+            Round {
+                met: 20,
+                expired: 5
+            }
+            .go_on()
+        );
+        assert!(
+            !Round {
+                met: 20,
+                expired: 4
+            }
+            .go_on()
+        );
         assert!(Round { met: 0, expired: 0 }.go_on());
     }
 }

@@ -45,7 +45,9 @@ impl Ghost {
     fn turn(&mut self, shard_len: usize) {
         self.current ^= 1;
         self.capacity = (shard_len / 2).max(MIN_HASHES);
-        let words = (self.capacity * BITS_PER_HASH).div_ceil(64).next_power_of_two();
+        let words = (self.capacity * BITS_PER_HASH)
+            .div_ceil(64)
+            .next_power_of_two();
         let filter = &mut self.filters[self.current];
         filter.clear();
         if filter.capacity() != words {
@@ -70,7 +72,10 @@ impl Ghost {
 
     /// Bytes of the two filters' allocations.
     pub fn allocations(&self) -> [usize; 2] {
-        [self.filters[0].capacity() * 8, self.filters[1].capacity() * 8]
+        [
+            self.filters[0].capacity() * 8,
+            self.filters[1].capacity() * 8,
+        ]
     }
 }
 
@@ -106,14 +111,20 @@ mod tests {
         for i in 0..5_000 {
             ghost.remember(hash(i), shard_len);
         }
-        assert!((0..5_000).all(|i| ghost.contains(hash(i))), "no false negatives");
+        assert!(
+            (0..5_000).all(|i| ghost.contains(hash(i))),
+            "no false negatives"
+        );
         // Two more turns push the first hashes out.
         for i in 5_000..15_001 {
             ghost.remember(hash(i), shard_len);
         }
         assert!((10_001..15_001).all(|i| ghost.contains(hash(i))));
         let remembered_old = (0..5_000).filter(|&i| ghost.contains(hash(i))).count();
-        assert!(remembered_old < 500, "{remembered_old} of 5000 old ghosts still seen");
+        assert!(
+            remembered_old < 500,
+            "{remembered_old} of 5000 old ghosts still seen"
+        );
     }
 
     #[test]
@@ -122,7 +133,9 @@ mod tests {
         for i in 0..5_000 {
             ghost.remember(hash(i), 10_000);
         }
-        let false_positives = (1_000_000..1_100_000).filter(|&i| ghost.contains(hash(i))).count();
+        let false_positives = (1_000_000..1_100_000)
+            .filter(|&i| ghost.contains(hash(i)))
+            .count();
         assert!(false_positives < 6_000, "{false_positives} of 100000");
     }
 

@@ -244,7 +244,9 @@ impl Table {
         // Closures run before anything changes and the table's own code
         // does not panic between a change and its accounting, so a
         // poisoned shard is consistent.
-        self.shards[shard].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn raw_meta(&self, meta: &Meta) -> RawMeta {
@@ -298,7 +300,12 @@ impl Table {
 
     /// Runs `f` on the key's live entry, counting a use of it for eviction;
     /// `None` when there is none.
-    pub fn read<R>(&self, key: &[u8], now: Instant, f: impl FnOnce(EntryRef<'_>) -> R) -> Option<R> {
+    pub fn read<R>(
+        &self,
+        key: &[u8],
+        now: Instant,
+        f: impl FnOnce(EntryRef<'_>) -> R,
+    ) -> Option<R> {
         let hash = self.hash(key);
         let mut shard = self.lock(self.shard_of(hash));
         let index = self.locate(&mut shard, hash, key, self.clock.encode(now))?;
@@ -319,7 +326,13 @@ impl Table {
     ///
     /// # Errors
     /// [`DirtyBytesExhausted`] for a dirty entry beyond `max_dirty_bytes`.
-    pub fn insert(&self, key: &[u8], value: &[u8], meta: Meta, now: Instant) -> Result<(), DirtyBytesExhausted> {
+    pub fn insert(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        meta: Meta,
+        now: Instant,
+    ) -> Result<(), DirtyBytesExhausted> {
         self.compute(key, now, |_| {
             let value = Cow::Borrowed(value);
             (Op::Put { value, meta }, ())
@@ -378,7 +391,13 @@ impl Table {
 
     /// Puts `new` into the shard, in place of the entry in `found` if any;
     /// returns its bucket.
-    fn store(&self, shard: &mut Shard, hash: u64, found: Option<usize>, mut new: Entry) -> Result<usize, DirtyBytesExhausted> {
+    fn store(
+        &self,
+        shard: &mut Shard,
+        hash: u64,
+        found: Option<usize>,
+        mut new: Entry,
+    ) -> Result<usize, DirtyBytesExhausted> {
         let pool = pool_of(&new);
         let footprint = malloc_footprint(new.alloc_len());
         let old = found.map(|index| {
@@ -416,7 +435,11 @@ impl Table {
                 if old_pool != pool {
                     self.tally.count(old_pool, false);
                     self.tally.count(pool, true);
-                    shard.dirty = if pool == Pool::Dirty { shard.dirty + 1 } else { shard.dirty - 1 };
+                    shard.dirty = if pool == Pool::Dirty {
+                        shard.dirty + 1
+                    } else {
+                        shard.dirty - 1
+                    };
                 }
                 Ok(index)
             }
@@ -591,7 +614,11 @@ impl Table {
 }
 
 fn pool_of(entry: &Entry) -> Pool {
-    if entry.is_dirty() { Pool::Dirty } else { Pool::Clean }
+    if entry.is_dirty() {
+        Pool::Dirty
+    } else {
+        Pool::Clean
+    }
 }
 
 #[cfg(test)]

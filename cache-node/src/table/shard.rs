@@ -65,12 +65,16 @@ impl Shard {
     /// If the bucket is empty: indices come from [`Shard::find`] or
     /// [`Shard::insert`] under the same lock, with no insert in between.
     pub fn at(&self, index: usize) -> &Entry {
-        self.map.get_bucket(index).expect("bucket index of a live entry")
+        self.map
+            .get_bucket(index)
+            .expect("bucket index of a live entry")
     }
 
     /// See [`Shard::at`].
     pub fn at_mut(&mut self, index: usize) -> &mut Entry {
-        self.map.get_bucket_mut(index).expect("bucket index of a live entry")
+        self.map
+            .get_bucket_mut(index)
+            .expect("bucket index of a live entry")
     }
 
     /// The entry in a bucket, if the bucket is occupied (for the hands).
@@ -192,7 +196,13 @@ impl Shard {
 
     /// What the index and the probation queue are charged now.
     pub fn index_footprint(&self) -> u64 {
-        let footprint = |bytes: usize| if bytes == 0 { 0 } else { malloc_footprint(bytes) };
+        let footprint = |bytes: usize| {
+            if bytes == 0 {
+                0
+            } else {
+                malloc_footprint(bytes)
+            }
+        };
         let [first, second] = self.ghost.allocations();
         footprint(self.map.allocation_size())
             + footprint(self.small.capacity() * 8)
@@ -212,7 +222,11 @@ impl Shard {
 
 /// Entries hashbrown holds in `buckets` buckets before it must rehash.
 fn bucket_capacity(buckets: usize) -> usize {
-    if buckets < 8 { buckets.saturating_sub(1) } else { buckets / 8 * 7 }
+    if buckets < 8 {
+        buckets.saturating_sub(1)
+    } else {
+        buckets / 8 * 7
+    }
 }
 
 #[cfg(test)]
@@ -225,11 +239,15 @@ mod tests {
     }
 
     fn entry(key: &str) -> Entry {
-        Entry::new(key.as_bytes(), b"value", RawMeta {
-            version: 1,
-            time: 0,
-            dirty_ttl: None,
-        })
+        Entry::new(
+            key.as_bytes(),
+            b"value",
+            RawMeta {
+                version: 1,
+                time: 0,
+                dirty_ttl: None,
+            },
+        )
     }
 
     fn insert(shard: &mut Shard, key: &str) -> usize {
@@ -281,7 +299,9 @@ mod tests {
             insert(&mut shard, &format!("k{i}"));
         }
         let buckets = shard.num_buckets();
-        let seen = (0..buckets).filter(|&b| shard.bucket_mut(b).is_some()).count();
+        let seen = (0..buckets)
+            .filter(|&b| shard.bucket_mut(b).is_some())
+            .count();
         assert_eq!(seen, 500);
         assert!(shard.bucket_mut(buckets).is_none());
     }
@@ -321,7 +341,11 @@ mod tests {
             insert(&mut shard, &format!("k{i}"));
         }
         assert_eq!(shard.len(), 5_000);
-        assert_eq!(shard.num_buckets(), buckets, "the index grew under steady churn");
+        assert_eq!(
+            shard.num_buckets(),
+            buckets,
+            "the index grew under steady churn"
+        );
         for i in 195_000..200_000 {
             let key = format!("k{i}");
             assert!(shard.find(hash(key.as_bytes()), key.as_bytes()).is_some());
@@ -336,15 +360,28 @@ mod tests {
         let index = shard.insert(hash(b"new"), on, |e| hash(e.key()));
         insert(&mut shard, "old");
         assert_eq!((shard.on_probation, shard.small.len()), (1, 1));
-        assert_eq!(shard.find_on_probation(hash(b"new"), |e| hash(e.key())), Some(index));
-        assert_eq!(shard.find_on_probation(hash(b"old"), |e| hash(e.key())), None);
+        assert_eq!(
+            shard.find_on_probation(hash(b"new"), |e| hash(e.key())),
+            Some(index)
+        );
+        assert_eq!(
+            shard.find_on_probation(hash(b"old"), |e| hash(e.key())),
+            None
+        );
         shard.promote(index);
         assert_eq!(shard.on_probation, 0);
-        assert_eq!(shard.find_on_probation(hash(b"new"), |e| hash(e.key())), None);
+        assert_eq!(
+            shard.find_on_probation(hash(b"new"), |e| hash(e.key())),
+            None
+        );
         let mut again = entry("again");
         again.set_probation(true);
         let index = shard.insert(hash(b"again"), again, |e| hash(e.key()));
         shard.remove(index);
-        assert_eq!((shard.on_probation, shard.small.len()), (0, 2), "stale hashes stay queued");
+        assert_eq!(
+            (shard.on_probation, shard.small.len()),
+            (0, 2),
+            "stale hashes stay queued"
+        );
     }
 }

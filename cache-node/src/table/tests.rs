@@ -45,7 +45,10 @@ fn recount(table: &Table) -> TableStats {
             }
         }
         assert_eq!(shard.dirty, dirty, "per-shard dirty count");
-        assert_eq!(shard.on_probation, on_probation, "per-shard probation count");
+        assert_eq!(
+            shard.on_probation, on_probation,
+            "per-shard probation count"
+        );
     }
     stats
 }
@@ -59,15 +62,24 @@ fn assert_tallies_exact(table: &Table) {
         (stats.items, stats.dirty_items, stats.dirty_bytes),
         (counted.items, counted.dirty_items, counted.dirty_bytes)
     );
-    let index_bytes: u64 = table.shards.iter().map(|shard| shard.lock().unwrap().index_footprint()).sum();
-    assert_eq!(stats.bytes, counted.bytes + index_bytes, "clean bytes tally");
+    let index_bytes: u64 = table
+        .shards
+        .iter()
+        .map(|shard| shard.lock().unwrap().index_footprint())
+        .sum();
+    assert_eq!(
+        stats.bytes,
+        counted.bytes + index_bytes,
+        "clean bytes tally"
+    );
 }
 
 #[test]
 fn a_stored_entry_reads_back_with_its_header() {
     let (t, now) = table(1 << 20);
     let expires = now + Duration::from_secs(60);
-    t.insert(b"key", b"value", Meta::clean(7, Some(expires)), now).unwrap();
+    t.insert(b"key", b"value", Meta::clean(7, Some(expires)), now)
+        .unwrap();
     let found = t.get(b"key", now).unwrap();
     assert_eq!(found.value, Bytes::from_static(b"value"));
     assert_eq!(found.meta, Meta::clean(7, Some(expires)));
@@ -83,10 +95,13 @@ fn a_stored_entry_reads_back_with_its_header() {
 fn an_expired_entry_is_never_returned_and_leaves_when_met() {
     let (t, now) = table(1 << 20);
     let ttl = Duration::from_millis(10);
-    t.insert(b"key", b"value", Meta::clean(1, Some(now + ttl)), now).unwrap();
+    t.insert(b"key", b"value", Meta::clean(1, Some(now + ttl)), now)
+        .unwrap();
     assert!(t.get(b"key", now + ttl - Duration::from_nanos(1)).is_some());
     assert_eq!(t.get(b"key", now + ttl), None);
-    let seen = t.compute(b"key", now + ttl, |current| (Op::Keep, current.is_some())).unwrap();
+    let seen = t
+        .compute(b"key", now + ttl, |current| (Op::Keep, current.is_some()))
+        .unwrap();
     assert!(!seen);
     let stats = t.stats();
     assert_eq!((stats.items, stats.expirations), (0, 1));
@@ -99,8 +114,17 @@ fn clean_bytes_stay_within_the_capacity_and_evictions_are_counted() {
     let (t, now) = table(capacity);
     let value = [7u8; 100];
     for i in 0..20_000 {
-        t.insert(format!("key:{i}").as_bytes(), &value, Meta::clean(1, None), now).unwrap();
-        assert!(t.stats().bytes <= capacity, "over capacity after {i} writes");
+        t.insert(
+            format!("key:{i}").as_bytes(),
+            &value,
+            Meta::clean(1, None),
+            now,
+        )
+        .unwrap();
+        assert!(
+            t.stats().bytes <= capacity,
+            "over capacity after {i} writes"
+        );
     }
     let stats = t.stats();
     assert!(stats.items > 1000, "{stats:?}");
@@ -112,16 +136,29 @@ fn clean_bytes_stay_within_the_capacity_and_evictions_are_counted() {
 fn dirty_entries_survive_any_eviction_pressure_and_do_not_expire() {
     let (t, now) = table(64 * 1024);
     for i in 0..100 {
-        t.insert(format!("dirty:{i}").as_bytes(), b"d", dirty(1, now, Some(Duration::from_millis(1))), now)
-            .unwrap();
+        t.insert(
+            format!("dirty:{i}").as_bytes(),
+            b"d",
+            dirty(1, now, Some(Duration::from_millis(1))),
+            now,
+        )
+        .unwrap();
     }
     for i in 0..10_000 {
-        t.insert(format!("clean:{i}").as_bytes(), &[0u8; 200], Meta::clean(1, None), now).unwrap();
+        t.insert(
+            format!("clean:{i}").as_bytes(),
+            &[0u8; 200],
+            Meta::clean(1, None),
+            now,
+        )
+        .unwrap();
     }
     let later = now + Duration::from_secs(3600);
     t.expire_some(later, usize::MAX);
     for i in 0..100 {
-        let found = t.get(format!("dirty:{i}").as_bytes(), later).expect("dirty entry kept");
+        let found = t
+            .get(format!("dirty:{i}").as_bytes(), later)
+            .expect("dirty entry kept");
         assert_eq!(found.meta, dirty(1, now, Some(Duration::from_millis(1))));
     }
     assert_eq!(t.stats().dirty_items, 100);
@@ -141,7 +178,12 @@ fn a_dirty_write_beyond_the_budget_is_refused_and_changes_nothing() {
     );
     let mut stored = 0;
     let refused = loop {
-        match t.insert(format!("k{stored}").as_bytes(), &[1u8; 100], dirty(1, now, None), now) {
+        match t.insert(
+            format!("k{stored}").as_bytes(),
+            &[1u8; 100],
+            dirty(1, now, None),
+            now,
+        ) {
             Ok(()) => stored += 1,
             Err(refused) => break refused,
         }
@@ -152,8 +194,12 @@ fn a_dirty_write_beyond_the_budget_is_refused_and_changes_nothing() {
     // The refused key has no entry; a clean one over it would have stayed.
     assert_eq!(t.get(format!("k{stored}").as_bytes(), now), None);
     // A refused dirty write over a clean entry leaves the clean entry.
-    t.insert(b"clean", b"value", Meta::clean(2, None), now).unwrap();
-    assert!(t.insert(b"clean", &[1u8; 2000], dirty(3, now, None), now).is_err());
+    t.insert(b"clean", b"value", Meta::clean(2, None), now)
+        .unwrap();
+    assert!(
+        t.insert(b"clean", &[1u8; 2000], dirty(3, now, None), now)
+            .is_err()
+    );
     assert_eq!(t.get(b"clean", now).unwrap().meta, Meta::clean(2, None));
     assert_tallies_exact(&t);
 }
@@ -161,7 +207,13 @@ fn a_dirty_write_beyond_the_budget_is_refused_and_changes_nothing() {
 #[test]
 fn set_meta_makes_a_dirty_entry_clean_and_moves_its_bytes() {
     let (t, now) = table(1 << 20);
-    t.insert(b"key", b"value", dirty(5, now, Some(Duration::from_secs(9))), now).unwrap();
+    t.insert(
+        b"key",
+        b"value",
+        dirty(5, now, Some(Duration::from_secs(9))),
+        now,
+    )
+    .unwrap();
     assert_eq!(t.stats().dirty_items, 1);
     let expires = now + Duration::from_secs(9);
     t.compute(b"key", now, |current| {
@@ -171,7 +223,10 @@ fn set_meta_makes_a_dirty_entry_clean_and_moves_its_bytes() {
     })
     .unwrap();
     let stats = t.stats();
-    assert_eq!((stats.items, stats.dirty_items, stats.dirty_bytes), (1, 0, 0));
+    assert_eq!(
+        (stats.items, stats.dirty_items, stats.dirty_bytes),
+        (1, 0, 0)
+    );
     let found = t.get(b"key", now).unwrap();
     assert_eq!(found.meta, Meta::clean(5, Some(expires)));
     assert_eq!(found.value, Bytes::from_static(b"value"));
@@ -189,9 +244,16 @@ fn concurrent_read_modify_writes_lose_no_update() {
                 for i in 0..2000 {
                     let key = format!("counter{}", i % 8);
                     t.compute(key.as_bytes(), now, |current| {
-                        let n = current.map_or(0, |e| u64::from_le_bytes(e.value.try_into().unwrap()));
+                        let n =
+                            current.map_or(0, |e| u64::from_le_bytes(e.value.try_into().unwrap()));
                         let value = Cow::Owned((n + 1).to_le_bytes().to_vec());
-                        (Op::Put { value, meta: Meta::clean(n + 1, None) }, ())
+                        (
+                            Op::Put {
+                                value,
+                                meta: Meta::clean(n + 1, None),
+                            },
+                            (),
+                        )
                     })
                     .unwrap();
                 }
@@ -202,7 +264,12 @@ fn concurrent_read_modify_writes_lose_no_update() {
         thread.join().unwrap();
     }
     let total: u64 = (0..8)
-        .map(|i| t.get(format!("counter{i}").as_bytes(), now).unwrap().meta.version)
+        .map(|i| {
+            t.get(format!("counter{i}").as_bytes(), now)
+                .unwrap()
+                .meta
+                .version
+        })
         .sum();
     assert_eq!(total, 8000);
     assert_tallies_exact(&t);
@@ -213,8 +280,13 @@ fn active_expiry_empties_a_table_nobody_reads() {
     let (t, now) = table(1 << 30);
     let ttl = Duration::from_secs(2);
     for i in 0..50_000 {
-        t.insert(format!("key:{i}").as_bytes(), &[0u8; 100], Meta::clean(1, Some(now + ttl)), now)
-            .unwrap();
+        t.insert(
+            format!("key:{i}").as_bytes(),
+            &[0u8; 100],
+            Meta::clean(1, Some(now + ttl)),
+            now,
+        )
+        .unwrap();
     }
     assert_eq!(t.expire_some(now + Duration::from_secs(1), 4096), 0);
     let later = now + ttl;
@@ -225,7 +297,11 @@ fn active_expiry_empties_a_table_nobody_reads() {
         assert!(rounds < 100, "expiry made no progress");
     }
     let stats = t.stats();
-    assert_eq!((stats.expirations, stats.bytes), (50_000, 0), "index memory given back");
+    assert_eq!(
+        (stats.expirations, stats.bytes),
+        (50_000, 0),
+        "index memory given back"
+    );
     assert_tallies_exact(&t);
 }
 
@@ -234,7 +310,13 @@ fn active_expiry_is_not_stalled_by_a_stretch_it_already_cleared() {
     let (t, now) = table(1 << 30);
     let at = now + Duration::from_secs(2);
     for i in 0..200_000 {
-        t.insert(format!("key:{i}").as_bytes(), b"v", Meta::clean(1, Some(at)), now).unwrap();
+        t.insert(
+            format!("key:{i}").as_bytes(),
+            b"v",
+            Meta::clean(1, Some(at)),
+            now,
+        )
+        .unwrap();
     }
     // Before the expiry the hand walks a little on each call.
     for _ in 0..10 {
@@ -243,13 +325,22 @@ fn active_expiry_is_not_stalled_by_a_stretch_it_already_cleared() {
     // Enough calls to walk every bucket twice at full speed. When the
     // index shrinks midway, what is left sits in the upper part of the new
     // buckets: the hand, back at 0, first meets a stretch of empty ones.
-    let buckets: usize = t.shards.iter().map(|s| s.lock().unwrap().num_buckets()).max().unwrap();
+    let buckets: usize = t
+        .shards
+        .iter()
+        .map(|s| s.lock().unwrap().num_buckets())
+        .max()
+        .unwrap();
     let bound = 2 * buckets.div_ceil(8192) + 4;
     let mut calls = 0;
     while t.stats().items > 0 {
         t.expire_some(at, 8192);
         calls += 1;
-        assert!(calls <= bound, "expiry stalled: {} left after {calls} calls", t.stats().items);
+        assert!(
+            calls <= bound,
+            "expiry stalled: {} left after {calls} calls",
+            t.stats().items
+        );
     }
 }
 
@@ -263,14 +354,23 @@ fn a_hot_set_survives_a_one_pass_scan() {
             let key = format!("hot:{i:03}");
             if t.get(key.as_bytes(), now).is_none() {
                 assert_eq!(round, 0, "{key} lost before the scan");
-                t.insert(key.as_bytes(), &value, Meta::clean(1, None), now).unwrap();
+                t.insert(key.as_bytes(), &value, Meta::clean(1, None), now)
+                    .unwrap();
             }
         }
     }
     for i in 0..20_000 {
-        t.insert(format!("scan:{i}").as_bytes(), &value, Meta::clean(1, None), now).unwrap();
+        t.insert(
+            format!("scan:{i}").as_bytes(),
+            &value,
+            Meta::clean(1, None),
+            now,
+        )
+        .unwrap();
     }
-    let kept = (0..500).filter(|i| t.get(format!("hot:{i:03}").as_bytes(), now).is_some()).count();
+    let kept = (0..500)
+        .filter(|i| t.get(format!("hot:{i:03}").as_bytes(), now).is_some())
+        .count();
     assert!(kept >= 450, "only {kept} of 500 hot keys survived the scan");
 }
 
@@ -278,11 +378,18 @@ fn a_hot_set_survives_a_one_pass_scan() {
 fn clear_drops_everything_and_gives_memory_back() {
     let (t, now) = table(1 << 20);
     for i in 0..5000 {
-        t.insert(format!("k{i}").as_bytes(), b"v", Meta::clean(1, None), now).unwrap();
+        t.insert(format!("k{i}").as_bytes(), b"v", Meta::clean(1, None), now)
+            .unwrap();
     }
     t.insert(b"dirty", b"v", dirty(1, now, None), now).unwrap();
     t.clear();
-    assert_eq!(t.stats(), TableStats { evictions: t.stats().evictions, ..TableStats::default() });
+    assert_eq!(
+        t.stats(),
+        TableStats {
+            evictions: t.stats().evictions,
+            ..TableStats::default()
+        }
+    );
     assert_eq!(t.get(b"k1", now), None);
     let mut seen = 0;
     t.for_each_dirty(|_| seen += 1);
@@ -294,8 +401,13 @@ fn clear_drops_everything_and_gives_memory_back() {
 fn for_each_dirty_sees_exactly_the_dirty_entries() {
     let (t, now) = table(1 << 20);
     for i in 0..100 {
-        let meta = if i % 10 == 0 { dirty(i, now, None) } else { Meta::clean(i, None) };
-        t.insert(format!("k{i}").as_bytes(), b"v", meta, now).unwrap();
+        let meta = if i % 10 == 0 {
+            dirty(i, now, None)
+        } else {
+            Meta::clean(i, None)
+        };
+        t.insert(format!("k{i}").as_bytes(), b"v", meta, now)
+            .unwrap();
     }
     let mut seen = Vec::new();
     t.for_each_dirty(|entry| seen.push(entry.meta.version));
@@ -317,7 +429,13 @@ fn a_key_evicted_from_probation_skips_it_when_written_again() {
         now,
     );
     for i in 0..5000 {
-        t.insert(format!("key:{i:04}").as_bytes(), &value, Meta::clean(1, None), now).unwrap();
+        t.insert(
+            format!("key:{i:04}").as_bytes(),
+            &value,
+            Meta::clean(1, None),
+            now,
+        )
+        .unwrap();
     }
     // The latest evicted.
     let evicted: Vec<String> = (0..5000)
@@ -329,7 +447,8 @@ fn a_key_evicted_from_probation_skips_it_when_written_again() {
     assert_eq!(evicted.len(), 100);
     let mut skipped = 0;
     for key in &evicted {
-        t.insert(key.as_bytes(), &value, Meta::clean(2, None), now).unwrap();
+        t.insert(key.as_bytes(), &value, Meta::clean(2, None), now)
+            .unwrap();
         let shard = t.shards[0].lock().unwrap();
         let index = shard.find(t.hash(key.as_bytes()), key.as_bytes()).unwrap();
         skipped += usize::from(!shard.at(index).is_probation());
@@ -352,10 +471,22 @@ mod model {
 
     #[derive(Clone, Debug)]
     enum Step {
-        Put { key: u8, len: usize, version: u64, ttl_ms: Option<u64>, dirty: bool },
-        Remove { key: u8 },
-        Clean { key: u8 },
-        Advance { ms: u64 },
+        Put {
+            key: u8,
+            len: usize,
+            version: u64,
+            ttl_ms: Option<u64>,
+            dirty: bool,
+        },
+        Remove {
+            key: u8,
+        },
+        Clean {
+            key: u8,
+        },
+        Advance {
+            ms: u64,
+        },
         Expire,
     }
 

@@ -610,11 +610,7 @@ async fn cut(mut state: watch::Receiver<State>, epoch: u64) {
 /// When the connection is stranded, shuts the client's side down (it reads
 /// the end of the stream, and what it sends is dropped); bytes already read
 /// from it stay held by the pipe towards the target.
-async fn strand(
-    mut state: watch::Receiver<State>,
-    epochs: Epochs,
-    client: &std::net::TcpStream,
-) {
+async fn strand(mut state: watch::Receiver<State>, epochs: Epochs, client: &std::net::TcpStream) {
     loop {
         if epochs.stranded(&state.borrow_and_update()) {
             // Already shut down, or reset by the client: either way ended.
@@ -633,8 +629,7 @@ async fn flowing(state: &mut watch::Receiver<State>, epochs: Epochs) {
     loop {
         let hang = {
             let current = state.borrow_and_update();
-            current.fault.hangs_existing()
-                || (current.fault.strands() && epochs.stranded(&current))
+            current.fault.hangs_existing() || (current.fault.strands() && epochs.stranded(&current))
         };
         if !hang {
             return;
@@ -975,7 +970,10 @@ mod tests {
         before.write_all(b"early-").await.expect("write");
 
         proxy.set(Fault::blackhole()).await.expect("partition");
-        before.write_all(b"held").await.expect("write into the hole");
+        before
+            .write_all(b"held")
+            .await
+            .expect("write into the hole");
         proxy.set(Fault::Strand).await.expect("strand");
         assert!(ended(&mut before).await, "the client's side has ended");
         // A new connection passes, while the old one's bytes are held.

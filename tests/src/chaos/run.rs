@@ -399,8 +399,8 @@ impl Cluster {
         let mut keyspaces = Vec::new();
         for spec in &specs {
             let strategy = spec.strategy()?;
-            let mut settings = KeyspaceSettings::new(strategy)
-                .with_replication(spec.replicas, spec.write_quorum);
+            let mut settings =
+                KeyspaceSettings::new(strategy).with_replication(spec.replicas, spec.write_quorum);
             settings.ttl = spec.ttl;
             settings.pending_timeout = PENDING_TIMEOUT;
             client.define_keyspace(&spec.name, settings, Some(store.clone()))?;
