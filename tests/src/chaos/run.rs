@@ -224,7 +224,10 @@ pub fn bounds(fault: FaultKind, phase: Duration) -> CheckConfig {
         }
         config = config
             .with_bound(Strategy::WriteThrough, heal_bound)
-            .with_bound(Strategy::WriteBack, write_back.max(ttl_bound.min(heal_bound)));
+            .with_bound(
+                Strategy::WriteBack,
+                write_back.max(ttl_bound.min(heal_bound)),
+            );
     }
     config
 }
@@ -260,7 +263,10 @@ pub async fn run(options: &Options) -> Result<Outcome> {
             victim_client: rng.random_range(0..cluster.clients.len()),
             seed: rng.random(),
         };
-        let (checked, history) = match cluster.phase(options, &phase, &bounds(fault, options.phase)).await {
+        let (checked, history) = match cluster
+            .phase(options, &phase, &bounds(fault, options.phase))
+            .await
+        {
             Ok(done) => done,
             Err(e) => {
                 result = Err(e);
