@@ -168,7 +168,12 @@ impl PrivateBroker {
         let advertised = format!("tcp://{}", self.advertised);
         let child = Command::new(&binary)
             .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &advertised])
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+            ])
             // Relative to the working directory: the log lives in `dir`.
             .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(self.dir.path())

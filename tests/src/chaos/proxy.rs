@@ -640,8 +640,7 @@ async fn flowing(state: &mut watch::Receiver<State>, epochs: Epochs, direction: 
             let current = state.borrow_and_update();
             current.fault.hangs_existing()
                 || (current.fault.strands() && epochs.stranded(&current))
-                || (current.fault == Fault::HoldReplies
-                    && matches!(direction, Direction::ToClient))
+                || (current.fault == Fault::HoldReplies && matches!(direction, Direction::ToClient))
         };
         if !hang {
             return;
