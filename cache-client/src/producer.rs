@@ -165,6 +165,39 @@ fn needs_new_producer(err: &KafkaError) -> bool {
     }
 }
 
+/// Whether the broker may have appended a record whose send failed with
+/// `err`: the producer timed out waiting for the answer, or lost the
+/// connection, after the request may have left (librdkafka reports a record
+/// still queued the same way; it cannot be told apart). Every other error
+/// is an answer that the record was not appended, or a local refusal.
+fn outcome_unknown(err: &KafkaError) -> bool {
+    match err {
+        KafkaError::MessageProduction(code) => matches!(
+            code,
+            RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+                | RDKafkaErrorCode::PurgeInflight
+        ),
+        // The delivery report was dropped with the producer.
+        KafkaError::Canceled => true,
+        _ => false,
+    }
+}
+
+/// A record the broker did not acknowledge.
+#[derive(Debug)]
+pub(crate) struct Unacknowledged {
+    /// The error to return to the writer.
+    pub(crate) error: Error,
+    /// Whether the broker may have appended the record all the same (see
+    /// [`outcome_unknown`]); when false it did not.
+    pub(crate) outcome_unknown: bool,
+}
+
 /// The client's Kafka producer for write-back keyspaces.
 pub(crate) struct Producer {
     producer: ResilientProducer,
@@ -228,7 +261,10 @@ impl Producer {
     }
 
     /// Produces one record and waits for the broker's acknowledgement.
-    pub(crate) async fn send(&self, record: &WriteBackRecord) -> Result<()> {
+    pub(crate) async fn send(
+        &self,
+        record: &WriteBackRecord,
+    ) -> std::result::Result<(), Unacknowledged> {
         let topic = record.topic();
         let key = record.encode_key();
         let mut headers = OwnedHeaders::new();
@@ -255,7 +291,19 @@ impl Producer {
         self.producer
             .send(message, self.config.delivery_timeout)
             .await
-            .map_err(|e| kafka_error(&record.keyspace, "the broker did not acknowledge", e))
+            .map_err(|e| {
+                let outcome_unknown = outcome_unknown(&e);
+                let what = if outcome_unknown {
+                    "the broker did not acknowledge (outcome unknown: the record may be queued; \
+                     the client sends it again until the broker takes it)"
+                } else {
+                    "the broker did not take the record"
+                };
+                Unacknowledged {
+                    error: kafka_error(&record.keyspace, what, e),
+                    outcome_unknown,
+                }
+            })
     }
 }
 
@@ -285,5 +333,31 @@ mod tests {
             RDKafkaErrorCode::UnknownTopicOrPartition
         )));
         assert!(!needs_new_producer(&KafkaError::Canceled));
+    }
+
+    #[test]
+    fn only_timeouts_and_lost_connections_leave_the_outcome_unknown() {
+        let production = |code| KafkaError::MessageProduction(code);
+        // The request may have reached the broker: its answer did not come.
+        assert!(outcome_unknown(&production(
+            RDKafkaErrorCode::MessageTimedOut
+        )));
+        assert!(outcome_unknown(&production(
+            RDKafkaErrorCode::RequestTimedOut
+        )));
+        assert!(outcome_unknown(&production(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(outcome_unknown(&production(
+            RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+        )));
+        // The broker answered that it did not append the record.
+        assert!(!outcome_unknown(&production(
+            RDKafkaErrorCode::MessageSizeTooLarge
+        )));
+        assert!(!outcome_unknown(&production(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+        assert!(!outcome_unknown(&production(RDKafkaErrorCode::QueueFull)));
     }
 }

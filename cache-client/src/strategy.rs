@@ -82,7 +82,9 @@ pub enum Strategy {
 pub enum Ack {
     /// After the broker acknowledged the record (the default): an
     /// acknowledged write survives the loss of the client, the nodes and the
-    /// worker.
+    /// worker. A write whose send fails with an unknown outcome returns the
+    /// error but is served and sent again in the background until the broker
+    /// takes it (`docs/write-back.md`).
     #[default]
     Durable,
     /// After the cache write; the record is sent in the background. A write
@@ -1269,9 +1271,15 @@ impl Keyspace {
     /// Write-back. A `durable` write goes to the keyspace's topic first and,
     /// once the broker acknowledged it, to the cache as a dirty entry (which
     /// the node keeps until the worker has stored it, so readers see the
-    /// write at once). If the broker does not take it, the write fails and
-    /// the cache is untouched: the dirty entries of earlier acknowledged
-    /// writes stay, so readers keep seeing them. If the cache write fails
+    /// write at once). If the broker refuses it, the write fails and the
+    /// cache is untouched: the dirty entries of earlier acknowledged writes
+    /// stay, so readers keep seeing them. If the send fails with an unknown
+    /// outcome (a timeout, a lost connection: the broker may have appended
+    /// the record), the write fails, but it is treated as queued: its dirty
+    /// entry is written (if newer than the cached one) and the same record
+    /// is sent again in the background until the broker acknowledges it, so
+    /// that the worker stores it and its `MarkClean` settles the entry,
+    /// whichever copy the worker reads. If the cache write fails
     /// after the broker took the record (a node down, `max_dirty_bytes`
     /// full), the write fails, although it will be stored; the cache keeps
     /// what it had (earlier acknowledged writes stay readable) until the
@@ -1324,7 +1332,13 @@ impl Keyspace {
                 let started = std::time::Instant::now();
                 let sent = producer.send(&record).await;
                 telemetry::write_back_produced(&self.name, "durable", started, sent.is_ok());
-                sent?;
+                if let Err(failed) = sent {
+                    if failed.outcome_unknown {
+                        self.write_back_unacknowledged(key, cached, options, record)
+                            .await;
+                    }
+                    return Err(failed.error);
+                }
                 if let Err(e) = self.client.set(&self.name, &key, cached, options).await {
                     // The record is queued and will be stored. The cache is
                     // left as it is: it may hold the dirty entry of an
@@ -1347,7 +1361,7 @@ impl Keyspace {
                     let started = std::time::Instant::now();
                     let sent = producer.send(&record).await;
                     telemetry::write_back_produced(&this.name, "fast", started, sent.is_ok());
-                    if let Err(e) = sent {
+                    if let Err(crate::producer::Unacknowledged { error: e, .. }) = sent {
                         tracing::error!(keyspace = %this.name, error = %e, "fast write-back write lost: the broker did not take it");
                         // Only this write's entry goes: a later write of the
                         // key (durable or fast) may have replaced it, and its
@@ -1371,6 +1385,88 @@ impl Keyspace {
             version,
             applied: true,
         })
+    }
+
+    /// A durable write whose send ended with an unknown outcome: the
+    /// broker may have appended the record, and the worker would then
+    /// store it while the cache kept an older value (issue 13, defect 3).
+    /// So the write is made certain rather than left in doubt: its dirty
+    /// entry is written (only over an older entry), then the record is sent
+    /// again until the broker acknowledges it. A duplicate is harmless: the
+    /// worker stores a version once, and `MarkClean`s it for either copy.
+    ///
+    /// If the dirty entry cannot be written, the cache is left as it is, as
+    /// for a cache failure after an acknowledged send: the `MarkClean` of
+    /// this record drops older entries once the worker stored it.
+    #[cfg(feature = "kafka")]
+    async fn write_back_unacknowledged(
+        &self,
+        key: Bytes,
+        cached: Bytes,
+        options: crate::client::SetOptions,
+        record: crate::writeback::WriteBackRecord,
+    ) {
+        // The dirty entry first: were it written after the re-send, the
+        // worker could store and `MarkClean` the record before the entry
+        // lands, leaving it dirty until the repair round.
+        if let Err(e) = self.client.set(&self.name, &key, cached, options).await {
+            tracing::warn!(keyspace = %self.name, error = %e, "cannot cache a durable write-back write whose send may have failed");
+            self.count(telemetry::WRITE_BACK_CACHE_FAILURES);
+        }
+        // Only a weak reference: a dropped client stops re-sending (the
+        // record may then be lost, and its dirty entry never stored; see
+        // docs/write-back.md).
+        let client = Arc::downgrade(&self.client.inner);
+        let keyspace = self.name.clone();
+        let resend = async move {
+            let mut attempt: u32 = 0;
+            loop {
+                attempt = attempt.saturating_add(1);
+                let Some(inner) = client.upgrade() else {
+                    tracing::warn!(keyspace = %keyspace, version = record.version, "client dropped; a write-back record whose send failed is no longer sent again");
+                    return;
+                };
+                let delay = inner
+                    .backoff
+                    .delay(attempt.min(10))
+                    .max(Duration::from_millis(50));
+                let Some(producer) = inner.producer.get().cloned() else {
+                    return;
+                };
+                // The client is not kept alive while waiting.
+                drop(inner);
+                tokio::time::sleep(delay).await;
+                metrics::counter!(telemetry::WRITE_BACK_RESENDS, "keyspace" => keyspace.to_string())
+                    .increment(1);
+                match producer.send(&record).await {
+                    Ok(()) => {
+                        tracing::info!(keyspace = %keyspace, version = record.version, attempt, "write-back record whose first send failed is queued");
+                        return;
+                    }
+                    Err(failed) if failed.outcome_unknown => continue,
+                    Err(failed) => {
+                        // Refused for good. If the first send was appended,
+                        // the worker stores it and `MarkClean` settles the
+                        // entry; if not, nothing will: discard exactly this
+                        // version's entry (a later write's stays).
+                        tracing::error!(keyspace = %keyspace, version = record.version, error = %failed.error, "write-back record refused on re-send");
+                        if let Some(inner) = client.upgrade() {
+                            let client = Client { inner };
+                            if let Err(e) =
+                                client.discard(&keyspace, &record.key, record.version).await
+                            {
+                                tracing::warn!(keyspace = %keyspace, error = %e, "cannot discard the refused write's cache entry");
+                            }
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::spawn(tracing::Instrument::instrument(
+            resend,
+            tracing::Span::current(),
+        ));
     }
 
     #[cfg(not(feature = "kafka"))]

@@ -87,6 +87,10 @@ pub const WRITE_BACK_PRODUCE_DURATION: &str =
 /// failed (the key was invalidated), label `keyspace`.
 pub const WRITE_BACK_CACHE_FAILURES: &str = "ringcache_client_write_back_cache_failures_total";
 
+/// Background re-sends of durable write-back records whose first send
+/// ended with an unknown outcome, label `keyspace`.
+pub const WRITE_BACK_RESENDS: &str = "ringcache_client_write_back_resends_total";
+
 /// The strategy label of raw API calls.
 pub(crate) const RAW: &str = "raw";
 

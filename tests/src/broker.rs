@@ -31,6 +31,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct PrivateBroker {
     addr: SocketAddr,
+    /// The address the broker tells clients to connect to (its metadata):
+    /// `addr`, or a proxy in front of it.
+    advertised: SocketAddr,
     log: PathBuf,
     child: Option<Child>,
     incarnation: u32,
@@ -47,6 +50,23 @@ impl PrivateBroker {
     /// Fails when tansu cannot be found or started, or is not ready within
     /// `timeout`.
     pub async fn start(timeout: Duration) -> Result<Self> {
+        let addr = crate::free_addr()?;
+        Self::start_advertising(addr, addr, timeout).await
+    }
+
+    /// Starts a broker listening on `addr` that tells clients to connect to
+    /// `advertised` (a proxy in front of it: after bootstrapping, clients
+    /// reach the broker through the advertised address only), and waits
+    /// until it answers a metadata request on `addr`.
+    ///
+    /// # Errors
+    ///
+    /// As [`PrivateBroker::start`].
+    pub async fn start_advertising(
+        addr: SocketAddr,
+        advertised: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("ringcache-private-tansu-")
             .tempdir()
@@ -54,7 +74,8 @@ impl PrivateBroker {
         let log = dir.path().join("tansu.log");
         File::create(&log).with_context(|| format!("failed to create {}", log.display()))?;
         let mut broker = Self {
-            addr: crate::free_addr()?,
+            addr,
+            advertised,
             log,
             child: None,
             incarnation: 0,
@@ -144,9 +165,15 @@ impl PrivateBroker {
         writeln!(out, "==== incarnation {} ====", self.incarnation)?;
         let err = out.try_clone()?;
         let url = format!("tcp://{}", self.addr);
+        let advertised = format!("tcp://{}", self.advertised);
         let child = Command::new(&binary)
             .arg("broker")
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+            ])
             // Relative to the working directory: the log lives in `dir`.
             .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(self.dir.path())

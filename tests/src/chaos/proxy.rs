@@ -24,6 +24,11 @@
 //!   retransmitting an orphaned connection's segments after a partition, or
 //!   a paused process's socket buffer).
 //!
+//! - [`Fault::HoldReplies`]: bytes to the target pass; bytes back to the
+//!   client are held until the fault ends (a request the target carries
+//!   out whose answer is lost: a Kafka broker appends a record, the
+//!   producer never hears of it and times out).
+//!
 //! While refusing, the port stays reserved by a bound, non-listening socket
 //! (`SO_REUSEPORT`), so that no other process takes it before the proxy
 //! listens again.
@@ -97,6 +102,9 @@ pub enum Fault {
     /// towards the target reach it when the fault ends. New connections
     /// pass.
     Strand,
+    /// Bytes to the target pass; bytes to the client are held until the
+    /// fault ends, then flow.
+    HoldReplies,
 }
 
 impl Fault {
@@ -623,13 +631,16 @@ async fn strand(mut state: watch::Receiver<State>, epochs: Epochs, client: &std:
     }
 }
 
-/// Resolves when bytes may cross: at once unless existing connections hang,
-/// or this one is stranded and the strand lasts.
-async fn flowing(state: &mut watch::Receiver<State>, epochs: Epochs) {
+/// Resolves when bytes may cross in `direction`: at once unless existing
+/// connections hang, this one is stranded and the strand lasts, or replies
+/// are held and these bytes go to the client.
+async fn flowing(state: &mut watch::Receiver<State>, epochs: Epochs, direction: Direction) {
     loop {
         let hang = {
             let current = state.borrow_and_update();
-            current.fault.hangs_existing() || (current.fault.strands() && epochs.stranded(&current))
+            current.fault.hangs_existing()
+                || (current.fault.strands() && epochs.stranded(&current))
+                || (current.fault == Fault::HoldReplies && matches!(direction, Direction::ToClient))
         };
         if !hang {
             return;
@@ -680,7 +691,7 @@ where
         };
         while let Some((due, chunk)) = queued.recv().await {
             tokio::time::sleep_until(due).await;
-            flowing(&mut write_state, epochs).await;
+            flowing(&mut write_state, epochs, direction).await;
             if !client_gone(&write_state) {
                 to.write_all(&chunk).await?;
                 if epochs.stranded(&write_state.borrow()) {
@@ -690,7 +701,7 @@ where
                 }
             }
         }
-        flowing(&mut write_state, epochs).await;
+        flowing(&mut write_state, epochs, direction).await;
         if client_gone(&write_state) {
             return Ok(());
         }
