@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// How long a session's flush generation is remembered after its last flush.
 pub const SESSION_MEMORY: Duration = Duration::from_secs(3600);
@@ -64,7 +64,9 @@ impl Stamp {
 #[derive(Debug, Default)]
 pub struct Sessions {
     fence: RwLock<()>,
-    flushed: Mutex<HashMap<u64, (u64, Instant)>>,
+    // Read on every stamped write, written only by flushes: a read lock
+    // keeps writes on different cores from queueing behind one another.
+    flushed: RwLock<HashMap<u64, (u64, Instant)>>,
 }
 
 impl Sessions {
@@ -83,7 +85,7 @@ impl Sessions {
     /// If a request stamped `stamp` was sent before the last flush of its
     /// session (it must not write), that flush's generation.
     pub fn is_stale(&self, stamp: Stamp) -> Option<u64> {
-        let flushed = self.flushed.lock();
+        let flushed = self.flushed.read();
         flushed
             .get(&stamp.session)
             .map(|&(generation, _)| generation)
@@ -92,7 +94,7 @@ impl Sessions {
 
     /// Records a flush stamped `stamp` at `now`.
     pub fn record_flush(&self, stamp: Stamp, now: Instant) {
-        let mut flushed = self.flushed.lock();
+        let mut flushed = self.flushed.write();
         if flushed.len() >= MAX_SESSIONS && !flushed.contains_key(&stamp.session) {
             flushed.retain(|_, (_, at)| now.duration_since(*at) < SESSION_MEMORY);
             if flushed.len() >= MAX_SESSIONS {
@@ -152,7 +154,7 @@ mod tests {
         for i in 0..(MAX_SESSIONS as u64 + 10) {
             sessions.record_flush(stamp(i, 1), start + Duration::from_millis(i));
         }
-        assert!(sessions.flushed.lock().len() <= MAX_SESSIONS);
+        assert!(sessions.flushed.read().len() <= MAX_SESSIONS);
         // The newest are kept.
         let newest = MAX_SESSIONS as u64 + 9;
         assert_eq!(sessions.is_stale(stamp(newest, 0)), Some(1));
