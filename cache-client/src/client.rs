@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::cluster::{Cluster, NodeHandle, View};
-use crate::config::{Backoff, ClientConfig, Replication};
+use crate::config::{Backoff, ClientConfig, Replication, Token};
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -251,6 +251,19 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.cluster.config
+    }
+
+    /// Replaces the bearer token every request carries from now on (the
+    /// client's half of a token rotation, `docs/security.md`): requests
+    /// already sent keep the token they were sent with. `None` sends no
+    /// token. [`Client::config`] keeps showing the token the client was
+    /// connected with.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the token is not printable ASCII; the token
+    /// in use then stays.
+    pub fn set_token(&self, token: Option<Token>) -> Result<()> {
+        self.inner.cluster.set_token(token.as_ref())
     }
 
     /// The replication of `keyspace`: its defined settings if it is a

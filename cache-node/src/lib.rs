@@ -3,8 +3,8 @@
 //! - [`config`]: the TOML/env/flag configuration and its validation.
 //! - [`auth`]: bearer tokens, per-keyspace permissions, rate limits and the
 //!   concurrency limit, shared by both transports.
-//! - [`tls`]: rustls setup of the listeners (gRPC through tonic; RESP and
-//!   metrics through `tokio-rustls`).
+//! - [`tls`]: rustls setup of the listeners (gRPC, RESP and metrics, all
+//!   through `tokio-rustls`), replaceable while serving (SIGHUP reload).
 //! - [`store`]: the domain core: keyspaces of versioned entries in
 //!   byte-bounded moka caches, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
@@ -16,7 +16,8 @@
 //!   the flush (gRPC only).
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that
-//!   times out pending changes, and drains on shutdown.
+//!   times out pending changes, and drains on shutdown;
+//!   [`run_reloadable`] also applies reloaded tokens and TLS files.
 //!
 //! A binary (`main.rs`) only parses the config, sets up tracing, binds and
 //! calls [`run`].
@@ -35,4 +36,4 @@ pub mod tls;
 
 pub use config::{Cli, Config};
 pub use error::{Error, Result};
-pub use server::{Listeners, run};
+pub use server::{Listeners, run, run_reloadable};
