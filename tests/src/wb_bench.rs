@@ -68,7 +68,7 @@ pub struct LatencyMs {
 }
 
 impl LatencyMs {
-    fn of(histogram: &Histogram<u64>) -> Self {
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         LatencyMs {
             count: histogram.len(),
@@ -81,7 +81,7 @@ impl LatencyMs {
 }
 
 /// A histogram of microseconds, 1 µs to 10 min, 3 significant digits.
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3)
         .expect("the bounds are constants that hdrhistogram accepts")
 }

@@ -8,23 +8,13 @@
 //! cache-client), one process per measurement, each printing JSON. It
 //! starts the worker (and, for the lag, a cache node) from the same build.
 
-use std::{
-    fmt::Write as _,
-    io::Read as _,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::fmt::Write as _;
 
-use anyhow::{Context, Result, bail};
-use nix::sys::signal::Signal;
+use anyhow::{Context, Result};
 use serde_json::Value;
 
-use super::{Ctx, require};
-use crate::{paths, process::ChildGuard, services::Services};
-
-/// How long `wb-bench` gets to stop after an interrupt before its process
-/// group (node and worker included) is killed.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+use super::Ctx;
+use crate::services::Services;
 
 /// The sizes of one run.
 struct Plan {
@@ -116,8 +106,6 @@ async fn measure(ctx: &Ctx, plan: &Plan) -> Result<Vec<Run>> {
 /// that kept the earlier measurements' records would slow down the later
 /// ones.
 async fn wb_bench(ctx: &Ctx, name: &str, args: &[&str]) -> Result<Value> {
-    let binary = ctx.bin("wb-bench");
-    require(&binary)?;
     let logs = ctx.logs.join(name);
     std::fs::create_dir_all(&logs)
         .with_context(|| format!("failed to create {}", logs.display()))?;
@@ -130,40 +118,7 @@ async fn wb_bench(ctx: &Ctx, name: &str, args: &[&str]) -> Result<Value> {
 }
 
 async fn wb_bench_on(ctx: &Ctx, services: &Services, name: &str, args: &[&str]) -> Result<Value> {
-    let binary = ctx.bin("wb-bench");
-    let log_path = ctx.logs.join(format!("wb-bench-{name}.log"));
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("failed to create {}", log_path.display()))?;
-    let mut command = Command::new(&binary);
-    command
-        .args(args)
-        .envs(services.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
-    let mut child = ChildGuard::spawn(format!("wb-bench {name}"), &mut command, None)?;
-    let mut stdout = child.take_stdout().context("wb-bench's stdout is piped")?;
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        stdout.read_to_string(&mut out).map(|_| out)
-    });
-    let status = tokio::select! {
-        status = child.wait() => status?,
-        () = ctx.cancel.cancelled() => {
-            child.stop(Signal::SIGTERM, INTERRUPT_GRACE).await?;
-            bail!("interrupted during wb-bench {name}");
-        }
-    };
-    let out = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the output reader panicked"))?
-        .context("failed to read wb-bench's output")?;
-    if !status.success() {
-        paths::print_tail(&format!("wb-bench {name}"), &log_path, 30);
-        bail!("wb-bench {name} failed ({status})");
-    }
-    let json = out.lines().last().unwrap_or_default();
-    serde_json::from_str(json).with_context(|| format!("wb-bench {name} printed {out:?}"))
+    super::json_bench(ctx, services, "wb-bench", name, args).await
 }
 
 /// The number at `path` (`a.b`) of a result.
