@@ -49,6 +49,7 @@ impl PrepareQueue {
     }
 
     /// How many prepares wait (not counting one that has the turn).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.waiting.len()
     }
