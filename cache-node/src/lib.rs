@@ -14,6 +14,8 @@
 //! - [`sessions`]: client sessions and their flush generations, so that a
 //!   write a client sent before re-admitting the node never lands after
 //!   the flush (gRPC only).
+//! - `prepare_queue`: the per-key queue in which write-through prepares
+//!   wait their turn behind another pending change of the key.
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that
 //!   times out pending changes, and drains on shutdown;
@@ -27,6 +29,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub(crate) mod prepare_queue;
 pub mod resp;
 pub mod server;
 pub mod sessions;

@@ -58,6 +58,7 @@ use moka::sync::Cache;
 
 use crate::config::{Config, KeyspaceConfig, Limits, UnknownKeyspaces, validate_keyspace_name};
 use crate::error::{Error, Result};
+use crate::prepare_queue::{Admission, PrepareQueue, Ticket};
 
 /// Bytes the weigher adds to every entry for what moka and the node keep
 /// beside the key and value (hash-table slot, deque nodes, version, expiry,
@@ -279,6 +280,27 @@ pub struct PrepareResult {
     pub prepared: bool,
     /// The live version; 0 when absent.
     pub current_version: u64,
+    /// Refused because another transaction's change is pending on the key
+    /// (or, for a prepare that queued, other prepares are ahead of it).
+    pub busy: bool,
+}
+
+/// One step of a prepare that may wait its turn
+/// ([`Store::prepare_in_turn`]).
+#[derive(Debug)]
+pub enum PrepareStep {
+    /// Prepared or refused; the prepare is over.
+    Done(PrepareResult),
+    /// Another change is pending or others are ahead: wait, then take the
+    /// step again with the same ticket.
+    Wait {
+        /// Told when the ticket's turn comes; `None` when the ticket was
+        /// already waiting (the receiver it got then stays valid).
+        woken: Option<tokio::sync::oneshot::Receiver<()>>,
+        /// When the pending change times out, if one is pending: take the
+        /// step again then, whether woken or not.
+        pending_until: Option<Instant>,
+    },
 }
 
 /// The result of a commit.
@@ -397,7 +419,7 @@ struct Fence {
 
 /// Coordination state of one key. A record exists only while one of the
 /// fields is set; [`Records::update`] removes it when all are empty.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 struct KeyState {
     lease: Option<Lease>,
     pending: Option<Pending>,
@@ -406,6 +428,8 @@ struct KeyState {
     /// The last deleted value, with `expires_at` set to the end of its stale
     /// window. Never served as a hit.
     stale: Option<Stored>,
+    /// Prepares waiting for the pending change to settle.
+    queue: PrepareQueue,
 }
 
 /// What a record contributes to the table-wide tallies.
@@ -421,6 +445,7 @@ impl KeyState {
             && self.pending.is_none()
             && self.fence.is_none()
             && self.stale.is_none()
+            && self.queue.is_empty()
     }
 
     /// The version of the in-doubt fence if it refuses `version`.
@@ -437,6 +462,12 @@ impl KeyState {
         if self.fence.as_ref().is_some_and(|f| stored >= f.version) {
             self.fence = None;
         }
+    }
+
+    /// Wakes the first waiting prepare once no change is pending (see
+    /// [`PrepareQueue::kick`]); run after every change of a record.
+    fn kick(&mut self) {
+        self.queue.kick(self.pending.is_some());
     }
 
     fn footprint(&self) -> Footprint {
@@ -477,6 +508,7 @@ impl Records {
             Entry::Occupied(mut occupied) => {
                 let before = occupied.get().footprint();
                 let result = f(occupied.get_mut());
+                occupied.get_mut().kick();
                 self.account(before, occupied.get().footprint());
                 if occupied.get().is_empty() {
                     occupied.remove();
@@ -487,6 +519,7 @@ impl Records {
             Entry::Vacant(vacant) => {
                 let mut state = KeyState::default();
                 let result = f(&mut state);
+                state.kick();
                 if !state.is_empty() {
                     self.account(Footprint::default(), state.footprint());
                     // Counted before the insert, and before `update` returns
@@ -505,6 +538,7 @@ impl Records {
         self.table.retain(|key, state| {
             let before = state.footprint();
             f(key, state);
+            state.kick();
             self.account(before, state.footprint());
             let keep = !state.is_empty();
             if !keep {
@@ -1524,7 +1558,13 @@ impl Keyspace {
     /// routing to it again, and the write-back records are in Kafka, so
     /// only read-your-writes through this node is lost, never data.
     fn flush(&self) {
-        self.records.sweep(|_, state| *state = KeyState::default());
+        // Waiting prepares keep their places; the next one is woken.
+        self.records.sweep(|_, state| {
+            *state = KeyState {
+                queue: std::mem::take(&mut state.queue),
+                ..KeyState::default()
+            }
+        });
         self.dirty.table.retain(|key, entry| {
             self.dirty.forget(key, entry);
             false
@@ -1634,37 +1674,96 @@ impl Keyspace {
     /// another transaction is pending or the live version is equal or newer.
     /// Invalidates the key's lease: a fill loaded before the writer's
     /// database change must not land.
-    fn prepare(&self, prepare: Prepare, timeout: Duration, now: Instant) -> PrepareResult {
+    fn prepare(&self, prepare: &Prepare, timeout: Duration, now: Instant) -> PrepareResult {
+        match self.prepare_step(prepare, timeout, None, now) {
+            PrepareStep::Done(result) => result,
+            PrepareStep::Wait { .. } => unreachable!("a prepare without a ticket never waits"),
+        }
+    }
+
+    /// A prepare that may wait its turn: with `turn = Some((ticket,
+    /// may_wait))`, it runs only when no other change is pending and no
+    /// prepare that queued before it is still waiting (see
+    /// [`PrepareQueue`]); otherwise, while `may_wait`, it joins the key's
+    /// queue and answers [`PrepareStep::Wait`], and once it may not, it is
+    /// refused as busy and leaves the queue. Without a ticket, it is
+    /// [`Keyspace::prepare`], which never queues (and may overtake
+    /// waiters: clients that do not wait keep their old behaviour).
+    fn prepare_step(
+        &self,
+        prepare: &Prepare,
+        timeout: Duration,
+        turn: Option<(Ticket, bool)>,
+        now: Instant,
+    ) -> PrepareStep {
         let key = Bytes::copy_from_slice(&prepare.item.key);
         self.records.update(key.clone(), |state| {
             self.settle(&key, state, now);
             let live = self.lookup(&key, now);
             let current_version = live.as_ref().map_or(0, |stored| stored.version);
-            let refused = PrepareResult {
+            let busy = PrepareResult {
                 prepared: false,
                 current_version,
+                busy: true,
             };
-            match &state.pending {
+            let other_pending = match &state.pending {
                 // The writer retried its prepare: idempotent.
                 Some(pending) if pending.txn_id == prepare.txn_id => {
-                    return PrepareResult {
+                    if let Some((ticket, _)) = turn {
+                        state.queue.leave(ticket);
+                    }
+                    return PrepareStep::Done(PrepareResult {
                         prepared: true,
                         current_version,
-                    };
+                        busy: false,
+                    });
                 }
-                Some(_) => return refused,
-                None => {}
+                Some(_) => true,
+                None => false,
+            };
+            if let Some((ticket, may_wait)) = turn {
+                let pending_until = state.pending.as_ref().map(|p| p.deadline);
+                match state.queue.admit(ticket, other_pending) {
+                    // It had the turn, but a prepare that does not queue
+                    // took the key meanwhile: first in line again.
+                    Admission::Go if other_pending && may_wait => {
+                        let woken = state.queue.join(ticket, true);
+                        return PrepareStep::Wait {
+                            woken,
+                            pending_until,
+                        };
+                    }
+                    Admission::Go => {}
+                    Admission::Wait if may_wait => {
+                        let woken = state.queue.join(ticket, false);
+                        return PrepareStep::Wait {
+                            woken,
+                            pending_until,
+                        };
+                    }
+                    Admission::Wait => {
+                        state.queue.leave(ticket);
+                        return PrepareStep::Done(busy);
+                    }
+                }
             }
+            if other_pending {
+                return PrepareStep::Done(busy);
+            }
+            let refused = PrepareResult {
+                busy: false,
+                ..busy
+            };
             if live.is_some_and(|live| live.version >= prepare.item.version) {
-                return refused;
+                return PrepareStep::Done(refused);
             }
             // Its commit would be refused by the fence, or (if the change in
             // doubt is rolled back) it may be retried then.
             if let Some(fenced) = state.fenced(prepare.item.version) {
-                return PrepareResult {
-                    prepared: false,
+                return PrepareStep::Done(PrepareResult {
                     current_version: current_version.max(fenced),
-                };
+                    ..refused
+                });
             }
             let change = if prepare.delete {
                 Change::Delete
@@ -1676,17 +1775,29 @@ impl Keyspace {
             };
             state.lease = None;
             state.pending = Some(Pending {
-                txn_id: prepare.txn_id,
+                txn_id: prepare.txn_id.clone(),
                 version: prepare.item.version,
                 change,
                 deadline: now + timeout,
             });
             bump(&self.counters.prepares, 1);
-            PrepareResult {
+            PrepareStep::Done(PrepareResult {
                 prepared: true,
                 current_version,
-            }
+                busy: false,
+            })
         })
+    }
+
+    /// A prepare holding `ticket` gives up waiting; see
+    /// [`PrepareQueue::leave`].
+    fn leave_queue(&self, key: &[u8], ticket: Ticket) {
+        if !self.records.any() {
+            return;
+        }
+        self.records.update(Bytes::copy_from_slice(key), |state| {
+            state.queue.leave(ticket)
+        });
     }
 
     /// `Commit`: applies the transaction's pending change, or its change in
@@ -1872,6 +1983,8 @@ pub struct Store {
     unknown: UnknownKeyspaces,
     created: KeyspaceConfig,
     tokens: Tokens,
+    /// Tickets of prepares that wait their turn.
+    tickets: AtomicU64,
 }
 
 impl Store {
@@ -1894,6 +2007,7 @@ impl Store {
             unknown: config.unknown_keyspaces,
             created: config.created_keyspaces.clone(),
             tokens: Tokens::new(),
+            tickets: AtomicU64::new(1),
         }
     }
 
@@ -2241,6 +2355,14 @@ impl Store {
     /// Invalid key, value, TTL or transaction id, a timeout above
     /// `limits.max_pending_timeout`, or unknown keyspace.
     pub fn prepare(&self, keyspace: &str, prepare: Prepare) -> Result<PrepareResult> {
+        let timeout = self.check_prepare(&prepare)?;
+        Ok(self
+            .keyspace(keyspace)?
+            .prepare(&prepare, timeout, Instant::now()))
+    }
+
+    /// Validates a prepare; its pending timeout.
+    fn check_prepare(&self, prepare: &Prepare) -> Result<Duration> {
         if prepare.delete {
             self.check_key(&prepare.item.key)?;
         } else {
@@ -2255,9 +2377,48 @@ impl Store {
                 max_ms: u64::try_from(cap.as_millis()).unwrap_or(u64::MAX),
             });
         }
-        Ok(self
-            .keyspace(keyspace)?
-            .prepare(prepare, timeout, Instant::now()))
+        Ok(timeout)
+    }
+
+    /// A fresh ticket for [`Store::prepare_in_turn`].
+    pub fn ticket(&self) -> u64 {
+        self.tickets.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// One step of a prepare that waits its turn behind another pending
+    /// change of the key, in arrival order, instead of being refused at
+    /// once: [`PrepareStep::Wait`] while `may_wait` and the key is busy;
+    /// the caller waits (outside every lock) until woken or until the
+    /// pending change's deadline, then takes the step again with the same
+    /// `ticket`. Once `may_wait` is false, a prepare that still cannot run
+    /// is refused as busy. A caller that gives up between steps calls
+    /// [`Store::leave_queue`], so that its place (or its turn) passes on.
+    ///
+    /// # Errors
+    /// As [`Store::prepare`].
+    pub fn prepare_in_turn(
+        &self,
+        keyspace: &str,
+        prepare: &Prepare,
+        ticket: u64,
+        may_wait: bool,
+    ) -> Result<PrepareStep> {
+        let timeout = self.check_prepare(prepare)?;
+        Ok(self.keyspace(keyspace)?.prepare_step(
+            prepare,
+            timeout,
+            Some((ticket, may_wait)),
+            Instant::now(),
+        ))
+    }
+
+    /// The prepare holding `ticket` stops waiting for `key`'s turn.
+    pub fn leave_queue(&self, keyspace: &str, key: &[u8], ticket: u64) {
+        if let Ok(keyspace) = self.existing(Some(keyspace))
+            && let Some(keyspace) = keyspace.first()
+        {
+            keyspace.leave_queue(key, ticket);
+        }
     }
 
     /// Applies the pending change `txn_id` prepared on `key`, fenced against
@@ -3114,12 +3275,13 @@ mod tests {
             now,
         )
         .unwrap();
-        let r = ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
+        let r = ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, now);
         assert_eq!(
             r,
             PrepareResult {
                 prepared: true,
-                current_version: 1
+                current_version: 1,
+                busy: false,
             }
         );
         assert_eq!(ks.get(b"k", now).unwrap().value, "committed");
@@ -3128,7 +3290,7 @@ mod tests {
         };
         assert_eq!(hit.value, "committed");
         // A pending change on an absent key: misses wait, get no lease.
-        ks.prepare(prepare("new", "pending", 1, "tx2"), TIMEOUT, now);
+        ks.prepare(&prepare("new", "pending", 1, "tx2"), TIMEOUT, now);
         assert_eq!(ks.get(b"new", now), None);
         assert!(matches!(
             ks.lease_get(b"new", now, &tokens),
@@ -3154,7 +3316,7 @@ mod tests {
         let tokens = Tokens::new();
         let now = Instant::now();
         let t = token(ks.lease_get(b"k", now, &tokens));
-        ks.prepare(prepare("k", "pending", 5, "tx"), TIMEOUT, now);
+        ks.prepare(&prepare("k", "pending", 5, "tx"), TIMEOUT, now);
         assert_eq!(
             ks.fill(fill_item("k", "loaded", 4), t, now).outcome,
             FillOutcome::LeaseInvalid
@@ -3173,15 +3335,15 @@ mod tests {
         let ks = keyspace("");
         let now = Instant::now();
         assert!(
-            ks.prepare(prepare("k", "a", 2, "tx1"), TIMEOUT, now)
+            ks.prepare(&prepare("k", "a", 2, "tx1"), TIMEOUT, now)
                 .prepared
         );
         assert!(
-            ks.prepare(prepare("k", "a", 2, "tx1"), TIMEOUT, now)
+            ks.prepare(&prepare("k", "a", 2, "tx1"), TIMEOUT, now)
                 .prepared
         );
         assert!(
-            !ks.prepare(prepare("k", "b", 3, "tx2"), TIMEOUT, now)
+            !ks.prepare(&prepare("k", "b", 3, "tx2"), TIMEOUT, now)
                 .prepared
         );
         // Commit and abort of another transaction do nothing.
@@ -3190,16 +3352,17 @@ mod tests {
         assert!(ks.commit(b"k", "tx1", now).committed);
         assert_eq!(ks.get(b"k", now).unwrap().value, "a");
         // A change not newer than the live entry is refused.
-        let r = ks.prepare(prepare("k", "old", 2, "tx3"), TIMEOUT, now);
+        let r = ks.prepare(&prepare("k", "old", 2, "tx3"), TIMEOUT, now);
         assert_eq!(
             r,
             PrepareResult {
                 prepared: false,
-                current_version: 2
+                current_version: 2,
+                busy: false,
             }
         );
         assert!(
-            ks.prepare(prepare("k", "c", 3, "tx3"), TIMEOUT, now)
+            ks.prepare(&prepare("k", "c", 3, "tx3"), TIMEOUT, now)
                 .prepared
         );
         let stats = ks.stats();
@@ -3212,7 +3375,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = prepare("k", "pending", 5, "tx");
         p.item.ttl = Some(Duration::from_secs(60));
-        ks.prepare(p, TIMEOUT, t0);
+        ks.prepare(&p, TIMEOUT, t0);
         let t1 = t0 + Duration::from_secs(5);
         ks.commit(b"k", "tx", t1);
         assert_eq!(
@@ -3221,7 +3384,7 @@ mod tests {
         );
 
         // A newer write landed while the change was pending: it wins.
-        ks.prepare(prepare("k", "pending", 6, "tx2"), TIMEOUT, t1);
+        ks.prepare(&prepare("k", "pending", 6, "tx2"), TIMEOUT, t1);
         ks.set(item("k", "newer", 9, WriteCondition::Unconditional), t1)
             .unwrap();
         assert_eq!(
@@ -3242,7 +3405,7 @@ mod tests {
             .unwrap();
         let mut p = prepare("k", "ignored", 2, "tx");
         p.delete = true;
-        assert!(ks.prepare(p.clone(), TIMEOUT, now).prepared);
+        assert!(ks.prepare(&p, TIMEOUT, now).prepared);
         assert_eq!(ks.get(b"k", now).unwrap().value, "v");
         assert_eq!(
             ks.commit(b"k", "tx", now),
@@ -3257,7 +3420,7 @@ mod tests {
         ks.set(item("k", "v3", 1, WriteCondition::Unconditional), now)
             .unwrap();
         p.txn_id = "tx2".into();
-        assert!(ks.prepare(p, TIMEOUT, now).prepared);
+        assert!(ks.prepare(&p, TIMEOUT, now).prepared);
         ks.set(item("k", "v3", 3, WriteCondition::Unconditional), now)
             .unwrap();
         assert_eq!(ks.commit(b"k", "tx2", now).current_version, 3);
@@ -3270,7 +3433,7 @@ mod tests {
         let now = Instant::now();
         ks.set(item("k", "v", 1, WriteCondition::Unconditional), now)
             .unwrap();
-        ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
+        ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, now);
         assert!(ks.abort(b"k", "tx", now));
         assert!(!ks.abort(b"k", "tx", now));
         assert!(!ks.commit(b"k", "tx", now).committed);
@@ -3279,13 +3442,147 @@ mod tests {
         assert_eq!(ks.records.pending.load(Ordering::Relaxed), 0);
     }
 
+    /// One step of a prepare of `k` that waits its turn; its receiver when
+    /// it queued.
+    fn step(ks: &Keyspace, version: u64, txn: &str, ticket: u64, now: Instant) -> PrepareStep {
+        ks.prepare_step(
+            &prepare("k", txn, version, txn),
+            TIMEOUT,
+            Some((ticket, true)),
+            now,
+        )
+    }
+
+    fn queued(step: PrepareStep) -> tokio::sync::oneshot::Receiver<()> {
+        match step {
+            PrepareStep::Wait {
+                woken: Some(rx), ..
+            } => rx,
+            other => panic!("expected to queue, got {other:?}"),
+        }
+    }
+
+    fn done(step: PrepareStep) -> PrepareResult {
+        match step {
+            PrepareStep::Done(result) => result,
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn waiting_prepares_are_served_in_arrival_order() {
+        let ks = keyspace("");
+        let now = Instant::now();
+        assert!(done(step(&ks, 1, "a", 1, now)).prepared);
+        let mut b = queued(step(&ks, 2, "b", 2, now));
+        let mut c = queued(step(&ks, 3, "c", 3, now));
+        // A prepare that does not wait is refused as busy, as before.
+        let refused = ks.prepare(&prepare("k", "x", 9, "x"), TIMEOUT, now);
+        assert!(!refused.prepared && refused.busy);
+        assert!(b.try_recv().is_err() && c.try_recv().is_err());
+        assert!(ks.commit(b"k", "a", now).committed);
+        // The first waiter gets the turn; a later one cannot take it.
+        assert!(b.try_recv().is_ok());
+        assert!(c.try_recv().is_err());
+        assert!(matches!(
+            step(&ks, 3, "c", 3, now),
+            PrepareStep::Wait { woken: None, .. }
+        ));
+        let mut d = queued(step(&ks, 4, "d", 4, now));
+        assert!(done(step(&ks, 2, "b", 2, now)).prepared);
+        assert!(ks.commit(b"k", "b", now).committed);
+        assert!(c.try_recv().is_ok());
+        assert!(d.try_recv().is_err());
+        assert!(done(step(&ks, 3, "c", 3, now)).prepared);
+        assert!(ks.commit(b"k", "c", now).committed);
+        assert!(d.try_recv().is_ok());
+        assert!(done(step(&ks, 4, "d", 4, now)).prepared);
+        assert!(ks.commit(b"k", "d", now).committed);
+        assert_eq!(ks.get(b"k", now).unwrap().version, 4);
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_waiting_prepare_is_woken_by_an_abort_and_by_a_timeout() {
+        let ks = keyspace("");
+        let t0 = Instant::now();
+        assert!(done(step(&ks, 1, "a", 1, t0)).prepared);
+        let mut b = queued(step(&ks, 2, "b", 2, t0));
+        assert!(ks.abort(b"k", "a", t0));
+        assert!(b.try_recv().is_ok());
+        assert!(done(step(&ks, 2, "b", 2, t0)).prepared);
+        // b's change times out: the sweeper wakes the next waiter.
+        let mut c = match step(&ks, 3, "c", 3, t0) {
+            PrepareStep::Wait {
+                woken: Some(rx),
+                pending_until,
+            } => {
+                assert_eq!(pending_until, Some(t0 + TIMEOUT));
+                rx
+            }
+            other => panic!("expected to queue, got {other:?}"),
+        };
+        assert_eq!(ks.sweep(t0 + TIMEOUT), 1);
+        assert!(c.try_recv().is_ok());
+        assert!(done(step(&ks, 3, "c", 3, t0 + TIMEOUT)).prepared);
+        // Timed out on the waiter's own retry at the change's deadline.
+        let t1 = t0 + TIMEOUT * 2;
+        let _d = queued(step(&ks, 4, "d", 4, t0 + TIMEOUT));
+        assert!(done(step(&ks, 4, "d", 4, t1)).prepared);
+    }
+
+    #[test]
+    fn a_waiter_refused_by_version_or_gone_passes_the_turn_on() {
+        let ks = keyspace("");
+        let now = Instant::now();
+        assert!(done(step(&ks, 5, "a", 1, now)).prepared);
+        let mut old = queued(step(&ks, 2, "old", 2, now));
+        let mut gone = queued(step(&ks, 6, "gone", 3, now));
+        let mut next = queued(step(&ks, 7, "next", 4, now));
+        let mut last = queued(step(&ks, 8, "last", 5, now));
+        assert!(ks.commit(b"k", "a", now).committed);
+        assert!(old.try_recv().is_ok());
+        // Version 2 is older than the live 5: refused, and the next is woken.
+        let refused = done(step(&ks, 2, "old", 2, now));
+        assert!(!refused.prepared && !refused.busy);
+        assert_eq!(refused.current_version, 5);
+        assert!(gone.try_recv().is_ok());
+        // That one gave up with the turn in hand.
+        ks.leave_queue(b"k", 3);
+        assert!(next.try_recv().is_ok());
+        // A waiter that may wait no longer is refused as busy and leaves.
+        let busy = ks.prepare_step(
+            &prepare("k", "last", 8, "last"),
+            TIMEOUT,
+            Some((5, false)),
+            now,
+        );
+        assert!(matches!(busy, PrepareStep::Done(r) if r.busy && !r.prepared));
+        assert!(done(step(&ks, 7, "next", 4, now)).prepared);
+        assert!(ks.commit(b"k", "next", now).committed);
+        assert!(last.try_recv().is_err(), "it left the queue");
+        assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_flush_keeps_the_waiters_and_wakes_the_first() {
+        let ks = keyspace("");
+        let now = Instant::now();
+        assert!(done(step(&ks, 1, "a", 1, now)).prepared);
+        let mut b = queued(step(&ks, 2, "b", 2, now));
+        let mut c = queued(step(&ks, 3, "c", 3, now));
+        ks.flush();
+        assert!(b.try_recv().is_ok());
+        assert!(c.try_recv().is_err());
+    }
+
     #[test]
     fn a_timed_out_change_is_dropped_and_deletes_the_live_entry() {
         let ks = keyspace("");
         let t0 = Instant::now();
         ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0)
             .unwrap();
-        ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t0);
+        ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, t0);
         assert_eq!(ks.sweep(t0 + TIMEOUT - Duration::from_millis(1)), 0);
         assert!(ks.get(b"k", t0).is_some());
         assert_eq!(ks.sweep(t0 + TIMEOUT), 1);
@@ -3307,7 +3604,7 @@ mod tests {
         let at = |ks: &Keyspace, t: Instant| {
             ks.set(item("k", "old", 1, WriteCondition::Unconditional), t)
                 .unwrap();
-            ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t);
+            ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, t);
         };
         let t0 = Instant::now();
         let late = t0 + TIMEOUT;
@@ -3331,7 +3628,7 @@ mod tests {
         let ks = keyspace("");
         at(&ks, t0);
         assert!(
-            ks.prepare(prepare("k", "next", 3, "tx2"), TIMEOUT, late)
+            ks.prepare(&prepare("k", "next", 3, "tx2"), TIMEOUT, late)
                 .prepared
         );
         assert_eq!(ks.get(b"k", late), None);
@@ -3365,7 +3662,7 @@ mod tests {
         let late = t0 + TIMEOUT;
         ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0)
             .unwrap();
-        ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+        ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
         // The writer stalls; the node gives up: the old value goes, and a
         // reader who loads the old row (the writer's database change is not
         // visible yet) cannot fill it.
@@ -3382,7 +3679,7 @@ mod tests {
             .unwrap();
         assert_eq!(set.outcome, SetOutcome::StaleVersion);
         assert!(
-            !ks.prepare(prepare("k", "older", 4, "tx2"), TIMEOUT, late)
+            !ks.prepare(&prepare("k", "older", 4, "tx2"), TIMEOUT, late)
                 .prepared
         );
         assert_eq!(ks.get(b"k", late), None);
@@ -3394,7 +3691,7 @@ mod tests {
         // Rolled back instead: the abort clears the fence, and the old row
         // (which the database kept) may be filled again.
         let ks = keyspace("");
-        ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+        ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
         assert_eq!(ks.get(b"k", late), None);
         assert!(ks.abort(b"k", "tx", late));
         let lease = token(ks.lease_get(b"k", late, &tokens));
@@ -3405,7 +3702,7 @@ mod tests {
 
         // A newer entry supersedes the change in doubt, whatever its fate.
         let ks = keyspace("");
-        ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+        ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
         assert_eq!(ks.get(b"k", late), None);
         let lease = token(ks.lease_get(b"k", late, &tokens));
         assert_eq!(
@@ -3418,7 +3715,7 @@ mod tests {
         // A flush, or the end of `in_doubt_ttl`, forgets it.
         for flush in [true, false] {
             let ks = keyspace("");
-            ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+            ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
             assert_eq!(ks.get(b"k", late), None);
             if flush {
                 ks.flush();
@@ -3862,8 +4159,8 @@ mod tests {
             timeout: None,
         };
         let timeout = Duration::from_secs(5);
-        assert!(!ks.prepare(prepare(5, false), timeout, now).prepared);
-        assert!(ks.prepare(prepare(6, true), timeout, now).prepared);
+        assert!(!ks.prepare(&prepare(5, false), timeout, now).prepared);
+        assert!(ks.prepare(&prepare(6, true), timeout, now).prepared);
         assert_eq!(ks.commit(b"k", "t6", now).current_version, 0);
         assert!(ks.get(b"k", now).is_none());
         assert_eq!(ks.stats().dirty_items, 0);
