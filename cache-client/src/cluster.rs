@@ -228,6 +228,7 @@ impl Cluster {
             members = view.nodes.len(),
             "topology loaded"
         );
+        crate::telemetry::topology(view.epoch, view.nodes.len());
         Ok(Arc::new(Cluster {
             config,
             view: RwLock::new(Arc::new(view)),
@@ -315,6 +316,7 @@ impl Cluster {
             members = view.nodes.len(),
             "topology changed"
         );
+        crate::telemetry::topology(view.epoch, view.nodes.len());
         *slot = Arc::new(view);
         Ok(true)
     }
