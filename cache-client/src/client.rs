@@ -132,6 +132,18 @@ pub struct Topology {
     pub members: Vec<Member>,
 }
 
+/// What flushing one node did.
+#[derive(Debug)]
+pub struct NodeFlush {
+    /// Node id.
+    pub node: String,
+    /// Its address.
+    pub address: String,
+    /// `Ok` once the node emptied the keyspace (or all of them), or why it
+    /// did not.
+    pub result: Result<()>,
+}
+
 /// Stats of one node, as its `Stats` RPC reports them.
 #[derive(Debug)]
 pub struct NodeStats {
@@ -540,6 +552,38 @@ impl Client {
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    /// Empties `keyspace` (every keyspace when `None`) on the members whose
+    /// id or address is `only` (every member when `None`), with the node's
+    /// `Flush`: values, leases, pending changes and write-back dirty entries
+    /// alike. One attempt per node, within `request_timeout`; the result
+    /// says per node whether it flushed. Empty when `only` names no member.
+    pub async fn flush_members(
+        &self,
+        only: Option<&str>,
+        keyspace: Option<&str>,
+    ) -> Vec<NodeFlush> {
+        let timeout = self.config().request_timeout;
+        let nodes = self
+            .member_nodes()
+            .into_iter()
+            .filter(|n| only.is_none_or(|wanted| n.id == wanted || n.address == wanted));
+        let flushes = nodes.map(|node| async move {
+            let mut client = node.client.clone();
+            let message = v1::FlushRequest {
+                keyspace: keyspace.unwrap_or_default().to_owned(),
+            };
+            let result = call(&node, timeout, client.flush(request(message, timeout)))
+                .await
+                .map(|_| ());
+            NodeFlush {
+                node: node.id.clone(),
+                address: node.address.clone(),
+                result,
+            }
+        });
+        futures::future::join_all(flushes).await
     }
 
     /// Every member of the current view, in id order.

@@ -234,6 +234,7 @@ impl Cluster {
             members = view.nodes.len(),
             "topology loaded"
         );
+        crate::telemetry::topology(view.epoch, view.nodes.len());
         Ok(Arc::new(Cluster {
             config,
             view: RwLock::new(Arc::new(view)),
@@ -326,6 +327,7 @@ impl Cluster {
             members = view.nodes.len(),
             "topology changed"
         );
+        crate::telemetry::topology(view.epoch, view.nodes.len());
         *slot = Arc::new(view);
         Ok(true)
     }

@@ -47,6 +47,12 @@ pub const NODES_MARKED_DOWN: &str = "ringcache_client_nodes_marked_down_total";
 pub const NODE_DOWN: &str = "ringcache_client_node_down";
 /// Down nodes flushed and routed to again, label `node`.
 pub const NODE_READMISSIONS: &str = "ringcache_client_node_readmissions_total";
+/// Gauge: the epoch of the member list the client routes by (set when it
+/// loads one at connect and when it adopts a newer one; with several
+/// clients in one process, the last one's).
+pub const TOPOLOGY_EPOCH: &str = "ringcache_client_topology_epoch";
+/// Gauge: the members of that list.
+pub const TOPOLOGY_MEMBERS: &str = "ringcache_client_topology_members";
 /// What a lease read found, labels `keyspace`, `strategy`, `outcome`
 /// (`hit`, `granted`, `wait`, `wait_expired`, `fill_stored`,
 /// `fill_refused`, `fill_failed`).
@@ -242,6 +248,12 @@ pub(crate) fn prepare_waited(keyspace: &str, waited: std::time::Duration) {
 /// Counts a prepare refused because its wait ran out.
 pub(crate) fn prepare_wait_exhausted(keyspace: &str) {
     metrics::counter!(PREPARE_WAITS_EXHAUSTED, "keyspace" => keyspace.to_owned()).increment(1);
+}
+
+/// Records the member list the client routes by from now on.
+pub(crate) fn topology(epoch: u64, members: usize) {
+    metrics::gauge!(TOPOLOGY_EPOCH).set(epoch as f64);
+    metrics::gauge!(TOPOLOGY_MEMBERS).set(members as f64);
 }
 
 /// Counts a write-through abort and why.

@@ -33,7 +33,7 @@ pub const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
 /// batcher, in records.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 4096;
 /// Default topic that records which can never be stored are moved to.
-pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "ringcache-dead-letters";
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = cache_client::dead_letter::DEFAULT_TOPIC;
 /// Default number of batch attempts in which the database refused a record
 /// before the record is dead-lettered.
 pub const DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS: u32 = 3;

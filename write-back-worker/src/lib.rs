@@ -10,7 +10,8 @@
 //! - `batch`: pure: decodes records (`cache_client::writeback`), sets aside
 //!   what cannot be decoded, coalesces writes of one key (highest version
 //!   wins) and computes each partition's next offset.
-//! - [`dead_letter`]: the dead-letter topic's record format and producer.
+//! - [`dead_letter`]: the dead-letter topic's producer (the record format
+//!   is `cache_client::dead_letter`).
 //! - `repair`: the safety net for dirty cache entries whose `MarkClean` was
 //!   lost (periodically compared with the store).
 //! - `worker`: batches by size and time, writes each batch with

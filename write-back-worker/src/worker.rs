@@ -85,7 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // endpoint, the cache connection, the repair round) stop.
     let _stop_background = cancel.clone().drop_guard();
     if let Some(addr) = config.metrics_listen {
-        m::serve(addr, cancel.child_token()).await?;
+        m::serve(addr, store.clone(), cancel.child_token()).await?;
     }
     let dead_letters = DeadLetters::new(&config)?;
     dead_letters.ensure_topic(&config).await;
