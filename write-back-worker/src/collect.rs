@@ -162,14 +162,12 @@ mod tests {
         events: &mut mpsc::Receiver<Event>,
     ) -> (usize, Duration) {
         let started = Instant::now();
-        loop {
-            match collector.next(events).await {
-                Step::Flush => return (collector.take().len(), started.elapsed()),
-                Step::Assigned(_) | Step::Revoked(_) | Step::Fatal(_) => {
-                    panic!("only records are sent")
-                }
-                Step::Closed => panic!("the sender is kept"),
+        match collector.next(events).await {
+            Step::Flush => (collector.take().len(), started.elapsed()),
+            Step::Assigned(_) | Step::Revoked(_) | Step::Fatal(_) => {
+                panic!("only records are sent")
             }
+            Step::Closed => panic!("the sender is kept"),
         }
     }
 
