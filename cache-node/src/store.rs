@@ -274,7 +274,7 @@ pub struct Prepare {
 }
 
 /// The result of a prepare.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrepareResult {
     /// Recorded (or already recorded by the same transaction).
     pub prepared: bool,
@@ -283,6 +283,10 @@ pub struct PrepareResult {
     /// Refused because another transaction's change is pending on the key
     /// (or, for a prepare that queued, other prepares are ahead of it).
     pub busy: bool,
+    /// The transaction of a change of the key that timed out here and is
+    /// still in doubt (`PrepareResponse.in_doubt_txn_id`), whatever the
+    /// prepare's outcome.
+    pub in_doubt: Option<String>,
 }
 
 /// One step of a prepare that may wait its turn
@@ -1698,13 +1702,33 @@ impl Keyspace {
     ) -> PrepareStep {
         let key = Bytes::copy_from_slice(&prepare.item.key);
         self.records.update(key.clone(), |state| {
-            self.settle(&key, state, now);
-            let live = self.lookup(&key, now);
+            let mut step = self.prepare_in_record(&key, state, prepare, timeout, turn, now);
+            if let PrepareStep::Done(result) = &mut step {
+                result.in_doubt = state.fence.as_ref().map(|f| f.txn_id.clone());
+            }
+            step
+        })
+    }
+
+    /// [`Keyspace::prepare_step`] on the key's record, under its lock.
+    fn prepare_in_record(
+        &self,
+        key: &Bytes,
+        state: &mut KeyState,
+        prepare: &Prepare,
+        timeout: Duration,
+        turn: Option<(Ticket, bool)>,
+        now: Instant,
+    ) -> PrepareStep {
+        {
+            self.settle(key, state, now);
+            let live = self.lookup(key, now);
             let current_version = live.as_ref().map_or(0, |stored| stored.version);
             let busy = PrepareResult {
                 prepared: false,
                 current_version,
                 busy: true,
+                in_doubt: None,
             };
             let other_pending = match &state.pending {
                 // The writer retried its prepare: idempotent.
@@ -1716,6 +1740,7 @@ impl Keyspace {
                         prepared: true,
                         current_version,
                         busy: false,
+                        in_doubt: None,
                     });
                 }
                 Some(_) => true,
@@ -1785,8 +1810,9 @@ impl Keyspace {
                 prepared: true,
                 current_version,
                 busy: false,
+                in_doubt: None,
             })
-        })
+        }
     }
 
     /// A prepare holding `ticket` gives up waiting; see
@@ -2378,6 +2404,11 @@ impl Store {
             });
         }
         Ok(timeout)
+    }
+
+    /// The longest a `Prepare` may wait its turn (`limits.max_prepare_wait`).
+    pub fn max_prepare_wait(&self) -> Duration {
+        self.limits.max_prepare_wait
     }
 
     /// A fresh ticket for [`Store::prepare_in_turn`].
@@ -3282,6 +3313,7 @@ mod tests {
                 prepared: true,
                 current_version: 1,
                 busy: false,
+                in_doubt: None,
             }
         );
         assert_eq!(ks.get(b"k", now).unwrap().value, "committed");
@@ -3359,6 +3391,7 @@ mod tests {
                 prepared: false,
                 current_version: 2,
                 busy: false,
+                in_doubt: None,
             }
         );
         assert!(
@@ -3678,15 +3711,21 @@ mod tests {
             .set(item("k", "old", 4, WriteCondition::IfNewerVersion), late)
             .unwrap();
         assert_eq!(set.outcome, SetOutcome::StaleVersion);
-        assert!(
-            !ks.prepare(&prepare("k", "older", 4, "tx2"), TIMEOUT, late)
-                .prepared
-        );
+        let refused = ks.prepare(&prepare("k", "older", 4, "tx2"), TIMEOUT, late);
+        assert!(!refused.prepared);
+        // Each prepare of the key names the change in doubt, so that its
+        // writer may roll the stalled transaction back in the database.
+        assert_eq!(refused.in_doubt.as_deref(), Some("tx"));
         assert_eq!(ks.get(b"k", late), None);
         // The writer's late commit applies its change.
         assert!(ks.commit(b"k", "tx", late).committed);
         assert_eq!(ks.get(b"k", late).unwrap().value, "new");
         assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+        // Settled: no change of the key is in doubt any more.
+        let next = ks.prepare(&prepare("k", "newer", 6, "tx3"), TIMEOUT, late);
+        assert!(next.prepared);
+        assert_eq!(next.in_doubt, None);
+        assert!(ks.abort(b"k", "tx3", late));
 
         // Rolled back instead: the abort clears the fence, and the old row
         // (which the database kept) may be filled again.
