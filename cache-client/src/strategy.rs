@@ -1250,34 +1250,34 @@ impl Keyspace {
         for in_doubt in std::mem::take(&mut prepared.in_doubt) {
             self.roll_back_in_doubt(store, &in_doubt).await;
         }
-        // Phase one on the other replicas and the store, in parallel.
-        let (rest, db) = tokio::join!(
-            async {
-                if nodes.len() > 1 {
-                    self.client
-                        .prepare_on(
-                            &self.name,
-                            nodes[1..].to_vec(),
-                            item(version),
-                            value.is_none(),
-                            txn.as_str(),
-                            settings.pending_timeout,
-                            // Other writers only pass through here on their
-                            // way out (their commits are in flight), unless
-                            // clients disagree on the first owner: a short
-                            // wait, which leaves the change most of its
-                            // pending timeout to commit.
-                            wait_until
-                                .saturating_duration_since(Instant::now())
-                                .min(settings.pending_timeout / 4),
-                        )
-                        .await
-                } else {
-                    crate::primitives::Prepared::default()
-                }
-            },
-            store.prepare(&txn, &self.name, &key, change, version),
-        );
+        // Phase one on the other replicas, in ring order, and then on the
+        // store: every writer takes the key's resources in one order (first
+        // owner, replicas, database row), so two writers never each hold
+        // what the other waits for, even when they disagree on the first
+        // owner (one of them routes around a node it believes down) and
+        // meet on a replica.
+        let mut rest = crate::primitives::Prepared::default();
+        for replica in &nodes[1..] {
+            let one = self
+                .client
+                .prepare_on(
+                    &self.name,
+                    vec![replica.clone()],
+                    item(version),
+                    value.is_none(),
+                    txn.as_str(),
+                    settings.pending_timeout,
+                    // What is left of the wait, but at most half the
+                    // pending timeout, which leaves the change the rest of
+                    // it to commit on the first owner.
+                    wait_until
+                        .saturating_duration_since(Instant::now())
+                        .min(settings.pending_timeout / 2),
+                )
+                .await;
+            rest.merge(one);
+        }
+        let db = store.prepare(&txn, &self.name, &key, change, version).await;
         prepared.merge(rest);
         let cache_ok = prepared.nodes.len() >= settings.write_quorum;
         match db {
