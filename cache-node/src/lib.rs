@@ -6,8 +6,9 @@
 //! - [`tls`]: rustls setup of the listeners (gRPC through tonic; RESP and
 //!   metrics through `tokio-rustls`).
 //! - [`store`]: the domain core: keyspaces of versioned entries in
-//!   byte-bounded moka caches, with leases, 2PC pending changes and
+//!   byte-bounded compact tables, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
+//! - [`table`]: the compact table each keyspace keeps its entries in.
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
 //! - [`resp`]: the optional Redis-protocol (RESP2) listener, a second thin
 //!   transport over the same store.
@@ -16,7 +17,8 @@
 //!   the flush (gRPC only).
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that
-//!   times out pending changes, and drains on shutdown.
+//!   times out pending changes and removes expired entries, and drains on
+//!   shutdown.
 //!
 //! A binary (`main.rs`) only parses the config, sets up tracing, binds and
 //! calls [`run`].
