@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::cluster::{Cluster, NodeHandle, View};
-use crate::config::{Backoff, ClientConfig, Replication};
+use crate::config::{Backoff, ClientConfig, Replication, Token};
 use crate::error::{Error, Result};
 use crate::telemetry;
 
@@ -130,6 +130,18 @@ pub struct Topology {
     pub epoch: u64,
     /// Members sorted by id.
     pub members: Vec<Member>,
+}
+
+/// What flushing one node did.
+#[derive(Debug)]
+pub struct NodeFlush {
+    /// Node id.
+    pub node: String,
+    /// Its address.
+    pub address: String,
+    /// `Ok` once the node emptied the keyspace (or all of them), or why it
+    /// did not.
+    pub result: Result<()>,
 }
 
 /// Stats of one node, as its `Stats` RPC reports them.
@@ -251,6 +263,19 @@ impl Client {
     /// The configuration in use.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.cluster.config
+    }
+
+    /// Replaces the bearer token every request carries from now on (the
+    /// client's half of a token rotation, `docs/security.md`): requests
+    /// already sent keep the token they were sent with. `None` sends no
+    /// token. [`Client::config`] keeps showing the token the client was
+    /// connected with.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the token is not printable ASCII; the token
+    /// in use then stays.
+    pub fn set_token(&self, token: Option<Token>) -> Result<()> {
+        self.inner.cluster.set_token(token.as_ref())
     }
 
     /// The replication of `keyspace`: its defined settings if it is a
@@ -527,6 +552,38 @@ impl Client {
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    /// Empties `keyspace` (every keyspace when `None`) on the members whose
+    /// id or address is `only` (every member when `None`), with the node's
+    /// `Flush`: values, leases, pending changes and write-back dirty entries
+    /// alike. One attempt per node, within `request_timeout`; the result
+    /// says per node whether it flushed. Empty when `only` names no member.
+    pub async fn flush_members(
+        &self,
+        only: Option<&str>,
+        keyspace: Option<&str>,
+    ) -> Vec<NodeFlush> {
+        let timeout = self.config().request_timeout;
+        let nodes = self
+            .member_nodes()
+            .into_iter()
+            .filter(|n| only.is_none_or(|wanted| n.id == wanted || n.address == wanted));
+        let flushes = nodes.map(|node| async move {
+            let mut client = node.client.clone();
+            let message = v1::FlushRequest {
+                keyspace: keyspace.unwrap_or_default().to_owned(),
+            };
+            let result = call(&node, timeout, client.flush(request(message, timeout)))
+                .await
+                .map(|_| ());
+            NodeFlush {
+                node: node.id.clone(),
+                address: node.address.clone(),
+                result,
+            }
+        });
+        futures::future::join_all(flushes).await
     }
 
     /// Every member of the current view, in id order.

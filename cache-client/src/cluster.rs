@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Token};
 use crate::error::{Error, Result};
 use crate::ring::{Ring, RingNode};
 
@@ -64,20 +64,34 @@ const SESSION_HEADER: &str = "ringcache-session";
 /// generation older than that of the last flush it received from the
 /// session, so that a write this client gave up on cannot land after the
 /// flush that re-admitted the node.
+///
+/// It also holds the bearer token every request carries, replaceable while
+/// the client runs ([`crate::Client::set_token`]).
 pub(crate) struct Session {
     id: u64,
     /// The generation and its header value; the lock is held only to clone
     /// the value or to bump both together (so the header never goes back).
     current: RwLock<(u64, tonic::metadata::MetadataValue<tonic::metadata::Ascii>)>,
+    /// `Bearer <token>`, if the client has a token; the lock is held only
+    /// to clone the value or to replace it.
+    authorization: RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>>,
 }
 
 impl Session {
-    fn new() -> Self {
+    fn new(token: Option<&Token>) -> Result<Self> {
         let id = rand::random::<u64>();
-        Session {
+        Ok(Session {
             id,
             current: RwLock::new((0, Session::header(id, 0))),
-        }
+            authorization: RwLock::new(token.map(authorization).transpose()?),
+        })
+    }
+
+    /// Replaces the token of every request sent from now on.
+    pub(crate) fn set_token(&self, token: Option<&Token>) -> Result<()> {
+        let value = token.map(authorization).transpose()?;
+        *self.authorization.write() = value;
+        Ok(())
     }
 
     fn header(id: u64, generation: u64) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
@@ -100,32 +114,24 @@ impl Session {
     }
 }
 
+/// The `authorization` metadata value of `token`.
+fn authorization(token: &Token) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    let mut value = format!("Bearer {}", token.expose())
+        .parse::<tonic::metadata::MetadataValue<_>>()
+        .map_err(|_| Error::Config {
+            field: "token",
+            reason: "must be printable ASCII".into(),
+        })?;
+    // Keeps it out of debug output of the headers (HPACK also leaves
+    // sensitive values out of its table).
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// Adds the client's bearer token and session stamp to every request.
 #[derive(Clone)]
 pub(crate) struct Authorize {
-    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     session: Arc<Session>,
-}
-
-impl Authorize {
-    fn new(config: &ClientConfig, session: Arc<Session>) -> Result<Self> {
-        let header = match &config.token {
-            None => None,
-            Some(token) => {
-                let mut value = format!("Bearer {}", token.expose())
-                    .parse::<tonic::metadata::MetadataValue<_>>()
-                    .map_err(|_| Error::Config {
-                        field: "token",
-                        reason: "must be printable ASCII".into(),
-                    })?;
-                // Keeps it out of debug output of the headers (HPACK also
-                // leaves sensitive values out of its table).
-                value.set_sensitive(true);
-                Some(value)
-            }
-        };
-        Ok(Authorize { header, session })
-    }
 }
 
 impl tonic::service::Interceptor for Authorize {
@@ -133,10 +139,8 @@ impl tonic::service::Interceptor for Authorize {
         &mut self,
         mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(header) = &self.header {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
+        if let Some(header) = self.session.authorization.read().clone() {
+            request.metadata_mut().insert("authorization", header);
         }
         request
             .metadata_mut()
@@ -166,7 +170,9 @@ impl NodeHandle {
             // Lazy: building a view never blocks on a dead node.
             client: CacheNodeClient::with_interceptor(
                 endpoint.connect_lazy(),
-                Authorize::new(config, Arc::clone(session))?,
+                Authorize {
+                    session: Arc::clone(session),
+                },
             )
             .max_decoding_message_size(usize::MAX),
             failures: AtomicU32::new(0),
@@ -203,7 +209,7 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Asks the seeds for the topology and builds the first view.
     pub(crate) async fn bootstrap(config: ClientConfig) -> Result<Arc<Cluster>> {
-        let session = Arc::new(Session::new());
+        let session = Arc::new(Session::new(config.token.as_ref())?);
         let mut best: Option<v1::TopologyResponse> = None;
         let mut last = String::from("no seed tried");
         for seed in &config.seeds {
@@ -228,12 +234,18 @@ impl Cluster {
             members = view.nodes.len(),
             "topology loaded"
         );
+        crate::telemetry::topology(view.epoch, view.nodes.len());
         Ok(Arc::new(Cluster {
             config,
             view: RwLock::new(Arc::new(view)),
             refresh_now: Notify::new(),
             session,
         }))
+    }
+
+    /// Replaces the bearer token of every request sent from now on.
+    pub(crate) fn set_token(&self, token: Option<&Token>) -> Result<()> {
+        self.session.set_token(token)
     }
 
     /// The current view. The lock is held only to clone the `Arc`.
@@ -315,6 +327,7 @@ impl Cluster {
             members = view.nodes.len(),
             "topology changed"
         );
+        crate::telemetry::topology(view.epoch, view.nodes.len());
         *slot = Arc::new(view);
         Ok(true)
     }

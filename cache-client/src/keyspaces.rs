@@ -11,6 +11,7 @@
 //! write_quorum = 1            # copies that must acknowledge a write
 //! lease_wait = "2s"           # how long a reader waits for another's load
 //! pending_timeout = "5s"      # write-through: how long a prepared change may stay pending
+//! prepare_wait = "2s"         # write-through: how long a writer waits behind another writer of the key
 //! ack = "durable"             # write-back: return after the broker (durable) or the cache (fast)
 //! store = "default"           # or { table = { name = "..." } } or { sql = { load = "...", ... } }
 //!
@@ -69,6 +70,10 @@ pub struct KeyspaceEntry {
     /// Write-through: how long a prepared change may stay pending on a node.
     #[serde(default, with = "humantime_serde")]
     pub pending_timeout: Option<Duration>,
+    /// Write-through: how long a writer waits for another writer's pending
+    /// change of the key ("0s": it does not wait).
+    #[serde(default, with = "humantime_serde")]
+    pub prepare_wait: Option<Duration>,
     /// Write-back: when a write returns (`durable` or `fast`).
     #[serde(default)]
     pub ack: crate::strategy::Ack,
@@ -162,6 +167,9 @@ impl KeyspaceEntry {
         if let Some(timeout) = self.pending_timeout {
             settings.pending_timeout = timeout;
         }
+        if let Some(wait) = self.prepare_wait {
+            settings.prepare_wait = wait;
+        }
         settings.ack = self.ack;
         settings
     }
@@ -215,6 +223,7 @@ mod tests {
             write_quorum = 1
             lease_wait = "1s"
             pending_timeout = "3s"
+            prepare_wait = "500ms"
             capacity_bytes = 1048576
             lease_ttl = "5s"
             store = { table = { name = "app.users" } }
@@ -227,6 +236,7 @@ mod tests {
         assert_eq!(s.strategy, Strategy::WriteThrough);
         assert_eq!((s.replicas, s.write_quorum), (2, 1));
         assert_eq!(s.pending_timeout, Duration::from_secs(3));
+        assert_eq!(s.prepare_wait, Duration::from_millis(500));
         assert!(matches!(
             file.keyspaces["users"].store,
             crate::store::StoreLayout::Table(_)

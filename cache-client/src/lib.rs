@@ -22,7 +22,8 @@
 //! - [`telemetry`]: the client's metrics (through the `metrics` facade,
 //!   into the service's recorder; names in `docs/metrics.md`).
 //! - [`writeback`]: the write-back record format on Kafka (the contract with
-//!   the `write-back-worker`).
+//!   the `write-back-worker`); [`dead_letter`]: the worker's dead-letter
+//!   topic format and what `cachectl dlq replay` sends back.
 //!
 //! # Consistency
 //! - A read goes to the first healthy node in the key's ring order; with
@@ -53,6 +54,7 @@ mod client;
 mod cluster;
 pub mod codec;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod hlc;
 pub mod keyspaces;
@@ -66,6 +68,8 @@ pub mod strategy;
 pub mod telemetry;
 pub mod writeback;
 
-pub use client::{Client, Condition, Entry, Member, NodeStats, SetOptions, SetOutcome, Topology};
+pub use client::{
+    Client, Condition, Entry, Member, NodeFlush, NodeStats, SetOptions, SetOutcome, Topology,
+};
 pub use config::{ClientConfig, ClientTls, Replication, Token};
 pub use error::{Error, Result};

@@ -13,6 +13,7 @@ use ringcache_proto::v1;
 use crate::client::{Client, Entry, call, entry_from_proto, request};
 use crate::cluster::NodeHandle;
 use crate::error::{Error, Result};
+use crate::telemetry;
 
 /// What `LeaseGet` answered.
 #[derive(Debug)]
@@ -47,8 +48,26 @@ pub(crate) struct Prepared {
     /// they reported. They keep what they hold: if the write commits
     /// anyway, one holding an older value must be invalidated.
     pub(crate) refused: Vec<(Arc<NodeHandle>, u64)>,
-    /// The first failure, if any.
+    /// The last failure, if any.
     pub(crate) failure: Option<Error>,
+    /// A node refused because another writer's change was still pending
+    /// when the wait ran out.
+    pub(crate) busy: bool,
+    /// The longest a node let the prepare wait for other writers.
+    pub(crate) waited: Duration,
+}
+
+impl Prepared {
+    /// Adds what a later round of phase one did.
+    pub(crate) fn merge(&mut self, other: Prepared) {
+        self.nodes.extend(other.nodes);
+        self.refused.extend(other.refused);
+        if other.failure.is_some() {
+            self.failure = other.failure;
+        }
+        self.busy |= other.busy;
+        self.waited = self.waited.max(other.waited);
+    }
 }
 
 /// What a fill did.
@@ -225,31 +244,27 @@ impl Client {
         }
     }
 
-    /// Phase one on the cache: prepares the change on the first `replicas`
-    /// healthy nodes in parallel. Returns what each did; the caller decides
-    /// with its quorum and must abort what prepared if it gives up. A node
-    /// that failed (unreachable) is marked down, so it is flushed before
-    /// this client reads from it again.
-    pub(crate) async fn prepare(
+    /// Phase one on the cache: prepares the change on `nodes` (healthy
+    /// nodes of the key's ring order, each with whether it is a fallback)
+    /// in parallel. Each node lets the prepare wait up to `wait`, in arrival
+    /// order, for another writer's pending change of the key to settle.
+    /// Returns what each did; the caller decides with its quorum and must
+    /// abort what prepared if it gives up. A node that failed (unreachable)
+    /// is marked down, so it is flushed before this client reads from it
+    /// again.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn prepare_on(
         &self,
         keyspace: &str,
+        nodes: Vec<(Arc<NodeHandle>, bool)>,
         item: v1::SetItem,
         delete: bool,
         txn: &str,
         pending_timeout: Duration,
-        replicas: usize,
+        wait: Duration,
     ) -> Prepared {
-        let nodes = self.healthy_in_order(keyspace, &item.key, replicas);
-        if nodes.is_empty() {
-            return Prepared {
-                failure: Some(Error::NoNodeAvailable {
-                    keyspace: keyspace.to_owned(),
-                    reason: "every node that could hold the key is down".into(),
-                }),
-                ..Prepared::default()
-            };
-        }
-        let timeout = self.config().request_timeout;
+        // The node answers within `wait` plus its own work.
+        let timeout = self.config().request_timeout + wait;
         let asks = nodes.into_iter().map(|(node, fallback)| {
             let mut item = item.clone();
             if fallback {
@@ -261,27 +276,52 @@ impl Client {
                 txn_id: txn.to_owned(),
                 timeout_ms: u64::try_from(pending_timeout.as_millis()).unwrap_or(u64::MAX),
                 delete,
+                wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
             };
             async move {
                 let mut client = node.client.clone();
-                let reply = self
-                    .on_node(&node, true, client.prepare(request(message, timeout)))
-                    .await;
+                let rpc = client.prepare(request(message, timeout));
+                let reply = call(&node, timeout, rpc).await;
+                match &reply {
+                    Ok(_) => self.inner.cluster.record_success(&node),
+                    Err(e) if e.is_node_failure() => self.inner.cluster.mark_down(&node, e),
+                    Err(_) => {}
+                }
                 (node, reply)
             }
         });
         let mut prepared = Prepared::default();
         for (node, reply) in futures::future::join_all(asks).await {
             match reply {
-                Ok(r) if r.prepared => prepared.nodes.push(node),
                 Ok(r) => {
+                    let waited = Duration::from_millis(r.waited_ms);
+                    prepared.waited = prepared.waited.max(waited);
+                    if !waited.is_zero() {
+                        telemetry::prepare_waited(keyspace, waited);
+                    }
+                    if r.prepared {
+                        prepared.nodes.push(node);
+                        continue;
+                    }
                     self.inner.clock.observe(r.current_version);
+                    let reason = if r.busy {
+                        prepared.busy = true;
+                        telemetry::prepare_wait_exhausted(keyspace);
+                        format!(
+                            "node {} refused the prepare (another write is pending; waited {} ms of {} ms)",
+                            node.id,
+                            r.waited_ms,
+                            wait.as_millis()
+                        )
+                    } else {
+                        format!(
+                            "node {} refused the prepare (version {} is live or in doubt)",
+                            node.id, r.current_version
+                        )
+                    };
                     prepared.failure = Some(Error::Conflict {
                         keyspace: keyspace.to_owned(),
-                        reason: format!(
-                            "node {} refused the prepare (another write is pending, or version {} is live or in doubt)",
-                            node.id, r.current_version
-                        ),
+                        reason,
                     });
                     prepared.refused.push((node, r.current_version));
                 }

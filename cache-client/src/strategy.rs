@@ -41,6 +41,10 @@ use crate::telemetry;
 pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Default [`KeyspaceSettings::pending_timeout`].
 pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`KeyspaceSettings::prepare_wait`]: many times a typical
+/// write-through commit (a few milliseconds), so that a writer queued
+/// behind a handful of others of the same key still gets its turn.
+pub const DEFAULT_PREPARE_WAIT: Duration = Duration::from_secs(2);
 /// In-doubt recovery rolls back a prepared transaction found in a store
 /// that no keyspace of this process uses (or used) for write-through only
 /// once it is this old: it was left by a write-through keyspace of another
@@ -134,6 +138,11 @@ pub struct KeyspaceSettings {
     pub lease_wait: Duration,
     /// Write-through: how long a prepared change may stay pending.
     pub pending_timeout: Duration,
+    /// Write-through: how long a writer waits, in arrival order, for other
+    /// writers' pending changes of the key before it fails with
+    /// [`Error::Conflict`]; at most the client's deadline. Zero: it fails at
+    /// once.
+    pub prepare_wait: Duration,
     /// Write-back: when a write returns.
     pub ack: Ack,
 }
@@ -150,6 +159,7 @@ impl KeyspaceSettings {
             write_quorum: 1,
             lease_wait: DEFAULT_LEASE_WAIT,
             pending_timeout: DEFAULT_PENDING_TIMEOUT,
+            prepare_wait: DEFAULT_PREPARE_WAIT,
             ack: Ack::Durable,
         }
     }
@@ -194,6 +204,12 @@ impl KeyspaceSettings {
     /// Sets the pending timeout.
     pub fn with_pending_timeout(mut self, timeout: Duration) -> Self {
         self.pending_timeout = timeout;
+        self
+    }
+
+    /// Sets the prepare wait.
+    pub fn with_prepare_wait(mut self, wait: Duration) -> Self {
+        self.prepare_wait = wait;
         self
     }
 
@@ -1120,11 +1136,15 @@ impl Keyspace {
         store: &Arc<dyn Store>,
         key: Bytes,
         value: Option<Bytes>,
-        version: u64,
+        mut version: u64,
     ) -> Result<Written> {
         let settings = &state.settings;
         let txn = TxnId::new();
-        let item = v1::SetItem {
+        let change = match &value {
+            Some(v) => Change::Put(v),
+            None => Change::Delete,
+        };
+        let item = |version: u64| v1::SetItem {
             key: key.clone(),
             value: value.as_deref().map(tagged).unwrap_or_default(),
             version,
@@ -1132,25 +1152,96 @@ impl Keyspace {
             condition: v1::WriteCondition::IfNewerVersion as i32,
             dirty: false,
         };
-        let change = match &value {
-            Some(v) => Change::Put(v),
-            None => Change::Delete,
+        let nodes = self
+            .client
+            .healthy_in_order(&self.name, &key, settings.replicas);
+        let Some(first) = nodes.first().cloned() else {
+            return Err(Error::NoNodeAvailable {
+                keyspace: self.name.to_string(),
+                reason: "every node that could hold the key is down".into(),
+            });
         };
-        // Taken before the prepare is sent, so it ends no later than the
-        // nodes' own deadlines for the change, which start when they get it.
-        let started = Instant::now();
-        // Phase one, cache and store in parallel.
-        let (prepared, db) = tokio::join!(
-            self.client.prepare(
-                &self.name,
-                item,
-                value.is_none(),
-                txn.as_str(),
-                settings.pending_timeout,
-                settings.replicas,
-            ),
+        // Phase one on the key's first owner alone: writers of one key queue
+        // there, in arrival order, each waiting for the one before it to
+        // commit or abort (`docs/strategies.md`). Every writer takes the
+        // first owner before the other replicas and before its database
+        // row, so no two writers can each hold what the other waits for.
+        let wait_until = Instant::now() + settings.prepare_wait.min(self.client.config().deadline);
+        let (mut prepared, started) = loop {
+            let wait = wait_until.saturating_duration_since(Instant::now());
+            // Taken before the prepare is sent and moved on by the time the
+            // node says it waited, so it ends no later than the node's own
+            // deadline for the change, which starts when it records it.
+            let sent = Instant::now();
+            let prepared = self
+                .client
+                .prepare_on(
+                    &self.name,
+                    vec![first.clone()],
+                    item(version),
+                    value.is_none(),
+                    txn.as_str(),
+                    settings.pending_timeout,
+                    wait,
+                )
+                .await;
+            let started = sent + prepared.waited;
+            let live = prepared.refused.first().map(|(_, live)| *live);
+            match live {
+                // It waited its turn and found a newer version committed
+                // meanwhile (a writer whose clock is ahead): its version was
+                // taken before the wait, so take a fresh one, newer than
+                // anything seen, and queue again while the wait lasts. Like
+                // a row lock, the later writer of the key wins.
+                Some(live)
+                    if !prepared.busy
+                        && !prepared.waited.is_zero()
+                        && live >= version
+                        && Instant::now() < wait_until =>
+                {
+                    self.client.inner.clock.observe(live);
+                    version = self.client.inner.clock.now();
+                }
+                _ => break (prepared, started),
+            }
+        };
+        if prepared.busy {
+            // The wait ran out behind another writer: nothing is prepared.
+            telemetry::twopc_abort(&self.name, "conflict");
+            return Err(prepared.failure.unwrap_or_else(|| Error::Conflict {
+                keyspace: self.name.to_string(),
+                reason: "another write is pending".into(),
+            }));
+        }
+        // Phase one on the other replicas and the store, in parallel.
+        let (rest, db) = tokio::join!(
+            async {
+                if nodes.len() > 1 {
+                    self.client
+                        .prepare_on(
+                            &self.name,
+                            nodes[1..].to_vec(),
+                            item(version),
+                            value.is_none(),
+                            txn.as_str(),
+                            settings.pending_timeout,
+                            // Other writers only pass through here on their
+                            // way out (their commits are in flight), unless
+                            // clients disagree on the first owner: a short
+                            // wait, which leaves the change most of its
+                            // pending timeout to commit.
+                            wait_until
+                                .saturating_duration_since(Instant::now())
+                                .min(settings.pending_timeout / 4),
+                        )
+                        .await
+                } else {
+                    crate::primitives::Prepared::default()
+                }
+            },
             store.prepare(&txn, &self.name, &key, change, version),
         );
+        prepared.merge(rest);
         let cache_ok = prepared.nodes.len() >= settings.write_quorum;
         match db {
             Ok(applied) if applied.applied && cache_ok => {

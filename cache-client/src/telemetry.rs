@@ -47,6 +47,12 @@ pub const NODES_MARKED_DOWN: &str = "ringcache_client_nodes_marked_down_total";
 pub const NODE_DOWN: &str = "ringcache_client_node_down";
 /// Down nodes flushed and routed to again, label `node`.
 pub const NODE_READMISSIONS: &str = "ringcache_client_node_readmissions_total";
+/// Gauge: the epoch of the member list the client routes by (set when it
+/// loads one at connect and when it adopts a newer one; with several
+/// clients in one process, the last one's).
+pub const TOPOLOGY_EPOCH: &str = "ringcache_client_topology_epoch";
+/// Gauge: the members of that list.
+pub const TOPOLOGY_MEMBERS: &str = "ringcache_client_topology_members";
 /// What a lease read found, labels `keyspace`, `strategy`, `outcome`
 /// (`hit`, `granted`, `wait`, `wait_expired`, `fill_stored`,
 /// `fill_refused`, `fill_failed`).
@@ -66,13 +72,23 @@ pub const TWOPC_COMMITS: &str = "ringcache_client_twopc_commits_total";
 /// the store holds a newer version; `cache`: too few nodes prepared;
 /// `store`: the store's prepare failed; `commit`: the store's commit failed
 /// or its outcome is unknown; `timeout`: the writer was held past its
-/// pending timeout before committing).
+/// pending timeout before committing; `conflict`: another writer's change
+/// of the key was still pending on its first owner when `prepare_wait` ran
+/// out).
 pub const TWOPC_ABORTS: &str = "ringcache_client_twopc_aborts_total";
 /// In-doubt prepared transactions rolled back by recovery, label `keyspace`.
 pub const TWOPC_RECOVERED: &str = "ringcache_client_twopc_recovered_total";
 /// Version-fenced invalidations sent after a write-through commit to nodes
 /// that did not commit the change or refused its prepare, label `keyspace`.
 pub const TWOPC_INVALIDATIONS: &str = "ringcache_client_twopc_invalidations_total";
+/// Write-through prepares a node let wait behind another writer's pending
+/// change of the key, label `keyspace`.
+pub const PREPARE_WAITS: &str = "ringcache_client_prepare_waits_total";
+/// How long those prepares waited, label `keyspace`.
+pub const PREPARE_WAIT_DURATION: &str = "ringcache_client_prepare_wait_seconds";
+/// Write-through prepares refused because another writer's change was still
+/// pending when the wait ran out, label `keyspace`.
+pub const PREPARE_WAITS_EXHAUSTED: &str = "ringcache_client_prepare_waits_exhausted_total";
 /// Background retries of a failed invalidation, label `keyspace`.
 pub const INVALIDATION_RETRIES: &str = "ringcache_client_invalidation_retries_total";
 /// Write-back records the broker acknowledged, labels `keyspace`, `ack`.
@@ -220,6 +236,24 @@ pub(crate) fn node_marked_down(node: &str, reason: &'static str) {
 pub(crate) fn node_readmitted(node: &str) {
     metrics::counter!(NODE_READMISSIONS, "node" => node.to_owned()).increment(1);
     metrics::gauge!(NODE_DOWN, "node" => node.to_owned()).set(0.0);
+}
+
+/// Records a prepare that waited its turn on a node.
+pub(crate) fn prepare_waited(keyspace: &str, waited: std::time::Duration) {
+    metrics::counter!(PREPARE_WAITS, "keyspace" => keyspace.to_owned()).increment(1);
+    metrics::histogram!(PREPARE_WAIT_DURATION, "keyspace" => keyspace.to_owned())
+        .record(waited.as_secs_f64());
+}
+
+/// Counts a prepare refused because its wait ran out.
+pub(crate) fn prepare_wait_exhausted(keyspace: &str) {
+    metrics::counter!(PREPARE_WAITS_EXHAUSTED, "keyspace" => keyspace.to_owned()).increment(1);
+}
+
+/// Records the member list the client routes by from now on.
+pub(crate) fn topology(epoch: u64, members: usize) {
+    metrics::gauge!(TOPOLOGY_EPOCH).set(epoch as f64);
+    metrics::gauge!(TOPOLOGY_MEMBERS).set(members as f64);
 }
 
 /// Counts a write-through abort and why.

@@ -12,6 +12,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -142,24 +143,19 @@ struct Token {
     principal: Arc<Principal>,
 }
 
-/// The node's authentication and admission state, shared by both
-/// transports.
-pub struct Auth {
+/// The tokens the node accepts, swapped as a whole on a reload.
+struct Tokens {
     tokens: Vec<Token>,
     /// Whether gRPC calls must carry a token (`auth.tokens` is set).
     grpc_required: bool,
     /// Whether RESP connections must `AUTH` (tokens or `resp_password`).
     resp_required: bool,
-    anonymous: Arc<Principal>,
-    /// Rate limit of callers without a token, by peer address.
-    anonymous_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
-    concurrency: Option<(Arc<Semaphore>, usize)>,
 }
 
-impl Auth {
-    /// The state `config` describes. Token secrets must have been resolved
+impl Tokens {
+    /// The tokens `config` names. Token secrets must have been resolved
     /// ([`Config::resolve_secrets`]) and the config validated.
-    pub fn new(config: &Config) -> Self {
+    fn new(config: &Config) -> Self {
         let default_rate = config.limits.rate_limit.as_ref();
         let mut tokens: Vec<Token> = config
             .auth
@@ -191,10 +187,43 @@ impl Auth {
         // Validation refuses empty secrets; an unresolved one must never
         // match an empty password.
         tokens.retain(|token| !token.secret.is_empty());
-        Auth {
+        Tokens {
             grpc_required: !config.auth.tokens.is_empty(),
             resp_required: !tokens.is_empty(),
             tokens,
+        }
+    }
+
+    fn by_secret(&self, secret: &[u8]) -> Option<Arc<Principal>> {
+        let mut found = None;
+        for token in &self.tokens {
+            if constant_time_eq(&token.secret, secret) {
+                found = Some(Arc::clone(&token.principal));
+            }
+        }
+        found
+    }
+}
+
+/// The node's authentication and admission state, shared by both
+/// transports.
+pub struct Auth {
+    /// Replaced whole by [`Auth::reload`]; every request reads the current
+    /// table without a lock.
+    tokens: ArcSwap<Tokens>,
+    anonymous: Arc<Principal>,
+    /// Rate limit of callers without a token, by peer address.
+    anonymous_limiter: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    concurrency: Option<(Arc<Semaphore>, usize)>,
+}
+
+impl Auth {
+    /// The state `config` describes. Token secrets must have been resolved
+    /// ([`Config::resolve_secrets`]) and the config validated.
+    pub fn new(config: &Config) -> Self {
+        let default_rate = config.limits.rate_limit.as_ref();
+        Auth {
+            tokens: ArcSwap::from_pointee(Tokens::new(config)),
             // Without a token, the anonymous caller's limit is per address,
             // so its own bucket stays unused.
             anonymous: Arc::new(Principal::new(
@@ -210,6 +239,19 @@ impl Auth {
         }
     }
 
+    /// Replaces the accepted tokens (`auth.tokens` and `resp_password`)
+    /// with `config`'s, at once for every later request: the rotation of a
+    /// secret without a restart (`docs/security.md`). Token buckets start
+    /// full again; the anonymous limit and the concurrency limit are kept
+    /// (they change at a restart). Returns the number of tokens now
+    /// accepted. `config` must be resolved and validated.
+    pub fn reload(&self, config: &Config) -> usize {
+        let tokens = Tokens::new(config);
+        let count = tokens.tokens.len();
+        self.tokens.store(Arc::new(tokens));
+        count
+    }
+
     /// The principal of a gRPC call from its `authorization` metadata value
     /// (`Bearer <secret>`); without required tokens, the anonymous one.
     ///
@@ -217,7 +259,8 @@ impl Auth {
     /// [`Error::Unauthenticated`] when tokens are required and the value is
     /// missing, malformed or names no token.
     pub fn bearer(&self, authorization: Option<&[u8]>) -> Result<Arc<Principal>, Error> {
-        if !self.grpc_required {
+        let tokens = self.tokens.load();
+        if !tokens.grpc_required {
             return Ok(Arc::clone(&self.anonymous));
         }
         let secret = authorization
@@ -226,13 +269,14 @@ impl Auth {
                 scheme.eq_ignore_ascii_case(b"bearer ").then_some(secret)
             })
             .ok_or(Error::Unauthenticated("missing bearer token"))?;
-        self.by_secret(secret)
+        tokens
+            .by_secret(secret)
             .ok_or(Error::Unauthenticated("unknown bearer token"))
     }
 
     /// Whether RESP connections must `AUTH` first.
     pub fn resp_required(&self) -> bool {
-        self.resp_required
+        self.tokens.load().resp_required
     }
 
     /// The principal of a RESP connection that has not authenticated (when
@@ -245,13 +289,14 @@ impl Auth {
     /// token's (or `default`, `resp_password`'s); without, the token whose
     /// secret it is.
     pub fn password(&self, name: Option<&[u8]>, secret: &[u8]) -> Option<Arc<Principal>> {
+        let tokens = self.tokens.load();
         match name {
-            None => self.by_secret(secret),
+            None => tokens.by_secret(secret),
             Some(name) => {
                 // Compare every token's secret whatever the name, so that
                 // the time taken does not tell which names exist.
                 let mut found = None;
-                for token in &self.tokens {
+                for token in &tokens.tokens {
                     let matches = constant_time_eq(&token.secret, secret);
                     if matches && token.principal.name.as_bytes() == name {
                         found = Some(Arc::clone(&token.principal));
@@ -260,16 +305,6 @@ impl Auth {
                 found
             }
         }
-    }
-
-    fn by_secret(&self, secret: &[u8]) -> Option<Arc<Principal>> {
-        let mut found = None;
-        for token in &self.tokens {
-            if constant_time_eq(&token.secret, secret) {
-                found = Some(Arc::clone(&token.principal));
-            }
-        }
-        found
     }
 
     /// Takes one request from the caller's bucket: the token's, or for the
@@ -402,6 +437,51 @@ mod tests {
         assert!(auth.password(Some(b"other"), b"secret").is_none());
         assert!(auth.password(None, b"secret").is_some());
         assert!(auth.password(None, b"").is_none());
+    }
+
+    #[test]
+    fn a_reload_swaps_the_tokens_for_the_next_request() {
+        let auth = auth(vec![token(
+            "old",
+            "old-secret",
+            &[("*", Permission::Write)],
+        )]);
+        assert!(auth.bearer(Some(b"Bearer old-secret")).is_ok());
+        let principal = auth.bearer(Some(b"Bearer old-secret")).unwrap();
+
+        // Rotation: both accepted, then only the new one.
+        let mut both = Config::default();
+        both.auth.tokens = vec![
+            token("old", "old-secret", &[("*", Permission::Write)]),
+            token("new", "new-secret", &[("*", Permission::Write)]),
+        ];
+        both.validate().unwrap();
+        assert_eq!(auth.reload(&both), 2);
+        assert!(auth.bearer(Some(b"Bearer old-secret")).is_ok());
+        assert_eq!(
+            auth.bearer(Some(b"Bearer new-secret")).unwrap().name(),
+            "new"
+        );
+        assert!(auth.password(Some(b"new"), b"new-secret").is_some());
+
+        let mut new = Config::default();
+        new.auth.tokens = vec![token("new", "new-secret", &[("*", Permission::Write)])];
+        new.validate().unwrap();
+        assert_eq!(auth.reload(&new), 1);
+        assert!(matches!(
+            auth.bearer(Some(b"Bearer old-secret")),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert!(auth.password(None, b"old-secret").is_none());
+        assert!(auth.bearer(Some(b"Bearer new-secret")).is_ok());
+        // A principal resolved before the reload keeps its permissions
+        // for the request it serves.
+        assert!(principal.allows("k", Permission::Write));
+
+        // Dropping every token opens the node, as a restart would.
+        assert_eq!(auth.reload(&Config::default()), 0);
+        assert!(!auth.resp_required());
+        assert_eq!(auth.bearer(None).unwrap().name(), ANONYMOUS);
     }
 
     #[test]

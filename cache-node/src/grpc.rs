@@ -15,7 +15,8 @@ use crate::error::Error;
 use crate::metrics::{NodeMetrics, Rpc};
 use crate::sessions::{SESSION_HEADER, Sessions, Stamp};
 use crate::store::{
-    FillOutcome, Hit, LeaseRead, Prepare, SetItem, SetOutcome, SetResult, Store, WriteCondition,
+    FillOutcome, Hit, LeaseRead, Prepare, PrepareResult, PrepareStep, SetItem, SetOutcome,
+    SetResult, Store, WriteCondition,
 };
 
 /// Who made a call, put in the request's extensions by [`interceptor`].
@@ -182,15 +183,44 @@ impl CacheNodeService {
         f: impl FnOnce() -> Result<T, Error>,
     ) -> Result<Response<T>, Status> {
         let _timer = self.metrics.time(rpc);
-        f().map(Response::new).map_err(|error| {
-            if matches!(error, Error::PermissionDenied { .. }) {
-                self.metrics.count_refused("grpc", "permission_denied");
-            }
-            let status = error.to_status();
-            self.metrics.count_error(rpc, status.code());
-            tracing::debug!(rpc = ?rpc, %error, "request refused");
-            status
-        })
+        f().map(Response::new)
+            .map_err(|error| self.refuse(rpc, error))
+    }
+
+    /// Counts and converts the error of a call of `rpc`.
+    fn refuse(&self, rpc: Rpc, error: Error) -> Status {
+        if matches!(error, Error::PermissionDenied { .. }) {
+            self.metrics.count_refused("grpc", "permission_denied");
+        }
+        let status = error.to_status();
+        self.metrics.count_error(rpc, status.code());
+        tracing::debug!(rpc = ?rpc, %error, "request refused");
+        status
+    }
+}
+
+/// A prepare's place in its key's queue: given up when the prepare ends,
+/// however it ends (answered, refused, or dropped by a cancelled call), so
+/// that the next waiter is not left waiting for it.
+struct Place<'a> {
+    store: &'a Store,
+    keyspace: &'a str,
+    key: &'a [u8],
+    ticket: u64,
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.store.leave_queue(self.keyspace, self.key, self.ticket);
+    }
+}
+
+fn prepare_to_proto(result: PrepareResult, waited: Duration) -> v1::PrepareResponse {
+    v1::PrepareResponse {
+        prepared: result.prepared,
+        current_version: result.current_version,
+        busy: result.busy,
+        waited_ms: millis(waited),
     }
 }
 
@@ -485,21 +515,82 @@ impl CacheNode for CacheNodeService {
     ) -> Result<Response<v1::PrepareResponse>, Status> {
         let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
-        self.call(Rpc::Prepare, || {
-            caller.check(&req.keyspace, Permission::Write)?;
-            let _fence = self.admit_write(stamp)?;
-            let prepare = Prepare {
+        let _timer = self.metrics.time(Rpc::Prepare);
+        let keyspace = req.keyspace;
+        let prepare = (|| -> Result<Prepare, Error> {
+            caller.check(&keyspace, Permission::Write)?;
+            Ok(Prepare {
                 item: required_item(req.item, "prepare")?,
                 delete: req.delete,
                 txn_id: req.txn_id,
                 timeout: (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms)),
-            };
-            let result = self.store.prepare(&req.keyspace, prepare)?;
-            Ok(v1::PrepareResponse {
-                prepared: result.prepared,
-                current_version: result.current_version,
             })
-        })
+        })()
+        .map_err(|e| self.refuse(Rpc::Prepare, e))?;
+        if req.wait_ms == 0 {
+            let result = (|| -> Result<PrepareResult, Error> {
+                let _fence = self.admit_write(stamp)?;
+                self.store.prepare(&keyspace, prepare)
+            })()
+            .map_err(|e| self.refuse(Rpc::Prepare, e))?;
+            return Ok(Response::new(prepare_to_proto(result, Duration::ZERO)));
+        }
+        // A waiting prepare holds no slot of the concurrency limit (the
+        // commit or abort it waits for must get one), no session fence and
+        // no lock: only its place in the key's queue.
+        drop(caller);
+        let started = tokio::time::Instant::now();
+        let give_up = started + Duration::from_millis(req.wait_ms);
+        let place = Place {
+            store: &self.store,
+            keyspace: &keyspace,
+            key: &prepare.item.key,
+            ticket: self.store.ticket(),
+        };
+        let mut woken: Option<tokio::sync::oneshot::Receiver<()>> = None;
+        let mut waited = false;
+        loop {
+            let may_wait = tokio::time::Instant::now() < give_up;
+            let step = (|| -> Result<PrepareStep, Error> {
+                let _fence = self.admit_write(stamp)?;
+                self.store
+                    .prepare_in_turn(&keyspace, &prepare, place.ticket, may_wait)
+            })()
+            .map_err(|e| self.refuse(Rpc::Prepare, e))?;
+            let (receiver, pending_until) = match step {
+                PrepareStep::Done(result) => {
+                    // A prepare that waited says so, however briefly.
+                    let waited = if waited {
+                        started.elapsed().max(Duration::from_millis(1))
+                    } else {
+                        Duration::ZERO
+                    };
+                    return Ok(Response::new(prepare_to_proto(result, waited)));
+                }
+                PrepareStep::Wait {
+                    woken,
+                    pending_until,
+                } => (woken, pending_until),
+            };
+            waited = true;
+            if receiver.is_some() {
+                woken = receiver;
+            }
+            // Step again when woken, when the pending change's deadline
+            // passes (it is timed out by that step), or when the wait is up.
+            let until = pending_until.map_or(give_up, |at| {
+                give_up.min(tokio::time::Instant::from_std(at))
+            });
+            match woken.as_mut() {
+                Some(rx) => {
+                    if tokio::time::timeout_at(until, rx).await.is_ok() {
+                        // Told (or its queue was dropped): the receiver is spent.
+                        woken = None;
+                    }
+                }
+                None => tokio::time::sleep_until(until).await,
+            }
+        }
     }
 
     async fn commit(

@@ -3,8 +3,8 @@
 //! - [`config`]: the TOML/env/flag configuration and its validation.
 //! - [`auth`]: bearer tokens, per-keyspace permissions, rate limits and the
 //!   concurrency limit, shared by both transports.
-//! - [`tls`]: rustls setup of the listeners (gRPC through tonic; RESP and
-//!   metrics through `tokio-rustls`).
+//! - [`tls`]: rustls setup of the listeners (gRPC, RESP and metrics, all
+//!   through `tokio-rustls`), replaceable while serving (SIGHUP reload).
 //! - [`store`]: the domain core: keyspaces of versioned entries in
 //!   byte-bounded compact tables, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
@@ -15,10 +15,13 @@
 //! - [`sessions`]: client sessions and their flush generations, so that a
 //!   write a client sent before re-admitting the node never lands after
 //!   the flush (gRPC only).
+//! - `prepare_queue`: the per-key queue in which write-through prepares
+//!   wait their turn behind another pending change of the key.
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that
 //!   times out pending changes and removes expired entries, and drains on
-//!   shutdown.
+//!   shutdown; [`run_reloadable`] also applies reloaded tokens and TLS
+//!   files.
 //!
 //! A binary (`main.rs`) only parses the config, sets up tracing, binds and
 //! calls [`run`].
@@ -28,6 +31,7 @@ pub mod config;
 pub mod error;
 pub mod grpc;
 pub mod metrics;
+pub(crate) mod prepare_queue;
 pub mod resp;
 pub mod server;
 pub mod sessions;
@@ -37,4 +41,4 @@ pub mod tls;
 
 pub use config::{Cli, Config};
 pub use error::{Error, Result};
-pub use server::{Listeners, run};
+pub use server::{Listeners, run, run_reloadable};

@@ -1,5 +1,6 @@
 //! `cache-node`: parses the config, sets up tracing, binds and runs the node
-//! until SIGINT or SIGTERM.
+//! until SIGINT or SIGTERM; on SIGHUP, loads the config again and hands it
+//! to the node, which takes its tokens and TLS files.
 
 use anyhow::Context;
 use cache_node::config::LogFormat;
@@ -24,7 +25,13 @@ fn main() -> anyhow::Result<()> {
         // Inside the runtime: the OTLP exporter's channel needs one.
         let _exporter = init_tracing(config.log_format)?;
         let listeners = Listeners::bind(&config).await?;
-        cache_node::run(config, listeners, shutdown_signal())
+        // Installed before the node serves: until then SIGHUP's default
+        // action, ending the process, would apply.
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot install a SIGHUP handler")?;
+        let (reloads, reloaded) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(reload_on_sighup(hangup, cli, reloads));
+        cache_node::run_reloadable(config, listeners, shutdown_signal(), reloaded)
             .await
             .context("cache node failed")
     })
@@ -78,5 +85,31 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
         _ = term.recv() => tracing::info!("received SIGTERM"),
+    }
+}
+
+/// On every SIGHUP, loads the configuration again (file, environment,
+/// flags, secret files) and sends it to the node; a configuration that does
+/// not load or validate is logged and changes nothing.
+async fn reload_on_sighup(
+    mut hangup: tokio::signal::unix::Signal,
+    cli: Cli,
+    reloads: tokio::sync::mpsc::Sender<Config>,
+) {
+    let cli = std::sync::Arc::new(cli);
+    while hangup.recv().await.is_some() {
+        tracing::info!("received SIGHUP: reloading the configuration");
+        let cli = std::sync::Arc::clone(&cli);
+        match tokio::task::spawn_blocking(move || Config::load(&cli)).await {
+            Ok(Ok(config)) => {
+                if reloads.send(config).await.is_err() {
+                    return; // the node has stopped
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "configuration reload failed; nothing changed");
+            }
+            Err(error) => tracing::warn!(%error, "configuration reload task failed"),
+        }
     }
 }

@@ -215,6 +215,16 @@ impl NodeMetrics {
         self.recorder.register_counter(&key, &METADATA).increment(1);
     }
 
+    /// Counts a configuration reload (SIGHUP): `result` is `applied` or
+    /// `failed` (nothing changed).
+    pub fn count_reload(&self, result: &'static str) {
+        let key = Key::from_parts(
+            "ringcache_node_config_reloads_total",
+            vec![Label::new("result", result)],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+    }
+
     /// Counts a failed request by RPC and gRPC code.
     pub fn count_error(&self, rpc: Rpc, code: tonic::Code) {
         let key = Key::from_parts(

@@ -18,7 +18,7 @@ use crate::grpc::CacheNodeService;
 use crate::metrics::{NodeMetrics, UPKEEP_INTERVAL};
 use crate::resp::{self, parse::ParseLimits};
 use crate::store::Store;
-use crate::tls::{TlsListener, TlsMaterial};
+use crate::tls::{Protocol, ServerTls, TlsListener, TlsMaterial};
 
 /// How often the sweeper times out pending 2PC changes (and drops expired
 /// leases and stale values) that no request touches. A pending change can
@@ -86,7 +86,27 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    serve(config, listeners, shutdown, Hooks::default()).await
+    serve(config, listeners, shutdown, None, Hooks::default()).await
+}
+
+/// [`run`], applying each configuration `reloads` delivers while it serves
+/// (`main` sends one on SIGHUP): its tokens (`auth.tokens`,
+/// `resp_password`, secret files re-read) replace the accepted ones at once,
+/// and its TLS files are read again and used for every connection accepted
+/// from then on. A reload that fails (a TLS file that does not parse, a key
+/// that does not fit) changes nothing and is logged; other settings that
+/// differ take effect at the next restart, and are logged as such. See
+/// `docs/security.md`, "Rotating certificates and tokens".
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloadable(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<()> {
+    serve(config, listeners, shutdown, Some(reloads), Hooks::default()).await
 }
 
 /// Test-only instrumentation of [`serve`].
@@ -100,6 +120,7 @@ async fn serve(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send,
+    reloads: Option<tokio::sync::mpsc::Receiver<Config>>,
     hooks: Hooks,
 ) -> Result<()> {
     let grpc_addr = listeners
@@ -113,7 +134,7 @@ async fn serve(
         .clone()
         .unwrap_or_else(|| grpc_addr.to_string());
     let tls = match &config.tls {
-        Some(tls) => Some(TlsMaterial::load(tls).await?),
+        Some(tls) => Some(Arc::new(ServerTls::new(&TlsMaterial::load(tls).await?)?)),
         None => None,
     };
     let store = Arc::new(Store::new(&config));
@@ -136,6 +157,16 @@ async fn serve(
         stop_workers.clone(),
     ));
     let upkeep = tokio::spawn(metrics_upkeep(Arc::clone(&metrics), stop_workers.clone()));
+    let reloader = reloads.map(|reloads| {
+        tokio::spawn(apply_reloads(
+            reloads,
+            config.clone(),
+            Arc::clone(&auth),
+            tls.clone(),
+            Arc::clone(&metrics),
+            stop_workers.clone(),
+        ))
+    });
     // Whatever way `serve` returns (an early `?` included), the workers stop.
     let _stop_workers_on_return = stop_workers.clone().drop_guard();
     #[allow(unused_mut)] // mutated only by test hooks
@@ -151,20 +182,23 @@ async fn serve(
     health
         .set_serving::<CacheNodeServer<CacheNodeService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both protocol versions: `v1`, and `v1alpha` for the
+    // tools that still ask only for it (older grpcurl, grpcui, Postman,
+    // evans), which would otherwise see UNIMPLEMENTED.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| Error::Server(format!("cannot build the reflection service: {e}")))?;
+    let reflection = reflection()
         .build_v1()
         .map_err(|e| Error::Server(format!("cannot build the reflection service: {e}")))?;
 
     let stop = CancellationToken::new();
-    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        builder = builder
-            .tls_config(tls.tonic())
-            .map_err(|e| Error::Tls(format!("grpc: {e}")))?;
-    }
     let cache_service = tonic::service::interceptor::InterceptedService::new(
         CacheNodeServer::new(service).max_decoding_message_size(config.limits.max_request_bytes),
         crate::grpc::interceptor(Arc::clone(&auth), Arc::clone(&metrics)),
@@ -173,12 +207,27 @@ async fn serve(
     {
         builder = builder.trace_fn(request_span);
     }
-    let grpc = builder
+    let router = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(cache_service)
-        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-    let mut grpc = tokio::spawn(grpc);
+        .add_service(reflection_v1alpha)
+        .add_service(cache_service);
+    let mut grpc = match &tls {
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            stop.clone().cancelled_owned(),
+        )),
+        // Our own TLS listener rather than tonic's `tls_config`, so that a
+        // reload reaches the handshakes of new connections.
+        Some(tls) => tokio::spawn(router.serve_with_incoming_shutdown(
+            crate::tls::incoming(TlsListener::new(
+                listeners.grpc,
+                Arc::clone(tls),
+                Protocol::Grpc,
+            )),
+            stop.clone().cancelled_owned(),
+        )),
+    };
 
     let metrics_server = match listeners.metrics {
         Some(listener) => {
@@ -201,7 +250,7 @@ async fn serve(
                         .into_future(),
                 ),
                 Some(tls) => {
-                    let listener = TlsListener::new(listener, tls.acceptor(&[b"http/1.1"])?);
+                    let listener = TlsListener::new(listener, Arc::clone(tls), Protocol::Metrics);
                     tokio::spawn(
                         axum::serve(listener, router)
                             .with_graceful_shutdown(shutdown)
@@ -218,12 +267,11 @@ async fn serve(
                 .local_addr()
                 .map_err(|e| Error::Server(format!("resp listener has no address: {e}")))?;
             tracing::info!(%addr, tls = tls.is_some(), "serving RESP");
-            let acceptor = tls.as_ref().map(|tls| tls.acceptor(&[])).transpose()?;
             Some(tokio::spawn(resp::serve(
                 listener,
                 resp_context,
                 resp_limits(&config),
-                acceptor,
+                tls.clone(),
                 stop.clone(),
             )))
         }
@@ -308,6 +356,11 @@ async fn serve(
     if let Err(e) = upkeep.await {
         tracing::warn!(error = %e, "metrics upkeep task failed");
     }
+    if let Some(reloader) = reloader
+        && let Err(e) = reloader.await
+    {
+        tracing::warn!(error = %e, "config reload task failed");
+    }
     if let Some(metrics_server) = metrics_server {
         match metrics_server.await {
             Ok(Ok(())) => {}
@@ -330,6 +383,105 @@ fn resp_limits(config: &Config) -> ParseLimits {
         max_frame_bytes: limits.max_request_bytes,
         max_inline_bytes: resp::conn::MAX_INLINE_BYTES,
     }
+}
+
+/// Applies each configuration of `reloads` until `stop` is cancelled or
+/// the sender is dropped (see [`run_reloadable`]).
+async fn apply_reloads(
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+    mut running: Config,
+    auth: Arc<Auth>,
+    tls: Option<Arc<ServerTls>>,
+    metrics: Arc<NodeMetrics>,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => return,
+            next = reloads.recv() => next,
+        };
+        let Some(next) = next else { return };
+        match reload(&next, &auth, tls.as_deref()).await {
+            Ok(tokens) => {
+                metrics.count_reload("applied");
+                let restart_needed = needs_restart(&running, &next);
+                tracing::info!(
+                    tokens,
+                    tls = tls.is_some(),
+                    ?restart_needed,
+                    "configuration reloaded: tokens and tls files replaced"
+                );
+                running = next;
+            }
+            Err(error) => {
+                metrics.count_reload("failed");
+                tracing::warn!(%error, "configuration reload failed; nothing changed");
+            }
+        }
+    }
+}
+
+/// Reads `next`'s TLS files and, when they are valid, swaps them and then
+/// the tokens in; returns the number of tokens now accepted.
+async fn reload(next: &Config, auth: &Auth, tls: Option<&ServerTls>) -> Result<usize> {
+    match (tls, &next.tls) {
+        (Some(tls), Some(files)) => tls.reload(&TlsMaterial::load(files).await?)?,
+        (None, None) => {}
+        (running, _) => {
+            return Err(Error::Tls(format!(
+                "turning tls {} takes a restart",
+                if running.is_some() { "off" } else { "on" }
+            )));
+        }
+    }
+    Ok(auth.reload(next))
+}
+
+/// The top-level settings of `next` that differ from `running` and that a
+/// reload does not apply (they take a restart).
+fn needs_restart(running: &Config, next: &Config) -> Vec<&'static str> {
+    let mut differ = Vec::new();
+    let mut check = |name: &'static str, same: bool| {
+        if !same {
+            differ.push(name);
+        }
+    };
+    check("node_id", running.node_id == next.node_id);
+    check("listen", running.listen == next.listen);
+    check(
+        "metrics_listen",
+        running.metrics_listen == next.metrics_listen,
+    );
+    check(
+        "advertise_address",
+        running.advertise_address == next.advertise_address,
+    );
+    check("resp_listen", running.resp_listen == next.resp_listen);
+    check(
+        "resp_default_keyspace",
+        running.resp_default_keyspace == next.resp_default_keyspace,
+    );
+    check(
+        "unknown_keyspaces",
+        running.unknown_keyspaces == next.unknown_keyspaces,
+    );
+    check(
+        "shutdown_grace",
+        running.shutdown_grace == next.shutdown_grace,
+    );
+    check("log_format", running.log_format == next.log_format);
+    check(
+        "worker_threads",
+        running.worker_threads == next.worker_threads,
+    );
+    check("limits", running.limits == next.limits);
+    check("keyspaces", running.keyspaces == next.keyspaces);
+    check(
+        "created_keyspaces",
+        running.created_keyspaces == next.created_keyspaces,
+    );
+    check("cluster", running.cluster == next.cluster);
+    differ
 }
 
 /// Drains the latency histograms every [`UPKEEP_INTERVAL`] until `stop` is
@@ -444,6 +596,7 @@ pub(crate) mod tests {
             async {
                 let _ = stop_rx.await;
             },
+            None,
             Hooks {
                 gate: Some(Arc::clone(&gate)),
             },

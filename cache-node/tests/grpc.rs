@@ -569,6 +569,54 @@ async fn health_and_reflection_are_served() {
     node.shutdown().await;
 }
 
+/// Tools still on the older reflection protocol (older grpcurl, grpcui,
+/// Postman, evans) ask `grpc.reflection.v1alpha`; they must see the same
+/// services as `v1` clients instead of `UNIMPLEMENTED`.
+#[tokio::test]
+async fn reflection_v1alpha_is_served_beside_v1() {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let node = TestNode::start("").await;
+    let channel = Channel::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let requests = [
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "ringcache.v1.CacheNode".into(),
+            )),
+        },
+    ];
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .expect("the v1alpha reflection service answers")
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"ringcache.v1.CacheNode"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+    node.shutdown().await;
+}
+
 #[tokio::test]
 async fn metrics_endpoint_exposes_keyspace_counters_and_latency() {
     let node = TestNode::start("").await;

@@ -85,6 +85,7 @@ async fn prepare(
         txn_id: txn.into(),
         timeout_ms,
         delete: false,
+        wait_ms: 0,
     })
     .await
     .unwrap()
@@ -260,6 +261,7 @@ async fn a_pending_deletion_commits_over_the_wire() {
             txn_id: "tx".into(),
             timeout_ms: 0,
             delete: true,
+            wait_ms: 0,
         })
         .await
         .unwrap()

@@ -30,6 +30,8 @@
 //!   fault-injecting TCP proxy (`docs/chaos.md`).
 //! - [`wb_bench`]: the write-back benchmark's load generator (`wb-bench`:
 //!   worker vs `COPY`, and the write-to-row lag; `docs/benchmarks.md`).
+//! - [`wt_bench`]: the write-through contention benchmark's load generator
+//!   (`wt-bench`: N writers on one key or on keys of their own).
 //! - [`write_back`]: what PostgreSQL holds for a write-back keyspace and
 //!   waiting for it, durable puts retried until acknowledged, a trigger
 //!   that records every row change, the worker's stored offsets and dead
@@ -47,6 +49,7 @@ mod service;
 pub mod wb_bench;
 mod worker;
 pub mod write_back;
+pub mod wt_bench;
 
 pub use broker::PrivateBroker;
 pub use env::{kafka_brokers, pg_bindir, pg_url, tansu_bin};

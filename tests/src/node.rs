@@ -295,6 +295,27 @@ impl NodeProcess {
         })
     }
 
+    /// Writes `config` over the node's config file and sends SIGHUP, which
+    /// makes the node load it again (its tokens and TLS files take effect;
+    /// `docs/security.md`). Returns once the signal is sent: the test waits
+    /// for the effect it expects.
+    ///
+    /// # Errors
+    ///
+    /// Fails when the file cannot be written or the signal not sent.
+    pub fn reload(&mut self, config: NodeConfig) -> Result<()> {
+        let config_path = self.dir.path().join("node.toml");
+        // Written beside and renamed, so that the node never reads half a
+        // file.
+        let staged = self.dir.path().join("node.toml.new");
+        fs::write(&staged, config.to_toml())
+            .with_context(|| format!("failed to write {}", staged.display()))?;
+        fs::rename(&staged, &config_path)
+            .with_context(|| format!("failed to replace {}", config_path.display()))?;
+        self.config = config;
+        self.process.signal(nix::sys::signal::Signal::SIGHUP)
+    }
+
     /// The config the node runs with.
     pub fn config(&self) -> &NodeConfig {
         &self.config

@@ -54,7 +54,7 @@ const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
 const METRICS_POLL: Duration = Duration::from_millis(10);
 /// How often the side table of the lag run is counted.
 const SEEN_POLL: Duration = Duration::from_millis(100);
-/// Partitions of the benchmark topics (the client's default).
+/// Partitions of the benchmark topics unless told (the client's default).
 pub const PARTITIONS: i32 = cache_client::producer::DEFAULT_PARTITIONS;
 
 /// The latency summary of one measurement, in milliseconds.
@@ -68,7 +68,7 @@ pub struct LatencyMs {
 }
 
 impl LatencyMs {
-    fn of(histogram: &Histogram<u64>) -> Self {
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         LatencyMs {
             count: histogram.len(),
@@ -81,7 +81,7 @@ impl LatencyMs {
 }
 
 /// A histogram of microseconds, 1 µs to 10 min, 3 significant digits.
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3)
         .expect("the bounds are constants that hdrhistogram accepts")
 }
@@ -170,6 +170,8 @@ pub struct ThroughputOptions {
     pub brokers: String,
     pub records: u64,
     pub value_size: usize,
+    /// Partitions of the topic.
+    pub partitions: i32,
 }
 
 /// What [`throughput`] measured.
@@ -214,7 +216,7 @@ pub async fn throughput(options: &ThroughputOptions) -> Result<ThroughputResult>
     let (url, _store) = own_database("wb_bench_tp").await?;
     let keyspace = unique("wbtp");
     let topic = topic_for(&keyspace);
-    create_topic(&options.brokers, &topic, PARTITIONS).await?;
+    create_topic(&options.brokers, &topic, options.partitions).await?;
 
     let producer = producer(&options.brokers)?;
     let written_at_ms = (now_us() / 1000) as u64;
@@ -316,7 +318,7 @@ pub async fn throughput(options: &ThroughputOptions) -> Result<ThroughputResult>
     Ok(ThroughputResult {
         records: options.records,
         value_size: options.value_size,
-        partitions: PARTITIONS,
+        partitions: options.partitions,
         produce_seconds,
         worker_startup_seconds: (first_at - started).as_secs_f64(),
         worker_seconds,
@@ -378,6 +380,10 @@ pub struct LagOptions {
     /// Writes in flight at most; a write due while this many are in flight
     /// waits (and the achieved rate drops).
     pub max_in_flight: usize,
+    /// Partitions of the topic.
+    pub partitions: i32,
+    /// Workers draining it, in one group ([`lag`] only).
+    pub workers: usize,
 }
 
 /// What [`lag`] measured.
@@ -397,6 +403,15 @@ pub struct LagResult {
     /// Acknowledged writes whose row became visible before the
     /// acknowledgement reached the writer (counted as 0 in `lag`).
     pub visible_before_ack: u64,
+    pub partitions: i32,
+    pub workers: usize,
+    /// Batches the workers committed, in all (warm-up included).
+    pub worker_batches: f64,
+    /// Records in those batches.
+    pub worker_records: f64,
+    /// The workers' database time (their batches' flush time, summed), per
+    /// second of the measured phase: how busy their write paths were.
+    pub worker_db_busy: f64,
 }
 
 /// SQL creating the side table and the deferred trigger that stamps every
@@ -430,20 +445,31 @@ pub async fn lag(options: &LagOptions) -> Result<LagResult> {
         format!("[keyspaces.{keyspace}]\ncapacity_bytes = 1073741824\ndefault_ttl = \"1h\"\n");
     let node = NodeProcess::start(node_config).await?;
     let client = Client::connect(ClientConfig::new([node.addr().to_string()])).await?;
-    client.enable_write_back(WriteBackConfig::new(options.brokers.clone()))?;
+    let mut write_back = WriteBackConfig::new(options.brokers.clone());
+    write_back.partitions = options.partitions;
+    client.enable_write_back(write_back)?;
     client.define_keyspace(
         &keyspace,
         KeyspaceSettings::new(Strategy::WriteBack),
         Some(store),
     )?;
     client.ensure_write_back_topics().await?;
-    let mut worker = WorkerProcess::start(WorkerConfig {
-        brokers: options.brokers.clone(),
-        database_url: url.clone(),
-        group: unique("wblag"),
-        keyspaces: vec![keyspace.clone()],
-        cache_seeds: vec![node.addr().to_string()],
-    })?;
+    let group = unique("wblag");
+    let mut workers = (0..options.workers.max(1))
+        .map(|_| {
+            WorkerProcess::start(WorkerConfig {
+                brokers: options.brokers.clone(),
+                database_url: url.clone(),
+                group: group.clone(),
+                keyspaces: vec![keyspace.clone()],
+                cache_seeds: vec![node.addr().to_string()],
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut metrics = Vec::with_capacity(workers.len());
+    for worker in &mut workers {
+        metrics.push(worker.metrics_addr(PHASE_TIMEOUT).await?);
+    }
 
     // Warm-up: the worker has joined and drains before the clock starts.
     let warm = 100;
@@ -454,7 +480,7 @@ pub async fn lag(options: &LagOptions) -> Result<LagResult> {
             .await
             .context("a warm-up write failed")?;
     }
-    wait_seen(&mut conn, &mut worker, warm).await?;
+    wait_seen(&mut conn, &mut workers, warm).await?;
 
     let total = (options.rate * options.duration.as_secs_f64()).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / options.rate);
@@ -509,7 +535,9 @@ pub async fn lag(options: &LagOptions) -> Result<LagResult> {
     let mut lag = histogram();
     let mut early = 0;
     loop {
-        worker.ensure_running()?;
+        for worker in &mut workers {
+            worker.ensure_running()?;
+        }
         let seen: Vec<(Vec<u8>, i64, i64)> = sqlx::query_as(
             "SELECT key, version, (extract(epoch FROM seen_at) * 1000000)::bigint FROM wb_bench_seen",
         )
@@ -536,12 +564,23 @@ pub async fn lag(options: &LagOptions) -> Result<LagResult> {
         ensure!(
             Instant::now() < deadline,
             "{missing} acknowledged writes not stored after {PHASE_TIMEOUT:?}:\n{}",
-            worker.log_tail(30)
+            workers[0].log_tail(30)
         );
         tokio::time::sleep(SEEN_POLL * 10).await;
     }
-    worker.sigterm()?;
-    worker.wait_exit(Duration::from_secs(30)).await?;
+    let (mut worker_batches, mut worker_records, mut worker_db_seconds) = (0.0, 0.0, 0.0);
+    for addr in metrics {
+        let text = scrape(addr).await?;
+        worker_batches += metric_sum(&text, "ringcache_wb_batches_total").unwrap_or(0.0);
+        worker_records += metric_sum(&text, "ringcache_wb_batch_records_sum").unwrap_or(0.0);
+        worker_db_seconds += metric_sum(&text, "ringcache_wb_batch_seconds_sum").unwrap_or(0.0);
+    }
+    for worker in &mut workers {
+        worker.sigterm()?;
+    }
+    for worker in &mut workers {
+        worker.wait_exit(Duration::from_secs(30)).await?;
+    }
     drop(node);
 
     Ok(LagResult {
@@ -554,14 +593,25 @@ pub async fn lag(options: &LagOptions) -> Result<LagResult> {
         write_latency: LatencyMs::of(&write_latency),
         lag: LatencyMs::of(&lag),
         visible_before_ack: early,
+        partitions: options.partitions,
+        workers: workers.len(),
+        worker_batches,
+        worker_records,
+        worker_db_busy: worker_db_seconds / measured.max(f64::EPSILON),
     })
 }
 
 /// Waits until the side table holds at least `rows` rows.
-async fn wait_seen(conn: &mut PgConnection, worker: &mut WorkerProcess, rows: u64) -> Result<()> {
+async fn wait_seen(
+    conn: &mut PgConnection,
+    workers: &mut [WorkerProcess],
+    rows: u64,
+) -> Result<()> {
     let deadline = Instant::now() + PHASE_TIMEOUT;
     loop {
-        worker.ensure_running()?;
+        for worker in workers.iter_mut() {
+            worker.ensure_running()?;
+        }
         let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM wb_bench_seen")
             .fetch_one(&mut *conn)
             .await?;
@@ -571,7 +621,7 @@ async fn wait_seen(conn: &mut PgConnection, worker: &mut WorkerProcess, rows: u6
         ensure!(
             Instant::now() < deadline,
             "the warm-up writes were not stored ({seen} of {rows}):\n{}",
-            worker.log_tail(30)
+            workers[0].log_tail(30)
         );
         tokio::time::sleep(SEEN_POLL).await;
     }
@@ -581,6 +631,8 @@ async fn wait_seen(conn: &mut PgConnection, worker: &mut WorkerProcess, rows: u6
 #[derive(Debug, Clone, Serialize)]
 pub struct BrokerResult {
     pub rate: f64,
+    /// Records acknowledged, per second of the producing phase.
+    pub achieved_rate: f64,
     pub acknowledged: u64,
     pub failed: u64,
     /// From when a record was due to its acknowledgement.
@@ -599,20 +651,21 @@ pub struct BrokerResult {
 pub async fn broker(options: &LagOptions) -> Result<BrokerResult> {
     let keyspace = unique("wbbroker");
     let topic = topic_for(&keyspace);
-    create_topic(&options.brokers, &topic, PARTITIONS).await?;
-    let consumer: BaseConsumer = KafkaConfig::new()
+    create_topic(&options.brokers, &topic, options.partitions).await?;
+    let mut properties = KafkaConfig::new();
+    properties
         .set("bootstrap.servers", &options.brokers)
         .set("group.id", unique("wbbroker"))
-        .set("enable.auto.commit", "false")
-        // The worker's fetch settings (`write-back-worker/src/consumer.rs`).
-        .set("max.partition.fetch.bytes", "262144")
-        .set("fetch.max.bytes", "1048576")
-        .set("queued.min.messages", "10000")
-        .set("fetch.wait.max.ms", "100")
+        .set("enable.auto.commit", "false");
+    // The worker's default fetch settings.
+    for (name, value) in write_back_worker::Config::default().fetch_properties() {
+        properties.set(name, value);
+    }
+    let consumer: BaseConsumer = properties
         .create()
         .context("failed to create the consumer")?;
     let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
+    for partition in 0..options.partitions {
         assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
@@ -673,11 +726,13 @@ pub async fn broker(options: &LagOptions) -> Result<BrokerResult> {
     let mut acked = HashMap::new();
     let mut failed = 0;
     let mut produce_latency = histogram();
+    let mut last_ack = start;
     while let Some((key, sent, acked_us, latency)) = done_rx.recv().await {
         match sent {
             Ok(()) => {
                 produce_latency.saturating_record(latency.as_micros().max(1) as u64);
                 acked.insert(key, acked_us);
+                last_ack = Instant::now();
             }
             Err(err) => {
                 failed += 1;
@@ -705,6 +760,7 @@ pub async fn broker(options: &LagOptions) -> Result<BrokerResult> {
     }
     Ok(BrokerResult {
         rate: options.rate,
+        achieved_rate: acked.len() as f64 / (last_ack - start).as_secs_f64().max(f64::EPSILON),
         acknowledged: acked.len() as u64,
         failed,
         produce_latency: LatencyMs::of(&produce_latency),

@@ -1599,6 +1599,8 @@ fn worker_metric_constants() -> BTreeSet<String> {
         DIRTY_REPAIRED_TOTAL,
         OLDEST_UNSTORED_SECONDS,
         CONSUMER_LAG_RECORDS,
+        PG_PREPARED_TRANSACTIONS,
+        PG_OLDEST_PREPARED_TRANSACTION_SECONDS,
     ]
     .map(str::to_owned)
     .into()

@@ -24,20 +24,38 @@ struct Node {
 /// A fresh CA and a node certificate for `localhost` and `127.0.0.1`
 /// written into `dir`: the CA's PEM and the node's `[tls]` table.
 fn tls_files(dir: &std::path::Path) -> Result<(String, String)> {
+    let ca = new_ca()?;
+    let table = node_certificate(&ca, dir)?;
+    Ok((ca.pem(), table))
+}
+
+/// A fresh certificate authority.
+fn new_ca() -> Result<CertifiedIssuer<'static, KeyPair>> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    Ok(CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?)
+}
+
+/// A node certificate for `localhost` and `127.0.0.1` issued by `ca`,
+/// written over `dir`'s `node.pem` and `node.key` (each staged and renamed,
+/// as a certificate manager does): the node's `[tls]` table.
+fn node_certificate(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    dir: &std::path::Path,
+) -> Result<String> {
     let key = KeyPair::generate()?;
     let cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?
-        .signed_by(&key, &ca)?;
-    std::fs::write(dir.join("node.pem"), cert.pem())?;
-    std::fs::write(dir.join("node.key"), key.serialize_pem())?;
-    let table = format!(
+        .signed_by(&key, ca)?;
+    for (name, pem) in [("node.pem", cert.pem()), ("node.key", key.serialize_pem())] {
+        let staged = dir.join(format!("{name}.new"));
+        std::fs::write(&staged, pem)?;
+        std::fs::rename(&staged, dir.join(name))?;
+    }
+    Ok(format!(
         "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         dir.join("node.pem").display(),
         dir.join("node.key").display(),
-    );
-    Ok((ca.pem(), table))
+    ))
 }
 
 impl Node {
@@ -270,4 +288,192 @@ async fn the_node_binary_and_cachectl_speak_tls_with_tokens() -> Result<()> {
     let (ok, out) = run(&["health"])?;
     ensure!(!ok && out.contains("UNREACHABLE"), "{out}");
     Ok(())
+}
+
+/// Issue 18: a node's certificate and its tokens rotate without a restart
+/// (SIGHUP), under load, with no failed request. The rotation an operator
+/// does: a certificate from a new CA the clients already trust, and the
+/// new token accepted beside the old one; then the clients move to the new
+/// token; then the old one is removed.
+#[tokio::test]
+async fn certificates_and_tokens_rotate_under_load_without_a_failed_request() -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let dir = tempfile::tempdir()?;
+    let (old_ca, new_ca) = (new_ca()?, new_ca()?);
+    let tls = node_certificate(&old_ca, dir.path())?;
+    let token = |name: &str, secret: &str| {
+        format!(
+            "[[auth.tokens]]\nname = \"{name}\"\nsecret = \"{secret}\"\npermissions = {{ \"*\" = \"write\" }}\n"
+        )
+    };
+    let mut config = NodeConfig::single("rotating-1")?;
+    config.extra_tables = format!("{tls}\n{}", token("old", "old-secret"));
+    // The test harness's own probes trust both CAs.
+    let both = format!("{}{}", old_ca.pem(), new_ca.pem());
+    config.tls_ca_pem = Some(both.clone());
+    config.token = Some("old-secret".to_owned());
+    let mut node = NodeProcess::start(config.clone()).await?;
+    let addr = node.addr().to_string();
+    let client_config = |ca: &str, secret: &str| {
+        ClientConfig::new([addr.clone()])
+            .with_tls(ClientTls::new(ca.to_owned()))
+            .with_token(Token::new(secret))
+            .with_deadline(Duration::from_secs(5))
+    };
+    // Whether a fresh client (a new connection, a new handshake) trusting
+    // only `ca` and sending `secret` can read.
+    let fresh_read = |ca: String, secret: &'static str| {
+        let config = client_config(&ca, secret);
+        async move {
+            match Client::connect(config).await {
+                Ok(client) => client
+                    .get("default", "probe")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+
+    // The load: writers on a client that trusts both CAs, as the clients
+    // of a rotation are set up before it starts.
+    let client = Client::connect(client_config(&both, "old-secret")).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4u64 {
+        let (client, stop, done) = (client.clone(), Arc::clone(&stop), Arc::clone(&done));
+        writers.spawn(async move {
+            let mut failures = Vec::new();
+            let mut version = 0;
+            while !stop.load(Ordering::Relaxed) {
+                version += 1;
+                let key = format!("k{w}");
+                let result = match client
+                    .set("default", &key, "v", SetOptions::new().version(version))
+                    .await
+                {
+                    Ok(_) => client.get("default", &key).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+            failures
+        });
+    }
+    let progress = |at_least: u64| {
+        let done = Arc::clone(&done);
+        async move {
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+            while done.load(Ordering::Relaxed) < at_least {
+                ensure!(tokio::time::Instant::now() < give_up, "the load stalled");
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        }
+    };
+    progress(100).await?;
+    ensure!(
+        fresh_read(new_ca.pem(), "old-secret").await.is_err(),
+        "the new CA's certificate is not served yet"
+    );
+
+    // 1. The new certificate, and both tokens.
+    let tls = node_certificate(&new_ca, dir.path())?;
+    config.extra_tables = format!(
+        "{tls}\n{}{}",
+        token("old", "old-secret"),
+        token("new", "new-secret")
+    );
+    node.reload(config.clone())?;
+    eventually("the new certificate and token to be served", || {
+        fresh_read(new_ca.pem(), "new-secret")
+    })
+    .await?;
+    ensure!(fresh_read(new_ca.pem(), "old-secret").await.is_ok());
+    let seen = done.load(Ordering::Relaxed);
+    progress(seen + 100).await?;
+
+    // 2. The clients move to the new token.
+    client.set_token(Some(Token::new("new-secret")))?;
+    let seen = done.load(Ordering::Relaxed);
+    progress(seen + 100).await?;
+
+    // 3. The old token is removed.
+    config.extra_tables = format!("{tls}\n{}", token("new", "new-secret"));
+    node.reload(config.clone())?;
+    eventually("the old token to be refused", || {
+        let read = fresh_read(new_ca.pem(), "old-secret");
+        async move {
+            match read.await {
+                Err(e) if e.contains("unauthenticated") => Ok(()),
+                other => Err(format!("still {other:?}")),
+            }
+        }
+    })
+    .await?;
+    let seen = done.load(Ordering::Relaxed);
+    progress(seen + 100).await?;
+
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    while let Some(writer) = writers.join_next().await {
+        failures.extend(writer?);
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} request(s) failed during the rotation, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    // A reload that cannot apply (a key that does not fit the certificate)
+    // changes nothing: the node keeps serving the new certificate.
+    std::fs::write(
+        dir.path().join("node.key"),
+        KeyPair::generate()?.serialize_pem(),
+    )?;
+    node.reload(config)?;
+    let log = node.log_path().to_owned();
+    eventually("the node to refuse the reload", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+            if text.contains("configuration reload failed") {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        }
+    })
+    .await?;
+    let served = fresh_read(new_ca.pem(), "new-secret").await;
+    ensure!(served.is_ok(), "after a refused reload: {served:?}");
+    Ok(())
+}
+
+/// Retries `check` every 50 ms for up to 30 s until it succeeds.
+async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), String>>,
+{
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match check().await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() >= give_up => {
+                anyhow::bail!("timed out waiting for {what}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }

@@ -1053,6 +1053,7 @@ async fn a_write_through_replica_that_refused_the_prepare_does_not_keep_the_old_
             txn_id: "other-writer".into(),
             timeout_ms: 20_000,
             delete: false,
+            wait_ms: 0,
         })
         .await?
         .into_inner();
@@ -1123,5 +1124,154 @@ async fn switching_away_from_write_through_still_recovers_its_in_doubt_transacti
     // The row lock is free: a write-around write goes through.
     ks.put("k", "3").await?;
     assert_eq!(ks.get("k").await?, Some(Bytes::from_static(b"3")));
+    Ok(())
+}
+
+/// Issue 20: two writers of one write-through key at once. The second
+/// waits on the key's first owner for the first to commit, instead of
+/// failing with a write conflict; the cache ends holding what the database
+/// committed last.
+#[tokio::test]
+async fn two_write_through_writers_of_one_key_both_succeed() -> Result<()> {
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_wt_two_writers").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    client.define_keyspace(
+        "pair",
+        KeyspaceSettings::new(Strategy::WriteThrough),
+        Some(pg.clone()),
+    )?;
+    let ks = client.keyspace("pair");
+    for round in 0..20 {
+        let key = format!("k{round}");
+        let (a, b) = tokio::join!(ks.put(&key, "a"), ks.put(&key, "b"));
+        let (a, b) = (
+            a.with_context(|| format!("round {round}: writer a"))?,
+            b.with_context(|| format!("round {round}: writer b"))?,
+        );
+        ensure!(
+            a.applied && b.applied,
+            "round {round}: both writes apply, in turn: {a:?} {b:?}"
+        );
+        let db = stored(&pg, "pair", &key).await?.context("the row")?;
+        ensure!(
+            db.1 == a.version.max(b.version),
+            "round {round}: the database holds the later write: {db:?}, {a:?}, {b:?}"
+        );
+        ensure!(
+            cached(&client, "pair", &key).await? == Some(db.clone()),
+            "round {round}: the cache holds {:?}, the database {db:?}",
+            cached(&client, "pair", &key).await?
+        );
+    }
+    Ok(())
+}
+
+/// Issue 20: many writers of one write-through key with two replicas: none
+/// fails, and both replicas end with what the database holds.
+#[tokio::test]
+async fn many_write_through_writers_of_one_key_all_succeed() -> Result<()> {
+    let nodes = cluster(3).await?;
+    let pg = own_database("rc_wt_many_writers").await?;
+    let client = Client::connect(client_config(&nodes)).await?;
+    client.define_keyspace(
+        "hot",
+        KeyspaceSettings::new(Strategy::WriteThrough).with_replication(2, 2),
+        Some(pg.clone()),
+    )?;
+    let ks = client.keyspace("hot");
+    let mut tasks = Vec::new();
+    for task in 0..8 {
+        let ks = ks.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for i in 0..10 {
+                match ks.put("k", format!("t{task}-{i}")).await {
+                    Ok(w) if w.applied => {}
+                    Ok(w) => errors.push(format!("not applied: {w:?}")),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for task in tasks {
+        errors.extend(task.await?);
+    }
+    ensure!(
+        errors.is_empty(),
+        "{} of 80 writes failed, e.g. {:?}",
+        errors.len(),
+        errors.first()
+    );
+    let db = stored(&pg, "hot", "k").await?.context("the row")?;
+    for owner in client.owners("hot", b"k") {
+        let node = nodes
+            .iter()
+            .find(|n| n.config().node_id == owner)
+            .context("an owner")?;
+        let entry = direct(node)
+            .await?
+            .get(v1::GetRequest {
+                keyspace: "hot".into(),
+                key: Bytes::from_static(b"k"),
+            })
+            .await?
+            .into_inner()
+            .entry
+            .map(|e| (e.value.slice(1..), e.version));
+        ensure!(
+            entry.as_ref() == Some(&db),
+            "owner {owner} holds {entry:?}, the database {db:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Issue 20: a writer whose wait runs out (the writer ahead of it stalls
+/// between its prepare and its commit for longer than `prepare_wait`) fails
+/// with the write conflict, having prepared nothing; the stalled writer
+/// still commits.
+#[tokio::test]
+async fn a_write_through_writer_whose_wait_runs_out_gets_the_conflict() -> Result<()> {
+    metrics(); // record this test's client metrics from the start
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_wt_wait_out").await?;
+    let faulty = Faulty::new(Arc::clone(&pg));
+    let client = Client::connect(client_config(&nodes)).await?;
+    let settings =
+        KeyspaceSettings::new(Strategy::WriteThrough).with_prepare_wait(Duration::from_millis(200));
+    client.define_keyspace("waitout", settings, Some(faulty.clone()))?;
+    let ks = client.keyspace("waitout");
+    faulty.hold_after_prepare.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let ks = ks.clone();
+        async move { ks.put("k", "first").await }
+    });
+    faulty.held.notified().await;
+    let second = ks.put("k", "second").await;
+    let err = match second {
+        Ok(w) => anyhow::bail!("the second writer went past a pending change: {w:?}"),
+        Err(e) => e,
+    };
+    ensure!(
+        matches!(err, cache_client::Error::Conflict { .. })
+            && err.to_string().contains("another write is pending"),
+        "the wait ran out: {err}"
+    );
+    ensure!(counter("ringcache_client_prepare_waits_exhausted_total", "waitout") >= 1);
+    faulty.release.notify_one();
+    let first = first.await??;
+    ensure!(first.applied);
+    ensure!(stored(&pg, "waitout", "k").await?.map(|s| s.0) == Some(Bytes::from_static(b"first")));
+    ensure!(
+        cached(&client, "waitout", "k").await? == stored(&pg, "waitout", "k").await?,
+        "the cache holds what the database holds"
+    );
+    ensure!(
+        pg.in_doubt(Duration::ZERO).await?.is_empty(),
+        "the second writer prepared nothing"
+    );
     Ok(())
 }

@@ -738,7 +738,7 @@ async fn an_older_write_is_stored_when_the_newer_one_of_its_key_is_dead_lettered
     .await?;
     // One key per partition order: k's three writes, then q's two poison
     // ones. All five are produced before the worker starts, and the batch
-    // waits long enough to hold them all, so that they meet in one batch.
+    // waits for all five (or 5 s), so that they meet in one batch.
     let records = [
         fx.record("k", 3, Some("first")),
         fx.record("k", 4, Some("second")),
@@ -751,6 +751,7 @@ async fn an_older_write_is_stored_when_the_newer_one_of_its_key_is_dead_lettered
     }
     let config = Config {
         max_batch_records: 100,
+        min_batch_records: records.len(),
         max_batch_delay: Duration::from_secs(5),
         ..fx.config(&fx.group)
     };

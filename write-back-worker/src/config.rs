@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 pub const DEFAULT_GROUP: &str = "ringcache-write-back";
 /// Default largest batch, in Kafka records.
 pub const DEFAULT_MAX_BATCH_RECORDS: usize = 1000;
+/// Default [`Config::min_batch_records`]: a batch is written as soon as
+/// nothing more is queued.
+pub const DEFAULT_MIN_BATCH_RECORDS: usize = 1;
 /// Default longest time the first record of a batch waits for the batch to
 /// fill before it is written anyway.
 pub const DEFAULT_MAX_BATCH_DELAY: Duration = Duration::from_millis(100);
@@ -32,8 +35,16 @@ pub const DEFAULT_MAX_POLL_INTERVAL: Duration = Duration::from_secs(10);
 /// Default capacity of the channel between the polling thread and the
 /// batcher, in records.
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 4096;
+/// Default [`Config::fetch_partition_max_bytes`].
+pub const DEFAULT_FETCH_PARTITION_MAX_BYTES: usize = 256 * 1024;
+/// Default [`Config::fetch_max_bytes`].
+pub const DEFAULT_FETCH_MAX_BYTES: usize = 1024 * 1024;
+/// Default [`Config::fetch_queued_records`].
+pub const DEFAULT_FETCH_QUEUED_RECORDS: usize = 10_000;
+/// Default [`Config::fetch_wait_max`].
+pub const DEFAULT_FETCH_WAIT_MAX: Duration = Duration::from_millis(100);
 /// Default topic that records which can never be stored are moved to.
-pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "ringcache-dead-letters";
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = cache_client::dead_letter::DEFAULT_TOPIC;
 /// Default number of batch attempts in which the database refused a record
 /// before the record is dead-lettered.
 pub const DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS: u32 = 3;
@@ -66,7 +77,12 @@ pub struct Config {
     pub keyspaces_file: Option<PathBuf>,
     /// Most Kafka records in one database transaction.
     pub max_batch_records: usize,
-    /// Longest time a record waits for its batch to fill.
+    /// Fewest records a batch waits for (at most `max_batch_delay`) before
+    /// it is written. With the default, 1, a batch is written as soon as
+    /// the records queued for it are taken and nothing more is queued.
+    pub min_batch_records: usize,
+    /// Longest time a record waits for its batch to reach
+    /// `min_batch_records`.
     #[serde(with = "humantime_serde")]
     pub max_batch_delay: Duration,
     /// Kafka `session.timeout.ms`.
@@ -80,6 +96,21 @@ pub struct Config {
     pub max_poll_interval: Duration,
     /// Records buffered between the polling thread and the batcher.
     pub channel_capacity: usize,
+    /// Most bytes one fetch returns per partition (Kafka
+    /// `max.partition.fetch.bytes`).
+    pub fetch_partition_max_bytes: usize,
+    /// Most bytes one fetch returns in all (Kafka `fetch.max.bytes`); at
+    /// least `fetch_partition_max_bytes`.
+    pub fetch_max_bytes: usize,
+    /// Records fetched ahead per partition before the consumer waits for
+    /// the worker to take them (librdkafka `queued.min.messages`).
+    pub fetch_queued_records: usize,
+    /// Longest time the broker holds a fetch that found nothing (Kafka
+    /// `fetch.wait.max.ms`): how late a record that arrives at an idle
+    /// partition may be seen, with a broker that does not answer a held
+    /// fetch as soon as a record arrives.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait_max: Duration,
     /// The Kafka topic that records which can never be stored go to, with
     /// the reason in their headers (see `docs/write-back.md`). Created at
     /// start-up when missing.
@@ -135,11 +166,16 @@ impl Default for Config {
             keyspaces_file: None,
             cache_seeds: Vec::new(),
             max_batch_records: DEFAULT_MAX_BATCH_RECORDS,
+            min_batch_records: DEFAULT_MIN_BATCH_RECORDS,
             max_batch_delay: DEFAULT_MAX_BATCH_DELAY,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             max_poll_interval: DEFAULT_MAX_POLL_INTERVAL,
             channel_capacity: DEFAULT_CHANNEL_CAPACITY,
+            fetch_partition_max_bytes: DEFAULT_FETCH_PARTITION_MAX_BYTES,
+            fetch_max_bytes: DEFAULT_FETCH_MAX_BYTES,
+            fetch_queued_records: DEFAULT_FETCH_QUEUED_RECORDS,
+            fetch_wait_max: DEFAULT_FETCH_WAIT_MAX,
             dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.to_owned(),
             dead_letter_after_attempts: DEFAULT_DEAD_LETTER_AFTER_ATTEMPTS,
             metrics_listen: Some(DEFAULT_METRICS_LISTEN),
@@ -394,6 +430,22 @@ impl Config {
         Ok(config)
     }
 
+    /// The consumer's fetch settings, as librdkafka properties.
+    pub fn fetch_properties(&self) -> [(&'static str, String); 4] {
+        [
+            (
+                "max.partition.fetch.bytes",
+                self.fetch_partition_max_bytes.to_string(),
+            ),
+            ("fetch.max.bytes", self.fetch_max_bytes.to_string()),
+            ("queued.min.messages", self.fetch_queued_records.to_string()),
+            (
+                "fetch.wait.max.ms",
+                self.fetch_wait_max.as_millis().to_string(),
+            ),
+        ]
+    }
+
     /// Checks that the dead-letter topic is none of `keyspaces`' topics.
     ///
     /// # Errors
@@ -454,11 +506,35 @@ impl Config {
         if self.max_batch_records == 0 {
             return bad("max_batch_records", "must be at least 1");
         }
+        if self.min_batch_records == 0 || self.min_batch_records > self.max_batch_records {
+            return bad(
+                "min_batch_records",
+                "must be at least 1 and at most max_batch_records",
+            );
+        }
         if self.max_batch_delay.is_zero() {
             return bad("max_batch_delay", "must be positive");
         }
         if self.channel_capacity == 0 {
             return bad("channel_capacity", "must be at least 1");
+        }
+        if self.fetch_partition_max_bytes == 0 {
+            return bad("fetch_partition_max_bytes", "must be at least 1");
+        }
+        if self.fetch_max_bytes < self.fetch_partition_max_bytes {
+            return bad(
+                "fetch_max_bytes",
+                "must be at least fetch_partition_max_bytes",
+            );
+        }
+        if self.fetch_queued_records == 0 {
+            return bad("fetch_queued_records", "must be at least 1");
+        }
+        if self.fetch_wait_max.is_zero() || self.fetch_wait_max >= self.session_timeout {
+            return bad(
+                "fetch_wait_max",
+                "must be positive and below session_timeout",
+            );
         }
         if self.dead_letter_topic.trim().is_empty() {
             return bad("dead_letter_topic", "must not be empty");
@@ -560,6 +636,51 @@ mod tests {
     }
 
     #[test]
+    fn fetch_settings_become_the_consumer_properties() {
+        let defaults = valid().fetch_properties();
+        assert_eq!(
+            defaults.map(|(name, value)| format!("{name}={value}")),
+            [
+                "max.partition.fetch.bytes=262144",
+                "fetch.max.bytes=1048576",
+                "queued.min.messages=10000",
+                "fetch.wait.max.ms=100",
+            ]
+        );
+        let config: Config = toml::from_str(
+            "fetch_partition_max_bytes = 1048576\nfetch_max_bytes = 4194304\n\
+             fetch_queued_records = 50000\nfetch_wait_max = '20ms'",
+        )
+        .unwrap();
+        assert_eq!(
+            config
+                .fetch_properties()
+                .map(|(name, value)| format!("{name}={value}")),
+            [
+                "max.partition.fetch.bytes=1048576",
+                "fetch.max.bytes=4194304",
+                "queued.min.messages=50000",
+                "fetch.wait.max.ms=20",
+            ]
+        );
+        let field = |config: Config| config.validate().unwrap_err().to_string();
+        let mut config = valid();
+        config.fetch_max_bytes = config.fetch_partition_max_bytes - 1;
+        assert!(field(config).contains("fetch_max_bytes"));
+        let mut config = valid();
+        config.fetch_partition_max_bytes = 0;
+        assert!(field(config).contains("fetch_partition_max_bytes"));
+        let mut config = valid();
+        config.fetch_queued_records = 0;
+        assert!(field(config).contains("fetch_queued_records"));
+        for wait in [Duration::ZERO, DEFAULT_SESSION_TIMEOUT] {
+            let mut config = valid();
+            config.fetch_wait_max = wait;
+            assert!(field(config).contains("fetch_wait_max"), "{wait:?}");
+        }
+    }
+
+    #[test]
     fn the_deploy_example_parses_and_is_valid() {
         let text = include_str!("../../deploy/config/worker.example.toml");
         let config: Config = toml::from_str(text).expect("the example parses");
@@ -579,6 +700,18 @@ mod tests {
                 .to_string()
                 .contains("max_batch_records")
         );
+        for min in [0, DEFAULT_MAX_BATCH_RECORDS + 1] {
+            let mut config = valid();
+            config.min_batch_records = min;
+            assert!(
+                config
+                    .validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("min_batch_records"),
+                "min_batch_records = {min}"
+            );
+        }
         let mut config = valid();
         config.heartbeat_interval = config.session_timeout;
         assert!(

@@ -56,15 +56,6 @@ impl Positions {
     }
 }
 
-/// The most bytes one fetch returns per partition, and in all.
-const FETCH_PARTITION_BYTES: usize = 256 * 1024;
-const FETCH_MAX_BYTES: usize = 1024 * 1024;
-/// Records librdkafka fetches ahead per partition before it waits for the
-/// worker to take them.
-const QUEUED_MIN_MESSAGES: usize = 10_000;
-/// The longest time the broker holds a fetch that found nothing.
-const FETCH_WAIT_MAX: Duration = Duration::from_millis(100);
-
 /// How long one `poll` blocks; bounds how late the thread notices a stop.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Shortest interval between two warnings about failing polls.
@@ -122,7 +113,8 @@ impl Poller {
             positions,
         };
         let ms = |d: Duration| d.as_millis().to_string();
-        let consumer: BaseConsumer<Context> = ClientConfig::new()
+        let mut properties = ClientConfig::new();
+        properties
             .set("bootstrap.servers", &config.brokers)
             .set("group.id", &config.group)
             // Offsets live in PostgreSQL; Kafka's are only a hint.
@@ -135,27 +127,23 @@ impl Poller {
             .set("session.timeout.ms", ms(config.session_timeout))
             .set("heartbeat.interval.ms", ms(config.heartbeat_interval))
             .set("max.poll.interval.ms", ms(config.max_poll_interval))
-            .set("statistics.interval.ms", ms(STATS_INTERVAL))
-            // Small fetches, and a bounded prefetch: librdkafka's defaults
-            // (1 MiB per partition, 50 MiB per request, 100,000 records
-            // queued per partition) make a broker with a backlog serve
-            // fetches that take seconds, and a broker that serves requests
-            // one at a time (tansu) then answers heartbeats too late: the
-            // session times out and the group rebalances without end.
-            .set(
-                "max.partition.fetch.bytes",
-                FETCH_PARTITION_BYTES.to_string(),
-            )
-            .set("fetch.max.bytes", FETCH_MAX_BYTES.to_string())
-            .set("queued.min.messages", QUEUED_MIN_MESSAGES.to_string())
-            // An empty fetch returns after this long at most: how late a
-            // record that arrives at an idle partition can be seen.
-            .set("fetch.wait.max.ms", ms(FETCH_WAIT_MAX))
-            .create_with_context(context)
-            .map_err(|source| Error::Kafka {
-                what: "creating the consumer",
-                source,
-            })?;
+            .set("statistics.interval.ms", ms(STATS_INTERVAL));
+        // Small fetches, and a bounded prefetch, by default: librdkafka's
+        // defaults (1 MiB per partition, 50 MiB per request, 100,000
+        // records queued per partition) make a broker with a backlog serve
+        // fetches that take seconds, and a broker that serves requests one
+        // at a time (tansu) then answers heartbeats too late: the session
+        // times out and the group rebalances without end.
+        for (name, value) in config.fetch_properties() {
+            properties.set(name, value);
+        }
+        let consumer: BaseConsumer<Context> =
+            properties
+                .create_with_context(context)
+                .map_err(|source| Error::Kafka {
+                    what: "creating the consumer",
+                    source,
+                })?;
         let topics: Vec<String> = keyspaces.iter().map(|k| topic_for(k)).collect();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer

@@ -1,18 +1,8 @@
 //! The dead-letter topic: where records that can never be stored go, so
 //! that the records behind them keep flowing.
 //!
-//! # The dead-letter record
-//! - **Key, value**: the original record's key and value, unchanged (a
-//!   tombstone stays a tombstone).
-//! - **Headers**: the original headers, in order, then:
-//!   - `rc-dlq-reason`: why it cannot be stored (UTF-8 text);
-//!   - `rc-dlq-topic`, `rc-dlq-partition`, `rc-dlq-offset`: where it came
-//!     from (partition and offset in decimal);
-//!   - `rc-dlq-group`: the consumer group of the worker that moved it;
-//!   - `rc-dlq-attempts`: the batch attempts the database refused it in
-//!     (decimal; 0 for a record that could not even be decoded);
-//!   - `rc-dlq-at`: when it was moved, milliseconds since the Unix epoch
-//!     (decimal).
+//! The record's format (the original record, plus the `rc-dlq-*`
+//! headers) is `cache_client::dead_letter`, shared with `cachectl dlq`.
 //!
 //! A record is produced here, and acknowledged by the broker, before the
 //! batch that skips it commits its offsets; a crash in between produces it
@@ -38,20 +28,10 @@ use crate::{
     error::{Error, Result},
 };
 
-/// Header: why the record cannot be stored.
-pub const HEADER_REASON: &str = "rc-dlq-reason";
-/// Header: the record's original topic.
-pub const HEADER_TOPIC: &str = "rc-dlq-topic";
-/// Header: the record's original partition, in decimal.
-pub const HEADER_PARTITION: &str = "rc-dlq-partition";
-/// Header: the record's original offset, in decimal.
-pub const HEADER_OFFSET: &str = "rc-dlq-offset";
-/// Header: the consumer group of the worker that moved it.
-pub const HEADER_GROUP: &str = "rc-dlq-group";
-/// Header: the batch attempts the database refused the record in.
-pub const HEADER_ATTEMPTS: &str = "rc-dlq-attempts";
-/// Header: when it was moved, milliseconds since the Unix epoch.
-pub const HEADER_AT: &str = "rc-dlq-at";
+pub use cache_client::dead_letter::{
+    HEADER_AT, HEADER_ATTEMPTS, HEADER_GROUP, HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON,
+    HEADER_TOPIC,
+};
 
 /// How long producing one dead letter may take before it is retried.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);

@@ -10,10 +10,14 @@
 //! - `batch`: pure: decodes records (`cache_client::writeback`), sets aside
 //!   what cannot be decoded, coalesces writes of one key (highest version
 //!   wins) and computes each partition's next offset.
-//! - [`dead_letter`]: the dead-letter topic's record format and producer.
+//! - [`dead_letter`]: the dead-letter topic's producer (the record format
+//!   is `cache_client::dead_letter`).
 //! - `repair`: the safety net for dirty cache entries whose `MarkClean` was
 //!   lost (periodically compared with the store).
-//! - `worker`: batches by size and time, writes each batch with
+//! - `collect`: when the batch being collected is written (at once when
+//!   nothing more is queued; under load, what queued meanwhile makes the
+//!   next batch).
+//! - `worker`: writes one batch at a time with
 //!   `PgStore::apply_write_back_batch`, retries the database, drains on
 //!   shutdown.
 //! - [`metrics`]: metric names and the Prometheus endpoint.
@@ -45,6 +49,7 @@ pub mod dead_letter;
 pub mod fault;
 
 mod batch;
+mod collect;
 mod consumer;
 mod repair;
 mod worker;

@@ -6,12 +6,14 @@
 //! share it. An embedding process that installed its own recorder gets the
 //! metrics there instead, and the endpoint is not served.
 
-use std::{net::SocketAddr, sync::OnceLock};
+use std::{net::SocketAddr, sync::OnceLock, time::Duration};
+
+use cache_client::store::PgStore;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 
@@ -48,6 +50,19 @@ pub const OLDEST_UNSTORED_SECONDS: &str = "ringcache_wb_oldest_unstored_seconds"
 /// the partitions this worker holds; 0 for those it gave up.
 pub const CONSUMER_LAG_RECORDS: &str = "ringcache_wb_consumer_lag_records";
 
+/// Gauge: two-phase-commit transactions of ringcache's writers
+/// (`ringcache:` gids) prepared in the worker's database and not resolved,
+/// read from `pg_prepared_xacts` at each scrape.
+pub const PG_PREPARED_TRANSACTIONS: &str = "ringcache_wb_pg_prepared_transactions";
+/// Gauge: seconds since the oldest of those was prepared (0 when there is
+/// none), read at each scrape.
+pub const PG_OLDEST_PREPARED_TRANSACTION_SECONDS: &str =
+    "ringcache_wb_pg_oldest_prepared_transaction_seconds";
+
+/// How long a scrape waits for PostgreSQL's prepared transactions before
+/// it answers with the last values read.
+const PREPARED_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The process's Prometheus handle, once a worker installed the recorder.
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -63,11 +78,26 @@ fn handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Binds `addr` and serves `GET /metrics` until `stop` is cancelled.
+/// Reads `store`'s prepared transactions into their gauges; on a failure
+/// or a timeout the gauges keep their last values.
+async fn read_prepared_transactions(store: &PgStore) {
+    match tokio::time::timeout(PREPARED_QUERY_TIMEOUT, store.prepared_transactions()).await {
+        Ok(Ok(prepared)) => {
+            metrics::gauge!(PG_PREPARED_TRANSACTIONS).set(prepared.count as f64);
+            metrics::gauge!(PG_OLDEST_PREPARED_TRANSACTION_SECONDS)
+                .set(prepared.oldest_age.as_secs_f64());
+        }
+        Ok(Err(err)) => debug!(error = %err, "cannot read the prepared transactions"),
+        Err(_) => debug!("reading the prepared transactions timed out"),
+    }
+}
+
+/// Binds `addr` and serves `GET /metrics` until `stop` is cancelled; each
+/// scrape first reads `store`'s prepared transactions.
 ///
 /// # Errors
 /// [`Error::Metrics`] when the address cannot be bound.
-pub(crate) async fn serve(addr: SocketAddr, stop: CancellationToken) -> Result<()> {
+pub(crate) async fn serve(addr: SocketAddr, store: PgStore, stop: CancellationToken) -> Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|err| Error::Metrics(format!("cannot bind metrics_listen {addr}: {err}")))?;
@@ -81,8 +111,11 @@ pub(crate) async fn serve(addr: SocketAddr, stop: CancellationToken) -> Result<(
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
+            let (handle, store) = (handle.clone(), store.clone());
+            async move {
+                read_prepared_transactions(&store).await;
+                handle.render()
+            }
         }),
     );
     tokio::spawn(async move {

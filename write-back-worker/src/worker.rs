@@ -13,14 +13,14 @@ use cache_client::{
     store::PgStore,
     writeback::{BatchOutcome, DiscardedWrite, RecordSource, WriteBackBatch, WriteBackRow},
 };
-use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     Config,
-    batch::{self, Built, Expected, Fallbacks, Polled},
-    consumer::{Event, Poller, Positions},
+    batch::{self, Built, Expected, Fallbacks},
+    collect::{Collector, Step},
+    consumer::{Poller, Positions},
     dead_letter::{DeadLetter, DeadLetters},
     error::{Error, Result},
     metrics as m,
@@ -85,7 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // endpoint, the cache connection, the repair round) stop.
     let _stop_background = cancel.clone().drop_guard();
     if let Some(addr) = config.metrics_listen {
-        m::serve(addr, cancel.child_token()).await?;
+        m::serve(addr, store.clone(), cancel.child_token()).await?;
     }
     let dead_letters = DeadLetters::new(&config)?;
     dead_letters.ensure_topic(&config).await;
@@ -119,7 +119,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config: &config,
         store,
         expected: Expected::new(),
-        pending: Vec::new(),
+        collector: Collector::new(
+            config.max_batch_records,
+            config.min_batch_records,
+            config.max_batch_delay,
+        ),
         cancel: &cancel,
         cache,
         dead_letters,
@@ -191,8 +195,8 @@ struct Batcher<'a> {
     store: PgStore,
     /// The stored offset of every assigned partition, as of the last batch.
     expected: Expected,
-    /// Records of the batch being collected.
-    pending: Vec<Polled>,
+    /// The batch being collected.
+    collector: Collector,
     cancel: &'a CancellationToken,
     /// The cache, told after each batch which versions are stored, once
     /// connected.
@@ -205,40 +209,29 @@ struct Batcher<'a> {
 
 impl Batcher<'_> {
     async fn run(mut self, mut poller: Poller) -> Result<()> {
-        let mut deadline = tokio::time::Instant::now();
         let result = loop {
-            tokio::select! {
+            let step = tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => break Ok(()),
-                () = sleep_until(deadline), if !self.pending.is_empty() => {
+                step = self.collector.next(&mut poller.events) => step,
+            };
+            match step {
+                Step::Flush => {
                     if let Err(err) = self.flush(&poller).await {
                         break Err(err);
                     }
                 }
-                event = poller.events.recv() => match event {
-                    None => break Err(Error::PollerStopped),
-                    Some(Event::Record(record)) => {
-                        if self.pending.is_empty() {
-                            deadline = tokio::time::Instant::now() + self.config.max_batch_delay;
-                        }
-                        self.pending.push(record);
-                        if self.pending.len() >= self.config.max_batch_records
-                            && let Err(err) = self.flush(&poller).await
-                        {
-                            break Err(err);
-                        }
+                Step::Closed => break Err(Error::PollerStopped),
+                Step::Assigned(offsets) => self.expected.extend(offsets),
+                Step::Revoked(ack) => {
+                    let flushed = self.flush(&poller).await;
+                    self.expected.clear();
+                    let _ = ack.send(());
+                    if let Err(err) = flushed {
+                        break Err(err);
                     }
-                    Some(Event::Assigned(offsets)) => self.expected.extend(offsets),
-                    Some(Event::Revoked(ack)) => {
-                        let flushed = self.flush(&poller).await;
-                        self.expected.clear();
-                        let _ = ack.send(());
-                        if let Err(err) = flushed {
-                            break Err(err);
-                        }
-                    }
-                    Some(Event::Fatal(err)) => break Err(err),
-                },
+                }
+                Step::Fatal(err) => break Err(err),
             }
         };
         if result.is_ok() {
@@ -257,16 +250,16 @@ impl Batcher<'_> {
     /// cannot be decoded, are produced to the dead-letter topic first, then
     /// the batch commits without them.
     async fn flush(&mut self, poller: &Poller) -> Result<()> {
-        if self.pending.is_empty() {
+        if self.collector.pending().is_empty() {
             return Ok(());
         }
-        let span = batch_span(&self.pending);
+        let span = batch_span(self.collector.pending());
         tracing::Instrument::instrument(self.flush_pending(poller), span).await
     }
 
     /// [`Batcher::flush`] of a non-empty batch, in its span.
     async fn flush_pending(&mut self, poller: &Poller) -> Result<()> {
-        let records = std::mem::take(&mut self.pending);
+        let records = self.collector.take();
         let count = records.len();
         let Built {
             mut batch,

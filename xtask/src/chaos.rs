@@ -27,7 +27,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args, cancel: &CancellationToken) -> Result<ExitCode> {
-    let mut build = Command::new(paths::cargo());
+    let mut build = paths::cargo();
     build
         .args(["build", "--workspace", "--bins", "--examples"])
         .current_dir(paths::workspace_root());

@@ -115,7 +115,7 @@ pub async fn run_with(
 /// service, returning the node binary's path (cachectl and the worker lie
 /// beside it, the example in `examples/`).
 async fn build_node(cancel: &CancellationToken) -> Result<PathBuf> {
-    let mut build = Command::new(paths::cargo());
+    let mut build = paths::cargo();
     build
         .args([
             "build",

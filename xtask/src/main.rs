@@ -10,7 +10,8 @@
 //! Reusable pieces:
 //! - [`services`]: throw-away PostgreSQL ([`services::postgres`]) and tansu
 //!   broker ([`services::tansu`]) instances, started together by
-//!   [`services::Services`].
+//!   [`services::Services`]; the write-back benchmark's broker, Nisshi
+//!   ([`services::nisshi`]).
 //! - [`process`]: a child-process guard that kills its process group on drop.
 //! - [`readiness`]: free ports and polling with a deadline (TCP, gRPC health).
 //! - [`paths`]: where the workspace, its target directory and run logs live.

@@ -1,7 +1,7 @@
 //! Where the workspace, its build output and per-run logs live.
 
 use std::{
-    ffi::OsString,
+    ffi::OsStr,
     fs,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -30,10 +30,44 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// The `cargo` that runs us (set by cargo for `cargo run`), so that nested
-/// builds use the same toolchain.
-pub fn cargo() -> OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+/// A `cargo` command: the cargo that runs us (set by cargo for `cargo run`),
+/// so that nested builds use the same toolchain, without the variables
+/// `cargo run` sets for xtask itself.
+///
+/// Those variables (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...) describe xtask,
+/// not the crates a nested build compiles; build scripts that read them
+/// (ring's does) see another value than under a plain `cargo build` and are
+/// run again, so every `cargo xtask` used to rebuild ring, rustls and tonic
+/// after a plain build and the other way round.
+pub fn cargo() -> std::process::Command {
+    let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if is_set_by_cargo_run(&name) {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
+/// Whether `name` is one of the variables `cargo run` sets for the binary it
+/// runs (and not one a user sets to configure cargo, like `CARGO_HOME` or
+/// `CARGO_TARGET_DIR`).
+fn is_set_by_cargo_run(name: &OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
 }
 
 /// Creates a fresh directory for one run's logs under
@@ -89,4 +123,51 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 pub fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_cargo_does_not_inherit_what_cargo_run_set_for_xtask() {
+        for name in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+            "OUT_DIR",
+        ] {
+            assert!(is_set_by_cargo_run(OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_TERM_COLOR",
+            "PATH",
+        ] {
+            assert!(!is_set_by_cargo_run(OsStr::new(name)), "{name}");
+        }
+    }
+
+    #[test]
+    fn nested_cargo_removes_the_variables_present_here() {
+        // `cargo test` sets CARGO_MANIFEST_DIR and CARGO_PKG_NAME for this
+        // test binary, as `cargo run` does for xtask.
+        let command = cargo();
+        let removed: Vec<_> = command
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        assert!(
+            removed.iter().any(|n| n == "CARGO_MANIFEST_DIR"),
+            "{removed:?}"
+        );
+        assert!(removed.iter().any(|n| n == "CARGO_PKG_NAME"), "{removed:?}");
+    }
 }

@@ -87,7 +87,7 @@ async fn build_and_test(
     // Process-level tests spawn `target/debug/<bin>` and
     // `target/debug/examples/<example>`, which `cargo test` alone does not
     // build for another crate's tests.
-    let mut build = Command::new(paths::cargo());
+    let mut build = paths::cargo();
     build.args(["build", "--workspace", "--bins", "--examples"]);
     match run_cargo("cargo build", &mut build, cancel).await? {
         Outcome::Passed => {}
@@ -108,7 +108,7 @@ async fn build_and_test(
         }
     }
 
-    let mut test = Command::new(paths::cargo());
+    let mut test = paths::cargo();
     test.arg("test");
     // `--workspace` would override a package selection passed through.
     if !selects_packages(&args.cargo_test_args) {

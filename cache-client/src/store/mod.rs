@@ -32,7 +32,7 @@ mod postgres;
 pub mod sql;
 
 #[cfg(feature = "postgres")]
-pub use postgres::{DEFAULT_PREPARE_LOCK_TIMEOUT, PgStore};
+pub use postgres::{DEFAULT_PREPARE_LOCK_TIMEOUT, PgStore, PreparedTransactions};
 pub use sql::{
     DEFAULT_KEY_COLUMN, DEFAULT_TABLE, DEFAULT_VALUE_COLUMN, DEFAULT_VERSION_COLUMN, SqlLayout,
     StoreLayout, TableLayout,

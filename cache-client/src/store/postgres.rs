@@ -32,6 +32,15 @@ pub const DEFAULT_PREPARE_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// once at least this old, so that a prepare still under way keeps its row.
 const ORPHAN_GRACE: Duration = Duration::from_secs(600);
 
+/// What [`PgStore::prepared_transactions`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedTransactions {
+    /// Prepared and not yet committed or rolled back.
+    pub count: u64,
+    /// Since the oldest of them was prepared (zero when there is none).
+    pub oldest_age: Duration,
+}
+
 /// The [`Store`] over one PostgreSQL database.
 ///
 /// One `PgStore` serves every keyspace of the database: each keyspace uses
@@ -182,6 +191,37 @@ impl PgStore {
     /// The pool this store runs on.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The two-phase-commit transactions of this crate's writers
+    /// ([`TxnId::PREFIX`]) prepared in this store's database and not yet
+    /// resolved: how many, and how long ago the oldest was prepared
+    /// (PostgreSQL's clock; zero when there is none). Each holds its row
+    /// locks and one of `max_prepared_transactions`, and holds back VACUUM.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn prepared_transactions(&self) -> Result<PreparedTransactions> {
+        let (count, oldest): (i64, f64) = sqlx::query_as(
+            "SELECT count(*), \
+                    coalesce(extract(epoch FROM now() - min(prepared)), 0)::float8 \
+             FROM pg_prepared_xacts \
+             WHERE database = current_database() AND starts_with(gid, $1)",
+        )
+        .bind(TxnId::PREFIX)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|err| {
+            classify(
+                "",
+                format!("failed to count prepared transactions: {err}"),
+                &err,
+            )
+        })?;
+        Ok(PreparedTransactions {
+            count: u64::try_from(count).unwrap_or_default(),
+            oldest_age: Duration::from_secs_f64(oldest.max(0.0)),
+        })
     }
 
     fn statements(&self, keyspace: &str) -> &Arc<Statements> {

@@ -14,13 +14,13 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::resp::command::{After, Context, Session, execute};
 use crate::resp::parse::{ParseLimits, parse};
 use crate::resp::reply::Reply;
+use crate::tls::{Protocol, ServerTls};
 
 /// Longest inline command line, as Redis's `PROTO_INLINE_MAX_SIZE`.
 pub const MAX_INLINE_BYTES: usize = 64 * 1024;
@@ -50,7 +50,7 @@ pub async fn serve(
     listener: TcpListener,
     context: Arc<Context>,
     limits: ParseLimits,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerTls>>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     let mut connections = JoinSet::new();
@@ -65,7 +65,9 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 let context = Arc::clone(&context);
                 let stop = stop.clone();
-                let tls = tls.clone();
+                // The configuration current at accept (a reload reaches
+                // the next connection).
+                let tls = tls.as_ref().map(|tls| tls.acceptor(Protocol::Resp));
                 connections.spawn(async move {
                     let session = Session::new(&context, Some(peer.ip()));
                     let result = match (stream.set_nodelay(true), tls) {

@@ -10,13 +10,14 @@ use bytes::Bytes;
 
 use crate::config::KeyspaceConfig;
 use crate::error::Result;
+use crate::prepare_queue::{Admission, Ticket};
 use crate::table::{Table, TableConfig};
 
 use super::records::{Change, Fence, KeyState, Lease, Pending, Records, Stored, stale_weight};
 use super::tokens::Tokens;
 use super::{
     CommitResult, Counters, FillOutcome, FillResult, KeyspaceStats, LeaseRead, Prepare,
-    PrepareResult, STALE_BUDGET_DIVISOR, SetItem, SetOutcome, SetResult, WriteCondition, bump,
+    PrepareResult, PrepareStep, STALE_BUDGET_DIVISOR, SetItem, SetOutcome, SetResult, WriteCondition, bump,
 };
 
 /// Capacity per table shard: a small keyspace gets few shards, so that the
@@ -437,7 +438,13 @@ impl Keyspace {
     /// routing to it again, and the write-back records are in Kafka, so
     /// only read-your-writes through this node is lost, never data.
     pub(super) fn flush(&self) {
-        self.records.sweep(|_, state| *state = KeyState::default());
+        // Waiting prepares keep their places; the next one is woken.
+        self.records.sweep(|_, state| {
+            *state = KeyState {
+                queue: std::mem::take(&mut state.queue),
+                ..KeyState::default()
+            }
+        });
         self.table.clear();
     }
 
@@ -551,40 +558,100 @@ impl Keyspace {
     /// database change must not land.
     pub(super) fn prepare(
         &self,
-        prepare: Prepare,
+        prepare: &Prepare,
         timeout: Duration,
         now: Instant,
     ) -> PrepareResult {
+        match self.prepare_step(prepare, timeout, None, now) {
+            PrepareStep::Done(result) => result,
+            PrepareStep::Wait { .. } => unreachable!("a prepare without a ticket never waits"),
+        }
+    }
+
+    /// A prepare that may wait its turn: with `turn = Some((ticket,
+    /// may_wait))`, it runs only when no other change is pending and no
+    /// prepare that queued before it is still waiting (see
+    /// [`PrepareQueue`](crate::prepare_queue::PrepareQueue)); otherwise,
+    /// while `may_wait`, it joins the key's queue and answers
+    /// [`PrepareStep::Wait`], and once it may not, it is refused as busy and
+    /// leaves the queue. Without a ticket, it is [`Keyspace::prepare`],
+    /// which never queues (and may overtake waiters: clients that do not
+    /// wait keep their old behaviour).
+    pub(super) fn prepare_step(
+        &self,
+        prepare: &Prepare,
+        timeout: Duration,
+        turn: Option<(Ticket, bool)>,
+        now: Instant,
+    ) -> PrepareStep {
         let key = Bytes::copy_from_slice(&prepare.item.key);
         self.records.update(key.clone(), |state| {
             self.settle(&key, state, now);
             let live = self.table.read(&key, now, |entry| entry.meta.version);
             let current_version = live.unwrap_or(0);
-            let refused = PrepareResult {
+            let busy = PrepareResult {
                 prepared: false,
                 current_version,
+                busy: true,
             };
-            match &state.pending {
+            let other_pending = match &state.pending {
                 // The writer retried its prepare: idempotent.
                 Some(pending) if pending.txn_id == prepare.txn_id => {
-                    return PrepareResult {
+                    if let Some((ticket, _)) = turn {
+                        state.queue.leave(ticket);
+                    }
+                    return PrepareStep::Done(PrepareResult {
                         prepared: true,
                         current_version,
-                    };
+                        busy: false,
+                    });
                 }
-                Some(_) => return refused,
-                None => {}
+                Some(_) => true,
+                None => false,
+            };
+            if let Some((ticket, may_wait)) = turn {
+                let pending_until = state.pending.as_ref().map(|p| p.deadline);
+                match state.queue.admit(ticket, other_pending) {
+                    // It had the turn, but a prepare that does not queue
+                    // took the key meanwhile: first in line again.
+                    Admission::Go if other_pending && may_wait => {
+                        let woken = state.queue.join(ticket, true);
+                        return PrepareStep::Wait {
+                            woken,
+                            pending_until,
+                        };
+                    }
+                    Admission::Go => {}
+                    Admission::Wait if may_wait => {
+                        let woken = state.queue.join(ticket, false);
+                        return PrepareStep::Wait {
+                            woken,
+                            pending_until,
+                        };
+                    }
+                    Admission::Wait => {
+                        state.queue.leave(ticket);
+                        return PrepareStep::Done(busy);
+                    }
+                }
             }
+            if other_pending {
+                return PrepareStep::Done(busy);
+            }
+            let refused = PrepareResult {
+                busy: false,
+                ..busy
+            };
             if live.is_some_and(|live| live >= prepare.item.version) {
-                return refused;
+                return PrepareStep::Done(refused);
             }
             // Its commit would be refused by the fence, or (if the change in
             // doubt is rolled back) it may be retried then.
             if let Some(fenced) = state.fenced(prepare.item.version) {
-                return PrepareResult {
-                    prepared: false,
+                return PrepareStep::Done(PrepareResult {
                     current_version: current_version.max(fenced),
-                };
+                    ..refused
+                });
             }
             let change = if prepare.delete {
                 Change::Delete
@@ -596,17 +663,28 @@ impl Keyspace {
             };
             state.lease = None;
             state.pending = Some(Pending {
-                txn_id: prepare.txn_id,
+                txn_id: prepare.txn_id.clone(),
                 version: prepare.item.version,
                 change,
                 deadline: now + timeout,
             });
             bump(&self.counters.prepares, 1);
-            PrepareResult {
+            PrepareStep::Done(PrepareResult {
                 prepared: true,
                 current_version,
-            }
+                busy: false,
+            })
         })
+    }
+
+    /// A prepare holding `ticket` gives up waiting; see
+    /// [`PrepareQueue::leave`](crate::prepare_queue::PrepareQueue::leave).
+    pub(super) fn leave_queue(&self, key: &[u8], ticket: Ticket) {
+        if !self.records.any() {
+            return;
+        }
+        self.records
+            .update(Bytes::copy_from_slice(key), |state| state.queue.leave(ticket));
     }
 
     /// `Commit`: applies the transaction's pending change, or its change in

@@ -280,6 +280,27 @@ pub struct PrepareResult {
     pub prepared: bool,
     /// The live version; 0 when absent.
     pub current_version: u64,
+    /// Refused because another transaction's change is pending on the key
+    /// (or, for a prepare that queued, other prepares are ahead of it).
+    pub busy: bool,
+}
+
+/// One step of a prepare that may wait its turn
+/// ([`Store::prepare_in_turn`]).
+#[derive(Debug)]
+pub enum PrepareStep {
+    /// Prepared or refused; the prepare is over.
+    Done(PrepareResult),
+    /// Another change is pending or others are ahead: wait, then take the
+    /// step again with the same ticket.
+    Wait {
+        /// Told when the ticket's turn comes; `None` when the ticket was
+        /// already waiting (the receiver it got then stays valid).
+        woken: Option<tokio::sync::oneshot::Receiver<()>>,
+        /// When the pending change times out, if one is pending: take the
+        /// step again then, whether woken or not.
+        pending_until: Option<Instant>,
+    },
 }
 
 /// The result of a commit.
@@ -323,6 +344,8 @@ pub struct Store {
     unknown: UnknownKeyspaces,
     created: KeyspaceConfig,
     tokens: Tokens,
+    /// Tickets of prepares that wait their turn.
+    tickets: AtomicU64,
 }
 
 impl Store {
@@ -345,6 +368,7 @@ impl Store {
             unknown: config.unknown_keyspaces,
             created: config.created_keyspaces.clone(),
             tokens: Tokens::new(),
+            tickets: AtomicU64::new(1),
         }
     }
 
@@ -692,6 +716,14 @@ impl Store {
     /// Invalid key, value, TTL or transaction id, a timeout above
     /// `limits.max_pending_timeout`, or unknown keyspace.
     pub fn prepare(&self, keyspace: &str, prepare: Prepare) -> Result<PrepareResult> {
+        let timeout = self.check_prepare(&prepare)?;
+        Ok(self
+            .keyspace(keyspace)?
+            .prepare(&prepare, timeout, Instant::now()))
+    }
+
+    /// Validates a prepare; its pending timeout.
+    fn check_prepare(&self, prepare: &Prepare) -> Result<Duration> {
         if prepare.delete {
             self.check_key(&prepare.item.key)?;
         } else {
@@ -706,9 +738,48 @@ impl Store {
                 max_ms: u64::try_from(cap.as_millis()).unwrap_or(u64::MAX),
             });
         }
-        Ok(self
-            .keyspace(keyspace)?
-            .prepare(prepare, timeout, Instant::now()))
+        Ok(timeout)
+    }
+
+    /// A fresh ticket for [`Store::prepare_in_turn`].
+    pub fn ticket(&self) -> u64 {
+        self.tickets.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// One step of a prepare that waits its turn behind another pending
+    /// change of the key, in arrival order, instead of being refused at
+    /// once: [`PrepareStep::Wait`] while `may_wait` and the key is busy;
+    /// the caller waits (outside every lock) until woken or until the
+    /// pending change's deadline, then takes the step again with the same
+    /// `ticket`. Once `may_wait` is false, a prepare that still cannot run
+    /// is refused as busy. A caller that gives up between steps calls
+    /// [`Store::leave_queue`], so that its place (or its turn) passes on.
+    ///
+    /// # Errors
+    /// As [`Store::prepare`].
+    pub fn prepare_in_turn(
+        &self,
+        keyspace: &str,
+        prepare: &Prepare,
+        ticket: u64,
+        may_wait: bool,
+    ) -> Result<PrepareStep> {
+        let timeout = self.check_prepare(prepare)?;
+        Ok(self.keyspace(keyspace)?.prepare_step(
+            prepare,
+            timeout,
+            Some((ticket, may_wait)),
+            Instant::now(),
+        ))
+    }
+
+    /// The prepare holding `ticket` stops waiting for `key`'s turn.
+    pub fn leave_queue(&self, keyspace: &str, key: &[u8], ticket: u64) {
+        if let Ok(keyspace) = self.existing(Some(keyspace))
+            && let Some(keyspace) = keyspace.first()
+        {
+            keyspace.leave_queue(key, ticket);
+        }
     }
 
     /// Applies the pending change `txn_id` prepared on `key`, fenced against

@@ -11,6 +11,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use super::Hit;
+use crate::prepare_queue::PrepareQueue;
 use crate::table::accounting::malloc_footprint;
 
 /// An entry copied out of the table: a value removed (kept as stale), or
@@ -79,7 +80,7 @@ pub(super) struct Fence {
 
 /// Coordination state of one key. A record exists only while one of the
 /// fields is set; [`Records::update`] removes it when all are empty.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub(super) struct KeyState {
     pub(super) lease: Option<Lease>,
     pub(super) pending: Option<Pending>,
@@ -88,6 +89,8 @@ pub(super) struct KeyState {
     /// The last deleted value, with `expires_at` set to the end of its stale
     /// window. Never served as a hit.
     pub(super) stale: Option<Stored>,
+    /// Prepares waiting for the pending change to settle.
+    pub(super) queue: PrepareQueue,
 }
 
 /// What a record contributes to the table-wide tallies.
@@ -103,6 +106,7 @@ impl KeyState {
             && self.pending.is_none()
             && self.fence.is_none()
             && self.stale.is_none()
+            && self.queue.is_empty()
     }
 
     /// The version of the in-doubt fence if it refuses `version`.
@@ -119,6 +123,12 @@ impl KeyState {
         if self.fence.as_ref().is_some_and(|f| stored >= f.version) {
             self.fence = None;
         }
+    }
+
+    /// Wakes the first waiting prepare once no change is pending (see
+    /// [`PrepareQueue::kick`]); run after every change of a record.
+    pub(super) fn kick(&mut self) {
+        self.queue.kick(self.pending.is_some());
     }
 
     pub(super) fn footprint(&self) -> Footprint {
@@ -161,6 +171,7 @@ impl Records {
             Entry::Occupied(mut occupied) => {
                 let before = occupied.get().footprint();
                 let result = f(occupied.get_mut());
+                occupied.get_mut().kick();
                 self.account(before, occupied.get().footprint());
                 if occupied.get().is_empty() {
                     occupied.remove();
@@ -171,6 +182,7 @@ impl Records {
             Entry::Vacant(vacant) => {
                 let mut state = KeyState::default();
                 let result = f(&mut state);
+                state.kick();
                 if !state.is_empty() {
                     self.account(Footprint::default(), state.footprint());
                     // Counted before the insert, and before `update` returns
@@ -189,6 +201,7 @@ impl Records {
         self.table.retain(|key, state| {
             let before = state.footprint();
             f(key, state);
+            state.kick();
             self.account(before, state.footprint());
             let keep = !state.is_empty();
             if !keep {

@@ -761,12 +761,13 @@ fn a_pending_change_is_invisible_until_committed() {
         now,
     )
     .unwrap();
-    let r = ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
+    let r = ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, now);
     assert_eq!(
         r,
         PrepareResult {
             prepared: true,
-            current_version: 1
+            current_version: 1,
+            busy: false,
         }
     );
     assert_eq!(ks.get(b"k", now).unwrap().value, "committed");
@@ -775,7 +776,7 @@ fn a_pending_change_is_invisible_until_committed() {
     };
     assert_eq!(hit.value, "committed");
     // A pending change on an absent key: misses wait, get no lease.
-    ks.prepare(prepare("new", "pending", 1, "tx2"), TIMEOUT, now);
+    ks.prepare(&prepare("new", "pending", 1, "tx2"), TIMEOUT, now);
     assert_eq!(ks.get(b"new", now), None);
     assert!(matches!(
         ks.lease_get(b"new", now, &tokens),
@@ -801,7 +802,7 @@ fn prepare_invalidates_the_lease_and_refuses_fills_while_pending() {
     let tokens = Tokens::new();
     let now = Instant::now();
     let t = token(ks.lease_get(b"k", now, &tokens));
-    ks.prepare(prepare("k", "pending", 5, "tx"), TIMEOUT, now);
+    ks.prepare(&prepare("k", "pending", 5, "tx"), TIMEOUT, now);
     assert_eq!(
         ks.fill(fill_item("k", "loaded", 4), t, now).outcome,
         FillOutcome::LeaseInvalid
@@ -820,15 +821,15 @@ fn one_transaction_per_key_and_prepare_is_idempotent() {
     let ks = keyspace("");
     let now = Instant::now();
     assert!(
-        ks.prepare(prepare("k", "a", 2, "tx1"), TIMEOUT, now)
+        ks.prepare(&prepare("k", "a", 2, "tx1"), TIMEOUT, now)
             .prepared
     );
     assert!(
-        ks.prepare(prepare("k", "a", 2, "tx1"), TIMEOUT, now)
+        ks.prepare(&prepare("k", "a", 2, "tx1"), TIMEOUT, now)
             .prepared
     );
     assert!(
-        !ks.prepare(prepare("k", "b", 3, "tx2"), TIMEOUT, now)
+        !ks.prepare(&prepare("k", "b", 3, "tx2"), TIMEOUT, now)
             .prepared
     );
     // Commit and abort of another transaction do nothing.
@@ -837,16 +838,17 @@ fn one_transaction_per_key_and_prepare_is_idempotent() {
     assert!(ks.commit(b"k", "tx1", now).committed);
     assert_eq!(ks.get(b"k", now).unwrap().value, "a");
     // A change not newer than the live entry is refused.
-    let r = ks.prepare(prepare("k", "old", 2, "tx3"), TIMEOUT, now);
+    let r = ks.prepare(&prepare("k", "old", 2, "tx3"), TIMEOUT, now);
     assert_eq!(
         r,
         PrepareResult {
             prepared: false,
-            current_version: 2
+            current_version: 2,
+            busy: false,
         }
     );
     assert!(
-        ks.prepare(prepare("k", "c", 3, "tx3"), TIMEOUT, now)
+        ks.prepare(&prepare("k", "c", 3, "tx3"), TIMEOUT, now)
             .prepared
     );
     let stats = ks.stats();
@@ -859,7 +861,7 @@ fn commit_is_fenced_and_applies_ttl_from_the_commit() {
     let t0 = Instant::now();
     let mut p = prepare("k", "pending", 5, "tx");
     p.item.ttl = Some(Duration::from_secs(60));
-    ks.prepare(p, TIMEOUT, t0);
+    ks.prepare(&p, TIMEOUT, t0);
     let t1 = t0 + Duration::from_secs(5);
     ks.commit(b"k", "tx", t1);
     assert_eq!(
@@ -868,7 +870,7 @@ fn commit_is_fenced_and_applies_ttl_from_the_commit() {
     );
 
     // A newer write landed while the change was pending: it wins.
-    ks.prepare(prepare("k", "pending", 6, "tx2"), TIMEOUT, t1);
+    ks.prepare(&prepare("k", "pending", 6, "tx2"), TIMEOUT, t1);
     ks.set(item("k", "newer", 9, WriteCondition::Unconditional), t1)
         .unwrap();
     assert_eq!(
@@ -889,7 +891,7 @@ fn a_pending_deletion_removes_the_live_entry_on_commit() {
         .unwrap();
     let mut p = prepare("k", "ignored", 2, "tx");
     p.delete = true;
-    assert!(ks.prepare(p.clone(), TIMEOUT, now).prepared);
+    assert!(ks.prepare(&p, TIMEOUT, now).prepared);
     assert_eq!(ks.get(b"k", now).unwrap().value, "v");
     assert_eq!(
         ks.commit(b"k", "tx", now),
@@ -904,7 +906,7 @@ fn a_pending_deletion_removes_the_live_entry_on_commit() {
     ks.set(item("k", "v3", 1, WriteCondition::Unconditional), now)
         .unwrap();
     p.txn_id = "tx2".into();
-    assert!(ks.prepare(p, TIMEOUT, now).prepared);
+    assert!(ks.prepare(&p, TIMEOUT, now).prepared);
     ks.set(item("k", "v3", 3, WriteCondition::Unconditional), now)
         .unwrap();
     assert_eq!(ks.commit(b"k", "tx2", now).current_version, 3);
@@ -917,7 +919,7 @@ fn abort_leaves_the_live_entry_alone() {
     let now = Instant::now();
     ks.set(item("k", "v", 1, WriteCondition::Unconditional), now)
         .unwrap();
-    ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, now);
+    ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, now);
     assert!(ks.abort(b"k", "tx", now));
     assert!(!ks.abort(b"k", "tx", now));
     assert!(!ks.commit(b"k", "tx", now).committed);
@@ -926,13 +928,147 @@ fn abort_leaves_the_live_entry_alone() {
     assert_eq!(ks.records.pending.load(Ordering::Relaxed), 0);
 }
 
+/// One step of a prepare of `k` that waits its turn; its receiver when
+/// it queued.
+fn step(ks: &Keyspace, version: u64, txn: &str, ticket: u64, now: Instant) -> PrepareStep {
+    ks.prepare_step(
+        &prepare("k", txn, version, txn),
+        TIMEOUT,
+        Some((ticket, true)),
+        now,
+    )
+}
+
+fn queued(step: PrepareStep) -> tokio::sync::oneshot::Receiver<()> {
+    match step {
+        PrepareStep::Wait {
+            woken: Some(rx), ..
+        } => rx,
+        other => panic!("expected to queue, got {other:?}"),
+    }
+}
+
+fn done(step: PrepareStep) -> PrepareResult {
+    match step {
+        PrepareStep::Done(result) => result,
+        other => panic!("expected an answer, got {other:?}"),
+    }
+}
+
+#[test]
+fn waiting_prepares_are_served_in_arrival_order() {
+    let ks = keyspace("");
+    let now = Instant::now();
+    assert!(done(step(&ks, 1, "a", 1, now)).prepared);
+    let mut b = queued(step(&ks, 2, "b", 2, now));
+    let mut c = queued(step(&ks, 3, "c", 3, now));
+    // A prepare that does not wait is refused as busy, as before.
+    let refused = ks.prepare(&prepare("k", "x", 9, "x"), TIMEOUT, now);
+    assert!(!refused.prepared && refused.busy);
+    assert!(b.try_recv().is_err() && c.try_recv().is_err());
+    assert!(ks.commit(b"k", "a", now).committed);
+    // The first waiter gets the turn; a later one cannot take it.
+    assert!(b.try_recv().is_ok());
+    assert!(c.try_recv().is_err());
+    assert!(matches!(
+        step(&ks, 3, "c", 3, now),
+        PrepareStep::Wait { woken: None, .. }
+    ));
+    let mut d = queued(step(&ks, 4, "d", 4, now));
+    assert!(done(step(&ks, 2, "b", 2, now)).prepared);
+    assert!(ks.commit(b"k", "b", now).committed);
+    assert!(c.try_recv().is_ok());
+    assert!(d.try_recv().is_err());
+    assert!(done(step(&ks, 3, "c", 3, now)).prepared);
+    assert!(ks.commit(b"k", "c", now).committed);
+    assert!(d.try_recv().is_ok());
+    assert!(done(step(&ks, 4, "d", 4, now)).prepared);
+    assert!(ks.commit(b"k", "d", now).committed);
+    assert_eq!(ks.get(b"k", now).unwrap().version, 4);
+    assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_waiting_prepare_is_woken_by_an_abort_and_by_a_timeout() {
+    let ks = keyspace("");
+    let t0 = Instant::now();
+    assert!(done(step(&ks, 1, "a", 1, t0)).prepared);
+    let mut b = queued(step(&ks, 2, "b", 2, t0));
+    assert!(ks.abort(b"k", "a", t0));
+    assert!(b.try_recv().is_ok());
+    assert!(done(step(&ks, 2, "b", 2, t0)).prepared);
+    // b's change times out: the sweeper wakes the next waiter.
+    let mut c = match step(&ks, 3, "c", 3, t0) {
+        PrepareStep::Wait {
+            woken: Some(rx),
+            pending_until,
+        } => {
+            assert_eq!(pending_until, Some(t0 + TIMEOUT));
+            rx
+        }
+        other => panic!("expected to queue, got {other:?}"),
+    };
+    assert_eq!(ks.sweep(t0 + TIMEOUT), 1);
+    assert!(c.try_recv().is_ok());
+    assert!(done(step(&ks, 3, "c", 3, t0 + TIMEOUT)).prepared);
+    // Timed out on the waiter's own retry at the change's deadline.
+    let t1 = t0 + TIMEOUT * 2;
+    let _d = queued(step(&ks, 4, "d", 4, t0 + TIMEOUT));
+    assert!(done(step(&ks, 4, "d", 4, t1)).prepared);
+}
+
+#[test]
+fn a_waiter_refused_by_version_or_gone_passes_the_turn_on() {
+    let ks = keyspace("");
+    let now = Instant::now();
+    assert!(done(step(&ks, 5, "a", 1, now)).prepared);
+    let mut old = queued(step(&ks, 2, "old", 2, now));
+    let mut gone = queued(step(&ks, 6, "gone", 3, now));
+    let mut next = queued(step(&ks, 7, "next", 4, now));
+    let mut last = queued(step(&ks, 8, "last", 5, now));
+    assert!(ks.commit(b"k", "a", now).committed);
+    assert!(old.try_recv().is_ok());
+    // Version 2 is older than the live 5: refused, and the next is woken.
+    let refused = done(step(&ks, 2, "old", 2, now));
+    assert!(!refused.prepared && !refused.busy);
+    assert_eq!(refused.current_version, 5);
+    assert!(gone.try_recv().is_ok());
+    // That one gave up with the turn in hand.
+    ks.leave_queue(b"k", 3);
+    assert!(next.try_recv().is_ok());
+    // A waiter that may wait no longer is refused as busy and leaves.
+    let busy = ks.prepare_step(
+        &prepare("k", "last", 8, "last"),
+        TIMEOUT,
+        Some((5, false)),
+        now,
+    );
+    assert!(matches!(busy, PrepareStep::Done(r) if r.busy && !r.prepared));
+    assert!(done(step(&ks, 7, "next", 4, now)).prepared);
+    assert!(ks.commit(b"k", "next", now).committed);
+    assert!(last.try_recv().is_err(), "it left the queue");
+    assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_flush_keeps_the_waiters_and_wakes_the_first() {
+    let ks = keyspace("");
+    let now = Instant::now();
+    assert!(done(step(&ks, 1, "a", 1, now)).prepared);
+    let mut b = queued(step(&ks, 2, "b", 2, now));
+    let mut c = queued(step(&ks, 3, "c", 3, now));
+    ks.flush();
+    assert!(b.try_recv().is_ok());
+    assert!(c.try_recv().is_err());
+}
+
 #[test]
 fn a_timed_out_change_is_dropped_and_deletes_the_live_entry() {
     let ks = keyspace("");
     let t0 = Instant::now();
     ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0)
         .unwrap();
-    ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t0);
+    ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, t0);
     assert_eq!(ks.sweep(t0 + TIMEOUT - Duration::from_millis(1)), 0);
     assert!(ks.get(b"k", t0).is_some());
     assert_eq!(ks.sweep(t0 + TIMEOUT), 1);
@@ -954,7 +1090,7 @@ fn a_timed_out_change_is_noticed_by_the_next_access() {
     let at = |ks: &Keyspace, t: Instant| {
         ks.set(item("k", "old", 1, WriteCondition::Unconditional), t)
             .unwrap();
-        ks.prepare(prepare("k", "pending", 2, "tx"), TIMEOUT, t);
+        ks.prepare(&prepare("k", "pending", 2, "tx"), TIMEOUT, t);
     };
     let t0 = Instant::now();
     let late = t0 + TIMEOUT;
@@ -978,7 +1114,7 @@ fn a_timed_out_change_is_noticed_by_the_next_access() {
     let ks = keyspace("");
     at(&ks, t0);
     assert!(
-        ks.prepare(prepare("k", "next", 3, "tx2"), TIMEOUT, late)
+        ks.prepare(&prepare("k", "next", 3, "tx2"), TIMEOUT, late)
             .prepared
     );
     assert_eq!(ks.get(b"k", late), None);
@@ -1012,7 +1148,7 @@ fn a_timed_out_change_stays_in_doubt_and_fences_older_values() {
     let late = t0 + TIMEOUT;
     ks.set(item("k", "old", 1, WriteCondition::Unconditional), t0)
         .unwrap();
-    ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+    ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
     // The writer stalls; the node gives up: the old value goes, and a
     // reader who loads the old row (the writer's database change is not
     // visible yet) cannot fill it.
@@ -1029,7 +1165,7 @@ fn a_timed_out_change_stays_in_doubt_and_fences_older_values() {
         .unwrap();
     assert_eq!(set.outcome, SetOutcome::StaleVersion);
     assert!(
-        !ks.prepare(prepare("k", "older", 4, "tx2"), TIMEOUT, late)
+        !ks.prepare(&prepare("k", "older", 4, "tx2"), TIMEOUT, late)
             .prepared
     );
     assert_eq!(ks.get(b"k", late), None);
@@ -1041,7 +1177,7 @@ fn a_timed_out_change_stays_in_doubt_and_fences_older_values() {
     // Rolled back instead: the abort clears the fence, and the old row
     // (which the database kept) may be filled again.
     let ks = keyspace("");
-    ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+    ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
     assert_eq!(ks.get(b"k", late), None);
     assert!(ks.abort(b"k", "tx", late));
     let lease = token(ks.lease_get(b"k", late, &tokens));
@@ -1052,7 +1188,7 @@ fn a_timed_out_change_stays_in_doubt_and_fences_older_values() {
 
     // A newer entry supersedes the change in doubt, whatever its fate.
     let ks = keyspace("");
-    ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+    ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
     assert_eq!(ks.get(b"k", late), None);
     let lease = token(ks.lease_get(b"k", late, &tokens));
     assert_eq!(
@@ -1065,7 +1201,7 @@ fn a_timed_out_change_stays_in_doubt_and_fences_older_values() {
     // A flush, or the end of `in_doubt_ttl`, forgets it.
     for flush in [true, false] {
         let ks = keyspace("");
-        ks.prepare(prepare("k", "new", 5, "tx"), TIMEOUT, t0);
+        ks.prepare(&prepare("k", "new", 5, "tx"), TIMEOUT, t0);
         assert_eq!(ks.get(b"k", late), None);
         if flush {
             ks.flush();
@@ -1510,8 +1646,8 @@ fn fills_and_commits_are_fenced_by_dirty_entries() {
         timeout: None,
     };
     let timeout = Duration::from_secs(5);
-    assert!(!ks.prepare(prepare(5, false), timeout, now).prepared);
-    assert!(ks.prepare(prepare(6, true), timeout, now).prepared);
+    assert!(!ks.prepare(&prepare(5, false), timeout, now).prepared);
+    assert!(ks.prepare(&prepare(6, true), timeout, now).prepared);
     assert_eq!(ks.commit(b"k", "t6", now).current_version, 0);
     assert!(ks.get(b"k", now).is_none());
     assert_eq!(ks.stats().dirty_items, 0);

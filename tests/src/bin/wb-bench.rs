@@ -30,6 +30,9 @@ enum Command {
         /// Bytes per value.
         #[arg(long, default_value_t = 100)]
         value_size: usize,
+        /// Partitions of the topic.
+        #[arg(long, default_value_t = wb_bench::PARTITIONS)]
+        partitions: i32,
     },
     /// Durable write-back writes at a fixed rate: acknowledgement to row.
     Lag(Load),
@@ -51,6 +54,12 @@ struct Load {
     /// Writes in flight at most.
     #[arg(long, default_value_t = 4096)]
     max_in_flight: usize,
+    /// Partitions of the topic.
+    #[arg(long, default_value_t = wb_bench::PARTITIONS)]
+    partitions: i32,
+    /// Workers draining it, in one consumer group (`lag` only).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 impl Load {
@@ -61,6 +70,8 @@ impl Load {
             duration: self.duration,
             value_size: self.value_size,
             max_in_flight: self.max_in_flight,
+            partitions: self.partitions,
+            workers: self.workers,
         }
     }
 }
@@ -85,11 +96,13 @@ async fn run(cli: Cli) -> Result<String> {
         Command::Throughput {
             records,
             value_size,
+            partitions,
         } => serde_json::to_string(
             &wb_bench::throughput(&ThroughputOptions {
                 brokers,
                 records,
                 value_size,
+                partitions,
             })
             .await?,
         )?,

@@ -21,17 +21,26 @@ mod memory;
 mod resp;
 mod ring;
 mod write_back;
+mod write_through;
 
 use std::{
+    io::Read as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
+use nix::sys::signal::Signal;
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::{paths, process::ChildGuard};
+use crate::{paths, process::ChildGuard, services::Services};
+
+/// How long a benchmark binary gets to stop after an interrupt before its
+/// process group (the nodes and workers it started included) is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
 /// The document the suites write their tables into.
 pub const DOC: &str = "docs/benchmarks.md";
@@ -69,6 +78,9 @@ pub enum Suite {
     /// The write-back worker's rows/s vs `COPY`; write-to-row lag at a
     /// fixed write rate.
     WriteBack,
+    /// Write-through writes with 1, 8 and 64 writers on one key, beside
+    /// the same on keys of their own.
+    WriteThrough,
     /// The ring's balance and key movement.
     Ring,
     /// Bytes per item for 1,000,000 100-byte values vs redis-server.
@@ -83,6 +95,7 @@ impl Suite {
             Suite::Grpc => "grpc",
             Suite::Cluster => "cluster",
             Suite::WriteBack => "write-back",
+            Suite::WriteThrough => "write-through",
             Suite::Ring => "ring",
             Suite::Memory => "memory",
         }
@@ -180,6 +193,7 @@ async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
         Suite::Resp => resp::run(ctx).await,
         Suite::Memory => memory::run(ctx).await,
         Suite::WriteBack => write_back::run(ctx).await,
+        Suite::WriteThrough => write_through::run(ctx).await,
         Suite::Grpc => grpc::run(ctx).await,
         Suite::Cluster => cluster::run(ctx).await,
         Suite::Ring => ring::run(ctx).await,
@@ -189,7 +203,7 @@ async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
 /// `cargo build --release` (or a dev build) of every binary the suites
 /// run.
 async fn build(debug: bool, cancel: &CancellationToken) -> Result<()> {
-    let mut build = Command::new(paths::cargo());
+    let mut build = paths::cargo();
     build.arg("build");
     if !debug {
         build.arg("--release");
@@ -237,6 +251,54 @@ pub fn median(values: &[f64]) -> f64 {
         _ if n % 2 == 1 => sorted[n / 2],
         _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
+}
+
+/// Runs the benchmark binary `program ARGS` of the workspace with the
+/// services' environment, its stderr in the run's logs, and parses the JSON
+/// object it prints last on stdout.
+pub async fn json_bench(
+    ctx: &Ctx,
+    services: &Services,
+    program: &str,
+    name: &str,
+    args: &[&str],
+) -> Result<Value> {
+    let binary = require(&ctx.bin(program))?.to_path_buf();
+    let log_path = ctx.logs.join(format!("{program}-{name}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("failed to create {}", log_path.display()))?;
+    let mut command = Command::new(&binary);
+    command
+        .args(args)
+        .envs(services.env())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    let mut child = ChildGuard::spawn(format!("{program} {name}"), &mut command, None)?;
+    let mut stdout = child
+        .take_stdout()
+        .with_context(|| format!("{program}'s stdout is piped"))?;
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).map(|_| out)
+    });
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        () = ctx.cancel.cancelled() => {
+            child.stop(Signal::SIGTERM, INTERRUPT_GRACE).await?;
+            bail!("interrupted during {program} {name}");
+        }
+    };
+    let out = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the output reader panicked"))?
+        .with_context(|| format!("failed to read {program}'s output"))?;
+    if !status.success() {
+        paths::print_tail(&format!("{program} {name}"), &log_path, 30);
+        bail!("{program} {name} failed ({status})");
+    }
+    let json = out.lines().last().unwrap_or_default();
+    serde_json::from_str(json).with_context(|| format!("{program} {name} printed {out:?}"))
 }
 
 /// Whether `path` exists, for messages that name a missing binary.

@@ -119,7 +119,7 @@ pub async fn ensure_installed(cancel: &CancellationToken) -> Result<PathBuf> {
          (this takes 10-15 minutes, once)",
         INSTALL_ARGS.join(" ")
     );
-    let mut install = tokio::process::Command::new(paths::cargo());
+    let mut install = tokio::process::Command::from(paths::cargo());
     install.args(INSTALL_ARGS).kill_on_drop(true);
     let mut child = install
         .spawn()

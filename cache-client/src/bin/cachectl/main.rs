@@ -2,6 +2,10 @@
 //!
 //! Human-readable output by default, `--json` for scripts; on error a
 //! one-line reason on stderr and exit status 1.
+//!
+//! `dlq.rs` holds the dead-letter commands (`dlq list`, `dlq replay`).
+
+mod dlq;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -117,8 +121,20 @@ enum Command {
     },
     /// Per-node, per-keyspace counters and sizes.
     Stats,
-    /// The members and epoch the client routes by.
+    /// The members and epoch the seeds report, each member probed (its
+    /// `grpc.health.v1` status, within --deadline); exits 0 even when
+    /// members are unreachable.
     Topology,
+    /// Empty a keyspace, or every keyspace, on one node or on every member
+    /// (cached values, leases, pending changes and write-back dirty
+    /// entries).
+    Flush(FlushArgs),
+    /// The write-back worker's dead-letter topic: list dead letters, or
+    /// replay them through the worker's version guard (needs --brokers).
+    Dlq {
+        #[command(subcommand)]
+        op: dlq::DlqOp,
+    },
     /// Ask each seed's `grpc.health.v1` service whether it serves; exits 1
     /// unless every seed answers SERVING (a container health check).
     Health,
@@ -196,6 +212,30 @@ struct PlanArgs {
     worker_rows: f64,
 }
 
+/// What `cachectl flush` empties, and where.
+#[derive(clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("which")
+        .required(true)
+        .args(["keyspace", "all_keyspaces"])
+))]
+struct FlushArgs {
+    /// Confirm the flush: readers miss every flushed key once, and
+    /// write-back writes not yet stored are served from PostgreSQL's older
+    /// value until the worker stores them.
+    #[arg(long)]
+    yes: bool,
+    /// Only this node (its address or id); every member when absent.
+    #[arg(long)]
+    node: Option<String>,
+    /// The keyspace to empty.
+    #[arg(long)]
+    keyspace: Option<String>,
+    /// Empty every keyspace.
+    #[arg(long)]
+    all_keyspaces: bool,
+}
+
 #[derive(Subcommand)]
 enum KvOp {
     /// Read a key; a miss loads it from the store (cache-aside: cache only).
@@ -233,31 +273,37 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Probes `grpc.health.v1.Health/Check` (the whole server, service `""`)
-/// on every seed; fails unless all of them answer SERVING.
-async fn health(config: &ClientConfig, deadline: Duration, json: bool) -> anyhow::Result<()> {
+/// The `grpc.health.v1` status of the node at `address` (the whole server,
+/// service `""`), or `UNREACHABLE (why)` when it does not answer within
+/// `deadline`.
+async fn probe(config: &ClientConfig, address: &str, deadline: Duration) -> String {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let probe = async {
+        // Health is open to callers without a token (probes hold none), but
+        // a TLS node answers only over TLS.
+        let channel = config.endpoint(address)?.connect().await?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        anyhow::Ok(reply.into_inner().status().as_str_name().to_owned())
+    };
+    match tokio::time::timeout(deadline, probe).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => format!("UNREACHABLE ({e:#})"),
+        Err(_) => format!(
+            "UNREACHABLE (no answer within {})",
+            humantime::format_duration(deadline)
+        ),
+    }
+}
+
+/// Probes every seed; fails unless all of them answer SERVING.
+async fn health(config: &ClientConfig, deadline: Duration, json: bool) -> anyhow::Result<()> {
     let mut unhealthy = Vec::new();
     for seed in &config.seeds {
-        let probe = async {
-            // Health is open to callers without a token (probes hold
-            // none), but a TLS node answers only over TLS.
-            let channel = config.endpoint(seed)?.connect().await?;
-            let reply = HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await?;
-            anyhow::Ok(reply.into_inner().status().as_str_name().to_owned())
-        };
-        let status = match tokio::time::timeout(deadline, probe).await {
-            Ok(Ok(status)) => status,
-            Ok(Err(e)) => format!("UNREACHABLE ({e:#})"),
-            Err(_) => format!(
-                "UNREACHABLE (no answer within {})",
-                humantime::format_duration(deadline)
-            ),
-        };
+        let status = probe(config, seed, deadline).await;
         if json {
             println!("{}", json!({"node": seed, "status": status}));
         } else {
@@ -271,6 +317,81 @@ async fn health(config: &ClientConfig, deadline: Duration, json: bool) -> anyhow
         Ok(())
     } else {
         anyhow::bail!("not serving: {}", unhealthy.join(","))
+    }
+}
+
+/// `cachectl topology`: the members, each probed at once.
+async fn topology(client: &Client, deadline: Duration, json: bool) {
+    let topology = client.topology();
+    let config = client.config();
+    let states = futures::future::join_all(
+        topology
+            .members
+            .iter()
+            .map(|m| probe(config, &m.address, deadline)),
+    )
+    .await;
+    if json {
+        let members: Vec<_> = topology
+            .members
+            .iter()
+            .zip(&states)
+            .map(|(m, status)| {
+                let state = match status.as_str() {
+                    "SERVING" => "serving".to_owned(),
+                    "NOT_SERVING" => "not serving".to_owned(),
+                    other => other.to_lowercase(),
+                };
+                json!({"id": m.id, "address": m.address, "weight": m.weight,
+                       "up": status == "SERVING", "state": state})
+            })
+            .collect();
+        println!("{}", json!({"epoch": topology.epoch, "members": members}));
+    } else {
+        println!("epoch {}", topology.epoch);
+        for (m, status) in topology.members.iter().zip(&states) {
+            println!(
+                "{:<12} {:<24} weight {:<3} {status}",
+                m.id, m.address, m.weight
+            );
+        }
+    }
+}
+
+/// `cachectl flush`.
+async fn flush(client: &Client, args: &FlushArgs, json: bool) -> anyhow::Result<()> {
+    let keyspace = args.keyspace.as_deref();
+    let flushed = client.flush_members(args.node.as_deref(), keyspace).await;
+    if flushed.is_empty() {
+        anyhow::bail!(
+            "{} is not a member of the pool (cachectl topology lists them)",
+            args.node.as_deref().unwrap_or_default()
+        );
+    }
+    let what = keyspace.map_or("every keyspace".to_owned(), |k| format!("keyspace {k:?}"));
+    let mut failed = Vec::new();
+    for f in &flushed {
+        if json {
+            println!(
+                "{}",
+                json!({"node": f.node, "address": f.address, "keyspace": keyspace,
+                       "flushed": f.result.is_ok(),
+                       "error": f.result.as_ref().err().map(ToString::to_string)})
+            );
+        } else {
+            match &f.result {
+                Ok(()) => println!("{} ({}): flushed {what}", f.node, f.address),
+                Err(e) => println!("{} ({}): NOT flushed: {e}", f.node, f.address),
+            }
+        }
+        if f.result.is_err() {
+            failed.push(f.node.as_str());
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("not flushed on {}", failed.join(","))
     }
 }
 
@@ -295,6 +416,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Arithmetic only: no pool to reach.
     if let Command::Plan(args) = &cli.command {
         return print_plan(args, cli.json);
+    }
+    if let Command::Flush(args) = &cli.command
+        && !args.yes
+    {
+        anyhow::bail!("a flush empties the cache of every key it covers: say --yes to do it");
+    }
+    // The dead-letter topic is Kafka's: no pool to reach.
+    if let Command::Dlq { op } = cli.command {
+        return dlq::run(op, cli.brokers.as_deref(), cli.json).await;
     }
     let mut config = ClientConfig::new(cli.seeds.clone()).with_deadline(cli.deadline);
     let token = match (&cli.token, &cli.token_file) {
@@ -550,28 +680,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Health => unreachable!("`run` answers health before connecting"),
-        Command::Topology => {
-            let topology = client.topology();
-            if cli.json {
-                let members: Vec<_> = topology
-                    .members
-                    .iter()
-                    .map(|m| json!({"id": m.id, "address": m.address, "weight": m.weight, "up": m.up}))
-                    .collect();
-                println!("{}", json!({"epoch": topology.epoch, "members": members}));
-            } else {
-                println!("epoch {}", topology.epoch);
-                for m in topology.members {
-                    println!(
-                        "{:<12} {:<24} weight {:<3} {}",
-                        m.id,
-                        m.address,
-                        m.weight,
-                        if m.up { "up" } else { "DOWN" }
-                    );
-                }
-            }
-        }
+        Command::Topology => topology(&client, cli.deadline, cli.json).await,
+        Command::Flush(args) => flush(&client, &args, cli.json).await?,
+        Command::Dlq { .. } => unreachable!("dlq returned before connecting"),
         Command::Ring { key, sample } => {
             let topology = client.topology();
             let ring = Ring::with_vnodes(
