@@ -36,7 +36,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::{paths, process::ChildGuard, services::Services};
+use crate::{paths, process::ChildGuard};
 
 /// How long a benchmark binary gets to stop after an interrupt before its
 /// process group (the nodes and workers it started included) is killed.
@@ -253,12 +253,12 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// Runs the benchmark binary `program ARGS` of the workspace with the
-/// services' environment, its stderr in the run's logs, and parses the JSON
-/// object it prints last on stdout.
+/// Runs the benchmark binary `program ARGS` of the workspace with `env`
+/// (where the services are), its stderr in the run's logs, and parses the
+/// JSON object it prints last on stdout.
 pub async fn json_bench(
     ctx: &Ctx,
-    services: &Services,
+    env: &[(&str, String)],
     program: &str,
     name: &str,
     args: &[&str],
@@ -270,7 +270,7 @@ pub async fn json_bench(
     let mut command = Command::new(&binary);
     command
         .args(args)
-        .envs(services.env())
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);

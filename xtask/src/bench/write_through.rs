@@ -66,7 +66,7 @@ async fn measure(
             let name = format!("{}-{round}", config.name());
             let value = json_bench(
                 ctx,
-                services,
+                &services.env(),
                 "wt-bench",
                 &name,
                 &[
