@@ -17,7 +17,8 @@ use super::records::{Change, Fence, KeyState, Lease, Pending, Records, Stored, s
 use super::tokens::Tokens;
 use super::{
     CommitResult, Counters, FillOutcome, FillResult, KeyspaceStats, LeaseRead, Prepare,
-    PrepareResult, PrepareStep, STALE_BUDGET_DIVISOR, SetItem, SetOutcome, SetResult, WriteCondition, bump,
+    PrepareResult, PrepareStep, STALE_BUDGET_DIVISOR, SetItem, SetOutcome, SetResult,
+    WriteCondition, bump,
 };
 
 /// Capacity per table shard: a small keyspace gets few shards, so that the
@@ -344,11 +345,14 @@ impl Keyspace {
     /// Deletes one key; true when a live entry went. Invalidates the lease
     /// like [`Keyspace::set`] (same argument for the lock-free path), and
     /// keeps the deleted value as stale if the keyspace keeps stale values.
+    /// A change pending or in doubt then commits as a deletion
+    /// ([`KeyState::invalidated`]).
     pub(super) fn delete(&self, key: &[u8], now: Instant) -> bool {
         let deleted = if self.records.any() || self.config.keep_stale_for.is_some() {
             self.records.update(Bytes::copy_from_slice(key), |state| {
                 self.settle(key, state, now);
                 state.lease = None;
+                state.invalidated(None);
                 let removed = self.remove_entry(key, now);
                 if let Some(removed) = &removed {
                     self.keep_stale(state, removed, now);
@@ -369,7 +373,9 @@ impl Keyspace {
     /// it holds; true when an entry went. A write-through writer sends it to
     /// a node that did not commit its change although the database did: the
     /// node may hold, or be about to fill, the value the change replaced.
-    /// An entry of `version` or newer is correct (or newer) and stays.
+    /// An entry of `version` or newer is correct (or newer) and stays; a
+    /// change pending or in doubt older than `version` commits as a
+    /// deletion ([`KeyState::invalidated`]).
     pub(super) fn delete_below(&self, key: &[u8], version: u64, now: Instant) -> bool {
         let remove = |state: Option<&mut KeyState>| {
             let removed = self.remove_older(key, version, now);
@@ -386,6 +392,7 @@ impl Keyspace {
             self.records.update(Bytes::copy_from_slice(key), |state| {
                 self.settle(key, state, now);
                 state.lease = None;
+                state.invalidated(Some(version));
                 remove(Some(state))
             })
         } else {
@@ -683,8 +690,9 @@ impl Keyspace {
         if !self.records.any() {
             return;
         }
-        self.records
-            .update(Bytes::copy_from_slice(key), |state| state.queue.leave(ticket));
+        self.records.update(Bytes::copy_from_slice(key), |state| {
+            state.queue.leave(ticket)
+        });
     }
 
     /// `Commit`: applies the transaction's pending change, or its change in

@@ -125,6 +125,23 @@ impl KeyState {
         }
     }
 
+    /// An invalidation reached the key (`Delete`, or `DeleteBelow` of
+    /// `below`): the database held something newer than what the key may
+    /// hold, possibly newer than the change pending or in doubt, whose
+    /// database commit it may have waited for (the prepared row is locked)
+    /// and whose `Commit` it may overtake. So that change, if older than
+    /// `below` (`None`: whatever its version), commits as a deletion of its
+    /// version instead of caching its value: absent is always correct.
+    pub(super) fn invalidated(&mut self, below: Option<u64>) {
+        let older = |version: u64| below.is_none_or(|below| version < below);
+        if let Some(pending) = self.pending.as_mut().filter(|p| older(p.version)) {
+            pending.change = Change::Delete;
+        }
+        if let Some(fence) = self.fence.as_mut().filter(|f| older(f.version)) {
+            fence.change = Change::Delete;
+        }
+    }
+
     /// Wakes the first waiting prepare once no change is pending (see
     /// [`PrepareQueue::kick`]); run after every change of a record.
     pub(super) fn kick(&mut self) {

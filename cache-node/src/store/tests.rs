@@ -913,6 +913,72 @@ fn a_pending_deletion_removes_the_live_entry_on_commit() {
     assert_eq!(ks.get(b"k", now).unwrap().value, "v3");
 }
 
+/// A `Delete` that comes while a change is pending invalidates what the
+/// database held before some later write, which the change may predate: a
+/// write-around writer's row waited for the change's database commit (the
+/// prepared row is locked), won by version, and its invalidation overtook
+/// the change's `Commit` on the way to the node. The commit must not cache
+/// its value then: it commits as a deletion of its version (absent is
+/// always correct; a newer value filled since stays). The same holds for a
+/// change in doubt, and for a version-fenced `DeleteBelow` newer than the
+/// change; an older one leaves the change as it is.
+#[test]
+fn an_invalidation_while_a_change_is_pending_keeps_its_value_out() {
+    let tokens = Tokens::new();
+    let t0 = Instant::now();
+    let late = t0 + TIMEOUT;
+
+    let ks = keyspace("");
+    ks.set(item("k", "v0", 1, WriteCondition::Unconditional), t0)
+        .unwrap();
+    assert!(
+        ks.prepare(&prepare("k", "v2", 2, "tx"), TIMEOUT, t0)
+            .prepared
+    );
+    // Version 3 is stored in the database, and invalidates.
+    ks.delete(b"k", t0);
+    assert!(ks.commit(b"k", "tx", t0).committed);
+    assert_eq!(ks.get(b"k", t0), None, "v2 may be older than the database");
+    // A reader loads and fills version 3.
+    let lease = token(ks.lease_get(b"k", t0, &tokens));
+    assert_eq!(
+        ks.fill(fill_item("k", "v3", 3), lease, t0).outcome,
+        FillOutcome::Stored
+    );
+    assert_eq!(ks.get(b"k", t0).unwrap().value, "v3");
+
+    // The same for a change in doubt: its late commit caches nothing.
+    let ks = keyspace("");
+    assert!(
+        ks.prepare(&prepare("k", "v2", 2, "tx"), TIMEOUT, t0)
+            .prepared
+    );
+    assert_eq!(ks.sweep(late), 1);
+    ks.delete(b"k", late);
+    assert!(ks.commit(b"k", "tx", late).committed);
+    assert_eq!(ks.get(b"k", late), None);
+
+    // A version-fenced invalidation newer than the change, likewise.
+    let ks = keyspace("");
+    assert!(
+        ks.prepare(&prepare("k", "v2", 2, "tx"), TIMEOUT, t0)
+            .prepared
+    );
+    ks.delete_below(b"k", 3, t0);
+    assert!(ks.commit(b"k", "tx", t0).committed);
+    assert_eq!(ks.get(b"k", t0), None);
+
+    // One older than the change says nothing about it: its value lands.
+    let ks = keyspace("");
+    assert!(
+        ks.prepare(&prepare("k", "v2", 2, "tx"), TIMEOUT, t0)
+            .prepared
+    );
+    ks.delete_below(b"k", 2, t0);
+    assert!(ks.commit(b"k", "tx", t0).committed);
+    assert_eq!(ks.get(b"k", t0).unwrap().value, "v2");
+}
+
 #[test]
 fn abort_leaves_the_live_entry_alone() {
     let ks = keyspace("");
