@@ -1021,6 +1021,92 @@ fn done(step: PrepareStep) -> PrepareResult {
     }
 }
 
+/// Two writers of one key race, many times, on threads, as the node runs
+/// them: each takes its first step before either commits (a barrier), then
+/// steps its prepare until done, sleeping on its receiver while it must
+/// wait (never on a timer: the pending change's 10 s timeout is never
+/// reached), and one that waited and is refused by a newer live version
+/// takes a newer version and queues again, as the client does. So a lost
+/// wake-up would hang the test, and both writes must apply, in turn,
+/// leaving the newer version cached.
+#[test]
+fn two_racing_writers_of_one_key_both_apply_in_turn() {
+    let ks = Arc::new(keyspace(""));
+    let tickets = Arc::new(AtomicU64::new(1));
+    let versions = Arc::new(AtomicU64::new(1));
+    for round in 0..500 {
+        let key = format!("k{round}");
+        let first_steps = Arc::new(std::sync::Barrier::new(2));
+        let writer = |name: &'static str| {
+            let (ks, tickets, versions, key, first_steps) = (
+                Arc::clone(&ks),
+                Arc::clone(&tickets),
+                Arc::clone(&versions),
+                key.clone(),
+                Arc::clone(&first_steps),
+            );
+            std::thread::spawn(move || {
+                let mut first_step = true;
+                let mut version = versions.fetch_add(1, Ordering::SeqCst);
+                let txn = format!("{name}{round}");
+                loop {
+                    let ticket = tickets.fetch_add(1, Ordering::SeqCst);
+                    let p = Prepare {
+                        item: item(&key, name, version, WriteCondition::IfNewerVersion),
+                        delete: false,
+                        txn_id: txn.clone(),
+                        timeout: None,
+                    };
+                    let mut waited = false;
+                    let mut woken = None;
+                    let result = loop {
+                        let step =
+                            ks.prepare_step(&p, TIMEOUT, Some((ticket, true)), Instant::now());
+                        if std::mem::take(&mut first_step) {
+                            first_steps.wait();
+                        }
+                        match step {
+                            PrepareStep::Done(result) => break result,
+                            PrepareStep::Wait { woken: rx, .. } => {
+                                waited = true;
+                                if rx.is_some() {
+                                    woken = rx;
+                                }
+                                woken
+                                    .take()
+                                    .expect("a waiting prepare holds a receiver")
+                                    .blocking_recv()
+                                    .expect("woken, not dropped");
+                            }
+                        }
+                    };
+                    if result.prepared {
+                        let commit = ks.commit(key.as_bytes(), &txn, Instant::now());
+                        assert!(commit.committed, "{key}: {name} commits");
+                        return version;
+                    }
+                    assert!(!result.busy, "{key}: {name} never gives up waiting");
+                    assert!(
+                        waited && result.current_version > version,
+                        "{key}: {name} (version {version}) refused without waiting \
+                         or by an older version: {result:?}"
+                    );
+                    version = versions.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        let (a, b) = (writer("a"), writer("b"));
+        let newest = a.join().unwrap().max(b.join().unwrap());
+        let now = Instant::now();
+        assert_eq!(
+            ks.get(key.as_bytes(), now).map(|hit| hit.version),
+            Some(newest),
+            "{key}: the newer write is cached"
+        );
+    }
+    assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+}
+
 #[test]
 fn waiting_prepares_are_served_in_arrival_order() {
     let ks = keyspace("");
