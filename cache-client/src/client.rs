@@ -544,8 +544,10 @@ impl Client {
         let timeout = self.config().request_timeout;
         let nodes = self.member_nodes();
         let asks = nodes.into_iter().map(|node| async move {
-            let mut client = node.client.clone();
-            let stats = call(&node, timeout, client.stats(v1::StatsRequest::default())).await;
+            let stats = call(&node, timeout, |mut client| async move {
+                client.stats(v1::StatsRequest::default()).await
+            })
+            .await;
             NodeStats {
                 node: node.id.clone(),
                 stats,
@@ -570,13 +572,15 @@ impl Client {
             .into_iter()
             .filter(|n| only.is_none_or(|wanted| n.id == wanted || n.address == wanted));
         let flushes = nodes.map(|node| async move {
-            let mut client = node.client.clone();
             let message = v1::FlushRequest {
                 keyspace: keyspace.unwrap_or_default().to_owned(),
             };
-            let result = call(&node, timeout, client.flush(request(message, timeout)))
-                .await
-                .map(|_| ());
+            let result = call(&node, timeout, |mut client| {
+                let message = message.clone();
+                async move { client.flush(request(message, timeout)).await }
+            })
+            .await
+            .map(|_| ());
             NodeFlush {
                 node: node.id.clone(),
                 address: node.address.clone(),
@@ -786,17 +790,83 @@ fn plan<T>(
     Plan { groups }
 }
 
-/// Runs one RPC with a timeout, turning failures into client errors.
-pub(crate) async fn call<T>(
+/// The node's gRPC client, as each call gets a clone of it.
+pub(crate) type NodeClient = ringcache_proto::v1::cache_node_client::CacheNodeClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        crate::cluster::Authorize,
+    >,
+>;
+
+/// How much later than its timeout a failed call must end to count as
+/// outlived by a stall of this process, at the least.
+const STALL_SLACK: Duration = Duration::from_millis(100);
+
+/// Whether a call that failed `elapsed` after it started, with `timeout`
+/// to run, failed because this process stalled rather than because the
+/// node did not answer: its timers fired well after the timeout ran out
+/// (by half the timeout, at least [`STALL_SLACK`]), so the process was
+/// not running (paused, swapped out, starved of CPU) while the node's
+/// reply may have been waiting in the socket. A node that is merely slow
+/// is given up on when its timeout runs out, not later.
+pub(crate) fn outlived_by_stall(elapsed: Duration, timeout: Duration) -> bool {
+    elapsed >= timeout + (timeout / 2).max(STALL_SLACK)
+}
+
+/// Runs one idempotent RPC (a read, a versioned write, a commit, an
+/// abort, an invalidation...) with a timeout, turning failures into
+/// client errors. `rpc` builds the call on a clone of the node's client.
+///
+/// An attempt that failed only after this process stalled
+/// ([`outlived_by_stall`]) says nothing about the node: it is made once
+/// more, with a fresh timeout, so that a paused client does not mark
+/// healthy nodes down (and flush them) for its own pause.
+pub(crate) async fn call<T, F, Fut>(node: &NodeHandle, timeout: Duration, rpc: F) -> Result<T>
+where
+    F: Fn(NodeClient) -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    retry_after_stall(&node.id, timeout, || rpc(node.client.clone())).await
+}
+
+/// [`call`]'s retry, over any attempt.
+async fn retry_after_stall<T, F, Fut>(node: &str, timeout: Duration, attempt: F) -> Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let started = Instant::now();
+    match timed(node, timeout, attempt()).await {
+        Err(error) if error.is_node_failure() && outlived_by_stall(started.elapsed(), timeout) => {
+            let elapsed = started.elapsed();
+            tracing::info!(node, ?elapsed, ?timeout, %error, "a call outlived its timeout while this process stalled; asking the node once more");
+            telemetry::stall_retry(node);
+            timed(node, timeout, attempt()).await
+        }
+        other => other,
+    }
+}
+
+/// Runs one RPC with a timeout, turning failures into client errors; for
+/// a call that must not be sent twice (a prepare, a lease).
+pub(crate) async fn call_once<T>(
     node: &NodeHandle,
+    timeout: Duration,
+    rpc: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    timed(&node.id, timeout, rpc).await
+}
+
+async fn timed<T>(
+    node: &str,
     timeout: Duration,
     rpc: impl Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T> {
     match tokio::time::timeout(timeout, rpc).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(Error::from_status(&node.id, &status)),
+        Ok(Err(status)) => Err(Error::from_status(node, &status)),
         Err(_) => Err(Error::Unavailable {
-            node: node.id.clone(),
+            node: node.to_owned(),
             message: format!("no reply within {timeout:?}"),
         }),
     }
@@ -829,23 +899,22 @@ async fn read_from(
     mut keys: Vec<Bytes>,
     timeout: Duration,
 ) -> Result<Vec<Option<Entry>>> {
-    let mut client = node.client.clone();
     if keys.len() == 1 {
         let key = keys.pop().expect("length checked above");
-        let reply = call(
-            &node,
-            timeout,
-            client.get(request(v1::GetRequest { keyspace, key }, timeout)),
-        )
+        let message = v1::GetRequest { keyspace, key };
+        let reply = call(&node, timeout, |mut client| {
+            let message = message.clone();
+            async move { client.get(request(message, timeout)).await }
+        })
         .await?;
         return Ok(vec![from_proto_entry(reply)]);
     }
     let expected = keys.len();
-    let reply = call(
-        &node,
-        timeout,
-        client.multi_get(request(v1::MultiGetRequest { keyspace, keys }, timeout)),
-    )
+    let message = v1::MultiGetRequest { keyspace, keys };
+    let reply = call(&node, timeout, |mut client| {
+        let message = message.clone();
+        async move { client.multi_get(request(message, timeout)).await }
+    })
     .await?;
     let results = answered_all(&node, "MultiGet", reply.results, expected)?;
     Ok(results.into_iter().map(from_proto_entry).collect())
@@ -915,30 +984,39 @@ async fn write_to(
     mut items: Vec<v1::SetItem>,
     timeout: Duration,
 ) -> Result<Vec<SetOutcome>> {
-    let mut client = node.client.clone();
+    // A set only if absent must not be sent twice: a second attempt after
+    // a first that stored would be refused by the first one's entry.
+    let idempotent = items
+        .iter()
+        .all(|item| item.condition() != v1::WriteCondition::IfAbsent);
     if items.len() == 1 {
         let item = items.pop().expect("length checked above");
-        let reply = call(
-            &node,
-            timeout,
-            client.set(request(
-                v1::SetRequest {
-                    keyspace,
-                    item: Some(item),
-                },
-                timeout,
-            )),
-        )
-        .await?;
+        let message = v1::SetRequest {
+            keyspace,
+            item: Some(item),
+        };
+        let rpc = |mut client: NodeClient| {
+            let message = message.clone();
+            async move { client.set(request(message, timeout)).await }
+        };
+        let reply = if idempotent {
+            call(&node, timeout, rpc).await?
+        } else {
+            call_once(&node, timeout, rpc(node.client.clone())).await?
+        };
         return Ok(vec![from_proto_outcome(reply)]);
     }
     let expected = items.len();
-    let reply = call(
-        &node,
-        timeout,
-        client.multi_set(request(v1::MultiSetRequest { keyspace, items }, timeout)),
-    )
-    .await?;
+    let message = v1::MultiSetRequest { keyspace, items };
+    let rpc = |mut client: NodeClient| {
+        let message = message.clone();
+        async move { client.multi_set(request(message, timeout)).await }
+    };
+    let reply = if idempotent {
+        call(&node, timeout, rpc).await?
+    } else {
+        call_once(&node, timeout, rpc(node.client.clone())).await?
+    };
     let results = answered_all(&node, "MultiSet", reply.results, expected)?;
     Ok(results.into_iter().map(from_proto_outcome).collect())
 }
@@ -952,20 +1030,88 @@ pub(crate) async fn delete_from(
     only_version: u64,
     timeout: Duration,
 ) -> Result<Vec<bool>> {
-    let mut client = node.client.clone();
-    let reply = call(
-        &node,
-        timeout,
-        client.delete(request(
-            v1::DeleteRequest {
-                keyspace,
-                key,
-                below_version: 0,
-                only_version,
-            },
-            timeout,
-        )),
-    )
+    let message = v1::DeleteRequest {
+        keyspace,
+        key,
+        below_version: 0,
+        only_version,
+    };
+    let reply = call(&node, timeout, |mut client| {
+        let message = message.clone();
+        async move { client.delete(request(message, timeout)).await }
+    })
     .await?;
     Ok(vec![reply.deleted])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(500);
+
+    /// An attempt that never answers; the first one also lets `stall` of
+    /// (paused) time pass while it is out, as a SIGSTOP of the process
+    /// would, before the timeout is looked at.
+    type Attempt = std::pin::Pin<
+        Box<dyn Future<Output = std::result::Result<tonic::Response<u8>, tonic::Status>>>,
+    >;
+
+    fn attempts(stall: Duration, answer_second: bool) -> (Arc<AtomicUsize>, impl Fn() -> Attempt) {
+        let made = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&made);
+        let attempt = move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if n == 0 {
+                    tokio::time::advance(stall).await;
+                } else if answer_second {
+                    return Ok(tonic::Response::new(7u8));
+                }
+                std::future::pending().await
+            }) as Attempt
+        };
+        (made, attempt)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_outlived_by_a_stall_of_this_process_is_asked_once_more() {
+        let (made, attempt) = attempts(Duration::from_secs(10), true);
+        let reply = retry_after_stall("node-1", TIMEOUT, attempt).await;
+        assert_eq!(reply.ok(), Some(7));
+        assert_eq!(made.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_does_not_answer_in_time_is_not_asked_twice() {
+        // No stall: the timeout fires on time, and the node failed.
+        let (made, attempt) = attempts(Duration::ZERO, true);
+        let reply = retry_after_stall("node-1", TIMEOUT, attempt).await;
+        assert!(matches!(reply, Err(Error::Unavailable { .. })), "{reply:?}");
+        assert_eq!(made.load(Ordering::SeqCst), 1);
+        // A short delay of the timer (a busy runtime) is no stall either.
+        let (made, attempt) = attempts(TIMEOUT + Duration::from_millis(50), true);
+        assert!(retry_after_stall("node-1", TIMEOUT, attempt).await.is_err());
+        assert_eq!(made.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_attempt_that_fails_too_is_the_answer() {
+        let (made, attempt) = attempts(Duration::from_secs(10), false);
+        let reply = retry_after_stall("node-1", TIMEOUT, attempt).await;
+        assert!(matches!(reply, Err(Error::Unavailable { .. })), "{reply:?}");
+        assert_eq!(made.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_stall_is_half_a_timeout_late_and_at_least_the_slack() {
+        assert!(!outlived_by_stall(TIMEOUT, TIMEOUT));
+        assert!(!outlived_by_stall(Duration::from_millis(749), TIMEOUT));
+        assert!(outlived_by_stall(Duration::from_millis(750), TIMEOUT));
+        let short = Duration::from_millis(20);
+        assert!(!outlived_by_stall(Duration::from_millis(100), short));
+        assert!(outlived_by_stall(Duration::from_millis(120), short));
+    }
 }

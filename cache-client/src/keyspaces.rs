@@ -11,7 +11,7 @@
 //! write_quorum = 1            # copies that must acknowledge a write
 //! lease_wait = "2s"           # how long a reader waits for another's load
 //! pending_timeout = "5s"      # write-through: how long a prepared change may stay pending
-//! prepare_wait = "2s"         # write-through: how long a writer waits behind another writer of the key
+//! prepare_wait = "6s"         # write-through: how long a writer waits behind another writer of the key
 //! ack = "durable"             # write-back: return after the broker (durable) or the cache (fast)
 //! store = "default"           # or { table = { name = "..." } } or { sql = { load = "...", ... } }
 //!

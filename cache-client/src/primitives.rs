@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ringcache_proto::v1;
+use tokio::time::Instant;
 
-use crate::client::{Client, Entry, call, entry_from_proto, request};
+use crate::client::{Client, Entry, call, call_once, entry_from_proto, outlived_by_stall, request};
 use crate::cluster::NodeHandle;
 use crate::error::{Error, Result};
 use crate::telemetry;
@@ -55,6 +56,9 @@ pub(crate) struct Prepared {
     pub(crate) busy: bool,
     /// The longest a node let the prepare wait for other writers.
     pub(crate) waited: Duration,
+    /// Transactions whose changes of the key timed out on a node and are
+    /// still in doubt there (`PrepareResponse.in_doubt_txn_id`).
+    pub(crate) in_doubt: Vec<String>,
 }
 
 impl Prepared {
@@ -67,6 +71,7 @@ impl Prepared {
         }
         self.busy |= other.busy;
         self.waited = self.waited.max(other.waited);
+        self.in_doubt.extend(other.in_doubt);
     }
 }
 
@@ -127,16 +132,17 @@ impl Client {
         };
     }
 
-    /// Runs one call on `node`, recording its health. A failed write (a
-    /// 2PC step) marks the node down at once: it may have missed a change,
-    /// so it must be flushed before this client reads from it again.
+    /// Awaits one call on `node` ([`call`] or [`call_once`]), recording
+    /// its health. A failed write (a 2PC step) marks the node down at
+    /// once: it may have missed a change, so it must be flushed before this
+    /// client reads from it again.
     async fn on_node<T>(
         &self,
         node: &NodeHandle,
         writes: bool,
-        rpc: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+        call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let result = call(node, self.config().request_timeout, rpc).await;
+        let result = call.await;
         match &result {
             Ok(_) => self.inner.cluster.record_success(node),
             Err(e) if e.is_node_failure() && writes => self.inner.cluster.mark_down(node, e),
@@ -152,18 +158,16 @@ impl Client {
         let (node, fallback) = self.primary(keyspace, key)?;
         let mut client = node.client.clone();
         let timeout = self.config().request_timeout;
+        // Once only: a second attempt would find the first one's lease.
+        let rpc = client.lease_get(request(
+            v1::LeaseGetRequest {
+                keyspace: keyspace.to_owned(),
+                key: key.clone(),
+            },
+            timeout,
+        ));
         let reply = self
-            .on_node(
-                &node,
-                false,
-                client.lease_get(request(
-                    v1::LeaseGetRequest {
-                        keyspace: keyspace.to_owned(),
-                        key: key.clone(),
-                    },
-                    timeout,
-                )),
-            )
+            .on_node(&node, false, call_once(&node, timeout, rpc))
             .await?;
         if let Some(entry) = reply.entry {
             self.inner.clock.observe(entry.version);
@@ -192,19 +196,17 @@ impl Client {
     ) -> Result<FillReply> {
         let mut client = node.client.clone();
         let timeout = self.config().request_timeout;
+        // Once only: the lease is used up by a fill that stored.
+        let rpc = client.fill(request(
+            v1::FillRequest {
+                keyspace: keyspace.to_owned(),
+                item: Some(item),
+                lease_token: token,
+            },
+            timeout,
+        ));
         let reply = self
-            .on_node(
-                node,
-                false,
-                client.fill(request(
-                    v1::FillRequest {
-                        keyspace: keyspace.to_owned(),
-                        item: Some(item),
-                        lease_token: token,
-                    },
-                    timeout,
-                )),
-            )
+            .on_node(node, false, call_once(node, timeout, rpc))
             .await?;
         self.inner.clock.observe(reply.current_version);
         Ok(match reply.outcome() {
@@ -225,17 +227,17 @@ impl Client {
         key: &Bytes,
         token: u64,
     ) -> bool {
-        let mut client = node.client.clone();
         let timeout = self.config().request_timeout;
         let message = v1::ReleaseLeaseRequest {
             keyspace: keyspace.to_owned(),
             key: key.clone(),
             lease_token: token,
         };
-        match self
-            .on_node(node, false, client.release_lease(request(message, timeout)))
-            .await
-        {
+        let released = call(node, timeout, |mut client| {
+            let message = message.clone();
+            async move { client.release_lease(request(message, timeout)).await }
+        });
+        match self.on_node(node, false, released).await {
             Ok(reply) => reply.released,
             Err(e) => {
                 tracing::debug!(node = %node.id, keyspace, error = %e, "lease not handed back; it expires on the node");
@@ -280,20 +282,41 @@ impl Client {
             };
             async move {
                 let mut client = node.client.clone();
+                let key = message.item.as_ref().map(|i| i.key.clone()).unwrap_or_default();
+                // Once only: a second prepare of `txn` would queue behind
+                // the first one's pending change.
                 let rpc = client.prepare(request(message, timeout));
-                let reply = call(&node, timeout, rpc).await;
+                let started = Instant::now();
+                let reply = call_once(&node, timeout, rpc).await;
+                // This process stalled while the prepare was out (its
+                // timers fired late): whether the node holds the change
+                // is unknown, but the node is likely fine. An abort, which
+                // is idempotent, settles it: once answered, the node holds
+                // no change of `txn` and keeps what it held, like a node
+                // that refused, and is invalidated as one if the write
+                // commits. Only a node that does not answer it is down.
+                let settled = match &reply {
+                    Err(e) if e.is_node_failure() && outlived_by_stall(started.elapsed(), timeout) => {
+                        tracing::info!(node = %node.id, keyspace, txn, error = %e, "a prepare outlived its timeout while this process stalled; aborting it there");
+                        self.abort_on(keyspace, &key, txn, &node).await.is_ok()
+                    }
+                    _ => false,
+                };
                 match &reply {
                     Ok(_) => self.inner.cluster.record_success(&node),
-                    Err(e) if e.is_node_failure() => self.inner.cluster.mark_down(&node, e),
+                    Err(e) if e.is_node_failure() && !settled => self.inner.cluster.mark_down(&node, e),
                     Err(_) => {}
                 }
-                (node, reply)
+                (node, reply, settled)
             }
         });
         let mut prepared = Prepared::default();
-        for (node, reply) in futures::future::join_all(asks).await {
+        for (node, reply, settled) in futures::future::join_all(asks).await {
             match reply {
                 Ok(r) => {
+                    if !r.in_doubt_txn_id.is_empty() && r.in_doubt_txn_id != txn {
+                        prepared.in_doubt.push(r.in_doubt_txn_id.clone());
+                    }
                     let waited = Duration::from_millis(r.waited_ms);
                     prepared.waited = prepared.waited.max(waited);
                     if !waited.is_zero() {
@@ -327,9 +350,10 @@ impl Client {
                 }
                 Err(e) => {
                     // A refusal of the request itself (a bad pending
-                    // timeout, a missing permission): the node is alive and
-                    // keeps what it holds, like a node that answered no.
-                    if !e.is_node_failure() {
+                    // timeout, a missing permission), or a prepare undone
+                    // after a stall: the node is alive and keeps what it
+                    // holds, like a node that answered no.
+                    if !e.is_node_failure() || settled {
                         prepared.refused.push((node, 0));
                     }
                     prepared.failure = Some(e);
@@ -357,25 +381,23 @@ impl Client {
     ) -> Vec<Arc<NodeHandle>> {
         let timeout = self.config().request_timeout;
         let asks = nodes.iter().map(|node| async move {
-            let mut client = node.client.clone();
+            // Both are idempotent: a second commit or abort of `txn`
+            // finds nothing pending and answers false.
             if commit {
                 let message = v1::CommitRequest {
                     keyspace: keyspace.to_owned(),
                     key: key.clone(),
                     txn_id: txn.to_owned(),
                 };
-                self.on_node(node, true, client.commit(request(message, timeout)))
+                let committed = call(node, timeout, |mut client| {
+                    let message = message.clone();
+                    async move { client.commit(request(message, timeout)).await }
+                });
+                self.on_node(node, true, committed)
                     .await
                     .map(|r| r.committed)
             } else {
-                let message = v1::AbortRequest {
-                    keyspace: keyspace.to_owned(),
-                    key: key.clone(),
-                    txn_id: txn.to_owned(),
-                };
-                self.on_node(node, true, client.abort(request(message, timeout)))
-                    .await
-                    .map(|r| r.aborted)
+                self.abort_on(keyspace, key, txn, node).await
             }
         });
         let results = futures::future::join_all(asks).await;
@@ -395,6 +417,29 @@ impl Client {
         unacknowledged
     }
 
+    /// `Abort` of `txn`'s pending change of `key` on `node`; true if one
+    /// was pending. Idempotent, so asked once more after a stall of this
+    /// process; a node that does not answer is marked down.
+    async fn abort_on(
+        &self,
+        keyspace: &str,
+        key: &Bytes,
+        txn: &str,
+        node: &NodeHandle,
+    ) -> Result<bool> {
+        let timeout = self.config().request_timeout;
+        let message = v1::AbortRequest {
+            keyspace: keyspace.to_owned(),
+            key: key.clone(),
+            txn_id: txn.to_owned(),
+        };
+        let aborted = call(node, timeout, |mut client| {
+            let message = message.clone();
+            async move { client.abort(request(message, timeout)).await }
+        });
+        self.on_node(node, true, aborted).await.map(|r| r.aborted)
+    }
+
     /// Version-fenced invalidation of `key` on each of `nodes`, in
     /// parallel: removes an entry older than `version` and drops the key's
     /// lease (`DeleteRequest.below_version`). A node that does not do it is
@@ -409,16 +454,17 @@ impl Client {
     ) {
         let timeout = self.config().request_timeout;
         let asks = nodes.iter().map(|node| async move {
-            let mut client = node.client.clone();
             let message = v1::DeleteRequest {
                 keyspace: keyspace.to_owned(),
                 key: key.clone(),
                 below_version: version,
                 only_version: 0,
             };
-            let result = self
-                .on_node(node, true, client.delete(request(message, timeout)))
-                .await;
+            let deleted = call(node, timeout, |mut client| {
+                let message = message.clone();
+                async move { client.delete(request(message, timeout)).await }
+            });
+            let result = self.on_node(node, true, deleted).await;
             if let Err(e) = result {
                 // `on_node` marked a node failure down already; a refusal
                 // of the request must not leave the old value either.
@@ -573,15 +619,15 @@ impl Client {
         let timeout = self.config().request_timeout;
         let mut cleaned = 0;
         for chunk in keys.chunks(MAX_KEYS) {
-            let mut client = node.client.clone();
             let message = v1::MarkCleanRequest {
                 keyspace: keyspace.to_owned(),
                 keys: chunk.to_vec(),
             };
-            match self
-                .on_node(node, false, client.mark_clean(request(message, timeout)))
-                .await
-            {
+            let cleaned_here = call(node, timeout, |mut client| {
+                let message = message.clone();
+                async move { client.mark_clean(request(message, timeout)).await }
+            });
+            match self.on_node(node, false, cleaned_here).await {
                 Ok(reply) => cleaned += reply.cleaned as usize,
                 Err(e) => {
                     tracing::warn!(node = %node.id, keyspace, error = %e, "mark-clean failed; entries stay dirty");
@@ -611,14 +657,17 @@ impl Client {
             let mut found = Vec::new();
             let mut after = Bytes::new();
             loop {
-                let mut client = node.client.clone();
                 let message = v1::ListDirtyRequest {
                     keyspace: keyspace.to_owned(),
                     min_age_ms,
                     after_key: after.clone(),
                     limit: PAGE,
                 };
-                match call(&node, timeout, client.list_dirty(message)).await {
+                let listed = call(&node, timeout, |mut client| {
+                    let message = message.clone();
+                    async move { client.list_dirty(message).await }
+                });
+                match listed.await {
                     Ok(reply) => {
                         if let Some(last) = reply.keys.last() {
                             after = last.key.clone();

@@ -41,10 +41,13 @@ use crate::telemetry;
 pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(2);
 /// Default [`KeyspaceSettings::pending_timeout`].
 pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default [`KeyspaceSettings::prepare_wait`]: many times a typical
-/// write-through commit (a few milliseconds), so that a writer queued
-/// behind a handful of others of the same key still gets its turn.
-pub const DEFAULT_PREPARE_WAIT: Duration = Duration::from_secs(2);
+/// Default [`KeyspaceSettings::prepare_wait`]: longer than the default
+/// [`DEFAULT_PENDING_TIMEOUT`], so that a writer queued behind one that
+/// stalled (a paused or dead process, whose change holds the key until
+/// it times out) outlasts it, and still gets its turn behind a handful of
+/// others of the same key; in practice the client's `deadline` is the
+/// bound.
+pub const DEFAULT_PREPARE_WAIT: Duration = Duration::from_secs(6);
 /// In-doubt recovery rolls back a prepared transaction found in a store
 /// that no keyspace of this process uses (or used) for write-through only
 /// once it is this old: it was left by a write-through keyspace of another
@@ -141,7 +144,8 @@ pub struct KeyspaceSettings {
     /// Write-through: how long a writer waits, in arrival order, for other
     /// writers' pending changes of the key before it fails with
     /// [`Error::Conflict`]; at most the client's deadline. Zero: it fails at
-    /// once.
+    /// once. A writer outlasts one that stalled holding the key only if
+    /// this and the deadline exceed `pending_timeout`.
     pub prepare_wait: Duration,
     /// Write-back: when a write returns.
     pub ack: Ack,
@@ -1130,6 +1134,28 @@ impl Keyspace {
         }
     }
 
+    /// Rolls back the prepared transaction `txn` (the id of a change in
+    /// doubt on a node) in `store`, if it is still prepared there; best
+    /// effort: recovery rolls back what this misses.
+    async fn roll_back_in_doubt(&self, store: &Arc<dyn Store>, txn: &str) {
+        let Ok(id) = txn.parse::<TxnId>() else {
+            tracing::debug!(keyspace = %self.name, txn, "a node named an in-doubt change by a foreign id; left to recovery");
+            return;
+        };
+        match store.abort_prepared(&id).await {
+            Ok(()) => {
+                tracing::info!(keyspace = %self.name, txn, "rolled back the prepared transaction of a change that timed out on the key's first owner");
+                metrics::counter!(telemetry::TWOPC_RECOVERED, "keyspace" => self.name.to_string())
+                    .increment(1);
+            }
+            // Committed or rolled back already.
+            Err(Error::TxnNotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(keyspace = %self.name, txn, error = %e, "cannot roll back an in-doubt transaction; recovery will");
+            }
+        }
+    }
+
     async fn write_through(
         &self,
         state: &KeyspaceState,
@@ -1213,34 +1239,45 @@ impl Keyspace {
                 reason: "another write is pending".into(),
             }));
         }
-        // Phase one on the other replicas and the store, in parallel.
-        let (rest, db) = tokio::join!(
-            async {
-                if nodes.len() > 1 {
-                    self.client
-                        .prepare_on(
-                            &self.name,
-                            nodes[1..].to_vec(),
-                            item(version),
-                            value.is_none(),
-                            txn.as_str(),
-                            settings.pending_timeout,
-                            // Other writers only pass through here on their
-                            // way out (their commits are in flight), unless
-                            // clients disagree on the first owner: a short
-                            // wait, which leaves the change most of its
-                            // pending timeout to commit.
-                            wait_until
-                                .saturating_duration_since(Instant::now())
-                                .min(settings.pending_timeout / 4),
-                        )
-                        .await
-                } else {
-                    crate::primitives::Prepared::default()
-                }
-            },
-            store.prepare(&txn, &self.name, &key, change, version),
-        );
+        // A change of the key timed out on its first owner and is in doubt:
+        // its writer stalled or died, and will never commit it (a writer
+        // does not commit past its pending timeout), but its transaction
+        // may still be prepared in the database, holding the row this
+        // write is about to lock. Roll it back now rather than wait for
+        // recovery. Should its writer have committed it just before, the
+        // roll-back finds nothing, and the database's version guard orders
+        // the two writes as ever.
+        for in_doubt in std::mem::take(&mut prepared.in_doubt) {
+            self.roll_back_in_doubt(store, &in_doubt).await;
+        }
+        // Phase one on the other replicas, in ring order, and then on the
+        // store: every writer takes the key's resources in one order (first
+        // owner, replicas, database row), so two writers never each hold
+        // what the other waits for, even when they disagree on the first
+        // owner (one of them routes around a node it believes down) and
+        // meet on a replica.
+        let mut rest = crate::primitives::Prepared::default();
+        for replica in &nodes[1..] {
+            let one = self
+                .client
+                .prepare_on(
+                    &self.name,
+                    vec![replica.clone()],
+                    item(version),
+                    value.is_none(),
+                    txn.as_str(),
+                    settings.pending_timeout,
+                    // What is left of the wait, but at most half the
+                    // pending timeout, which leaves the change the rest of
+                    // it to commit on the first owner.
+                    wait_until
+                        .saturating_duration_since(Instant::now())
+                        .min(settings.pending_timeout / 2),
+                )
+                .await;
+            rest.merge(one);
+        }
+        let db = store.prepare(&txn, &self.name, &key, change, version).await;
         prepared.merge(rest);
         let cache_ok = prepared.nodes.len() >= settings.write_quorum;
         match db {

@@ -47,6 +47,10 @@ pub const NODES_MARKED_DOWN: &str = "ringcache_client_nodes_marked_down_total";
 pub const NODE_DOWN: &str = "ringcache_client_node_down";
 /// Down nodes flushed and routed to again, label `node`.
 pub const NODE_READMISSIONS: &str = "ringcache_client_node_readmissions_total";
+/// Calls asked once more because the first attempt outlived its timeout
+/// only while this process stalled (paused, swapped out, starved of
+/// CPU), label `node`: such a timeout does not count against the node.
+pub const STALL_RETRIES: &str = "ringcache_client_stall_retries_total";
 /// Gauge: the epoch of the member list the client routes by (set when it
 /// loads one at connect and when it adopts a newer one; with several
 /// clients in one process, the last one's).
@@ -76,7 +80,9 @@ pub const TWOPC_COMMITS: &str = "ringcache_client_twopc_commits_total";
 /// of the key was still pending on its first owner when `prepare_wait` ran
 /// out).
 pub const TWOPC_ABORTS: &str = "ringcache_client_twopc_aborts_total";
-/// In-doubt prepared transactions rolled back by recovery, label `keyspace`.
+/// In-doubt prepared transactions rolled back, by recovery or by the next
+/// writer of the key once the change timed out on its first owner, label
+/// `keyspace`.
 pub const TWOPC_RECOVERED: &str = "ringcache_client_twopc_recovered_total";
 /// Version-fenced invalidations sent after a write-through commit to nodes
 /// that did not commit the change or refused its prepare, label `keyspace`.
@@ -236,6 +242,11 @@ pub(crate) fn node_marked_down(node: &str, reason: &'static str) {
 pub(crate) fn node_readmitted(node: &str) {
     metrics::counter!(NODE_READMISSIONS, "node" => node.to_owned()).increment(1);
     metrics::gauge!(NODE_DOWN, "node" => node.to_owned()).set(0.0);
+}
+
+/// Records a call to `node` asked once more after a stall of this process.
+pub(crate) fn stall_retry(node: &str) {
+    metrics::counter!(STALL_RETRIES, "node" => node.to_owned()).increment(1);
 }
 
 /// Records a prepare that waited its turn on a node.

@@ -42,6 +42,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default cap on how long a 2PC change may stay pending (a `Prepare`
 /// asking for more is refused; 0 asks for the cap).
 pub const DEFAULT_MAX_PENDING_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`Limits::max_prepare_wait`].
+pub const DEFAULT_MAX_PREPARE_WAIT: Duration = Duration::from_secs(30);
 /// Default lifetime of the in-doubt fence a timed-out 2PC change leaves
 /// (`docs/leases.md`): twice the default pending cap, so that a writer's
 /// commit delayed by a stalled database, and the clients' in-doubt recovery
@@ -316,6 +318,11 @@ pub struct Limits {
     /// 0 gets this; one asking for more is refused.
     #[serde(with = "humantime_serde")]
     pub max_pending_timeout: Duration,
+    /// Longest a `Prepare` may wait in its key's queue behind other
+    /// writers' pending changes: a longer `wait_ms` is shortened to it (the
+    /// writer then gets the conflict sooner); 0 turns waiting off.
+    #[serde(with = "humantime_serde")]
+    pub max_prepare_wait: Duration,
     /// How long a timed-out `Prepare`d change is remembered as in doubt:
     /// meanwhile fills and version-fenced writes older than it are refused
     /// and a late `Commit` of it still applies (`docs/leases.md`).
@@ -339,6 +346,7 @@ impl Default for Limits {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_keyspaces: DEFAULT_MAX_KEYSPACES,
             max_pending_timeout: DEFAULT_MAX_PENDING_TIMEOUT,
+            max_prepare_wait: DEFAULT_MAX_PREPARE_WAIT,
             in_doubt_ttl: DEFAULT_IN_DOUBT_TTL,
             rate_limit: None,
             max_concurrent_requests: None,

@@ -221,6 +221,7 @@ fn prepare_to_proto(result: PrepareResult, waited: Duration) -> v1::PrepareRespo
         current_version: result.current_version,
         busy: result.busy,
         waited_ms: millis(waited),
+        in_doubt_txn_id: result.in_doubt.unwrap_or_default(),
     }
 }
 
@@ -527,7 +528,8 @@ impl CacheNode for CacheNodeService {
             })
         })()
         .map_err(|e| self.refuse(Rpc::Prepare, e))?;
-        if req.wait_ms == 0 {
+        let wait = Duration::from_millis(req.wait_ms).min(self.store.max_prepare_wait());
+        if wait.is_zero() {
             let result = (|| -> Result<PrepareResult, Error> {
                 let _fence = self.admit_write(stamp)?;
                 self.store.prepare(&keyspace, prepare)
@@ -540,7 +542,7 @@ impl CacheNode for CacheNodeService {
         // no lock: only its place in the key's queue.
         drop(caller);
         let started = tokio::time::Instant::now();
-        let give_up = started + Duration::from_millis(req.wait_ms);
+        let give_up = started + wait;
         let place = Place {
             store: &self.store,
             keyspace: &keyspace,
@@ -561,7 +563,10 @@ impl CacheNode for CacheNodeService {
                 PrepareStep::Done(result) => {
                     // A prepare that waited says so, however briefly.
                     let waited = if waited {
-                        started.elapsed().max(Duration::from_millis(1))
+                        let waited = started.elapsed().max(Duration::from_millis(1));
+                        self.metrics
+                            .count_prepare_wait(&keyspace, waited, result.busy);
+                        waited
                     } else {
                         Duration::ZERO
                     };

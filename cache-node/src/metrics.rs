@@ -225,6 +225,28 @@ impl NodeMetrics {
         self.recorder.register_counter(&key, &METADATA).increment(1);
     }
 
+    /// Records a `Prepare` that waited its turn in its key's queue for
+    /// `waited`: `exhausted` when the wait ran out with another change
+    /// still pending (the prepare was refused as busy).
+    pub fn count_prepare_wait(&self, keyspace: &str, waited: std::time::Duration, exhausted: bool) {
+        let outcome = if exhausted { "exhausted" } else { "turn" };
+        let key = Key::from_parts(
+            "ringcache_node_prepare_waits_total",
+            vec![
+                Label::new("keyspace", keyspace.to_owned()),
+                Label::new("outcome", outcome),
+            ],
+        );
+        self.recorder.register_counter(&key, &METADATA).increment(1);
+        let key = Key::from_parts(
+            "ringcache_node_prepare_wait_seconds",
+            vec![Label::new("keyspace", keyspace.to_owned())],
+        );
+        self.recorder
+            .register_histogram(&key, &METADATA)
+            .record(waited.as_secs_f64());
+    }
+
     /// Counts a failed request by RPC and gRPC code.
     pub fn count_error(&self, rpc: Rpc, code: tonic::Code) {
         let key = Key::from_parts(

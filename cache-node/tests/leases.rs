@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{TestNode, keyspace_stats};
+use common::{TestNode, http_get, keyspace_stats};
 use ringcache_proto::v1::{self, FillOutcome, WriteCondition, cache_node_client::CacheNodeClient};
 use tonic::transport::Channel;
 
@@ -366,5 +366,48 @@ async fn malformed_lease_and_2pc_requests_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(empty_key.message(), "key is empty");
+    node.shutdown().await;
+}
+
+/// A writer may ask to wait its turn for as long as it likes; the node
+/// waits no longer than its `limits.max_prepare_wait`, then refuses the
+/// prepare as busy, and counts the wait.
+#[tokio::test]
+async fn a_prepare_waits_no_longer_than_the_node_allows_and_is_counted() {
+    let node = TestNode::start("[limits]\nmax_prepare_wait = \"100ms\"").await;
+    let mut c = node.client.clone();
+    assert!(
+        prepare(&mut c, "k", "first", 1, "tx-a", 30_000)
+            .await
+            .prepared
+    );
+    let asked = Duration::from_secs(600);
+    let waiting = c.prepare(v1::PrepareRequest {
+        keyspace: "default".into(),
+        item: Some(item("k", "second", 2)),
+        txn_id: "tx-b".into(),
+        timeout_ms: 30_000,
+        delete: false,
+        wait_ms: u64::try_from(asked.as_millis()).unwrap(),
+    });
+    // A guard against the hang the limit prevents, not a timing goal.
+    let reply = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the wait was cut to the node's limit")
+        .unwrap()
+        .into_inner();
+    assert!(!reply.prepared && reply.busy, "{reply:?}");
+    assert!(
+        (100..60_000).contains(&reply.waited_ms),
+        "waited {} ms",
+        reply.waited_ms
+    );
+    let body = http_get(node.metrics_addr, "/metrics").await;
+    for line in [
+        "ringcache_node_prepare_waits_total{keyspace=\"default\",outcome=\"exhausted\"} 1",
+        "ringcache_node_prepare_wait_seconds_count{keyspace=\"default\"} 1",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+    }
     node.shutdown().await;
 }

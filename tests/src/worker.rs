@@ -315,6 +315,15 @@ impl WorkerProcess {
         self.signal(Signal::SIGTERM)
     }
 
+    /// Asks the worker to load its configuration again (SIGHUP).
+    ///
+    /// # Errors
+    ///
+    /// Fails when the signal cannot be sent (the process was reaped).
+    pub fn sighup(&mut self) -> Result<()> {
+        self.signal(Signal::SIGHUP)
+    }
+
     /// Kills the worker without giving it a chance to clean up.
     ///
     /// # Errors

@@ -460,6 +460,142 @@ async fn certificates_and_tokens_rotate_under_load_without_a_failed_request() ->
     Ok(())
 }
 
+/// The write-back worker's half of a token rotation: on SIGHUP it reads
+/// its token file again and sends the new token from then on, without a
+/// restart, so that the nodes can then drop the old one; it keeps marking
+/// what it stores clean throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_takes_a_rotated_token_on_sighup() -> Result<()> {
+    use cache_client::producer::WriteBackConfig;
+    use cache_client::strategy::{KeyspaceSettings, Strategy};
+    use ringcache_tests::{WorkerConfig, WorkerExtra, WorkerProcess};
+
+    let dir = tempfile::tempdir()?;
+    let token = |name: &str, secret: &str, permission: &str| {
+        format!(
+            "[[auth.tokens]]\nname = \"{name}\"\nsecret = \"{secret}\"\npermissions = {{ \"*\" = \"{permission}\" }}\n"
+        )
+    };
+    let service = token("service", "service-secret", "write");
+    let mut config = NodeConfig::single("wb-rotating-1")?;
+    config.extra_top_level = "unknown_keyspaces = \"create\"\n".into();
+    config.extra_tables = format!("{service}{}", token("worker-old", "old-secret", "admin"));
+    config.token = Some("service-secret".to_owned());
+    let mut node = NodeProcess::start(config.clone()).await?;
+    let (url, pg) = ringcache_tests::own_database("rc_wb_rotate").await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let keyspace = ringcache_tests::unique("wbrotate");
+    let group = format!("{keyspace}_group");
+
+    let client = Client::connect(
+        ClientConfig::new([node.addr().to_string()])
+            .with_token(Token::new("service-secret"))
+            .with_request_timeout(Duration::from_millis(300)),
+    )
+    .await?;
+    let mut wb = WriteBackConfig::new(&brokers);
+    wb.delivery_timeout = Duration::from_secs(10);
+    client.enable_write_back(wb)?;
+    client.define_keyspace(
+        &keyspace,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(std::sync::Arc::new(pg)),
+    )?;
+    client.ensure_write_back_topics().await?;
+    let ks = client.keyspace(&keyspace);
+
+    let token_file = dir.path().join("cache-token");
+    std::fs::write(&token_file, "old-secret")?;
+    let mut worker = WorkerProcess::start_with(
+        WorkerConfig {
+            brokers: brokers.clone(),
+            database_url: url,
+            group: group.clone(),
+            keyspaces: vec![keyspace.clone()],
+            cache_seeds: vec![node.addr().to_string()],
+        },
+        WorkerExtra {
+            // Only the worker's own MarkClean may clean the entries.
+            args: [
+                "--cache-token-file",
+                &token_file.display().to_string(),
+                "--dirty-repair-interval",
+                "1h",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            env: Vec::new(),
+        },
+    )?;
+    // Writes of `round`, until the worker marked every entry clean.
+    let round = |round: u32| {
+        let (ks, client, keyspace) = (ks.clone(), client.clone(), keyspace.clone());
+        async move {
+            for i in 0..10 {
+                ks.put(format!("k{i}"), format!("v{round}-{i}")).await?;
+            }
+            eventually("the worker to mark the writes clean", || {
+                let (client, keyspace) = (client.clone(), keyspace.clone());
+                async move {
+                    let mut dirty = 0;
+                    for node in client.stats().await {
+                        let stats = node.stats.map_err(|e| e.to_string())?;
+                        dirty += stats
+                            .keyspaces
+                            .iter()
+                            .filter(|k| k.name == keyspace)
+                            .map(|k| k.dirty_items)
+                            .sum::<u64>();
+                    }
+                    if dirty == 0 {
+                        Ok(())
+                    } else {
+                        Err(format!("{dirty} dirty"))
+                    }
+                }
+            })
+            .await
+        }
+    };
+    round(1).await?;
+
+    // 1. The nodes take both tokens; 2. the worker moves to the new one.
+    config.extra_tables = format!(
+        "{service}{}{}",
+        token("worker-old", "old-secret", "admin"),
+        token("worker-new", "new-secret", "admin")
+    );
+    node.reload(config.clone())?;
+    std::fs::write(&token_file, "new-secret")?;
+    worker.sighup()?;
+    worker
+        .wait_log("configuration reloaded", Duration::from_secs(30))
+        .await?;
+    // 3. The old token is removed: the worker keeps marking clean.
+    config.extra_tables = format!("{service}{}", token("worker-new", "new-secret", "admin"));
+    node.reload(config)?;
+    eventually("the node to drop the old token", || {
+        let log = node.log_path().to_owned();
+        async move {
+            let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+            if text.matches("configuration reloaded").count() >= 2 {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            }
+        }
+    })
+    .await?;
+    round(2).await?;
+    worker.ensure_running()?;
+    ensure!(
+        worker.log_count("mark-clean failed")? == 0,
+        "a MarkClean failed during the rotation:\n{}",
+        worker.log_tail(20)
+    );
+    Ok(())
+}
+
 /// Retries `check` every 50 ms for up to 30 s until it succeeds.
 async fn eventually<F, Fut>(what: &str, mut check: F) -> Result<()>
 where

@@ -1233,6 +1233,60 @@ async fn many_write_through_writers_of_one_key_all_succeed() -> Result<()> {
 /// between its prepare and its commit for longer than `prepare_wait`) fails
 /// with the write conflict, having prepared nothing; the stalled writer
 /// still commits.
+/// A writer that stalls after its database prepared (a paused process)
+/// keeps the key's row locked. Once its change timed out on the key's
+/// first owner it will never commit, so the next writer, whom the node
+/// tells which change is in doubt there, rolls that prepared transaction
+/// back itself and goes on, instead of waiting on the row for recovery
+/// (which here would come only after an hour).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_behind_a_stalled_writer_goes_on_once_the_stalled_change_timed_out() -> Result<()>
+{
+    let nodes = cluster(1).await?;
+    let pg = own_database("rc_wt_stalled").await?;
+    // Without the roll-back, the second writer's database prepare would
+    // wait on the stalled writer's row until this lock timeout.
+    let locked = Arc::new(
+        (*pg)
+            .clone()
+            .with_prepare_lock_timeout(Duration::from_secs(2)),
+    );
+    let faulty = Faulty::new(Arc::clone(&locked));
+    let client =
+        Client::connect(client_config(&nodes).with_recovery_interval(Duration::from_secs(3600)))
+            .await?;
+    let settings = KeyspaceSettings::new(Strategy::WriteThrough)
+        .with_pending_timeout(Duration::from_millis(500))
+        .with_prepare_wait(Duration::from_secs(2));
+    client.define_keyspace("stalled", settings, Some(faulty.clone()))?;
+    let ks = client.keyspace("stalled");
+    faulty.hold_after_prepare.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let ks = ks.clone();
+        async move { ks.put("k", "first").await }
+    });
+    faulty.held.notified().await;
+    let second = ks.put("k", "second").await;
+    faulty.release.notify_one();
+    let first = first.await?;
+    let second = second.context("the writer behind the stalled one")?;
+    ensure!(second.applied, "{second:?}");
+    ensure!(
+        matches!(first, Err(cache_client::Error::PendingTimedOut { .. })),
+        "the stalled writer did not commit: {first:?}"
+    );
+    ensure!(stored(&pg, "stalled", "k").await?.map(|s| s.0) == Some(Bytes::from_static(b"second")));
+    ensure!(
+        cached(&client, "stalled", "k").await? == stored(&pg, "stalled", "k").await?,
+        "the cache holds what the database holds"
+    );
+    ensure!(
+        pg.in_doubt(Duration::ZERO).await?.is_empty(),
+        "nothing is left prepared"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_write_through_writer_whose_wait_runs_out_gets_the_conflict() -> Result<()> {
     metrics(); // record this test's client metrics from the start

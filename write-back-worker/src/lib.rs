@@ -56,4 +56,4 @@ mod worker;
 
 pub use config::Config;
 pub use error::{Error, Result};
-pub use worker::run;
+pub use worker::{run, run_reloadable};

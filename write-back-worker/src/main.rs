@@ -1,5 +1,6 @@
 //! `write-back-worker`: parses the config, sets up tracing and runs the
-//! worker until SIGINT or SIGTERM, then drains and exits 0.
+//! worker until SIGINT or SIGTERM, then drains and exits 0. On SIGHUP it
+//! loads its configuration again (the cache token takes effect at once).
 
 use anyhow::Context;
 use clap::Parser;
@@ -11,7 +12,28 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(&cli)?;
     let _exporter = init_tracing(config.log_format)?;
-    write_back_worker::run(config, shutdown_signal())
+    // Installed before the worker starts: SIGHUP's default action ends the
+    // process.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing a SIGHUP handler")?;
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("received SIGHUP: loading the configuration again");
+            match Config::load(&cli) {
+                Ok(config) => {
+                    if reload.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "reload failed; keeping the running configuration");
+                    write_back_worker::metrics::config_reload("failed");
+                }
+            }
+        }
+    });
+    write_back_worker::run_reloadable(config, shutdown_signal(), reloads)
         .await
         .context("write-back worker failed")
 }

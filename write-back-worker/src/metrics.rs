@@ -59,6 +59,15 @@ pub const PG_PREPARED_TRANSACTIONS: &str = "ringcache_wb_pg_prepared_transaction
 pub const PG_OLDEST_PREPARED_TRANSACTION_SECONDS: &str =
     "ringcache_wb_pg_oldest_prepared_transaction_seconds";
 
+/// Configuration reloads (SIGHUP), label `result`: `applied` or `failed`
+/// (the running configuration was kept).
+pub const CONFIG_RELOADS_TOTAL: &str = "ringcache_wb_config_reloads_total";
+
+/// Counts a configuration reload.
+pub fn config_reload(result: &'static str) {
+    metrics::counter!(CONFIG_RELOADS_TOTAL, "result" => result).increment(1);
+}
+
 /// How long a scrape waits for PostgreSQL's prepared transactions before
 /// it answers with the last values read.
 const PREPARED_QUERY_TIMEOUT: Duration = Duration::from_secs(2);

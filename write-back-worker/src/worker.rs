@@ -47,6 +47,24 @@ const RETRY_WARN_INTERVAL: Duration = Duration::from_secs(30);
 /// [`Error::Kafka`] when the consumer cannot be created; [`Error::Fenced`]
 /// when another worker consumed a partition this one still held.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    // No reloads: the sender is gone, so the reload task ends at once.
+    let (_, reloads) = tokio::sync::mpsc::channel(1);
+    run_reloadable(config, shutdown, reloads).await
+}
+
+/// [`run`], taking configurations reloaded while it runs (the binary sends
+/// one on each SIGHUP): the cache token of a reloaded configuration is
+/// used for every request from then on, without a restart, so that a
+/// rotation of the nodes' tokens (`docs/security.md`) needs none. Other
+/// settings that changed are logged and take effect at the next start.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_reloadable(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<()> {
     config.validate()?;
     let drained = config.drained()?;
     let keyspaces: Vec<String> = drained.iter().map(|(name, _)| name.clone()).collect();
@@ -98,13 +116,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // left to the repair round).
     let cache: CacheSlot = Arc::new(tokio::sync::OnceCell::new());
     let cache_config = config.cache_client_config()?;
+    let (token, token_now) = tokio::sync::watch::channel(config.cache_token.clone());
     let connect = (!config.cache_seeds.is_empty()).then(|| {
         tokio::spawn(connect_cache(
             cache_config,
+            token_now,
             Arc::clone(&cache),
             cancel.child_token(),
         ))
     });
+    let reload = tokio::spawn(apply_reloads(
+        config.clone(),
+        reloads,
+        token,
+        Arc::clone(&cache),
+        cancel.child_token(),
+    ));
 
     let repair = (!config.cache_seeds.is_empty()).then(|| {
         tokio::spawn(crate::repair::run(
@@ -145,7 +172,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let ((), result) = tokio::join!(watch, work);
-    for task in [repair, connect].into_iter().flatten() {
+    for task in [repair, connect, Some(reload)].into_iter().flatten() {
         if let Err(err) = task.await {
             warn!(error = %err, "a background task of the worker panicked");
         }
@@ -159,19 +186,29 @@ pub(crate) type CacheSlot = Arc<tokio::sync::OnceCell<cache_client::Client>>;
 /// Connects to the cache nodes, retrying with backoff until it succeeds or
 /// `stop` is cancelled.
 async fn connect_cache(
-    config: cache_client::ClientConfig,
+    mut config: cache_client::ClientConfig,
+    token: tokio::sync::watch::Receiver<Option<cache_client::Token>>,
     slot: CacheSlot,
     stop: CancellationToken,
 ) {
     let mut backoff = RETRY_INITIAL_BACKOFF;
     let mut warned = false;
     loop {
+        config.token = token.borrow().clone();
         match cache_client::Client::connect(config.clone()).await {
             Ok(client) => {
                 if warned {
                     info!("reached the cache nodes; marking stored entries clean from now on");
                 }
-                // Only this task sets it.
+                // Only this task sets it. A token reloaded while it
+                // connected is in `token` now; `apply_reloads` saw no
+                // client yet, so it is applied here.
+                let latest = token.borrow().clone();
+                if latest != config.token
+                    && let Err(err) = client.set_token(latest.clone())
+                {
+                    warn!(error = %err, "cannot use the reloaded cache token");
+                }
                 let _ = slot.set(client);
                 return;
             }
@@ -187,6 +224,50 @@ async fn connect_cache(
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
+    }
+}
+
+/// Applies each reloaded configuration: its cache token to the client of
+/// the cache nodes (or, before it connected, to the connecting task);
+/// other changed settings are logged, as they need a restart.
+async fn apply_reloads(
+    mut current: Config,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+    token: tokio::sync::watch::Sender<Option<cache_client::Token>>,
+    cache: CacheSlot,
+    stop: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => return,
+            next = reloads.recv() => match next {
+                Some(next) => next,
+                None => return,
+            },
+        };
+        let token_changed = next.cache_token != current.cache_token;
+        if token_changed {
+            if let Some(client) = cache.get()
+                && let Err(err) = client.set_token(next.cache_token.clone())
+            {
+                warn!(error = %err, "reload refused: the new cache token cannot be sent; keeping the running configuration");
+                m::config_reload("failed");
+                continue;
+            }
+            token.send_replace(next.cache_token.clone());
+        }
+        let mut rest = next.clone();
+        rest.cache_token.clone_from(&current.cache_token);
+        rest.cache_token_file.clone_from(&current.cache_token_file);
+        if rest != current {
+            warn!(
+                "settings other than the cache token changed; they take effect when the worker restarts"
+            );
+        }
+        info!(token_changed, "configuration reloaded");
+        m::config_reload("applied");
+        current.cache_token = next.cache_token;
+        current.cache_token_file = next.cache_token_file;
     }
 }
 

@@ -10,8 +10,8 @@
 //! Reusable pieces:
 //! - [`services`]: throw-away PostgreSQL ([`services::postgres`]) and tansu
 //!   broker ([`services::tansu`]) instances, started together by
-//!   [`services::Services`]; the write-back benchmark's broker, Nisshi
-//!   ([`services::nisshi`]).
+//!   [`services::Services`]; the write-back benchmark's broker, tansu with
+//!   in-memory storage ([`services::bench_broker`]).
 //! - [`process`]: a child-process guard that kills its process group on drop.
 //! - [`readiness`]: free ports and polling with a deadline (TCP, gRPC health).
 //! - [`paths`]: where the workspace, its target directory and run logs live.

@@ -593,13 +593,33 @@ impl Keyspace {
     ) -> PrepareStep {
         let key = Bytes::copy_from_slice(&prepare.item.key);
         self.records.update(key.clone(), |state| {
-            self.settle(&key, state, now);
-            let live = self.table.read(&key, now, |entry| entry.meta.version);
+            let mut step = self.prepare_in_record(&key, state, prepare, timeout, turn, now);
+            if let PrepareStep::Done(result) = &mut step {
+                result.in_doubt = state.fence.as_ref().map(|f| f.txn_id.clone());
+            }
+            step
+        })
+    }
+
+    /// [`Keyspace::prepare_step`] on the key's record, under its lock.
+    fn prepare_in_record(
+        &self,
+        key: &Bytes,
+        state: &mut KeyState,
+        prepare: &Prepare,
+        timeout: Duration,
+        turn: Option<(Ticket, bool)>,
+        now: Instant,
+    ) -> PrepareStep {
+        {
+            self.settle(key, state, now);
+            let live = self.table.read(key, now, |entry| entry.meta.version);
             let current_version = live.unwrap_or(0);
             let busy = PrepareResult {
                 prepared: false,
                 current_version,
                 busy: true,
+                in_doubt: None,
             };
             let other_pending = match &state.pending {
                 // The writer retried its prepare: idempotent.
@@ -611,6 +631,7 @@ impl Keyspace {
                         prepared: true,
                         current_version,
                         busy: false,
+                        in_doubt: None,
                     });
                 }
                 Some(_) => true,
@@ -680,8 +701,9 @@ impl Keyspace {
                 prepared: true,
                 current_version,
                 busy: false,
+                in_doubt: None,
             })
-        })
+        }
     }
 
     /// A prepare holding `ticket` gives up waiting; see

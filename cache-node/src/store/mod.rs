@@ -274,7 +274,7 @@ pub struct Prepare {
 }
 
 /// The result of a prepare.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrepareResult {
     /// Recorded (or already recorded by the same transaction).
     pub prepared: bool,
@@ -283,6 +283,10 @@ pub struct PrepareResult {
     /// Refused because another transaction's change is pending on the key
     /// (or, for a prepare that queued, other prepares are ahead of it).
     pub busy: bool,
+    /// The transaction of a change of the key that timed out here and is
+    /// still in doubt (`PrepareResponse.in_doubt_txn_id`), whatever the
+    /// prepare's outcome.
+    pub in_doubt: Option<String>,
 }
 
 /// One step of a prepare that may wait its turn
@@ -739,6 +743,11 @@ impl Store {
             });
         }
         Ok(timeout)
+    }
+
+    /// The longest a `Prepare` may wait its turn (`limits.max_prepare_wait`).
+    pub fn max_prepare_wait(&self) -> Duration {
+        self.limits.max_prepare_wait
     }
 
     /// A fresh ticket for [`Store::prepare_in_turn`].

@@ -768,6 +768,7 @@ fn a_pending_change_is_invisible_until_committed() {
             prepared: true,
             current_version: 1,
             busy: false,
+            in_doubt: None,
         }
     );
     assert_eq!(ks.get(b"k", now).unwrap().value, "committed");
@@ -845,6 +846,7 @@ fn one_transaction_per_key_and_prepare_is_idempotent() {
             prepared: false,
             current_version: 2,
             busy: false,
+            in_doubt: None,
         }
     );
     assert!(
@@ -1316,15 +1318,21 @@ fn a_timed_out_change_stays_in_doubt_and_fences_older_values() {
         .set(item("k", "old", 4, WriteCondition::IfNewerVersion), late)
         .unwrap();
     assert_eq!(set.outcome, SetOutcome::StaleVersion);
-    assert!(
-        !ks.prepare(&prepare("k", "older", 4, "tx2"), TIMEOUT, late)
-            .prepared
-    );
+    let refused = ks.prepare(&prepare("k", "older", 4, "tx2"), TIMEOUT, late);
+    assert!(!refused.prepared);
+    // Each prepare of the key names the change in doubt, so that its
+    // writer may roll the stalled transaction back in the database.
+    assert_eq!(refused.in_doubt.as_deref(), Some("tx"));
     assert_eq!(ks.get(b"k", late), None);
     // The writer's late commit applies its change.
     assert!(ks.commit(b"k", "tx", late).committed);
     assert_eq!(ks.get(b"k", late).unwrap().value, "new");
     assert_eq!(ks.records.count.load(Ordering::SeqCst), 0);
+    // Settled: no change of the key is in doubt any more.
+    let next = ks.prepare(&prepare("k", "newer", 6, "tx3"), TIMEOUT, late);
+    assert!(next.prepared);
+    assert_eq!(next.in_doubt, None);
+    assert!(ks.abort(b"k", "tx3", late));
 
     // Rolled back instead: the abort clears the fence, and the old row
     // (which the database kept) may be filled again.

@@ -96,6 +96,16 @@ async fn main() -> ExitCode {
 async fn main_inner() -> Result<bool> {
     let cli = Cli::parse();
     if let Some(Sub::Client) = cli.command {
+        // A client's warnings (nodes marked down, recoveries) go to its
+        // log, which a failed run prints the end of.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .init();
         ringcache_tests::chaos::client::serve().await?;
         return Ok(true);
     }

@@ -235,8 +235,11 @@ pub struct StrategySummary {
     pub operations: usize,
     /// Operations that returned success.
     pub ok: usize,
-    /// Operations that returned an error.
+    /// Operations that returned an error (not counting `refused`).
     pub errors: usize,
+    /// Writes of poison values that failed, as the store's constraint
+    /// refuses them by design: neither ok nor an error of the system.
+    pub refused: usize,
     /// Operations whose answer was never seen.
     pub unknown: usize,
     /// Violations found.
@@ -256,6 +259,7 @@ impl StrategySummary {
             operations: 0,
             ok: 0,
             errors: 0,
+            refused: 0,
             unknown: 0,
             violations: 0,
             worst_staleness: Duration::ZERO,
@@ -263,9 +267,10 @@ impl StrategySummary {
         }
     }
 
-    /// `ok / operations`; `None` without operations.
+    /// `ok / (operations - refused)`; `None` without such operations.
     pub fn availability(&self) -> Option<f64> {
-        (self.operations > 0).then(|| self.ok as f64 / self.operations as f64)
+        let counted = self.operations - self.refused;
+        (counted > 0).then(|| self.ok as f64 / counted as f64)
     }
 }
 
@@ -329,6 +334,7 @@ pub fn check(history: &History, state: &FinalState, config: &CheckConfig) -> Che
         summary.operations += 1;
         match op.outcome {
             Outcome::Ok => summary.ok += 1,
+            Outcome::Err(_) if op.poison => summary.refused += 1,
             Outcome::Err(_) => summary.errors += 1,
             Outcome::Unknown => summary.unknown += 1,
         }

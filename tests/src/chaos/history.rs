@@ -119,6 +119,13 @@ pub struct Op {
     /// version was stored already: that version. Such a write had no effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_by: Option<u64>,
+    /// A write of a poison value ([`POISON_PREFIX`]), which the store
+    /// refuses by design: its failure is counted as refused, not against
+    /// availability.
+    ///
+    /// [`POISON_PREFIX`]: crate::chaos::client::POISON_PREFIX
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub poison: bool,
     /// When the call was made, from the run's start.
     #[serde(with = "nanos", rename = "start_ns")]
     pub start: Duration,
@@ -313,7 +320,11 @@ impl Recorder {
     /// Starts recording a write of `value`. Call it right before the write is
     /// made.
     pub fn write(&self, subject: Subject<'_>, value: &[u8]) -> InFlight {
-        self.begin(subject, OpKind::Write, Some(Digest::of(value)))
+        let mut op = self.begin(subject, OpKind::Write, Some(Digest::of(value)));
+        if let Some(op) = op.op.as_mut() {
+            op.poison = value.starts_with(crate::chaos::client::POISON_PREFIX.as_bytes());
+        }
+        op
     }
 
     /// Starts recording a delete. Call it right before the delete is made.
@@ -338,6 +349,7 @@ impl Recorder {
                 value,
                 version: None,
                 superseded_by: None,
+                poison: false,
                 start,
                 end: start,
                 outcome: Outcome::Unknown,

@@ -27,9 +27,12 @@ pub struct ReportRow {
     pub ok: usize,
     /// Operations that returned an error.
     pub errors: usize,
+    /// Poison writes refused by the store, by design; not counted in
+    /// `availability`.
+    pub refused: usize,
     /// Operations whose answer was never seen.
     pub unknown: usize,
-    /// `ok / operations`; `None` without operations.
+    /// `ok / (operations - refused)`; `None` without such operations.
     pub availability: Option<f64>,
     /// Violations found.
     pub violations: usize,
@@ -80,6 +83,7 @@ impl Report {
                 operations: summary.operations,
                 ok: summary.ok,
                 errors: summary.errors,
+                refused: summary.refused,
                 unknown: summary.unknown,
                 availability: summary.availability(),
                 violations: summary.violations,
@@ -102,18 +106,19 @@ impl Report {
 
     /// The rows as an aligned plain-text table.
     pub fn table(&self) -> String {
-        const HEADER: [&str; 9] = [
+        const HEADER: [&str; 10] = [
             "strategy",
             "fault",
             "ops",
             "ok",
             "errors",
+            "refused",
             "unknown",
             "availability",
             "violations",
             "worst staleness",
         ];
-        let cells: Vec<[String; 9]> = self
+        let cells: Vec<[String; 10]> = self
             .rows
             .iter()
             .map(|row| {
@@ -123,6 +128,7 @@ impl Report {
                     row.operations.to_string(),
                     row.ok.to_string(),
                     row.errors.to_string(),
+                    row.refused.to_string(),
                     row.unknown.to_string(),
                     row.availability
                         .map_or_else(|| "-".to_owned(), |a| format!("{:.2}%", a * 100.0)),
@@ -197,6 +203,7 @@ mod tests {
             value: Some(Digest::of(value.as_bytes())),
             version: (kind == OpKind::Write).then_some(id),
             superseded_by: None,
+            poison: false,
             start: Duration::from_millis(at.0),
             end: Duration::from_millis(at.1),
             outcome: Outcome::Ok,
@@ -274,6 +281,33 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_poison_write_is_not_counted_against_availability() {
+        let strategy = Strategy::WriteThrough;
+        let mut poison = op(2, strategy, OpKind::Write, "poison-1", (20, 30));
+        poison.poison = true;
+        poison.outcome = Outcome::Err("violates check constraint".into());
+        let mut failed = op(3, strategy, OpKind::Write, "c", (40, 50));
+        failed.outcome = Outcome::Err("no node available".into());
+        let history = History::from_ops(vec![
+            op(1, strategy, OpKind::Write, "a", (0, 10)),
+            poison,
+            failed,
+        ]);
+        let mut report = Report::new();
+        report.add(
+            "poison",
+            &check(&history, &FinalState::default(), &CheckConfig::new()),
+        );
+        let row = &report.rows[0];
+        assert_eq!(
+            (row.operations, row.ok, row.errors, row.refused),
+            (3, 1, 1, 1)
+        );
+        assert_eq!(row.availability, Some(0.5));
+        assert!(report.table().lines().next().unwrap().contains("refused"));
+    }
+
+    #[test]
     fn a_strategy_without_operations_has_no_availability() {
         let mut report = Report::new();
         report.add("none", &CheckResult::default());
@@ -285,6 +319,7 @@ mod tests {
             operations: 0,
             ok: 0,
             errors: 0,
+            refused: 0,
             unknown: 0,
             violations: 0,
             worst_staleness: Duration::ZERO,

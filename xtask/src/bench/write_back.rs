@@ -4,8 +4,8 @@
 //! (10,000 writes/s over 3 partitions and two workers); with the broker
 //! alone at the same rate for reference.
 //!
-//! PostgreSQL is started as for the tests; the broker is Nisshi with its
-//! in-memory storage (`services::nisshi`, overridable by environment
+//! PostgreSQL is started as for the tests; the broker is tansu with its
+//! in-memory storage (`services::bench_broker`, overridable by environment
 //! variables), not the tests' tansu on SQLite, which cannot carry these
 //! rates. The measuring is done by `wb-bench` (a binary of the tests crate,
 //! which links cache-client), one process per measurement, each printing
@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::Ctx;
 use crate::{
     paths,
-    services::{nisshi::BenchBroker, postgres::PgCluster},
+    services::{bench_broker::BenchBroker, postgres::PgCluster},
 };
 
 /// The sizes of one run.

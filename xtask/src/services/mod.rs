@@ -1,7 +1,7 @@
 //! The external services the tests and the demo need, started together.
 
+pub mod bench_broker;
 pub mod debian;
-pub mod nisshi;
 pub mod postgres;
 pub mod tansu;
 

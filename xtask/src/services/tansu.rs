@@ -114,24 +114,35 @@ pub async fn ensure_installed(cancel: &CancellationToken) -> Result<PathBuf> {
     if let Some(found) = find() {
         return Ok(found);
     }
+    cargo_install(
+        "tansu (the Kafka-compatible test broker)",
+        &INSTALL_ARGS,
+        cancel,
+    )
+    .await?;
+    find().context("`cargo install tansu` succeeded but no tansu executable was found on PATH or in cargo's bin directory")
+}
+
+/// Runs `cargo <args>` (an install of `what`), saying so first: it takes
+/// 10-30 minutes, once.
+pub async fn cargo_install(what: &str, args: &[&str], cancel: &CancellationToken) -> Result<()> {
+    let shown = args.join(" ");
     eprintln!(
-        "xtask: tansu (the Kafka-compatible test broker) is not installed; running `cargo {}` \
-         (this takes 10-15 minutes, once)",
-        INSTALL_ARGS.join(" ")
+        "xtask: {what} is not installed; running `cargo {shown}` (this takes 10-30 minutes, once)"
     );
     let mut install = tokio::process::Command::from(paths::cargo());
-    install.args(INSTALL_ARGS).kill_on_drop(true);
+    install.args(args).kill_on_drop(true);
     let mut child = install
         .spawn()
-        .context("failed to run cargo install tansu")?;
+        .with_context(|| format!("failed to run cargo {shown}"))?;
     let status = tokio::select! {
-        status = child.wait() => status.context("failed to wait for cargo install tansu")?,
-        _ = cancel.cancelled() => bail!("interrupted while installing tansu"),
+        status = child.wait() => status.with_context(|| format!("failed to wait for cargo {shown}"))?,
+        _ = cancel.cancelled() => bail!("interrupted while installing {what}"),
     };
     if !status.success() {
-        bail!("`cargo {}` failed ({status})", INSTALL_ARGS.join(" "));
+        bail!("`cargo {shown}` failed ({status})");
     }
-    find().context("`cargo install tansu` succeeded but no tansu executable was found on PATH or in cargo's bin directory")
+    Ok(())
 }
 
 /// `tansu` on `PATH`, else in `$CARGO_HOME/bin` (default `~/.cargo/bin`).

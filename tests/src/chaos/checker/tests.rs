@@ -55,6 +55,7 @@ impl Ops {
             value,
             version: None,
             superseded_by: None,
+            poison: false,
             start: ms(at.0),
             end: ms(at.1),
             outcome,
