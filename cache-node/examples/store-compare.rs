@@ -1,5 +1,6 @@
 //! Compares the node's compact table (`cache_node::table`) with moka, set
-//! up as `store.rs` sets it up today, and with quick_cache: heap per item
+//! up as the node's store set it up before the table replaced it, and with
+//! quick_cache: heap per item
 //! (RSS growth), nanoseconds per operation, and hit ratio on synthetic
 //! traces; and, when `redis-server` is on the PATH, redis-server's RSS per
 //! item in the same run. Issue 14, phase 1; figures go to the branch notes.
@@ -26,11 +27,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cache_node::table::{Meta, Table, TableConfig};
 
-/// The store's weigher overhead today (`store::ENTRY_OVERHEAD_BYTES`).
+/// The weigher overhead of the moka store the table replaced (its
+/// `ENTRY_OVERHEAD_BYTES` was 128).
 const MOKA_OVERHEAD: u64 = 128;
 const ITEMS: usize = 1_000_000;
 
-/// The entry moka holds in today's store.
+/// The entry moka held in the store the table replaced.
 #[derive(Clone)]
 struct Stored {
     value: Bytes,

@@ -358,9 +358,12 @@ impl Default for Limits {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeyspaceConfig {
-    /// Most bytes the keyspace holds, counting key + value + a fixed
-    /// per-entry overhead ([`crate::store::ENTRY_OVERHEAD_BYTES`]). Beyond
-    /// it, the least valuable entries are evicted.
+    /// Most bytes of heap the keyspace's clean entries and its index take,
+    /// counted as the allocator charges them (each entry's header, key and
+    /// value in one allocation, about [`crate::store::ENTRY_OVERHEAD_BYTES`]
+    /// beyond key and value for small entries). Beyond it, the least
+    /// valuable entries are evicted. Dirty entries count against
+    /// `max_dirty_bytes` instead.
     pub capacity_bytes: u64,
     /// TTL of writes that do not give one; absent means such entries never
     /// expire (they still get evicted under memory pressure).

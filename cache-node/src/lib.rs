@@ -6,8 +6,9 @@
 //! - [`tls`]: rustls setup of the listeners (gRPC, RESP and metrics, all
 //!   through `tokio-rustls`), replaceable while serving (SIGHUP reload).
 //! - [`store`]: the domain core: keyspaces of versioned entries in
-//!   byte-bounded moka caches, with leases, 2PC pending changes and
+//!   byte-bounded compact tables, with leases, 2PC pending changes and
 //!   write-back dirty entries. Knows nothing of gRPC.
+//! - [`table`]: the compact table each keyspace keeps its entries in.
 //! - [`grpc`]: the thin `ringcache.v1.CacheNode` adapter over the store.
 //! - [`resp`]: the optional Redis-protocol (RESP2) listener, a second thin
 //!   transport over the same store.
@@ -18,8 +19,9 @@
 //!   wait their turn behind another pending change of the key.
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`server`]: [`run`], which wires them together, runs the sweeper that
-//!   times out pending changes, and drains on shutdown;
-//!   [`run_reloadable`] also applies reloaded tokens and TLS files.
+//!   times out pending changes and removes expired entries, and drains on
+//!   shutdown; [`run_reloadable`] also applies reloaded tokens and TLS
+//!   files.
 //!
 //! A binary (`main.rs`) only parses the config, sets up tracing, binds and
 //! calls [`run`].

@@ -24,6 +24,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         // Inside the runtime: the OTLP exporter's channel needs one.
         let _exporter = init_tracing(config.log_format)?;
+        // Caught before the ports are bound: a signal sent as soon as a
+        // client can reach the node must drain it, not end the process.
+        let shutdown = shutdown_signal()?;
         let listeners = Listeners::bind(&config).await?;
         // Installed before the node serves: until then SIGHUP's default
         // action, ending the process, would apply.
@@ -31,7 +34,7 @@ fn main() -> anyhow::Result<()> {
             .context("cannot install a SIGHUP handler")?;
         let (reloads, reloaded) = tokio::sync::mpsc::channel(1);
         tokio::spawn(reload_on_sighup(hangup, cli, reloads));
-        cache_node::run_reloadable(config, listeners, shutdown_signal(), reloaded)
+        cache_node::run_reloadable(config, listeners, shutdown, reloaded)
             .await
             .context("cache node failed")
     })
@@ -77,15 +80,19 @@ type Exporter = cache_client::telemetry::otel::OtlpGuard;
 #[cfg(not(feature = "otel"))]
 type Exporter = std::convert::Infallible;
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// Catches SIGINT and SIGTERM now (a signal arriving before the returned
+/// future is first polled is kept); the future completes on the first.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())
-        .expect("installing a SIGTERM handler cannot fail at start-up");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
-        _ = term.recv() => tracing::info!("received SIGTERM"),
-    }
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("received SIGINT"),
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+        }
+    })
 }
 
 /// On every SIGHUP, loads the configuration again (file, environment,

@@ -499,9 +499,11 @@ async fn metrics_upkeep(metrics: Arc<NodeMetrics>, stop: CancellationToken) {
     }
 }
 
-/// Times out pending changes nobody touches, every [`SWEEP_INTERVAL`], until
-/// `stop` is cancelled. `Store::expire_pending` is synchronous and only
-/// walks the (small) record tables of keyspaces that have records.
+/// Times out pending changes nobody touches and removes expired entries
+/// nobody reads, every [`SWEEP_INTERVAL`], until `stop` is cancelled.
+/// `Store::expire_pending` is synchronous and only walks the (small) record
+/// tables of keyspaces that have records; `Store::expire_entries` walks a
+/// bounded part of each keyspace's table per call.
 async fn sweep(store: Arc<Store>, auth: Arc<Auth>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -510,9 +512,17 @@ async fn sweep(store: Arc<Store>, auth: Arc<Auth>, stop: CancellationToken) {
             () = stop.cancelled() => break,
             _ = tick.tick() => {
                 auth.forget_idle();
-                let timed_out = store.expire_pending(Instant::now());
+                let now = Instant::now();
+                let timed_out = store.expire_pending(now);
                 if timed_out > 0 {
                     tracing::info!(timed_out, "pending changes timed out; live entries deleted");
+                }
+                // A bounded but CPU-bound walk: off the async workers.
+                let entries = Arc::clone(&store);
+                if let Err(error) =
+                    tokio::task::spawn_blocking(move || entries.expire_entries(now)).await
+                {
+                    tracing::warn!(%error, "active expiry failed");
                 }
             }
         }

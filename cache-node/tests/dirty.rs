@@ -4,6 +4,7 @@
 
 mod common;
 
+use cache_node::table::Table;
 use common::{TestNode, http_get, keyspace_stats};
 use ringcache_proto::v1::{self, SetOutcome, WriteCondition, cache_node_client::CacheNodeClient};
 use tonic::Code;
@@ -117,19 +118,23 @@ async fn dirty_writes_beyond_max_dirty_bytes_are_resource_exhausted() {
     let node = TestNode::start(CONFIG).await;
     let mut c = node.client.clone();
     let value = "v".repeat(64);
-    // 2 + 64 + 128 = 194 bytes each: five fit in 1024, the sixth not.
-    for i in 0..5 {
+    // Each is charged what malloc takes for its header, key and value.
+    let each = Table::dirty_entry_footprint(b"k0", value.as_bytes());
+    let fit = 1024 / each;
+    assert!(fit < 10, "keys stay two bytes long");
+    for i in 0..fit {
         set(&mut c, item(&format!("k{i}"), &value, 1, true))
             .await
             .unwrap();
     }
-    let status = set(&mut c, item("k5", &value, 1, true)).await.unwrap_err();
+    let last = format!("k{fit}");
+    let status = set(&mut c, item(&last, &value, 1, true)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(
         status.message(),
         "dirty bytes of keyspace \"wb\" would exceed max_dirty_bytes (1024)"
     );
-    assert_eq!(get(&mut c, "k5").await, None, "nothing was stored");
+    assert_eq!(get(&mut c, &last).await, None, "nothing was stored");
 
     let batch = c
         .multi_set(v1::MultiSetRequest {
@@ -143,11 +148,11 @@ async fn dirty_writes_beyond_max_dirty_bytes_are_resource_exhausted() {
 
     // Cleaning makes room again.
     assert_eq!(mark_clean(&mut c, &[("k0", 1)]).await, 1);
-    set(&mut c, item("k5", &value, 1, true)).await.unwrap();
+    set(&mut c, item(&last, &value, 1, true)).await.unwrap();
 
     let s = stats(&mut c).await;
-    assert_eq!(s.dirty_items, 5);
-    assert_eq!(s.dirty_bytes, 5 * 194);
+    assert_eq!(s.dirty_items, fit);
+    assert_eq!(s.dirty_bytes, fit * each);
     assert_eq!(s.max_dirty_bytes, 1024);
     assert_eq!(s.dirty_refused, 2);
     node.shutdown().await;
@@ -197,9 +202,13 @@ async fn dirty_entries_outlive_eviction_and_show_in_metrics() {
     assert_eq!(get(&mut c, "d0").await, None);
 
     let body = http_get(node.metrics_addr, "/metrics").await;
+    let dirty_bytes = format!(
+        "ringcache_node_dirty_bytes{{keyspace=\"wb\"}} {}",
+        3 * Table::dirty_entry_footprint(b"d1", b"dirty")
+    );
     for line in [
         "ringcache_node_dirty_items{keyspace=\"wb\"} 3",
-        "ringcache_node_dirty_bytes{keyspace=\"wb\"} 405",
+        dirty_bytes.as_str(),
         "ringcache_node_max_dirty_bytes{keyspace=\"wb\"} 1024",
         "ringcache_node_dirty_refused_total{keyspace=\"wb\"} 0",
     ] {

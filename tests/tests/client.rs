@@ -637,13 +637,13 @@ fn cachectl_plan_sizes_a_pool_without_one() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    // 1e8 keys × (32 + 1024 + 128) B × 2 copies, plus the dirty copies of
+    // 1e8 keys × (32 + 1024 + 56) B × 2 copies, plus the dirty copies of
     // the 18 M keys an hour's outage leaves at 5000 write-back writes/s:
-    // 279.4 GB; × 1.1 over 16 GiB × 0.7 = 25.6 → 26 nodes, one spare.
-    assert_eq!(plan["total_bytes"], 279_424_000_000u64);
-    assert_eq!(plan["nodes_for_memory"], 26);
+    // 262.4 GB; × 1.1 over 16 GiB × 0.7 = 24.004 → 25 nodes, one spare.
+    assert_eq!(plan["total_bytes"], 262_432_000_000u64);
+    assert_eq!(plan["nodes_for_memory"], 25);
     assert_eq!(plan["limited_by"], "memory");
-    assert_eq!(plan["nodes"], 27);
+    assert_eq!(plan["nodes"], 26);
     // 200k reads + 20k writes × 2 copies.
     assert_eq!(plan["node_requests_per_sec"], 240_000.0);
     let wb = &plan["write_back"];

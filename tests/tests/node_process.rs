@@ -30,6 +30,46 @@ async fn node_exits_zero_after_sigterm() -> Result<()> {
     Ok(())
 }
 
+/// The node catches SIGTERM and SIGINT before its port accepts a
+/// connection: a signal sent as soon as a client can reach it (a
+/// supervisor stopping a node that just came up) drains it instead of
+/// killing it. The catching is read from `/proc` the moment a connect
+/// first succeeds.
+#[tokio::test]
+async fn signals_are_caught_before_the_port_accepts() -> Result<()> {
+    let config = NodeConfig::single("node-1")?;
+    let addr = config.listen;
+    let mut node = NodeProcess::spawn(config)?;
+    let deadline = tokio::time::Instant::now() + ringcache_tests::HEALTH_TIMEOUT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the node never accepted on {addr}"
+        );
+        tokio::task::yield_now().await;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid()))?;
+    let caught = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .context("no SigCgt line")?;
+    let caught = u64::from_str_radix(caught.trim(), 16)?;
+    for (signal, name) in [(15, "SIGTERM"), (2, "SIGINT")] {
+        ensure!(
+            caught & (1 << (signal - 1)) != 0,
+            "{name} is not caught yet when the port accepts (SigCgt {caught:016x})"
+        );
+    }
+    node.sigterm()?;
+    let status = node.wait_exit(EXIT_TIMEOUT).await?;
+    ensure!(
+        status.success(),
+        "exit {status} after SIGTERM; log:\n{}",
+        node.log_tail(40)
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn node_exits_zero_after_sigint() -> Result<()> {
     let mut node = NodeProcess::start(NodeConfig::single("node-1")?).await?;
@@ -98,7 +138,12 @@ async fn environment_variables_configure_the_node() -> Result<()> {
         })
         .await?;
     node.sigterm()?;
-    ensure!(node.wait_exit(EXIT_TIMEOUT).await?.success());
+    let status = node.wait_exit(EXIT_TIMEOUT).await?;
+    ensure!(
+        status.success(),
+        "exit {status} after SIGTERM; log:\n{}",
+        node.log_tail(40)
+    );
     let log = std::fs::read_to_string(node.log_path())?;
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     ensure!(!lines.is_empty(), "the node logged nothing");

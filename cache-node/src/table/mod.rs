@@ -1,6 +1,5 @@
-//! A compact, sharded, byte-bounded table of versioned entries: the
-//! store's future replacement for moka (phase 1 of issue 14: standalone,
-//! not yet used by `store.rs`).
+//! A compact, sharded, byte-bounded table of versioned entries: where each
+//! keyspace of the store (`crate::store`) keeps its entries (issue 14).
 //!
 //! Each entry is one heap allocation: a 20-byte header (version, expiry,
 //! key length, flags), the key and the value ([`entry`]). The index is a
@@ -610,6 +609,12 @@ impl Table {
     /// counting its index slot).
     pub fn entry_footprint(key: &[u8], value: &[u8]) -> u64 {
         malloc_footprint(Entry::alloc_len_for(key.len(), value.len(), false))
+    }
+
+    /// Heap bytes a dirty entry of this key and value is charged against
+    /// `max_dirty_bytes`.
+    pub fn dirty_entry_footprint(key: &[u8], value: &[u8]) -> u64 {
+        malloc_footprint(Entry::alloc_len_for(key.len(), value.len(), true))
     }
 }
 

@@ -247,7 +247,7 @@ pub async fn run(ctx: &Ctx) -> Result<String> {
     )?;
     writeln!(
         out,
-        "| own accounting per item, bytes | {:.1} (`used_memory` growth) | {:.1} (keyspace `bytes`: key + value + 128) | |",
+        "| own accounting per item, bytes | {:.1} (`used_memory` growth) | {:.1} (keyspace `bytes`: entries and index as glibc charges them) | |",
         redis.own_per_item, node.own_per_item
     )?;
     writeln!(
