@@ -502,6 +502,7 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::set`].
+    #[cfg(feature = "kafka")]
     pub(crate) async fn discard(&self, keyspace: &str, key: &[u8], version: u64) -> Result<bool> {
         debug_assert!(version != 0, "version 0 would delete every version");
         self.delete_version(keyspace, key, version).await
