@@ -185,6 +185,115 @@ impl DeadLetterRecord {
     }
 }
 
+/// Every record of `topic` up to its high watermarks as of the call, in
+/// (partition, offset) order; empty when the topic does not exist. It
+/// assigns the partitions itself: `group` only names the reader to the
+/// broker, and nothing is committed. Blocking (librdkafka polls): call it
+/// from `spawn_blocking` in async code. Shared by `cachectl dlq` and the
+/// tests.
+///
+/// # Errors
+/// [`Error::Store`] when the broker cannot be read, or a partition is not
+/// read to its end within `timeout`.
+#[cfg(feature = "kafka")]
+pub fn read_topic(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    timeout: std::time::Duration,
+) -> crate::Result<Vec<DeadLetterRecord>> {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use rdkafka::{
+        ClientConfig, Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+        message::Headers,
+    };
+
+    let failed = |what: String| crate::Error::Store {
+        keyspace: String::new(),
+        message: format!("topic {topic}: {what}"),
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        // Required by librdkafka; nothing is committed (assign, no
+        // subscribe, no commit).
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .map_err(|e| failed(format!("cannot create a Kafka consumer: {e}")))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| failed(format!("cannot read its metadata from {brokers}: {e}")))?;
+    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(Vec::new());
+    };
+    if meta.error().is_some() || meta.partitions().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ends = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in meta.partitions() {
+        let id = partition.id();
+        let (low, high) = consumer
+            .fetch_watermarks(topic, id, timeout)
+            .map_err(|e| failed(format!("cannot read the watermarks of partition {id}: {e}")))?;
+        if high > low {
+            ends.insert(id, high);
+            assignment
+                .add_partition_offset(topic, id, Offset::Offset(low))
+                .map_err(|e| failed(e.to_string()))?;
+        }
+    }
+    let mut letters = Vec::new();
+    if ends.is_empty() {
+        return Ok(letters);
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| failed(e.to_string()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !ends.is_empty() {
+        if std::time::Instant::now() >= deadline {
+            return Err(failed(format!(
+                "timed out: partitions {ends:?} not read to their end"
+            )));
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.map_err(|e| failed(format!("cannot read it: {e}")))?;
+        let partition = message.partition();
+        let Some(&end) = ends.get(&partition) else {
+            continue;
+        };
+        if message.offset() < end {
+            letters.push(DeadLetterRecord {
+                partition,
+                offset: message.offset(),
+                key: message.key().map(Bytes::copy_from_slice),
+                value: message.payload().map(Bytes::copy_from_slice),
+                headers: message
+                    .headers()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+        if message.offset() + 1 >= end {
+            ends.remove(&partition);
+        }
+    }
+    letters.sort_by_key(|l| (l.partition, l.offset));
+    Ok(letters)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

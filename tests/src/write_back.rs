@@ -141,79 +141,25 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Result<Vec<TopicRecord>> 
 }
 
 fn read_topic_blocking(brokers: &str, topic: &str) -> Result<Vec<TopicRecord>> {
-    use rdkafka::{
-        ClientConfig, Message, Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-        message::Headers,
-    };
-    const TIMEOUT: Duration = Duration::from_secs(30);
-
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{topic}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("failed to create a topic reader")?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), TIMEOUT)
-        .with_context(|| format!("failed to read the metadata of {topic}"))?;
-    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        return Ok(Vec::new());
-    };
-    if meta.error().is_some() || meta.partitions().is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut ends = BTreeMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for partition in meta.partitions() {
-        let id = partition.id();
-        let (low, high) = consumer
-            .fetch_watermarks(topic, id, TIMEOUT)
-            .with_context(|| format!("failed to read the watermarks of {topic}/{id}"))?;
-        if high > low {
-            ends.insert(id, high);
-            assignment.add_partition_offset(topic, id, Offset::Offset(low))?;
-        }
-    }
-    let mut records = Vec::new();
-    if ends.is_empty() {
-        return Ok(records);
-    }
-    consumer.assign(&assignment)?;
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while !ends.is_empty() {
-        if std::time::Instant::now() >= deadline {
-            bail!("timed out reading {topic}: partitions {ends:?} not read to their end");
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.with_context(|| format!("failed to read {topic}"))?;
-        let partition = message.partition();
-        let Some(&end) = ends.get(&partition) else {
-            continue;
-        };
-        if message.offset() < end {
-            records.push(TopicRecord {
-                partition,
-                key: message.key().map(<[u8]>::to_vec),
-                value: message.payload().map(<[u8]>::to_vec),
-                headers: message
-                    .headers()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            });
-        }
-        if message.offset() + 1 >= end {
-            ends.remove(&partition);
-        }
-    }
-    Ok(records)
+    let records = cache_client::dead_letter::read_topic(
+        brokers,
+        topic,
+        &format!("reader-{topic}"),
+        Duration::from_secs(30),
+    )?;
+    Ok(records
+        .into_iter()
+        .map(|r| TopicRecord {
+            partition: r.partition,
+            key: r.key.map(|k| k.to_vec()),
+            value: r.value.map(|v| v.to_vec()),
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(name, value)| (name, value.map(|v| v.to_vec())))
+                .collect(),
+        })
+        .collect())
 }
 
 /// The body of `GET /metrics` at `addr` (plain HTTP/1.1, no client crate).

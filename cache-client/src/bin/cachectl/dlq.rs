@@ -2,16 +2,14 @@
 //! them to the write-back topics they came from, where the worker applies
 //! them through the store's version guard (`cache_client::dead_letter`).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use cache_client::dead_letter::{self, DeadLetterRecord, Filter};
 use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, Consumer},
-    message::{Header, Headers, OwnedHeaders},
+    ClientConfig,
+    message::{Header, OwnedHeaders},
     producer::FutureRecord,
 };
 use serde_json::json;
@@ -220,75 +218,10 @@ async fn read_all(brokers: &str, topic: &str) -> anyhow::Result<Vec<DeadLetterRe
 }
 
 fn read_all_blocking(brokers: &str, topic: &str) -> anyhow::Result<Vec<DeadLetterRecord>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        // Required by librdkafka; nothing is committed (assign, no
-        // subscribe, no commit).
-        .set("group.id", "cachectl-dlq")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .create()
-        .context("cannot create a Kafka consumer")?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), BROKER_TIMEOUT)
-        .with_context(|| format!("cannot read the metadata of {topic} from {brokers}"))?;
-    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
-        return Ok(Vec::new());
-    };
-    if meta.error().is_some() || meta.partitions().is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut ends = BTreeMap::new();
-    let mut assignment = TopicPartitionList::new();
-    for partition in meta.partitions() {
-        let id = partition.id();
-        let (low, high) = consumer
-            .fetch_watermarks(topic, id, BROKER_TIMEOUT)
-            .with_context(|| format!("cannot read the watermarks of {topic}/{id}"))?;
-        if high > low {
-            ends.insert(id, high);
-            assignment.add_partition_offset(topic, id, Offset::Offset(low))?;
-        }
-    }
-    let mut letters = Vec::new();
-    if ends.is_empty() {
-        return Ok(letters);
-    }
-    consumer.assign(&assignment)?;
-    let deadline = std::time::Instant::now() + BROKER_TIMEOUT;
-    while !ends.is_empty() {
-        if std::time::Instant::now() >= deadline {
-            bail!("timed out reading {topic}: partitions {ends:?} not read to their end");
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.with_context(|| format!("cannot read {topic}"))?;
-        let partition = message.partition();
-        let Some(&end) = ends.get(&partition) else {
-            continue;
-        };
-        if message.offset() < end {
-            letters.push(DeadLetterRecord {
-                partition,
-                offset: message.offset(),
-                key: message.key().map(Bytes::copy_from_slice),
-                value: message.payload().map(Bytes::copy_from_slice),
-                headers: message
-                    .headers()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            });
-        }
-        if message.offset() + 1 >= end {
-            ends.remove(&partition);
-        }
-    }
-    letters.sort_by_key(|l| (l.partition, l.offset));
-    Ok(letters)
+    Ok(dead_letter::read_topic(
+        brokers,
+        topic,
+        "cachectl-dlq",
+        BROKER_TIMEOUT,
+    )?)
 }
