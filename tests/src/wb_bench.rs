@@ -44,7 +44,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::time::Instant;
 
 use crate::{
-    NodeConfig, NodeProcess, WorkerConfig, WorkerProcess, own_database, unique,
+    NodeConfig, NodeProcess, WorkerConfig, WorkerExtra, WorkerProcess, own_database, unique,
     write_back::{metric_sum, scrape},
 };
 
@@ -172,6 +172,52 @@ pub struct ThroughputOptions {
     pub value_size: usize,
     /// Partitions of the topic.
     pub partitions: i32,
+    /// The worker's settings beyond its defaults.
+    pub tuning: Tuning,
+}
+
+/// Consumer settings the bench gives the worker (and the broker-alone
+/// consumer) beyond their defaults, for a broker that needs them.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// The worker's `fetch_wait_max`. tansu 0.6 holds every fetch for
+    /// `fetch.wait.max.ms` even when it has records to return (its fetch
+    /// loop sleeps whatever it found; Nisshi 0.7 returns as soon as
+    /// `fetch.min.bytes` is met, as Apache Kafka does), so against it the
+    /// default (100 ms) caps a consumer at one fetch per 100 ms.
+    pub fetch_wait_max: Option<Duration>,
+}
+
+impl Tuning {
+    /// The worker's configuration file for these settings, if any; the
+    /// file must outlive the worker (it is read again on SIGHUP).
+    fn worker_extra(&self) -> Result<(WorkerExtra, Option<tempfile::NamedTempFile>)> {
+        let Some(wait) = self.fetch_wait_max else {
+            return Ok((WorkerExtra::default(), None));
+        };
+        let mut file = tempfile::Builder::new()
+            .prefix("wb-bench-worker-")
+            .suffix(".toml")
+            .tempfile()?;
+        std::io::Write::write_all(
+            &mut file,
+            format!("fetch_wait_max = \"{}ms\"\n", wait.as_millis()).as_bytes(),
+        )?;
+        let extra = WorkerExtra {
+            args: vec!["--config".into(), file.path().display().to_string()],
+            env: Vec::new(),
+        };
+        Ok((extra, Some(file)))
+    }
+
+    /// The worker's fetch properties with these settings.
+    fn fetch_properties(&self) -> [(&'static str, String); 4] {
+        let mut config = write_back_worker::Config::default();
+        if let Some(wait) = self.fetch_wait_max {
+            config.fetch_wait_max = wait;
+        }
+        config.fetch_properties()
+    }
 }
 
 /// What [`throughput`] measured.
@@ -241,13 +287,17 @@ pub async fn throughput(options: &ThroughputOptions) -> Result<ThroughputResult>
 
     let group = unique("wbtp");
     let started = Instant::now();
-    let mut worker = WorkerProcess::start(WorkerConfig {
-        brokers: options.brokers.clone(),
-        database_url: url.clone(),
-        group,
-        keyspaces: vec![keyspace.clone()],
-        cache_seeds: Vec::new(),
-    })?;
+    let (extra, _config_file) = options.tuning.worker_extra()?;
+    let mut worker = WorkerProcess::start_with(
+        WorkerConfig {
+            brokers: options.brokers.clone(),
+            database_url: url.clone(),
+            group,
+            keyspaces: vec![keyspace.clone()],
+            cache_seeds: Vec::new(),
+        },
+        extra,
+    )?;
     let metrics = worker.metrics_addr(PHASE_TIMEOUT).await?;
     let deadline = started + PHASE_TIMEOUT;
     let mut first: Option<(Instant, f64)> = None;
@@ -384,6 +434,9 @@ pub struct LagOptions {
     pub partitions: i32,
     /// Workers draining it, in one group ([`lag`] only).
     pub workers: usize,
+    /// The worker's (and the broker-alone consumer's) settings beyond
+    /// their defaults.
+    pub tuning: Tuning,
 }
 
 /// What [`lag`] measured.
@@ -455,15 +508,19 @@ pub async fn lag(options: &LagOptions) -> Result<LagResult> {
     )?;
     client.ensure_write_back_topics().await?;
     let group = unique("wblag");
+    let (extra, _config_file) = options.tuning.worker_extra()?;
     let mut workers = (0..options.workers.max(1))
         .map(|_| {
-            WorkerProcess::start(WorkerConfig {
-                brokers: options.brokers.clone(),
-                database_url: url.clone(),
-                group: group.clone(),
-                keyspaces: vec![keyspace.clone()],
-                cache_seeds: vec![node.addr().to_string()],
-            })
+            WorkerProcess::start_with(
+                WorkerConfig {
+                    brokers: options.brokers.clone(),
+                    database_url: url.clone(),
+                    group: group.clone(),
+                    keyspaces: vec![keyspace.clone()],
+                    cache_seeds: vec![node.addr().to_string()],
+                },
+                extra.clone(),
+            )
         })
         .collect::<Result<Vec<_>>>()?;
     let mut metrics = Vec::with_capacity(workers.len());
@@ -657,8 +714,8 @@ pub async fn broker(options: &LagOptions) -> Result<BrokerResult> {
         .set("bootstrap.servers", &options.brokers)
         .set("group.id", unique("wbbroker"))
         .set("enable.auto.commit", "false");
-    // The worker's default fetch settings.
-    for (name, value) in write_back_worker::Config::default().fetch_properties() {
+    // The worker's fetch settings.
+    for (name, value) in options.tuning.fetch_properties() {
         properties.set(name, value);
     }
     let consumer: BaseConsumer = properties

@@ -166,6 +166,17 @@ impl Fixture {
 
     /// Produces `record` as the contract says.
     async fn produce(&self, record: &WriteBackRecord) -> Result<()> {
+        self.produce_on(record, None).await
+    }
+
+    /// Produces `record` as the contract says, to `partition` of the topic.
+    async fn produce_to(&self, record: &WriteBackRecord, partition: i32) -> Result<()> {
+        self.produce_on(record, Some(partition)).await
+    }
+
+    /// Produces `record` as the contract says, to `partition` or where the
+    /// producer's partitioner puts its key.
+    async fn produce_on(&self, record: &WriteBackRecord, partition: Option<i32>) -> Result<()> {
         let key = record.encode_key();
         let mut headers = OwnedHeaders::new();
         for (name, bytes) in record.headers() {
@@ -174,7 +185,7 @@ impl Fixture {
                 value: Some(&bytes[..]),
             });
         }
-        self.produce_raw(&key, record.value.as_deref(), headers)
+        self.produce_message(&key, record.value.as_deref(), headers, partition)
             .await
     }
 
@@ -184,8 +195,21 @@ impl Fixture {
         value: Option<&[u8]>,
         headers: OwnedHeaders,
     ) -> Result<()> {
+        self.produce_message(key, value, headers, None).await
+    }
+
+    async fn produce_message(
+        &self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: OwnedHeaders,
+        partition: Option<i32>,
+    ) -> Result<()> {
         let topic = topic_for(&self.keyspace);
         let mut message = FutureRecord::to(&topic).key(key).headers(headers);
+        if let Some(partition) = partition {
+            message = message.partition(partition);
+        }
         if let Some(value) = value {
             message = message.payload(value);
         }
@@ -688,6 +712,47 @@ async fn a_crashed_worker_loses_nothing_after_a_restart() -> Result<()> {
         "nothing dead-lettered"
     );
     Ok(())
+}
+
+/// A partition whose batch waits in the database (here on a row lock an
+/// operator's transaction holds) holds up only itself: the other
+/// partitions' records are stored meanwhile, and the waiting write is
+/// stored once the lock is released. Before the batches of different
+/// partitions were written side by side, the one batch in flight held up
+/// every partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_held_up_in_the_database_does_not_hold_up_the_others() -> Result<()> {
+    let fx = Fixture::with_own_database("wb_lanes").await?;
+    let worker = fx.start(&fx.group);
+    let first = fx.record("held", 1, Some("v1"));
+    fx.produce_to(&first, 0).await?;
+    wait_for_rows(&fx, &expected(std::slice::from_ref(&first))).await?;
+
+    // An operator's transaction locks the row of partition 0's key.
+    let mut lock = fx.pool.begin().await?;
+    sqlx::query("SELECT 1 FROM ringcache_entries WHERE keyspace = $1 AND key = $2 FOR UPDATE")
+        .bind(&fx.keyspace)
+        .bind(b"held".as_slice())
+        .execute(&mut *lock)
+        .await?;
+    let second = fx.record("held", 2, Some("v2"));
+    fx.produce_to(&second, 0).await?;
+    let others: Vec<WriteBackRecord> = (0..20)
+        .map(|i| fx.record(&format!("free{i}"), 1, Some("free")))
+        .collect();
+    for record in &others {
+        fx.produce_to(record, 1).await?;
+    }
+    let mut want = expected(&others);
+    want.extend(expected(std::slice::from_ref(&first)));
+    wait_for_rows(&fx, &want).await?;
+
+    // Partition 0's batch still waits for the row; then it is stored.
+    lock.rollback().await?;
+    want.extend(expected(std::slice::from_ref(&second)));
+    wait_for_rows(&fx, &want).await?;
+    wait_for_consumed(&fx, &fx.group, 2 + others.len()).await?;
+    worker.shutdown().await
 }
 
 #[tokio::test(flavor = "multi_thread")]

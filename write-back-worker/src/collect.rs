@@ -2,14 +2,15 @@
 //! batcher, apart from the writing, so that its timing is tested with a
 //! paused clock.
 //!
-//! The batcher writes one batch at a time. A batch is written as soon as
-//! the records already queued are taken and nothing more is queued: a lone
-//! record at a low rate is written at once instead of waiting for a batch
-//! that will not fill. Under load, the records that arrive while a batch is
-//! being written wait in the channel from the polling thread and form the
-//! next batch, so batches grow with the rate and with the time a batch
-//! takes to write, up to `max_records`. With `min_records` above 1 a batch
-//! waits for that many records, at most `max_delay` after its first.
+//! What is collected is handed over as soon as the records already queued
+//! are taken and nothing more is queued: a lone record at a low rate is
+//! written at once instead of waiting for a batch that will not fill. The
+//! batcher splits what it is handed into its partitions' lanes (`lanes`):
+//! under load, the records that arrive while a partition's batch is being
+//! written wait in its lane and form its next batch, so batches grow with
+//! the rate and with the time a batch takes to write, up to `max_records`.
+//! With `min_records` above 1 the collector waits for that many records,
+//! at most `max_delay` after its first.
 
 use std::time::Duration;
 
@@ -129,6 +130,7 @@ impl Collector {
     }
 
     /// The records collected so far.
+    #[cfg(test)]
     pub(crate) fn pending(&self) -> &[Polled] {
         &self.pending
     }

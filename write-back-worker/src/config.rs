@@ -15,6 +15,8 @@ use crate::error::{Error, Result};
 pub const DEFAULT_GROUP: &str = "ringcache-write-back";
 /// Default largest batch, in Kafka records.
 pub const DEFAULT_MAX_BATCH_RECORDS: usize = 1000;
+/// Default [`Config::max_batches_in_flight`].
+pub const DEFAULT_MAX_BATCHES_IN_FLIGHT: usize = 4;
 /// Default [`Config::min_batch_records`]: a batch is written as soon as
 /// nothing more is queued.
 pub const DEFAULT_MIN_BATCH_RECORDS: usize = 1;
@@ -85,6 +87,10 @@ pub struct Config {
     /// `min_batch_records`.
     #[serde(with = "humantime_serde")]
     pub max_batch_delay: Duration,
+    /// Most batches written at once, each of another partition (a
+    /// partition's batches are written one after the other): each one
+    /// holds a database connection while it is written.
+    pub max_batches_in_flight: usize,
     /// Kafka `session.timeout.ms`.
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
@@ -168,6 +174,7 @@ impl Default for Config {
             max_batch_records: DEFAULT_MAX_BATCH_RECORDS,
             min_batch_records: DEFAULT_MIN_BATCH_RECORDS,
             max_batch_delay: DEFAULT_MAX_BATCH_DELAY,
+            max_batches_in_flight: DEFAULT_MAX_BATCHES_IN_FLIGHT,
             session_timeout: DEFAULT_SESSION_TIMEOUT,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             max_poll_interval: DEFAULT_MAX_POLL_INTERVAL,
@@ -512,6 +519,9 @@ impl Config {
                 "must be at least 1 and at most max_batch_records",
             );
         }
+        if self.max_batches_in_flight == 0 {
+            return bad("max_batches_in_flight", "must be at least 1");
+        }
         if self.max_batch_delay.is_zero() {
             return bad("max_batch_delay", "must be positive");
         }
@@ -673,6 +683,9 @@ mod tests {
         let mut config = valid();
         config.fetch_queued_records = 0;
         assert!(field(config).contains("fetch_queued_records"));
+        let mut config = valid();
+        config.max_batches_in_flight = 0;
+        assert!(field(config).contains("max_batches_in_flight"));
         for wait in [Duration::ZERO, DEFAULT_SESSION_TIMEOUT] {
             let mut config = valid();
             config.fetch_wait_max = wait;

@@ -17,7 +17,10 @@
 //! - `collect`: when the batch being collected is written (at once when
 //!   nothing more is queued; under load, what queued meanwhile makes the
 //!   next batch).
-//! - `worker`: writes one batch at a time with
+//! - `lanes`: pure: which batch is written next (one lane per partition:
+//!   a partition's batches one after the other, up to
+//!   `max_batches_in_flight` partitions' batches at once).
+//! - `worker`: writes the lanes' batches with
 //!   `PgStore::apply_write_back_batch`, retries the database, drains on
 //!   shutdown.
 //! - [`metrics`]: metric names and the Prometheus endpoint.
@@ -51,6 +54,7 @@ pub mod fault;
 mod batch;
 mod collect;
 mod consumer;
+mod lanes;
 mod repair;
 mod worker;
 

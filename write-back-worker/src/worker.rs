@@ -11,18 +11,22 @@ use std::{
 
 use cache_client::{
     store::PgStore,
-    writeback::{BatchOutcome, DiscardedWrite, RecordSource, WriteBackBatch, WriteBackRow},
+    writeback::{
+        BatchOutcome, DiscardedWrite, PartitionOffset, RecordSource, WriteBackBatch, WriteBackRow,
+    },
 };
+use futures::{StreamExt as _, future::BoxFuture, stream::FuturesUnordered};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
     Config,
-    batch::{self, Built, Expected, Fallbacks},
+    batch::{self, Built, Expected, Fallbacks, Polled},
     collect::{Collector, Step},
     consumer::{Poller, Positions},
     dead_letter::{DeadLetter, DeadLetters},
     error::{Error, Result},
+    lanes::{Lanes, Partition},
     metrics as m,
 };
 
@@ -143,17 +147,21 @@ pub async fn run_reloadable(
         ))
     });
     let batcher = Batcher {
-        config: &config,
-        store,
+        writer: Writer {
+            config: &config,
+            store,
+            cancel: &cancel,
+            cache,
+            dead_letters,
+            oldest: OldestUnstored::default(),
+        },
         expected: Expected::new(),
         collector: Collector::new(
             config.max_batch_records,
             config.min_batch_records,
             config.max_batch_delay,
         ),
-        cancel: &cancel,
-        cache,
-        dead_letters,
+        lanes: Lanes::new(config.max_batch_records, config.max_batches_in_flight),
         positions,
     };
     let work = async {
@@ -272,75 +280,213 @@ async fn apply_reloads(
 }
 
 struct Batcher<'a> {
+    /// Writes the batches.
+    writer: Writer<'a>,
+    /// The stored offset of every assigned partition, as of its last batch.
+    expected: Expected,
+    /// The records being collected.
+    collector: Collector,
+    /// The collected records by partition, and the batches in flight.
+    lanes: Lanes,
+    /// Stored offsets, shared with the polling thread for the lag gauges.
+    positions: Positions,
+}
+
+/// What the batches share: everything but the per-partition state.
+struct Writer<'a> {
     config: &'a Config,
     store: PgStore,
-    /// The stored offset of every assigned partition, as of the last batch.
-    expected: Expected,
-    /// The batch being collected.
-    collector: Collector,
     cancel: &'a CancellationToken,
     /// The cache, told after each batch which versions are stored, once
     /// connected.
     cache: CacheSlot,
     /// Where records that can never be stored go.
     dead_letters: DeadLetters,
-    /// Stored offsets, shared with the polling thread for the lag gauges.
-    positions: Positions,
+    /// The oldest write each lane holds unstored, for the age gauge.
+    oldest: OldestUnstored,
 }
 
+/// What writing one batch came to.
+enum Written {
+    /// Committed with these next offsets (one per partition of the batch).
+    Committed(Vec<PartitionOffset>),
+    /// Left unwritten: the worker is stopping. Its records are consumed
+    /// again after the restart, as their offsets are not stored.
+    Unwritten,
+}
+
+/// The batches being written, each with its lane.
+type InFlight<'w> = FuturesUnordered<BoxFuture<'w, (Partition, Result<Written>)>>;
+
 impl Batcher<'_> {
-    async fn run(mut self, mut poller: Poller) -> Result<()> {
+    async fn run(self, mut poller: Poller) -> Result<()> {
+        let Batcher {
+            writer,
+            mut expected,
+            mut collector,
+            mut lanes,
+            positions,
+        } = self;
+        let writer = &writer;
+        let mut in_flight: InFlight<'_> = FuturesUnordered::new();
         let result = loop {
-            let step = tokio::select! {
+            dispatch(writer, &mut lanes, &expected, &mut in_flight);
+            // A lane with a full batch waiting: collect no more until a
+            // batch is done (the polling thread waits on the channel).
+            let collecting = !lanes.is_full();
+            tokio::select! {
                 biased;
-                () = self.cancel.cancelled() => break Ok(()),
-                step = self.collector.next(&mut poller.events) => step,
-            };
-            match step {
-                Step::Flush => {
-                    if let Err(err) = self.flush(&poller).await {
+                () = writer.cancel.cancelled() => break Ok(()),
+                Some((partition, written)) = in_flight.next(), if !in_flight.is_empty() => {
+                    let done = finish(&mut lanes, &mut expected, &positions, &poller, &partition, written);
+                    if let Err(err) = done {
                         break Err(err);
                     }
                 }
-                Step::Closed => break Err(Error::PollerStopped),
-                Step::Assigned(offsets) => self.expected.extend(offsets),
-                Step::Revoked(ack) => {
-                    let flushed = self.flush(&poller).await;
-                    self.expected.clear();
-                    let _ = ack.send(());
-                    if let Err(err) = flushed {
-                        break Err(err);
+                step = collector.next(&mut poller.events), if collecting => match step {
+                    Step::Flush => lanes.push(collector.take()),
+                    Step::Closed => break Err(Error::PollerStopped),
+                    Step::Assigned(offsets) => expected.extend(offsets),
+                    Step::Revoked(ack) => {
+                        lanes.push(collector.take());
+                        let settled = settle(
+                            writer, &mut lanes, &mut expected, &positions, &poller, &mut in_flight,
+                        )
+                        .await;
+                        lanes.clear();
+                        expected.clear();
+                        let _ = ack.send(());
+                        if let Err(err) = settled {
+                            break Err(err);
+                        }
                     }
-                }
-                Step::Fatal(err) => break Err(err),
+                    Step::Fatal(err) => break Err(err),
+                },
             }
         };
-        if result.is_ok() {
-            // Shutdown: finish the batch being collected (one attempt, as
-            // the cancel is set), then leave the group.
-            self.flush(&poller).await?;
-        }
+        let result = match result {
+            // Shutdown: the batches in flight end (committed, or left
+            // unwritten if the database still had them), then what was
+            // collected gets one bounded attempt per lane; then the worker
+            // leaves the group.
+            Ok(()) => {
+                lanes.push(collector.take());
+                settle(
+                    writer,
+                    &mut lanes,
+                    &mut expected,
+                    &positions,
+                    &poller,
+                    &mut in_flight,
+                )
+                .await
+            }
+            Err(err) => Err(err),
+        };
+        drop(in_flight);
         poller.stop().await;
         result
     }
+}
 
+/// Starts a batch in every lane that can take one.
+fn dispatch<'w>(
+    writer: &'w Writer<'_>,
+    lanes: &mut Lanes,
+    expected: &Expected,
+    in_flight: &mut InFlight<'w>,
+) {
+    while let Some((partition, records)) = lanes.next_batch() {
+        // The lane's stored offset, as of its last committed batch.
+        let stored: Expected = expected
+            .get(&partition)
+            .map(|offset| (partition.clone(), *offset))
+            .into_iter()
+            .collect();
+        in_flight.push(Box::pin(async move {
+            let written = writer.write(&partition, records, &stored).await;
+            (partition, written)
+        }));
+    }
+}
+
+/// Takes in a batch that is over: a committed batch's offsets become its
+/// partition's stored offset (and Kafka's hint).
+fn finish(
+    lanes: &mut Lanes,
+    expected: &mut Expected,
+    positions: &Positions,
+    poller: &Poller,
+    partition: &Partition,
+    written: Result<Written>,
+) -> Result<()> {
+    match written {
+        Ok(Written::Committed(offsets)) => {
+            lanes.done(partition, true);
+            let mut hint = Vec::with_capacity(offsets.len());
+            for offset in offsets {
+                let partition = (offset.topic.clone(), offset.partition);
+                expected.insert(partition.clone(), Some(offset.next_offset));
+                positions.insert(partition, Some(offset.next_offset));
+                hint.push((offset.topic, offset.partition, offset.next_offset));
+            }
+            poller.commit_hint(hint);
+            Ok(())
+        }
+        Ok(Written::Unwritten) => {
+            lanes.done(partition, false);
+            Ok(())
+        }
+        Err(err) => {
+            lanes.done(partition, false);
+            Err(err)
+        }
+    }
+}
+
+/// Writes every lane's records and waits for every batch in flight.
+async fn settle<'w>(
+    writer: &'w Writer<'_>,
+    lanes: &mut Lanes,
+    expected: &mut Expected,
+    positions: &Positions,
+    poller: &Poller,
+    in_flight: &mut InFlight<'w>,
+) -> Result<()> {
+    loop {
+        dispatch(writer, lanes, expected, in_flight);
+        let Some((partition, written)) = in_flight.next().await else {
+            debug_assert!(lanes.is_settled());
+            return Ok(());
+        };
+        finish(lanes, expected, positions, poller, &partition, written)?;
+    }
+}
+
+impl Writer<'_> {
     /// Writes the pending records with their offsets, retrying retryable
     /// database failures until they succeed or the worker stops (then the
     /// batch is left unwritten, to be consumed again). Records the database
     /// refuses in `dead_letter_after_attempts` attempts, and records that
     /// cannot be decoded, are produced to the dead-letter topic first, then
     /// the batch commits without them.
-    async fn flush(&mut self, poller: &Poller) -> Result<()> {
-        if self.collector.pending().is_empty() {
-            return Ok(());
-        }
-        let span = batch_span(self.collector.pending());
-        tracing::Instrument::instrument(self.flush_pending(poller), span).await
+    async fn write(
+        &self,
+        partition: &Partition,
+        records: Vec<Polled>,
+        expected: &Expected,
+    ) -> Result<Written> {
+        let span = batch_span(&records);
+        tracing::Instrument::instrument(self.write_batch(partition, records, expected), span).await
     }
 
-    /// [`Batcher::flush`] of a non-empty batch, in its span.
-    async fn flush_pending(&mut self, poller: &Poller) -> Result<()> {
-        let records = self.collector.take();
+    /// [`Writer::write`], in the batch's span.
+    async fn write_batch(
+        &self,
+        partition: &Partition,
+        records: Vec<Polled>,
+        expected: &Expected,
+    ) -> Result<Written> {
         let count = records.len();
         let Built {
             mut batch,
@@ -348,7 +494,7 @@ impl Batcher<'_> {
             coalesced,
             mut fallbacks,
             written_at_ms,
-        } = batch::build(&self.config.group, records, &self.expected);
+        } = batch::build(&self.config.group, records, expected);
         // Each with its decoded row, for those the database refused.
         let mut letters: Vec<(DeadLetter, Option<WriteBackRow>)> = dead_letters
             .into_iter()
@@ -364,7 +510,7 @@ impl Batcher<'_> {
         let mut dead_lettered = Vec::new();
         let (applied, stale) = loop {
             attempts += 1;
-            set_oldest_unstored(oldest);
+            self.oldest.set(partition, oldest);
             let failure = if letters.is_empty() {
                 // Raced with the shutdown: a database that hangs (a pool
                 // waiting for connections) must not hold up a SIGTERM.
@@ -388,7 +534,8 @@ impl Batcher<'_> {
                         records = count,
                         "stopping with a batch unwritten; it will be consumed again"
                     );
-                    return Ok(());
+                    self.oldest.set(partition, None);
+                    return Ok(Written::Unwritten);
                 };
                 match attempt {
                     Ok(BatchOutcome::Committed { applied, stale }) => break (applied, stale),
@@ -397,11 +544,7 @@ impl Batcher<'_> {
                         partition,
                         stored,
                     }) => {
-                        let expected = self
-                            .expected
-                            .get(&(topic.clone(), partition))
-                            .copied()
-                            .flatten();
+                        let expected = expected.get(&(topic.clone(), partition)).copied().flatten();
                         return Err(Error::Fenced {
                             topic,
                             partition,
@@ -457,7 +600,8 @@ impl Batcher<'_> {
                     records = count,
                     "stopping with a batch unwritten; it will be consumed again"
                 );
-                return Ok(());
+                self.oldest.set(partition, None);
+                return Ok(Written::Unwritten);
             }
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
@@ -465,21 +609,11 @@ impl Batcher<'_> {
             }
             backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
         };
-        set_oldest_unstored(None);
+        self.oldest.set(partition, None);
         crate::fault::after_commit();
         if attempts > 1 {
             info!(attempts, "write-back batch written after retries");
         }
-
-        let mut hint = Vec::with_capacity(batch.offsets.len());
-        for offset in &batch.offsets {
-            let partition = (offset.topic.clone(), offset.partition);
-            self.expected
-                .insert(partition.clone(), Some(offset.next_offset));
-            self.positions.insert(partition, Some(offset.next_offset));
-            hint.push((offset.topic.clone(), offset.partition, offset.next_offset));
-        }
-        poller.commit_hint(hint);
 
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -523,7 +657,7 @@ impl Batcher<'_> {
             dead_lettered = dead_lettered.len(),
             "write-back batch committed"
         );
-        Ok(())
+        Ok(Written::Committed(batch.offsets))
     }
 
     /// Produces `letters` to the dead-letter topic, one at a time, moving
@@ -625,7 +759,6 @@ fn letter_of_row(
     (letter, Some(row.clone()))
 }
 
-/// Sets the age gauge of the oldest write held unstored (`None`: none).
 /// The span of storing one batch. With the `otel` feature it links to the
 /// trace of every record's writer that sent one in the record's headers (the
 /// SDK keeps the first 128 links).
@@ -648,15 +781,35 @@ fn batch_span(records: &[batch::Polled]) -> tracing::Span {
     span
 }
 
-fn set_oldest_unstored(written_at_ms: Option<u64>) {
-    let age = written_at_ms.map_or(0.0, |at| {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
-        Duration::from_millis(now_ms.saturating_sub(at)).as_secs_f64()
-    });
-    metrics::gauge!(m::OLDEST_UNSTORED_SECONDS).set(age);
+/// The oldest write each lane holds unstored (`written_at_ms`), behind the
+/// age gauge of the oldest of them all.
+#[derive(Default)]
+struct OldestUnstored(std::sync::Mutex<HashMap<Partition, u64>>);
+
+impl OldestUnstored {
+    /// Sets `partition`'s oldest unstored write (`None`: none), and the
+    /// gauge to the age of the oldest one of every lane.
+    fn set(&self, partition: &Partition, written_at_ms: Option<u64>) {
+        let oldest = {
+            let mut lanes = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match written_at_ms {
+                Some(at) => lanes.insert(partition.clone(), at),
+                None => lanes.remove(partition),
+            };
+            lanes.values().copied().min()
+        };
+        let age = oldest.map_or(0.0, |at| {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default();
+            Duration::from_millis(now_ms.saturating_sub(at)).as_secs_f64()
+        });
+        metrics::gauge!(m::OLDEST_UNSTORED_SECONDS).set(age);
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ringcache_tests::wb_bench::{self, LagOptions, ThroughputOptions};
+use ringcache_tests::wb_bench::{self, LagOptions, ThroughputOptions, Tuning};
 
 #[derive(Parser)]
 #[command(
@@ -18,6 +18,11 @@ use ringcache_tests::wb_bench::{self, LagOptions, ThroughputOptions};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The worker's `fetch_wait_max` (and the broker-alone consumer's
+    /// `fetch.wait.max.ms`), instead of the worker's default: for a broker
+    /// that holds every fetch that long (tansu 0.6).
+    #[arg(long, global = true, value_parser = humantime::parse_duration)]
+    fetch_wait_max: Option<Duration>,
 }
 
 #[derive(Subcommand)]
@@ -63,7 +68,7 @@ struct Load {
 }
 
 impl Load {
-    fn options(&self, brokers: String) -> LagOptions {
+    fn options(&self, brokers: String, tuning: Tuning) -> LagOptions {
         LagOptions {
             brokers,
             rate: self.rate,
@@ -72,6 +77,7 @@ impl Load {
             max_in_flight: self.max_in_flight,
             partitions: self.partitions,
             workers: self.workers,
+            tuning,
         }
     }
 }
@@ -92,6 +98,9 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<String> {
     let brokers = ringcache_tests::kafka_brokers()?;
+    let tuning = Tuning {
+        fetch_wait_max: cli.fetch_wait_max,
+    };
     Ok(match cli.command {
         Command::Throughput {
             records,
@@ -103,12 +112,15 @@ async fn run(cli: Cli) -> Result<String> {
                 records,
                 value_size,
                 partitions,
+                tuning,
             })
             .await?,
         )?,
-        Command::Lag(load) => serde_json::to_string(&wb_bench::lag(&load.options(brokers)).await?)?,
+        Command::Lag(load) => {
+            serde_json::to_string(&wb_bench::lag(&load.options(brokers, tuning)).await?)?
+        }
         Command::Broker(load) => {
-            serde_json::to_string(&wb_bench::broker(&load.options(brokers)).await?)?
+            serde_json::to_string(&wb_bench::broker(&load.options(brokers, tuning)).await?)?
         }
     })
 }

@@ -176,7 +176,11 @@ async fn wb_bench(ctx: &Ctx, name: &str, args: &[&str]) -> Result<(Value, String
         ("RINGCACHE_TEST_PG_URL", postgres.url()),
         ("RINGCACHE_TEST_KAFKA_BROKERS", broker.brokers()),
     ];
-    let outcome = wb_bench_on(ctx, &env, name, args).await;
+    let mut args = args.to_vec();
+    if let Some(wait) = broker.fetch_wait_max() {
+        args.extend(["--fetch-wait-max", wait]);
+    }
+    let outcome = wb_bench_on(ctx, &env, name, &args).await;
     if outcome.is_err() && !ctx.cancel.is_cancelled() {
         paths::print_tail("PostgreSQL", postgres.log(), 20);
         if let Some(log) = broker.log() {
