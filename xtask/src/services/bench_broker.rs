@@ -53,10 +53,6 @@ pub const INSTALL_ARGS: [&str; 7] = [
     "libsql,dynostore",
 ];
 
-/// The consumers' `fetch.wait.max.ms` against a tansu 0.6 this run
-/// started ([`BenchBroker::fetch_wait_max`]).
-pub const TANSU_FETCH_WAIT_MAX: &str = "5ms";
-
 /// Where the benchmark's broker is.
 #[derive(Debug)]
 pub enum BenchBroker {
@@ -145,24 +141,8 @@ impl BenchBroker {
                 } else {
                     storage.as_str()
                 };
-                format!(
-                    "tansu 0.6 with storage `{storage}`, consumed with `fetch_wait_max = \"{TANSU_FETCH_WAIT_MAX}\"`"
-                )
+                format!("tansu 0.6 with storage `{storage}`")
             }
-        }
-    }
-
-    /// The consumers' `fetch.wait.max.ms` the benchmark uses with this
-    /// broker, when not the worker's default: tansu 0.6 holds every fetch
-    /// for that long even when it has records to return (its fetch loop
-    /// sleeps whatever it found; Nisshi 0.7 and Apache Kafka answer as soon
-    /// as `fetch.min.bytes` is met), so with the default (100 ms) a
-    /// consumer gets one fetch (at most `fetch_max_bytes`, 1 MiB) per
-    /// 100 ms.
-    pub fn fetch_wait_max(&self) -> Option<&'static str> {
-        match self {
-            BenchBroker::External(_) => None,
-            BenchBroker::Started { .. } => Some(TANSU_FETCH_WAIT_MAX),
         }
     }
 
