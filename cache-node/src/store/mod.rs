@@ -435,7 +435,9 @@ impl Store {
     /// The keyspace if it exists now (never creates it). Keyspaces are
     /// never removed, so a transport may keep the handle.
     pub fn existing_keyspace(&self, name: &str) -> Option<Arc<Keyspace>> {
-        self.keyspaces.get(name).map(|keyspace| Arc::clone(&keyspace))
+        self.keyspaces
+            .get(name)
+            .map(|keyspace| Arc::clone(&keyspace))
     }
 
     /// Checks a key against the limits, as every operation does.

@@ -2044,10 +2044,20 @@ mod model {
 
     /// The rule of `Store::set`: the outcome of a write against the live
     /// entry.
-    fn expected_set(live: Option<&Live>, version: u64, condition: WriteCondition, dirty: bool) -> SetResult {
-        let refused = |outcome, current_version| SetResult { outcome, current_version };
+    fn expected_set(
+        live: Option<&Live>,
+        version: u64,
+        condition: WriteCondition,
+        dirty: bool,
+    ) -> SetResult {
+        let refused = |outcome, current_version| SetResult {
+            outcome,
+            current_version,
+        };
         match live {
-            Some(live) if condition == WriteCondition::IfAbsent => refused(SetOutcome::Exists, live.version),
+            Some(live) if condition == WriteCondition::IfAbsent => {
+                refused(SetOutcome::Exists, live.version)
+            }
             Some(live)
                 if (condition == WriteCondition::IfNewerVersion || (!dirty && live.dirty))
                     && live.version >= version =>

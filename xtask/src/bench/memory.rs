@@ -127,7 +127,13 @@ async fn load(
                 None => request(&mut out, &[b"SET", key.as_bytes(), value.as_bytes()]),
                 Some(px) => request(
                     &mut out,
-                    &[b"SET", key.as_bytes(), value.as_bytes(), b"PX", px.as_bytes()],
+                    &[
+                        b"SET",
+                        key.as_bytes(),
+                        value.as_bytes(),
+                        b"PX",
+                        px.as_bytes(),
+                    ],
                 ),
             }
         }
@@ -302,7 +308,9 @@ impl Expiry {
     }
 
     fn last(&self) -> &Sample {
-        self.samples.last().expect("the watch takes at least one sample")
+        self.samples
+            .last()
+            .expect("the watch takes at least one sample")
     }
 
     fn loaded(&self) -> &Sample {
@@ -328,7 +336,14 @@ async fn measure_expiry(ctx: &Ctx, kind: Kind, cpu: usize, items: usize) -> Resu
         kind.name()
     );
     let started = Instant::now();
-    load(ctx, server.addr, items, EXPIRY_VALUE_BYTES, Some(EXPIRY_TTL)).await?;
+    load(
+        ctx,
+        server.addr,
+        items,
+        EXPIRY_VALUE_BYTES,
+        Some(EXPIRY_TTL),
+    )
+    .await?;
     let loaded = Instant::now();
     if loaded - started >= EXPIRY_TTL {
         eprintln!(
@@ -410,10 +425,7 @@ pub async fn run(ctx: &Ctx) -> Result<String> {
         EXPIRY_WATCH.as_secs()
     )?;
     writeln!(out)?;
-    writeln!(
-        out,
-        "| | redis-server | ringcache |"
-    )?;
+    writeln!(out, "| | redis-server | ringcache |")?;
     writeln!(out, "|---|---:|---:|")?;
     let both = |f: &dyn Fn(&Expiry) -> String| (f(&redis), f(&node));
     let rows: [(&str, (String, String)); 7] = [
@@ -432,8 +444,10 @@ pub async fn run(ctx: &Ctx) -> Result<String> {
         (
             "first sample with no key, t",
             both(&|e| {
-                e.emptied()
-                    .map_or_else(|| "never".to_owned(), |s| format!("{:.1} s", s.at.as_secs_f64()))
+                e.emptied().map_or_else(
+                    || "never".to_owned(),
+                    |s| format!("{:.1} s", s.at.as_secs_f64()),
+                )
             }),
         ),
         (
@@ -445,7 +459,11 @@ pub async fn run(ctx: &Ctx) -> Result<String> {
             both(&|e| {
                 let grown = e.loaded().rss.saturating_sub(e.empty.rss).max(1);
                 let left = e.last().rss.saturating_sub(e.empty.rss);
-                format!("{:.1} ({:.0}%)", mib(e.last().rss), 100.0 * left as f64 / grown as f64)
+                format!(
+                    "{:.1} ({:.0}%)",
+                    mib(e.last().rss),
+                    100.0 * left as f64 / grown as f64
+                )
             }),
         ),
         (
@@ -453,7 +471,11 @@ pub async fn run(ctx: &Ctx) -> Result<String> {
             both(&|e| {
                 let grown = e.loaded().own.saturating_sub(e.empty.own).max(1);
                 let left = e.last().own.saturating_sub(e.empty.own);
-                format!("{:.1} ({:.0}%)", mib(e.last().own), 100.0 * left as f64 / grown as f64)
+                format!(
+                    "{:.1} ({:.0}%)",
+                    mib(e.last().own),
+                    100.0 * left as f64 / grown as f64
+                )
             }),
         ),
     ];
