@@ -6,7 +6,6 @@
 //! one latency sample; counters and sizes are copied into the recorder when
 //! `/metrics` is scraped.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -115,9 +114,9 @@ pub struct NodeMetrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     latency: Vec<Histogram>,
-    /// Per RESP command, by its lowercase name (`resp::command::COMMANDS`
-    /// and `UNKNOWN_COMMAND`).
-    resp_latency: HashMap<&'static str, Histogram>,
+    /// Per RESP command, in the order of `resp::command::COMMANDS`, then
+    /// `UNKNOWN_COMMAND` last: indexed, not hashed, on the hot path.
+    resp_latency: Vec<Histogram>,
     store: Arc<Store>,
 }
 
@@ -148,7 +147,7 @@ impl NodeMetrics {
                     "ringcache_node_resp_command_duration_seconds",
                     vec![Label::new("command", command)],
                 );
-                (command, recorder.register_histogram(&key, &METADATA))
+                recorder.register_histogram(&key, &METADATA)
             })
             .collect();
         NodeMetrics {
@@ -176,18 +175,13 @@ impl NodeMetrics {
         }
     }
 
-    /// Starts timing one RESP command (`command` as in
-    /// `resp::command::COMMANDS`; other names count as unknown).
-    pub fn time_resp(&self, command: &'static str) -> Timer<'_> {
-        let histogram = self
-            .resp_latency
-            .get(command)
-            .or_else(|| self.resp_latency.get(UNKNOWN_COMMAND))
-            .expect("UNKNOWN_COMMAND is registered in `new`");
-        Timer {
-            histogram,
-            start: Instant::now(),
-        }
+    /// Starts timing one RESP command at `start`: `command` is its index in
+    /// `resp::command::COMMANDS`, `None` for names not in it (counted as
+    /// unknown).
+    pub fn time_resp_at(&self, command: Option<usize>, start: Instant) -> Timer<'_> {
+        let unknown = self.resp_latency.len() - 1;
+        let histogram = &self.resp_latency[command.filter(|&i| i < unknown).unwrap_or(unknown)];
+        Timer { histogram, start }
     }
 
     /// Counts a RESP command answered with an error (`protocol` for frames

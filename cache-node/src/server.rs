@@ -145,6 +145,7 @@ async fn serve(
         metrics: Arc::clone(&metrics),
         auth: Arc::clone(&auth),
         default_keyspace: config.resp_default_keyspace.clone(),
+        default: std::sync::OnceLock::new(),
         node_id: config.node_id.clone(),
         started: Instant::now(),
     });

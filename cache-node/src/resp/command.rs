@@ -12,7 +12,7 @@
 //! (write-back) entry fences them like any clean write of an older version.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::metrics::NodeMetrics;
 use crate::resp::parse::Request;
 use crate::resp::reply::Reply;
-use crate::store::{SetItem, SetOutcome, Store, WriteCondition};
+use crate::store::{Keyspace, SetItem, SetOutcome, Store, WriteCondition};
 
 /// The commands served, lowercase: the metric label of each, and what
 /// `COMMAND COUNT` counts.
@@ -46,6 +46,10 @@ pub struct Context {
     pub auth: Arc<Auth>,
     /// The keyspace of keys with no keyspace prefix.
     pub default_keyspace: String,
+    /// The default keyspace, resolved on first use (keyspaces are never
+    /// removed, so the handle stays good): spares the hot path a lookup
+    /// by name per command.
+    pub default: OnceLock<Arc<Keyspace>>,
     /// Reported by `INFO`.
     pub node_id: String,
     /// When the node started, for `INFO`.
@@ -122,13 +126,15 @@ pub fn execute(
     request: Request,
 ) -> Option<(Reply, After)> {
     let first = request.first()?;
-    let name = COMMANDS
+    let index = COMMANDS
         .iter()
-        .copied()
-        .find(|c| first.eq_ignore_ascii_case(c.as_bytes()));
+        .position(|c| first.eq_ignore_ascii_case(c.as_bytes()));
+    let name = index.map(|i| COMMANDS[i]);
     let label = name.unwrap_or(UNKNOWN_COMMAND);
-    let _timer = context.metrics.time_resp(label);
-    let (reply, after) = dispatch(context, session, name, &request);
+    // One clock read per command, for its latency and the store's `now`.
+    let now = Instant::now();
+    let _timer = context.metrics.time_resp_at(index, now);
+    let (reply, after) = dispatch(context, session, name, &request, now);
     if matches!(reply, Reply::Error(_)) {
         context.metrics.count_resp_error(label);
     }
@@ -140,6 +146,7 @@ fn dispatch(
     session: &mut Session,
     name: Option<&'static str>,
     request: &[Bytes],
+    now: Instant,
 ) -> (Reply, After) {
     let args = &request[1..];
     let Some(name) = name else {
@@ -175,7 +182,7 @@ fn dispatch(
             return (Reply::err(e), After::Continue);
         }
     };
-    let commands = Commands { context };
+    let commands = Commands { context, now };
     let reply = match name {
         "get" => commands.get(args),
         "set" => commands.set(args),
@@ -358,6 +365,8 @@ fn client(session: &mut Session, args: &[Bytes]) -> Reply {
 
 struct Commands<'a> {
     context: &'a Context,
+    /// When the command arrived.
+    now: Instant,
 }
 
 impl Commands<'_> {
@@ -377,12 +386,36 @@ impl Commands<'_> {
         (&self.context.default_keyspace, key.clone())
     }
 
+    /// The keyspace and key a RESP key names, the keyspace resolved: the
+    /// hot path's [`Commands::route`], one lookup by name at most (none
+    /// for a key without a `:`).
+    fn resolve(&self, key: &Bytes) -> crate::error::Result<(Arc<Keyspace>, Bytes)> {
+        if let Some(colon) = key.iter().position(|&b| b == b':')
+            && colon + 1 < key.len()
+            && let Ok(name) = std::str::from_utf8(&key[..colon])
+            && let Some(keyspace) = self.store().existing_keyspace(name)
+        {
+            return Ok((keyspace, key.slice(colon + 1..)));
+        }
+        let keyspace = match self.context.default.get() {
+            Some(keyspace) => Arc::clone(keyspace),
+            None => {
+                let keyspace = self.store().keyspace(&self.context.default_keyspace)?;
+                Arc::clone(self.context.default.get_or_init(|| keyspace))
+            }
+        };
+        Ok((keyspace, key.clone()))
+    }
+
     fn get(&self, args: &[Bytes]) -> Reply {
         let [key] = args else {
             return wrong_arity("get");
         };
-        let (keyspace, key) = self.route(key);
-        match self.store().get(keyspace, &key) {
+        let (keyspace, key) = match self.resolve(key) {
+            Ok(resolved) => resolved,
+            Err(e) => return store_error(e),
+        };
+        match self.store().get_in(&keyspace, &key, self.now) {
             Ok(hit) => Reply::Bulk(hit.map(|hit| hit.value)),
             Err(e) => store_error(e),
         }
@@ -423,7 +456,10 @@ impl Commands<'_> {
                 _ => return syntax_error(),
             }
         }
-        let (keyspace, key) = self.route(key);
+        let (keyspace, key) = match self.resolve(key) {
+            Ok(resolved) => resolved,
+            Err(e) => return store_error(e),
+        };
         let item = SetItem {
             key,
             value: value.clone(),
@@ -432,7 +468,7 @@ impl Commands<'_> {
             condition,
             dirty: false,
         };
-        match self.store().set(keyspace, item) {
+        match self.store().set_in(&keyspace, item, self.now) {
             Ok(result) => match result.outcome {
                 SetOutcome::Stored => Reply::OK,
                 SetOutcome::Exists | SetOutcome::Missing => Reply::Bulk(None),

@@ -66,10 +66,37 @@ fn line_end(buf: &[u8], start: usize, max: usize) -> Result<Option<usize>, ()> {
     }
 }
 
-/// Parses the decimal number of a header line (after its type byte).
+/// Parses the decimal number of a header line (after its type byte): an
+/// optional sign and at least one digit, as `i64::from_str` takes it,
+/// without its UTF-8 check (two of these per argument).
 fn number(digits: &[u8]) -> Option<i64> {
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    let (negative, digits) = match digits {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(d - b'0');
+        n = n.checked_mul(10)?;
+        n = if negative {
+            n.checked_sub(d)?
+        } else {
+            n.checked_add(d)?
+        };
+    }
+    Some(n)
 }
+
+/// Arguments whose positions the first pass keeps on the stack; longer
+/// requests (`MSET` of many keys) spill to the heap.
+const INLINE_ARGS: usize = 8;
 
 fn parse_multibulk(buf: &mut BytesMut, limits: &ParseLimits) -> Result<Option<Request>, Error> {
     let Some(end) =
@@ -93,8 +120,9 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &ParseLimits) -> Result<Option<Re
     }
     // First pass: find every element without copying, so that an incomplete
     // frame costs nothing but the scan and is retried from the start.
-    let mut spans = Vec::with_capacity(count);
-    for _ in 0..count {
+    let mut inline = [(0, 0); INLINE_ARGS];
+    let mut spilled = Vec::new();
+    for i in 0..count {
         match buf.get(pos) {
             None => return Ok(None),
             Some(b'$') => {}
@@ -133,13 +161,15 @@ fn parse_multibulk(buf: &mut BytesMut, limits: &ParseLimits) -> Result<Option<Re
         if &buf[start + len..frame_end] != b"\r\n" {
             return Err(protocol("bulk string not terminated by CRLF"));
         }
-        spans.push((start, start + len));
+        match inline.get_mut(i) {
+            Some(span) => *span = (start, start + len),
+            None => spilled.push((start, start + len)),
+        }
         pos = frame_end;
     }
     let frame = buf.split_to(pos).freeze();
-    Ok(Some(
-        spans.into_iter().map(|(s, e)| frame.slice(s..e)).collect(),
-    ))
+    let spans = inline[..count.min(INLINE_ARGS)].iter().chain(&spilled);
+    Ok(Some(spans.map(|&(s, e)| frame.slice(s..e)).collect()))
 }
 
 fn parse_inline(buf: &mut BytesMut, limits: &ParseLimits) -> Result<Option<Request>, Error> {
@@ -257,6 +287,51 @@ mod tests {
 
     fn words(request: &Request) -> Vec<&[u8]> {
         request.iter().map(|b| b.as_ref()).collect()
+    }
+
+    #[test]
+    fn header_numbers_parse_as_i64_from_str_does() {
+        for text in [
+            "0",
+            "7",
+            "-1",
+            "+5",
+            "00012",
+            "",
+            "-",
+            "+",
+            "1a",
+            " 1",
+            "1 ",
+            "--1",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "99999999999999999999",
+        ] {
+            assert_eq!(number(text.as_bytes()), text.parse().ok(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn requests_longer_than_the_inline_spans_keep_every_argument() {
+        let mut frame = b"*12\r\n$4\r\nMSET\r\n".to_vec();
+        for i in 0..11 {
+            let arg = format!("a{i}");
+            frame.extend_from_slice(format!("${}\r\n{arg}\r\n", arg.len()).as_bytes());
+        }
+        let limits = ParseLimits {
+            max_args: 16,
+            ..LIMITS
+        };
+        let request = parse(&mut BytesMut::from(&frame[..]), &limits)
+            .unwrap()
+            .unwrap();
+        let requests = [request];
+        assert_eq!(requests[0].len(), 12);
+        assert_eq!(&requests[0][8][..], b"a7");
+        assert_eq!(&requests[0][11][..], b"a10");
     }
 
     #[test]

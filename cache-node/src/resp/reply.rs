@@ -52,20 +52,25 @@ impl Reply {
             }
             Reply::Integer(n) => {
                 out.put_u8(b':');
-                out.put_slice(n.to_string().as_bytes());
+                if *n < 0 {
+                    out.put_u8(b'-');
+                }
+                put_decimal(out, n.unsigned_abs());
                 out.put_slice(b"\r\n");
             }
             Reply::Bulk(None) => out.put_slice(b"$-1\r\n"),
             Reply::Bulk(Some(bytes)) => {
+                // One reservation for the whole reply (header, value, CRLF).
+                out.reserve(bytes.len() + 24);
                 out.put_u8(b'$');
-                out.put_slice(bytes.len().to_string().as_bytes());
+                put_decimal(out, bytes.len() as u64);
                 out.put_slice(b"\r\n");
                 out.put_slice(bytes);
                 out.put_slice(b"\r\n");
             }
             Reply::Array(items) => {
                 out.put_u8(b'*');
-                out.put_slice(items.len().to_string().as_bytes());
+                put_decimal(out, items.len() as u64);
                 out.put_slice(b"\r\n");
                 for item in items {
                     item.encode(out);
@@ -73,6 +78,22 @@ impl Reply {
             }
         }
     }
+}
+
+/// Appends `n` in decimal without a heap allocation (every bulk reply
+/// has a length to write).
+fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[start..]);
 }
 
 #[cfg(test)]
@@ -86,6 +107,8 @@ mod tests {
             Reply::OK,
             Reply::err("bad\r\nthing"),
             Reply::Integer(-2),
+            Reply::Integer(i64::MIN),
+            Reply::Integer(0),
             Reply::Bulk(None),
             Reply::Array(vec![Reply::bulk(&b"a"[..]), Reply::Bulk(None)]),
         ] {
@@ -93,7 +116,7 @@ mod tests {
         }
         assert_eq!(
             &out[..],
-            b"+OK\r\n-ERR bad  thing\r\n:-2\r\n$-1\r\n*2\r\n$1\r\na\r\n$-1\r\n"
+            b"+OK\r\n-ERR bad  thing\r\n:-2\r\n:-9223372036854775808\r\n:0\r\n$-1\r\n*2\r\n$1\r\na\r\n$-1\r\n"
         );
     }
 }

@@ -432,6 +432,14 @@ impl Store {
         self.keyspaces.contains_key(name)
     }
 
+    /// The keyspace if it exists now (never creates it). Keyspaces are
+    /// never removed, so a transport may keep the handle.
+    pub fn existing_keyspace(&self, name: &str) -> Option<Arc<Keyspace>> {
+        self.keyspaces
+            .get(name)
+            .map(|keyspace| Arc::clone(&keyspace))
+    }
+
     /// Checks a key against the limits, as every operation does.
     ///
     /// # Errors
@@ -508,6 +516,27 @@ impl Store {
     pub fn get(&self, keyspace: &str, key: &[u8]) -> Result<Option<Hit>> {
         self.check_key(key)?;
         Ok(self.keyspace(keyspace)?.get(key, Instant::now()))
+    }
+
+    /// [`Store::get`] in a keyspace the caller has resolved (with
+    /// [`Store::keyspace`] or [`Store::existing_keyspace`]), at `now`: the
+    /// RESP path resolves once per key and reads its clock once per
+    /// command.
+    ///
+    /// # Errors
+    /// Invalid key.
+    pub fn get_in(&self, keyspace: &Keyspace, key: &[u8], now: Instant) -> Result<Option<Hit>> {
+        self.check_key(key)?;
+        Ok(keyspace.get(key, now))
+    }
+
+    /// [`Store::set`] in a keyspace the caller has resolved, at `now`.
+    ///
+    /// # Errors
+    /// As [`Store::set`].
+    pub fn set_in(&self, keyspace: &Keyspace, item: SetItem, now: Instant) -> Result<SetResult> {
+        self.check_item(&item)?;
+        keyspace.set(item, now)
     }
 
     /// Writes one key under its condition.

@@ -1946,3 +1946,270 @@ fn a_key_has_one_entry_clean_or_dirty() {
     );
     assert_eq!(read(&s, "default", "k"), Some(("c3".into(), 3)));
 }
+
+mod model {
+    //! Random operation sequences on a few keys, checked step by step
+    //! against a plain model of the version rules: write conditions, the
+    //! dirty entry's fence, `MarkClean`, `Discard`, `DeleteBelow`, and
+    //! leases with their fills. Nothing expires (no TTLs, leases of an
+    //! hour) and nothing is evicted (the capacity is never reached), so
+    //! the model needs no clock.
+
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const KEYS: u8 = 3;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Get(u8),
+        Set {
+            key: u8,
+            version: u64,
+            condition: WriteCondition,
+            dirty: bool,
+        },
+        Delete(u8),
+        DeleteBelow(u8, u64),
+        Discard(u8, u64),
+        MarkClean(u8, u64),
+        LeaseGet(u8),
+        /// Fills with the key's last granted token (`stale` takes a token
+        /// the store has since replaced or dropped, if any).
+        Fill {
+            key: u8,
+            version: u64,
+            stale: bool,
+        },
+    }
+
+    fn condition() -> impl Strategy<Value = WriteCondition> {
+        prop_oneof![
+            Just(WriteCondition::Unconditional),
+            Just(WriteCondition::IfAbsent),
+            Just(WriteCondition::IfNewerVersion),
+            Just(WriteCondition::IfPresent),
+        ]
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let key = 0..KEYS;
+        let version = 0u64..6;
+        prop_oneof![
+            2 => key.clone().prop_map(Step::Get),
+            6 => (key.clone(), version.clone(), condition(), any::<bool>()).prop_map(
+                |(key, version, condition, dirty)| Step::Set { key, version, condition, dirty }
+            ),
+            1 => key.clone().prop_map(Step::Delete),
+            1 => (key.clone(), version.clone()).prop_map(|(k, v)| Step::DeleteBelow(k, v)),
+            1 => (key.clone(), version.clone()).prop_map(|(k, v)| Step::Discard(k, v)),
+            2 => (key.clone(), version.clone()).prop_map(|(k, v)| Step::MarkClean(k, v)),
+            2 => key.clone().prop_map(Step::LeaseGet),
+            2 => (key, version, any::<bool>()).prop_map(|(key, version, stale)| Step::Fill { key, version, stale }),
+        ]
+    }
+
+    /// A key's live entry in the model.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Live {
+        value: Bytes,
+        version: u64,
+        dirty: bool,
+    }
+
+    /// What the model holds for one key.
+    #[derive(Clone, Debug, Default)]
+    struct Key {
+        live: Option<Live>,
+        /// The store's current lease token, if any.
+        lease: Option<u64>,
+        /// Tokens once granted and no longer current.
+        old_tokens: Vec<u64>,
+    }
+
+    impl Key {
+        fn drop_lease(&mut self) {
+            if let Some(token) = self.lease.take() {
+                self.old_tokens.push(token);
+            }
+        }
+
+        fn version(&self) -> u64 {
+            self.live.as_ref().map_or(0, |l| l.version)
+        }
+    }
+
+    /// The rule of `Store::set`: the outcome of a write against the live
+    /// entry.
+    fn expected_set(
+        live: Option<&Live>,
+        version: u64,
+        condition: WriteCondition,
+        dirty: bool,
+    ) -> SetResult {
+        let refused = |outcome, current_version| SetResult {
+            outcome,
+            current_version,
+        };
+        match live {
+            Some(live) if condition == WriteCondition::IfAbsent => {
+                refused(SetOutcome::Exists, live.version)
+            }
+            Some(live)
+                if (condition == WriteCondition::IfNewerVersion || (!dirty && live.dirty))
+                    && live.version >= version =>
+            {
+                refused(SetOutcome::StaleVersion, live.version)
+            }
+            None if condition == WriteCondition::IfPresent => refused(SetOutcome::Missing, 0),
+            _ => refused(SetOutcome::Stored, version),
+        }
+    }
+
+    fn name(key: u8) -> Bytes {
+        Bytes::from(vec![b'k', b'0' + key])
+    }
+
+    proptest! {
+        #[test]
+        fn the_store_follows_the_version_rules(steps in proptest::collection::vec(step(), 1..120)) {
+            let s = store("[keyspaces.default]\ncapacity_bytes = 1073741824\nlease_ttl = \"1h\"");
+            let mut model: HashMap<u8, Key> = (0..KEYS).map(|k| (k, Key::default())).collect();
+            for (n, step) in steps.into_iter().enumerate() {
+                match step {
+                    Step::Get(key) => {
+                        let got = s.get("default", &name(key)).unwrap();
+                        let want = model[&key].live.as_ref();
+                        prop_assert_eq!(
+                            got.map(|h| (h.value, h.version)),
+                            want.map(|l| (l.value.clone(), l.version)),
+                            "get of key {}", key
+                        );
+                    }
+                    Step::Set { key, version, condition, dirty } => {
+                        let value = Bytes::from(format!("v{n}"));
+                        let result = s.set("default", SetItem {
+                            key: name(key),
+                            value: value.clone(),
+                            version,
+                            ttl: None,
+                            condition,
+                            dirty,
+                        }).unwrap();
+                        let m = model.get_mut(&key).unwrap();
+                        let want = expected_set(m.live.as_ref(), version, condition, dirty);
+                        prop_assert_eq!(result, want, "set of key {} v{} {:?} dirty {}", key, version, condition, dirty);
+                        m.drop_lease();
+                        if want.outcome == SetOutcome::Stored {
+                            m.live = Some(Live { value, version, dirty });
+                        }
+                    }
+                    Step::Delete(key) => {
+                        let deleted = s.delete("default", &name(key)).unwrap();
+                        let m = model.get_mut(&key).unwrap();
+                        prop_assert_eq!(deleted, m.live.is_some());
+                        m.live = None;
+                        m.drop_lease();
+                    }
+                    Step::DeleteBelow(key, version) => {
+                        let deleted = s.delete_below("default", &name(key), version).unwrap();
+                        let m = model.get_mut(&key).unwrap();
+                        let want = m.live.as_ref().is_some_and(|l| l.version < version);
+                        prop_assert_eq!(deleted, want);
+                        if want {
+                            m.live = None;
+                        }
+                        m.drop_lease();
+                    }
+                    Step::Discard(key, version) => {
+                        let gone = s.discard("default", &name(key), version).unwrap();
+                        let m = model.get_mut(&key).unwrap();
+                        let want = m.live.as_ref().is_some_and(|l| l.version == version);
+                        prop_assert_eq!(gone, want);
+                        if want {
+                            m.live = None;
+                        }
+                        m.drop_lease();
+                    }
+                    Step::MarkClean(key, version) => {
+                        let settled = s.mark_clean("default", &[(name(key), version)]).unwrap();
+                        let m = model.get_mut(&key).unwrap();
+                        let want = match &mut m.live {
+                            Some(l) if l.version < version => {
+                                m.live = None;
+                                true
+                            }
+                            Some(l) if l.dirty && l.version == version => {
+                                l.dirty = false;
+                                true
+                            }
+                            _ => false,
+                        };
+                        prop_assert_eq!(settled, usize::from(want));
+                        m.drop_lease();
+                    }
+                    Step::LeaseGet(key) => {
+                        let read = s.lease_get("default", &name(key)).unwrap();
+                        let m = model.get_mut(&key).unwrap();
+                        match (read, &m.live, m.lease) {
+                            (LeaseRead::Hit(hit), Some(live), _) => {
+                                prop_assert_eq!((hit.value, hit.version), (live.value.clone(), live.version));
+                            }
+                            (LeaseRead::Granted { token }, None, None) => {
+                                prop_assert_ne!(token, 0);
+                                prop_assert!(!m.old_tokens.contains(&token), "token {} granted twice", token);
+                                m.lease = Some(token);
+                            }
+                            (LeaseRead::Wait { .. }, None, Some(_)) => {}
+                            (read, live, lease) => {
+                                prop_assert!(false, "lease_get of key {} gave {:?} with {:?} live and lease {:?}", key, read, live, lease);
+                            }
+                        }
+                    }
+                    Step::Fill { key, version, stale } => {
+                        let m = model.get_mut(&key).unwrap();
+                        let token = if stale {
+                            m.old_tokens.last().copied().unwrap_or(0)
+                        } else {
+                            m.lease.unwrap_or(0)
+                        };
+                        let value = Bytes::from(format!("f{n}"));
+                        let result = s.fill("default", SetItem {
+                            key: name(key),
+                            value: value.clone(),
+                            version,
+                            ttl: None,
+                            condition: WriteCondition::Unconditional,
+                            dirty: false,
+                        }, token).unwrap();
+                        let holds = token != 0 && m.lease == Some(token);
+                        let want = if !holds {
+                            FillResult { outcome: FillOutcome::LeaseInvalid, current_version: m.version() }
+                        } else {
+                            m.drop_lease();
+                            // A fill is always fenced by the live version.
+                            match &m.live {
+                                Some(l) if l.version >= version => FillResult {
+                                    outcome: FillOutcome::StaleVersion,
+                                    current_version: l.version,
+                                },
+                                _ => {
+                                    m.live = Some(Live { value, version, dirty: false });
+                                    FillResult { outcome: FillOutcome::Stored, current_version: version }
+                                }
+                            }
+                        };
+                        prop_assert_eq!(result, want, "fill of key {} v{} with token {}", key, version, token);
+                    }
+                }
+            }
+            let stats = one_stats(&s, "default");
+            let live: Vec<&Live> = model.values().filter_map(|k| k.live.as_ref()).collect();
+            prop_assert_eq!(stats.items + stats.dirty_items, live.len() as u64);
+            prop_assert_eq!(stats.dirty_items, live.iter().filter(|l| l.dirty).count() as u64);
+        }
+    }
+}

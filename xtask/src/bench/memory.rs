@@ -1,15 +1,25 @@
-//! The `memory` suite: bytes per item for 1,000,000 100-byte values, the
-//! node against `redis-server`.
+//! The `memory` suite: bytes per item for 1,000,000 values of 100 bytes
+//! and of 1 KiB, the node against `redis-server`; and expiry without reads.
 //!
-//! Each server is started fresh, its memory read, the same keys
+//! Per item: each server is started fresh, its memory read, the same keys
 //! (`key:0000000` ...) loaded through RESP by a pipelined writer here, the
 //! count checked (and, for the node, that nothing was evicted), and its
 //! memory read again. The deltas per item are compared like with like: the
 //! resident set (`VmRSS` of `/proc/PID/status`) of both, beside redis's own
 //! allocator count (`used_memory`) and the node's own accounting (the
-//! weighted bytes of its keyspace: key + value + a fixed overhead).
+//! bytes its keyspace charges, as glibc charges them).
+//!
+//! Expiry without reads: a fresh server of each kind is loaded with the
+//! same 1,000,000 100-byte entries with a TTL ([`EXPIRY_TTL`]), nothing
+//! reads them, and the suite samples the keys held, the resident set and
+//! the server's own count every [`EXPIRY_SAMPLE`] for [`EXPIRY_WATCH`]
+//! after the load ends: what active expiry gives back without a read.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use tokio::{
@@ -22,8 +32,16 @@ use super::{
     resp::{Kind, Server, node_config_shown},
 };
 
-/// Size of every value, in bytes.
-const VALUE_BYTES: usize = 100;
+/// Value sizes measured, in bytes.
+const VALUE_SIZES: [usize; 2] = [100, 1024];
+/// TTL of the entries of the expiry measurement.
+const EXPIRY_TTL: Duration = Duration::from_secs(2);
+/// How long after the load the expiry measurement watches.
+const EXPIRY_WATCH: Duration = Duration::from_secs(10);
+/// How often it samples.
+const EXPIRY_SAMPLE: Duration = Duration::from_millis(500);
+/// Value size of the expiry measurement.
+const EXPIRY_VALUE_BYTES: usize = 100;
 /// SETs written before their replies are read.
 const BATCH: usize = 1000;
 /// How long one command or one batch may take.
@@ -39,10 +57,10 @@ fn key(i: usize) -> String {
     format!("key:{i:07}")
 }
 
-/// The value of item `i`: its number, zero-padded to [`VALUE_BYTES`], so
-/// that no two values are equal.
-fn value(i: usize) -> String {
-    format!("{i:0>VALUE_BYTES$}")
+/// The value of item `i`: its number, zero-padded to `bytes`, so that no
+/// two values are equal.
+fn value(i: usize, bytes: usize) -> String {
+    format!("{i:0>bytes$}")
 }
 
 /// A RESP multibulk request.
@@ -82,13 +100,21 @@ async fn read_oks(stream: &mut TcpStream, buf: &mut Vec<u8>, mut count: usize) -
     Ok(())
 }
 
-/// SETs `items` keys with their values, `BATCH` at a time.
-async fn load(ctx: &Ctx, addr: SocketAddr, items: usize) -> Result<()> {
+/// SETs `items` keys with values of `value_bytes`, `BATCH` at a time; with
+/// `ttl`, each with `PX` of it.
+async fn load(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    items: usize,
+    value_bytes: usize,
+    ttl: Option<Duration>,
+) -> Result<()> {
     let mut stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("failed to connect to {addr}"))?;
     let mut out = Vec::new();
     let mut replies = Vec::new();
+    let px = ttl.map(|ttl| ttl.as_millis().to_string());
     for first in (0..items).step_by(BATCH) {
         if ctx.cancel.is_cancelled() {
             bail!("interrupted while loading");
@@ -96,7 +122,20 @@ async fn load(ctx: &Ctx, addr: SocketAddr, items: usize) -> Result<()> {
         out.clear();
         let last = (first + BATCH).min(items);
         for i in first..last {
-            request(&mut out, &[b"SET", key(i).as_bytes(), value(i).as_bytes()]);
+            let (key, value) = (key(i), value(i, value_bytes));
+            match &px {
+                None => request(&mut out, &[b"SET", key.as_bytes(), value.as_bytes()]),
+                Some(px) => request(
+                    &mut out,
+                    &[
+                        b"SET",
+                        key.as_bytes(),
+                        value.as_bytes(),
+                        b"PX",
+                        px.as_bytes(),
+                    ],
+                ),
+            }
         }
         let batch = async {
             stream.write_all(&out).await?;
@@ -171,50 +210,71 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 /// What one server's load cost.
 struct Measured {
     rss_per_item: f64,
-    /// redis: `used_memory` delta; the node: weighted bytes of its keyspace.
+    /// redis: `used_memory` delta; the node: the bytes of its keyspace.
     own_per_item: f64,
     rss_after: u64,
 }
 
-async fn measure(ctx: &Ctx, kind: Kind, cpu: usize, items: usize) -> Result<Measured> {
-    let mut server = Server::start(ctx, kind, cpu, "memory").await?;
+/// The server's own count of its memory: redis's `used_memory`, the
+/// node's keyspace `bytes`.
+fn own_bytes(kind: Kind, info: &[(String, String)]) -> Result<u64> {
+    match kind {
+        Kind::Redis => field(info, "used_memory")?
+            .parse()
+            .context("used_memory is not a number"),
+        Kind::Ringcache => sub_field(field(info, "keyspace_default")?, "bytes"),
+    }
+}
+
+/// The keys the server holds (expired ones not yet removed included).
+fn keys_held(kind: Kind, info: &[(String, String)]) -> Result<u64> {
+    match kind {
+        // redis drops the `db0` line once the database is empty.
+        Kind::Redis => match field(info, "db0") {
+            Ok(db0) => sub_field(db0, "keys"),
+            Err(_) => Ok(0),
+        },
+        Kind::Ringcache => sub_field(field(info, "keyspace_default")?, "keys"),
+    }
+}
+
+async fn measure(
+    ctx: &Ctx,
+    kind: Kind,
+    cpu: usize,
+    items: usize,
+    value_bytes: usize,
+) -> Result<Measured> {
+    let label = format!("memory-{value_bytes}");
+    let mut server = Server::start(ctx, kind, cpu, &label).await?;
     let before_info = info(server.addr).await?;
     let rss_before = rss_bytes(server.pid())?;
     eprintln!(
-        "xtask: bench memory: loading {items} items into {}",
+        "xtask: bench memory: loading {items} items of {value_bytes} bytes into {}",
         kind.name()
     );
-    load(ctx, server.addr, items).await?;
+    load(ctx, server.addr, items, value_bytes, None).await?;
     server.check_alive()?;
     let after_info = info(server.addr).await?;
     let rss_after = rss_bytes(server.pid())?;
     let per_item = |before: u64, after: u64| after.saturating_sub(before) as f64 / items as f64;
-    let own_per_item = match kind {
-        Kind::Redis => {
-            let keys = sub_field(field(&after_info, "db0")?, "keys")?;
-            if keys != items as u64 {
-                bail!("redis-server holds {keys} keys after loading {items}");
-            }
-            let used = |info: &[(String, String)]| -> Result<u64> {
-                field(info, "used_memory")?
-                    .parse()
-                    .context("used_memory is not a number")
-            };
-            per_item(used(&before_info)?, used(&after_info)?)
+    let keys = keys_held(kind, &after_info)?;
+    if keys != items as u64 {
+        bail!(
+            "{} holds {keys} keys after loading {items}: its capacity is too small",
+            kind.name()
+        );
+    }
+    if kind == Kind::Ringcache {
+        let evictions = sub_field(field(&after_info, "keyspace_default")?, "evictions")?;
+        if evictions != 0 {
+            bail!("the node evicted {evictions} keys: its capacity is too small");
         }
-        Kind::Ringcache => {
-            let keyspace = field(&after_info, "keyspace_default")?;
-            let keys = sub_field(keyspace, "keys")?;
-            let evictions = sub_field(keyspace, "evictions")?;
-            if keys != items as u64 || evictions != 0 {
-                bail!(
-                    "the node holds {keys} keys after loading {items} \
-                     ({evictions} evicted): its capacity is too small"
-                );
-            }
-            sub_field(keyspace, "bytes")? as f64 / items as f64
-        }
-    };
+    }
+    let own_per_item = per_item(
+        own_bytes(kind, &before_info)?,
+        own_bytes(kind, &after_info)?,
+    );
     server.stop().await?;
     Ok(Measured {
         rss_per_item: per_item(rss_before, rss_after),
@@ -223,43 +283,228 @@ async fn measure(ctx: &Ctx, kind: Kind, cpu: usize, items: usize) -> Result<Meas
     })
 }
 
+/// One sample of the expiry measurement.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    /// Since the load ended.
+    at: Duration,
+    keys: u64,
+    rss: u64,
+    own: u64,
+}
+
+/// The expiry measurement of one server.
+struct Expiry {
+    /// Before the load.
+    empty: Sample,
+    /// From the end of the load on.
+    samples: Vec<Sample>,
+}
+
+impl Expiry {
+    /// The first sample holding no key, if any.
+    fn emptied(&self) -> Option<&Sample> {
+        self.samples.iter().find(|s| s.keys == 0)
+    }
+
+    fn last(&self) -> &Sample {
+        self.samples
+            .last()
+            .expect("the watch takes at least one sample")
+    }
+
+    fn loaded(&self) -> &Sample {
+        &self.samples[0]
+    }
+}
+
+async fn sample(kind: Kind, server: &Server, at: Duration) -> Result<Sample> {
+    let info = info(server.addr).await?;
+    Ok(Sample {
+        at,
+        keys: keys_held(kind, &info)?,
+        rss: rss_bytes(server.pid())?,
+        own: own_bytes(kind, &info)?,
+    })
+}
+
+async fn measure_expiry(ctx: &Ctx, kind: Kind, cpu: usize, items: usize) -> Result<Expiry> {
+    let mut server = Server::start(ctx, kind, cpu, "memory-expiry").await?;
+    let empty = sample(kind, &server, Duration::ZERO).await?;
+    eprintln!(
+        "xtask: bench memory: loading {items} items with a {EXPIRY_TTL:?} TTL into {}",
+        kind.name()
+    );
+    let started = Instant::now();
+    load(
+        ctx,
+        server.addr,
+        items,
+        EXPIRY_VALUE_BYTES,
+        Some(EXPIRY_TTL),
+    )
+    .await?;
+    let loaded = Instant::now();
+    if loaded - started >= EXPIRY_TTL {
+        eprintln!(
+            "xtask: bench memory: loading took {:?}, longer than the TTL: \
+             the first entries expired during the load",
+            loaded - started
+        );
+    }
+    let mut samples = Vec::new();
+    let mut next = loaded;
+    while next <= loaded + EXPIRY_WATCH {
+        tokio::time::sleep_until(next.into()).await;
+        if ctx.cancel.is_cancelled() {
+            bail!("interrupted while watching expiry");
+        }
+        server.check_alive()?;
+        samples.push(sample(kind, &server, loaded.elapsed()).await?);
+        next += EXPIRY_SAMPLE;
+    }
+    server.stop().await?;
+    Ok(Expiry { empty, samples })
+}
+
 pub async fn run(ctx: &Ctx) -> Result<String> {
     let (server_cpu, _) = ctx.cpus();
     let items = items(ctx);
-    let redis = measure(ctx, Kind::Redis, server_cpu, items).await?;
-    let node = measure(ctx, Kind::Ringcache, server_cpu, items).await?;
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     let mut out = String::new();
     writeln!(
         out,
-        "{items} keys (`key:0000000` ...) with {VALUE_BYTES}-byte values, SET through RESP in \
+        "{items} keys (`key:0000000` ...) with values of each size, SET through RESP in \
          pipelined batches of {BATCH} into a freshly started server; per item = growth / {items}."
     )?;
     writeln!(out)?;
-    writeln!(out, "| | redis-server | ringcache | ringcache / redis |")?;
-    writeln!(out, "|---|---:|---:|---:|")?;
     writeln!(
         out,
-        "| RSS growth per item (`VmRSS`), bytes | {:.1} | {:.1} | {:.2}x |",
-        redis.rss_per_item,
-        node.rss_per_item,
-        node.rss_per_item / redis.rss_per_item
+        "| value | | redis-server | ringcache | ringcache / redis |"
     )?;
+    writeln!(out, "|---:|---|---:|---:|---:|")?;
+    for value_bytes in VALUE_SIZES {
+        let redis = measure(ctx, Kind::Redis, server_cpu, items, value_bytes).await?;
+        let node = measure(ctx, Kind::Ringcache, server_cpu, items, value_bytes).await?;
+        writeln!(
+            out,
+            "| {value_bytes} B | RSS growth per item (`VmRSS`), bytes | {:.1} | {:.1} | {:.2}x |",
+            redis.rss_per_item,
+            node.rss_per_item,
+            node.rss_per_item / redis.rss_per_item
+        )?;
+        writeln!(
+            out,
+            "| {value_bytes} B | own accounting per item, bytes (redis: `used_memory`; \
+             ringcache: keyspace `bytes`) | {:.1} | {:.1} | |",
+            redis.own_per_item, node.own_per_item
+        )?;
+        writeln!(
+            out,
+            "| {value_bytes} B | ringcache's accounting / its RSS growth | | {:.3} | |",
+            node.own_per_item / node.rss_per_item
+        )?;
+        writeln!(
+            out,
+            "| {value_bytes} B | RSS after loading, MiB | {:.1} | {:.1} | |",
+            mib(redis.rss_after),
+            mib(node.rss_after)
+        )?;
+    }
+    writeln!(out)?;
+
+    let redis = measure_expiry(ctx, Kind::Redis, server_cpu, items).await?;
+    let node = measure_expiry(ctx, Kind::Ringcache, server_cpu, items).await?;
     writeln!(
         out,
-        "| own accounting per item, bytes | {:.1} (`used_memory` growth) | {:.1} (keyspace `bytes`: entries and index as glibc charges them) | |",
-        redis.own_per_item, node.own_per_item
+        "Expiry without reads: {items} keys with {EXPIRY_VALUE_BYTES}-byte values, each SET \
+         with `PX {}` into a freshly started server, then nothing but `INFO` for {}s; \
+         t = time since the load ended. Own count: redis's `used_memory`, ringcache's \
+         keyspace `bytes`.",
+        EXPIRY_TTL.as_millis(),
+        EXPIRY_WATCH.as_secs()
     )?;
-    writeln!(
-        out,
-        "| RSS after loading, MiB | {:.1} | {:.1} | |",
-        mib(redis.rss_after),
-        mib(node.rss_after)
-    )?;
+    writeln!(out)?;
+    writeln!(out, "| | redis-server | ringcache |")?;
+    writeln!(out, "|---|---:|---:|")?;
+    let both = |f: &dyn Fn(&Expiry) -> String| (f(&redis), f(&node));
+    let rows: [(&str, (String, String)); 7] = [
+        (
+            "RSS empty / loaded, MiB",
+            both(&|e| format!("{:.1} / {:.1}", mib(e.empty.rss), mib(e.loaded().rss))),
+        ),
+        (
+            "own count empty / loaded, MiB",
+            both(&|e| format!("{:.1} / {:.1}", mib(e.empty.own), mib(e.loaded().own))),
+        ),
+        (
+            "keys at the end of the load",
+            both(&|e| e.loaded().keys.to_string()),
+        ),
+        (
+            "first sample with no key, t",
+            both(&|e| {
+                e.emptied().map_or_else(
+                    || "never".to_owned(),
+                    |s| format!("{:.1} s", s.at.as_secs_f64()),
+                )
+            }),
+        ),
+        (
+            "keys at the last sample",
+            both(&|e| format!("{} (t = {:.1} s)", e.last().keys, e.last().at.as_secs_f64())),
+        ),
+        (
+            "RSS at the last sample, MiB (growth left, of the load's)",
+            both(&|e| {
+                let grown = e.loaded().rss.saturating_sub(e.empty.rss).max(1);
+                let left = e.last().rss.saturating_sub(e.empty.rss);
+                format!(
+                    "{:.1} ({:.0}%)",
+                    mib(e.last().rss),
+                    100.0 * left as f64 / grown as f64
+                )
+            }),
+        ),
+        (
+            "own count at the last sample, MiB (growth left)",
+            both(&|e| {
+                let grown = e.loaded().own.saturating_sub(e.empty.own).max(1);
+                let left = e.last().own.saturating_sub(e.empty.own);
+                format!(
+                    "{:.1} ({:.0}%)",
+                    mib(e.last().own),
+                    100.0 * left as f64 / grown as f64
+                )
+            }),
+        ),
+    ];
+    for (name, (r, n)) in rows {
+        writeln!(out, "| {name} | {r} | {n} |")?;
+    }
+    writeln!(out)?;
+    writeln!(out, "Every sample (t s: keys, RSS MiB, own MiB):")?;
+    writeln!(out)?;
+    for (kind, e) in [(Kind::Redis, &redis), (Kind::Ringcache, &node)] {
+        let samples: Vec<String> = e
+            .samples
+            .iter()
+            .map(|s| {
+                format!(
+                    "{:.1}: {}, {:.0}, {:.0}",
+                    s.at.as_secs_f64(),
+                    s.keys,
+                    mib(s.rss),
+                    mib(s.own)
+                )
+            })
+            .collect();
+        writeln!(out, "- {}: {}", kind.name(), samples.join("; "))?;
+    }
     writeln!(out)?;
     writeln!(
         out,
-        "The ratio compares RSS with RSS. Both servers run as in the `resp` suite \
+        "The ratios compare RSS with RSS. Both servers run as in the `resp` suite \
          (pinned to CPU {server_cpu}; the node with one worker thread and this config):"
     )?;
     writeln!(out)?;
@@ -274,8 +519,8 @@ mod tests {
     #[test]
     fn keys_and_values_have_fixed_sizes() {
         assert_eq!(key(42), "key:0000042");
-        assert_eq!(value(42).len(), VALUE_BYTES);
-        assert!(value(42).ends_with("042"));
+        assert_eq!(value(42, 100).len(), 100);
+        assert!(value(42, 1024).ends_with("042"));
         let mut out = Vec::new();
         request(&mut out, &[b"SET", b"k", b"v"]);
         assert_eq!(out, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n");
