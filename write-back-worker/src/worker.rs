@@ -353,7 +353,9 @@ impl Batcher<'_> {
                             writer, &mut lanes, &mut expected, &positions, &poller, &mut in_flight,
                         )
                         .await;
-                        lanes.clear();
+                        if settled.is_ok() {
+                            lanes.clear();
+                        }
                         expected.clear();
                         let _ = ack.send(());
                         if let Err(err) = settled {
