@@ -185,6 +185,22 @@ impl DeadLetterRecord {
     }
 }
 
+/// Every header of a Kafka record, in order, owned: how the worker and the
+/// dead-letter tools hold them.
+#[cfg(feature = "kafka")]
+pub fn owned_headers(message: &impl rdkafka::Message) -> Vec<(String, Option<Bytes>)> {
+    use rdkafka::message::Headers as _;
+    message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Every record of `topic` up to its high watermarks as of the call, in
 /// (partition, offset) order; empty when the topic does not exist. It
 /// assigns the partitions itself: `group` only names the reader to the
@@ -208,7 +224,6 @@ pub fn read_topic(
     use rdkafka::{
         ClientConfig, Message, Offset, TopicPartitionList,
         consumer::{BaseConsumer, Consumer},
-        message::Headers,
     };
 
     let failed = |what: String| crate::Error::Store {
@@ -275,15 +290,7 @@ pub fn read_topic(
                 offset: message.offset(),
                 key: message.key().map(Bytes::copy_from_slice),
                 value: message.payload().map(Bytes::copy_from_slice),
-                headers: message
-                    .headers()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                headers: owned_headers(&message),
             });
         }
         if message.offset() + 1 >= end {

@@ -27,7 +27,6 @@ use dashmap::DashMap;
 use rdkafka::{
     ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext},
-    message::Headers,
     types::RDKafkaRespErr,
 };
 use tokio::{runtime::Handle, sync::mpsc, sync::oneshot, task::JoinHandle};
@@ -219,15 +218,7 @@ fn poll_loop(
         match consumer.poll(POLL_TIMEOUT) {
             None => {}
             Some(Ok(message)) => {
-                let headers = message
-                    .headers()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let headers = cache_client::dead_letter::owned_headers(&message);
                 let polled = Polled {
                     source: RecordSource {
                         topic: message.topic().to_owned(),

@@ -177,14 +177,21 @@ impl Keyspace {
     /// defect 4): the cache keeps the older value until the record is
     /// stored, and this is the moment it stops being the newest.
     pub(super) fn mark_clean(&self, key: &[u8], version: u64, now: Instant) -> bool {
+        self.with_lease_dropped(key, now, || self.settle_stored(key, version, now))
+    }
+
+    /// Runs `change` under the key's record lock, with its record settled
+    /// and its lease invalidated, when the keyspace has records; else
+    /// alone (no record can hold a lease).
+    fn with_lease_dropped<T>(&self, key: &[u8], now: Instant, change: impl FnOnce() -> T) -> T {
         if self.records.any() {
             self.records.update(Bytes::copy_from_slice(key), |state| {
                 self.settle(key, state, now);
                 state.lease = None;
-                self.settle_stored(key, version, now)
+                change()
             })
         } else {
-            self.settle_stored(key, version, now)
+            change()
         }
     }
 
@@ -194,15 +201,7 @@ impl Keyspace {
     /// Invalidates the lease like [`Keyspace::delete`]; true when an entry
     /// went.
     pub(super) fn discard(&self, key: &[u8], version: u64, now: Instant) -> bool {
-        let gone = if self.records.any() {
-            self.records.update(Bytes::copy_from_slice(key), |state| {
-                self.settle(key, state, now);
-                state.lease = None;
-                self.remove_version(key, version, now)
-            })
-        } else {
-            self.remove_version(key, version, now)
-        };
+        let gone = self.with_lease_dropped(key, now, || self.remove_version(key, version, now));
         if gone {
             bump(&self.counters.deletes, 1);
         }
