@@ -355,6 +355,65 @@ async fn a_worker_started_before_its_cache_nodes_marks_clean_once_they_are_up() 
     Ok(())
 }
 
+/// A worker subscribed to a keyspace whose topic does not exist yet (the
+/// worker was deployed before the first client created it) takes the topic
+/// up soon after it is created, not at librdkafka's default metadata
+/// refresh five minutes later.
+#[tokio::test]
+async fn a_worker_takes_up_a_topic_created_after_it_subscribed() -> Result<()> {
+    let (url, pg) = own_database("rc_wb_late_topic").await?;
+    let brokers = ringcache_tests::kafka_brokers()?;
+    let nodes = cluster(1).await?;
+    let early = ringcache_tests::unique("wbearly");
+    let late = ringcache_tests::unique("wblate_topic");
+    let client = client(&nodes, &brokers, Duration::from_secs(10)).await?;
+    client.define_keyspace(
+        &early,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+
+    let group = format!("{late}_group");
+    let worker_config = write_back_worker::Config {
+        brokers: brokers.clone(),
+        database_url: url,
+        group: group.clone(),
+        keyspaces: vec![early.clone(), late.clone()],
+        cache_seeds: nodes.iter().map(|n| n.addr().to_string()).collect(),
+        metrics_listen: None,
+        dead_letter_topic: ringcache_tests::dead_letter_topic(&group),
+        ..write_back_worker::Config::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(write_back_worker::run(worker_config, async {
+        let _ = stopped.await;
+    }));
+
+    // Once the early keyspace's record is stored, the worker has joined its
+    // group and fetched its metadata: the late topic was missing then.
+    client.keyspace(&early).put("e", "v").await?;
+    wait_until("the early keyspace's record to be stored", || async {
+        Ok(matches!(pg.load(&early, b"e").await?, Loaded::Present(_)))
+    })
+    .await?;
+
+    client.define_keyspace(
+        &late,
+        KeyspaceSettings::new(Strategy::WriteBack),
+        Some(pg.clone()),
+    )?;
+    client.ensure_write_back_topics().await?;
+    client.keyspace(&late).put("l", "v").await?;
+    wait_until("the late keyspace's record to be stored", || async {
+        Ok(matches!(pg.load(&late, b"l").await?, Loaded::Present(_)))
+    })
+    .await?;
+    let _ = stop.send(());
+    worker.await??;
+    Ok(())
+}
+
 /// Polls `check` every 100 ms until it holds, failing with `what` after a
 /// minute.
 async fn wait_until<F, Fut>(what: &str, mut check: F) -> Result<()>

@@ -55,6 +55,12 @@ impl Positions {
     }
 }
 
+/// How often the consumer reads the topics' metadata again. A subscribed
+/// topic that does not exist yet (the worker was deployed before a client
+/// created it) is taken up at the next read: librdkafka's default, five
+/// minutes, left such a keyspace unstored that long.
+const TOPIC_METADATA_REFRESH: Duration = Duration::from_secs(5);
+
 /// How long one `poll` blocks; bounds how late the thread notices a stop.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Shortest interval between two warnings about failing polls.
@@ -126,7 +132,11 @@ impl Poller {
             .set("session.timeout.ms", ms(config.session_timeout))
             .set("heartbeat.interval.ms", ms(config.heartbeat_interval))
             .set("max.poll.interval.ms", ms(config.max_poll_interval))
-            .set("statistics.interval.ms", ms(STATS_INTERVAL));
+            .set("statistics.interval.ms", ms(STATS_INTERVAL))
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                ms(TOPIC_METADATA_REFRESH),
+            );
         // Small fetches, and a bounded prefetch, by default: librdkafka's
         // defaults (1 MiB per partition, 50 MiB per request, 100,000
         // records queued per partition) make a broker with a backlog serve
