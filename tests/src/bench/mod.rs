@@ -12,6 +12,8 @@
 //!   preload, warm-up, the closed and open loops, batched reads.
 //! - [`baseline`]: the `grpc-baseline` server, the `CacheNode` service
 //!   answering fixed replies without a cache, to measure the transport.
+//! - [`trace`]: the hit-ratio traces (Zipf, scans, a moving hot set)
+//!   replayed by `hit-ratio`. Pure.
 //! - [`ring`]: the ring's balance, key movement and lookup cost, printed
 //!   by `ring-report`. Pure.
 
@@ -21,6 +23,7 @@ pub mod ring;
 pub mod run;
 pub mod schedule;
 pub mod summary;
+pub mod trace;
 
 pub use keys::{KeyChooser, KeyDistribution};
 pub use run::{Mode, Options, Target, run};

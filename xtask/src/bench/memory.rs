@@ -150,7 +150,7 @@ async fn load(
 
 /// `INFO` as `field:value` pairs (every section; the node ignores the
 /// section argument anyway).
-async fn info(addr: SocketAddr) -> Result<Vec<(String, String)>> {
+pub(super) async fn info(addr: SocketAddr) -> Result<Vec<(String, String)>> {
     let output = tokio::time::timeout(
         IO_TIMEOUT,
         tokio::process::Command::new("redis-cli")
@@ -172,7 +172,7 @@ async fn info(addr: SocketAddr) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-fn field<'a>(info: &'a [(String, String)], name: &str) -> Result<&'a str> {
+pub(super) fn field<'a>(info: &'a [(String, String)], name: &str) -> Result<&'a str> {
     info.iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
@@ -189,7 +189,7 @@ fn sub_field(list: &str, name: &str) -> Result<u64> {
 }
 
 /// The resident set of process `pid`, in bytes.
-fn rss_bytes(pid: u32) -> Result<u64> {
+pub(super) fn rss_bytes(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status =
         std::fs::read_to_string(&path).with_context(|| format!("failed to read {path}"))?;
@@ -217,7 +217,7 @@ struct Measured {
 
 /// The server's own count of its memory: redis's `used_memory`, the
 /// node's keyspace `bytes`.
-fn own_bytes(kind: Kind, info: &[(String, String)]) -> Result<u64> {
+pub(super) fn own_bytes(kind: Kind, info: &[(String, String)]) -> Result<u64> {
     match kind {
         Kind::Redis => field(info, "used_memory")?
             .parse()
@@ -227,7 +227,7 @@ fn own_bytes(kind: Kind, info: &[(String, String)]) -> Result<u64> {
 }
 
 /// The keys the server holds (expired ones not yet removed included).
-fn keys_held(kind: Kind, info: &[(String, String)]) -> Result<u64> {
+pub(super) fn keys_held(kind: Kind, info: &[(String, String)]) -> Result<u64> {
     match kind {
         // redis drops the `db0` line once the database is empty.
         Kind::Redis => match field(info, "db0") {

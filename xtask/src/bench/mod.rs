@@ -16,6 +16,7 @@
 mod cluster;
 mod doc;
 mod grpc;
+mod hit_ratio;
 mod machine;
 mod memory;
 mod resp;
@@ -86,6 +87,9 @@ pub enum Suite {
     /// Bytes per item for 1,000,000 values of 100 bytes and of 1 KiB vs
     /// redis-server; memory given back by expiry without reads.
     Memory,
+    /// Hit ratio for the same memory: the node, redis-server (LRU, LFU)
+    /// and the moka store it replaced, on Zipf, scan and shifting traces.
+    HitRatio,
 }
 
 impl Suite {
@@ -99,6 +103,7 @@ impl Suite {
             Suite::WriteThrough => "write-through",
             Suite::Ring => "ring",
             Suite::Memory => "memory",
+            Suite::HitRatio => "hit-ratio",
         }
     }
 }
@@ -193,6 +198,7 @@ async fn run_suite(suite: Suite, ctx: &Ctx) -> Result<String> {
     match suite {
         Suite::Resp => resp::run(ctx).await,
         Suite::Memory => memory::run(ctx).await,
+        Suite::HitRatio => hit_ratio::run(ctx).await,
         Suite::WriteBack => write_back::run(ctx).await,
         Suite::WriteThrough => write_through::run(ctx).await,
         Suite::Grpc => grpc::run(ctx).await,

@@ -72,6 +72,19 @@ impl Server {
     /// config in `ctx.logs` under `label`, and waits until it accepts
     /// connections.
     pub async fn start(ctx: &Ctx, kind: Kind, cpu: usize, label: &str) -> Result<Server> {
+        Server::start_sized(ctx, kind, cpu, label, None).await
+    }
+
+    /// As [`Server::start`]; the node's default keyspace gets
+    /// `capacity_bytes` when one is given (redis-server's `maxmemory` is
+    /// set by the caller once it knows what the empty server uses).
+    pub async fn start_sized(
+        ctx: &Ctx,
+        kind: Kind,
+        cpu: usize,
+        label: &str,
+        capacity_bytes: Option<u64>,
+    ) -> Result<Server> {
         let port = free_port()?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let log = ctx.logs.join(format!("{label}-{}.log", kind.name()));
@@ -102,7 +115,7 @@ impl Server {
                 )
             }
             Kind::Ringcache => {
-                let config = write_node_config(ctx, label, addr)?;
+                let config = write_node_config(ctx, label, addr, capacity_bytes)?;
                 let mut command = pinned(cpu, require(&ctx.bin("cache-node"))?);
                 command
                     .arg("--config")
@@ -176,12 +189,23 @@ pub fn node_config_shown() -> String {
 }
 
 /// Writes [`NODE_CONFIG`] for RESP on `resp` and gRPC on a free port.
-fn write_node_config(ctx: &Ctx, label: &str, resp: SocketAddr) -> Result<PathBuf> {
+fn write_node_config(
+    ctx: &Ctx,
+    label: &str,
+    resp: SocketAddr,
+    capacity_bytes: Option<u64>,
+) -> Result<PathBuf> {
     let grpc = free_port()?;
     let path = ctx.logs.join(format!("{label}-node.toml"));
-    let text = NODE_CONFIG
+    let mut text = NODE_CONFIG
         .replace("GRPC", &format!("127.0.0.1:{grpc}"))
         .replace("RESP", &resp.to_string());
+    if let Some(bytes) = capacity_bytes {
+        text = text.replace(
+            "capacity_bytes = 4294967296",
+            &format!("capacity_bytes = {bytes}"),
+        );
+    }
     std::fs::write(&path, text).with_context(|| format!("failed to write {}", path.display()))?;
     Ok(path)
 }
