@@ -186,23 +186,29 @@ pub struct Tuning {
     /// `fetch.min.bytes` is met, as Apache Kafka does), so against it the
     /// default (100 ms) caps a consumer at one fetch per 100 ms.
     pub fetch_wait_max: Option<Duration>,
+    /// The worker's `max_batches_in_flight` (its default is 4).
+    pub max_batches_in_flight: Option<usize>,
 }
 
 impl Tuning {
     /// The worker's configuration file for these settings, if any; the
     /// file must outlive the worker (it is read again on SIGHUP).
     fn worker_extra(&self) -> Result<(WorkerExtra, Option<tempfile::NamedTempFile>)> {
-        let Some(wait) = self.fetch_wait_max else {
+        let mut toml = String::new();
+        if let Some(wait) = self.fetch_wait_max {
+            toml.push_str(&format!("fetch_wait_max = \"{}ms\"\n", wait.as_millis()));
+        }
+        if let Some(batches) = self.max_batches_in_flight {
+            toml.push_str(&format!("max_batches_in_flight = {batches}\n"));
+        }
+        if toml.is_empty() {
             return Ok((WorkerExtra::default(), None));
-        };
+        }
         let mut file = tempfile::Builder::new()
             .prefix("wb-bench-worker-")
             .suffix(".toml")
             .tempfile()?;
-        std::io::Write::write_all(
-            &mut file,
-            format!("fetch_wait_max = \"{}ms\"\n", wait.as_millis()).as_bytes(),
-        )?;
+        std::io::Write::write_all(&mut file, toml.as_bytes())?;
         let extra = WorkerExtra {
             args: vec!["--config".into(), file.path().display().to_string()],
             env: Vec::new(),

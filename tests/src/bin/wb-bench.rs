@@ -23,6 +23,9 @@ struct Cli {
     /// that holds every fetch that long (tansu 0.6).
     #[arg(long, global = true, value_parser = humantime::parse_duration)]
     fetch_wait_max: Option<Duration>,
+    /// The worker's `max_batches_in_flight`, instead of its default.
+    #[arg(long, global = true)]
+    max_batches_in_flight: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +103,7 @@ async fn run(cli: Cli) -> Result<String> {
     let brokers = ringcache_tests::kafka_brokers()?;
     let tuning = Tuning {
         fetch_wait_max: cli.fetch_wait_max,
+        max_batches_in_flight: cli.max_batches_in_flight,
     };
     Ok(match cli.command {
         Command::Throughput {

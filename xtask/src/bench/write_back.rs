@@ -185,6 +185,12 @@ async fn wb_bench(ctx: &Ctx, name: &str, args: &[&str]) -> Result<(Value, String
     if let Some(wait) = &wait {
         args.extend(["--fetch-wait-max", wait.as_str()]);
     }
+    // `RINGCACHE_BENCH_WB_MAX_BATCHES_IN_FLIGHT`: the worker's
+    // `max_batches_in_flight` instead of its default.
+    let batches = std::env::var("RINGCACHE_BENCH_WB_MAX_BATCHES_IN_FLIGHT").ok();
+    if let Some(batches) = &batches {
+        args.extend(["--max-batches-in-flight", batches.as_str()]);
+    }
     let outcome = wb_bench_on(ctx, &env, name, &args).await;
     if outcome.is_err() && !ctx.cancel.is_cancelled() {
         paths::print_tail("PostgreSQL", postgres.log(), 20);
@@ -193,13 +199,15 @@ async fn wb_bench(ctx: &Ctx, name: &str, args: &[&str]) -> Result<(Value, String
         }
     }
     // The broker goes before the database it may store into.
-    let described = match &wait {
-        Some(wait) => format!(
-            "{}, consumed with `fetch_wait_max = \"{wait}\"`",
-            broker.describe()
-        ),
-        None => broker.describe(),
-    };
+    let mut described = broker.describe();
+    if let Some(wait) = &wait {
+        described.push_str(&format!(", consumed with `fetch_wait_max = \"{wait}\"`"));
+    }
+    if let Some(batches) = &batches {
+        described.push_str(&format!(
+            ", the worker with `max_batches_in_flight = {batches}`"
+        ));
+    }
     drop(broker);
     drop(postgres);
     Ok((outcome?, described))
