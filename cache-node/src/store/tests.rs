@@ -2013,7 +2013,7 @@ mod model {
     }
 
     /// A key's live entry in the model.
-    #[derive(Clone, Debug, PartialEq, Eq)]
+    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
     struct Live {
         value: Bytes,
         version: u64,
@@ -2210,6 +2210,269 @@ mod model {
             let live: Vec<&Live> = model.values().filter_map(|k| k.live.as_ref()).collect();
             prop_assert_eq!(stats.items + stats.dirty_items, live.len() as u64);
             prop_assert_eq!(stats.dirty_items, live.iter().filter(|l| l.dirty).count() as u64);
+        }
+    }
+
+    /// Random operations run at once from several threads, checked against
+    /// the same model: the test searches for one order of all the
+    /// operations, each thread's in its program order, under which the
+    /// model gives every result the threads saw and ends in the state the
+    /// store ends in. Leases are left out (their tokens are the store's
+    /// choice); every write rule above is in.
+    mod concurrent {
+        use std::collections::HashSet;
+        use std::sync::{Arc, Barrier};
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use super::{Live, condition, expected_set, name};
+
+        const KEYS: u8 = 2;
+        const THREADS: usize = 3;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Get(u8),
+            Set {
+                key: u8,
+                version: u64,
+                condition: WriteCondition,
+                dirty: bool,
+            },
+            Delete(u8),
+            DeleteBelow(u8, u64),
+            Discard(u8, u64),
+            MarkClean(u8, u64),
+        }
+
+        /// What one operation returned.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        enum Seen {
+            Get(Option<(Bytes, u64)>),
+            Set(SetResult),
+            Removed(bool),
+            Settled(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let key = 0..KEYS;
+            let version = 0u64..5;
+            prop_oneof![
+                2 => key.clone().prop_map(Op::Get),
+                6 => (key.clone(), version.clone(), condition(), any::<bool>()).prop_map(
+                    |(key, version, condition, dirty)| Op::Set { key, version, condition, dirty }
+                ),
+                1 => key.clone().prop_map(Op::Delete),
+                1 => (key.clone(), version.clone()).prop_map(|(k, v)| Op::DeleteBelow(k, v)),
+                1 => (key.clone(), version.clone()).prop_map(|(k, v)| Op::Discard(k, v)),
+                2 => (key, version).prop_map(|(k, v)| Op::MarkClean(k, v)),
+            ]
+        }
+
+        /// The value thread `t` writes with its `i`th operation: every
+        /// write's value is its own, so a read names the write it saw.
+        fn value(t: usize, i: usize) -> Bytes {
+            Bytes::from(format!("t{t}i{i}"))
+        }
+
+        fn perform(s: &Store, op: &Op, value: Bytes) -> Seen {
+            match *op {
+                Op::Get(key) => Seen::Get(
+                    s.get("default", &name(key))
+                        .unwrap()
+                        .map(|h| (h.value, h.version)),
+                ),
+                Op::Set {
+                    key,
+                    version,
+                    condition,
+                    dirty,
+                } => Seen::Set(
+                    s.set(
+                        "default",
+                        SetItem {
+                            key: name(key),
+                            value,
+                            version,
+                            ttl: None,
+                            condition,
+                            dirty,
+                        },
+                    )
+                    .unwrap(),
+                ),
+                Op::Delete(key) => Seen::Removed(s.delete("default", &name(key)).unwrap()),
+                Op::DeleteBelow(key, version) => {
+                    Seen::Removed(s.delete_below("default", &name(key), version).unwrap())
+                }
+                Op::Discard(key, version) => {
+                    Seen::Removed(s.discard("default", &name(key), version).unwrap())
+                }
+                Op::MarkClean(key, version) => {
+                    Seen::Settled(s.mark_clean("default", &[(name(key), version)]).unwrap())
+                }
+            }
+        }
+
+        /// The model's result for `op`, applied to `live` (one entry per
+        /// key).
+        fn predict(live: &mut [Option<Live>], op: &Op, value: Bytes) -> Seen {
+            match *op {
+                Op::Get(key) => Seen::Get(
+                    live[usize::from(key)]
+                        .as_ref()
+                        .map(|l| (l.value.clone(), l.version)),
+                ),
+                Op::Set {
+                    key,
+                    version,
+                    condition,
+                    dirty,
+                } => {
+                    let slot = &mut live[usize::from(key)];
+                    let want = expected_set(slot.as_ref(), version, condition, dirty);
+                    if want.outcome == SetOutcome::Stored {
+                        *slot = Some(Live {
+                            value,
+                            version,
+                            dirty,
+                        });
+                    }
+                    Seen::Set(want)
+                }
+                Op::Delete(key) => Seen::Removed(live[usize::from(key)].take().is_some()),
+                Op::DeleteBelow(key, version) => {
+                    let slot = &mut live[usize::from(key)];
+                    let gone = slot.as_ref().is_some_and(|l| l.version < version);
+                    if gone {
+                        *slot = None;
+                    }
+                    Seen::Removed(gone)
+                }
+                Op::Discard(key, version) => {
+                    let slot = &mut live[usize::from(key)];
+                    let gone = slot.as_ref().is_some_and(|l| l.version == version);
+                    if gone {
+                        *slot = None;
+                    }
+                    Seen::Removed(gone)
+                }
+                Op::MarkClean(key, version) => {
+                    let slot = &mut live[usize::from(key)];
+                    let settled = match slot {
+                        Some(l) if l.version < version => {
+                            *slot = None;
+                            true
+                        }
+                        Some(l) if l.dirty && l.version == version => {
+                            l.dirty = false;
+                            true
+                        }
+                        _ => false,
+                    };
+                    Seen::Settled(usize::from(settled))
+                }
+            }
+        }
+
+        /// The store's state at the end: each key's value and version, and
+        /// its number of dirty entries (reads do not show the flag).
+        #[derive(Debug)]
+        struct End {
+            entries: Vec<Option<(Bytes, u64)>>,
+            dirty_items: u64,
+        }
+
+        impl End {
+            fn matches(&self, live: &[Option<Live>]) -> bool {
+                let entries: Vec<Option<(Bytes, u64)>> = live
+                    .iter()
+                    .map(|l| l.as_ref().map(|l| (l.value.clone(), l.version)))
+                    .collect();
+                let dirty = live.iter().flatten().filter(|l| l.dirty).count() as u64;
+                entries == self.entries && dirty == self.dirty_items
+            }
+        }
+
+        /// Whether some order of the threads' operations explains what
+        /// they saw and ends in `end`; `dead` holds the (positions, model)
+        /// pairs already found to lead nowhere.
+        fn explained(
+            ops: &[Vec<Op>],
+            seen: &[Vec<Seen>],
+            positions: &mut Vec<usize>,
+            live: &[Option<Live>],
+            end: &End,
+            dead: &mut HashSet<(Vec<usize>, Vec<Option<Live>>)>,
+        ) -> bool {
+            if positions.iter().zip(ops).all(|(p, ops)| *p == ops.len()) {
+                return end.matches(live);
+            }
+            if dead.contains(&(positions.clone(), live.to_vec())) {
+                return false;
+            }
+            for t in 0..ops.len() {
+                let i = positions[t];
+                if i == ops[t].len() {
+                    continue;
+                }
+                let mut next = live.to_vec();
+                if predict(&mut next, &ops[t][i], value(t, i)) != seen[t][i] {
+                    continue;
+                }
+                positions[t] += 1;
+                let found = explained(ops, seen, positions, &next, end, dead);
+                positions[t] -= 1;
+                if found {
+                    return true;
+                }
+            }
+            dead.insert((positions.clone(), live.to_vec()));
+            false
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(200))]
+            #[test]
+            fn concurrent_operations_have_an_order_the_model_explains(
+                ops in proptest::collection::vec(proptest::collection::vec(op(), 1..7), THREADS)
+            ) {
+                let s = Arc::new(store("[keyspaces.default]\ncapacity_bytes = 1073741824"));
+                let start = Arc::new(Barrier::new(THREADS));
+                let threads: Vec<_> = ops
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .map(|(t, ops)| {
+                        let s = Arc::clone(&s);
+                        let start = Arc::clone(&start);
+                        std::thread::spawn(move || {
+                            start.wait();
+                            ops.iter()
+                                .enumerate()
+                                .map(|(i, op)| perform(&s, op, value(t, i)))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                let seen: Vec<Vec<Seen>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+                let end = End {
+                    entries: (0..KEYS)
+                        .map(|key| {
+                            s.get("default", &name(key)).unwrap().map(|h| (h.value, h.version))
+                        })
+                        .collect(),
+                    dirty_items: one_stats(&s, "default").dirty_items,
+                };
+                let mut positions = vec![0; THREADS];
+                let empty = vec![None; usize::from(KEYS)];
+                prop_assert!(
+                    explained(&ops, &seen, &mut positions, &empty, &end, &mut HashSet::new()),
+                    "no order of the operations explains what the threads saw: {:?} saw {:?}, ending in {:?}",
+                    ops, seen, end
+                );
+            }
         }
     }
 }
