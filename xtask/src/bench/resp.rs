@@ -348,6 +348,11 @@ fn requests(ctx: &Ctx, pipeline: usize) -> usize {
     }
 }
 
+/// `ours[i] / theirs[i]` for each run measured on both.
+fn paired_ratios(ours: &[f64], theirs: &[f64]) -> Vec<f64> {
+    ours.iter().zip(theirs).map(|(o, t)| o / t).collect()
+}
+
 /// The figures of one (server, test, pipeline) over the runs.
 #[derive(Default)]
 struct Samples {
@@ -431,25 +436,34 @@ pub async fn run(ctx: &Ctx) -> Result<String> {
     writeln!(
         out,
         "{} run(s) per row, medians; ops/s from `redis-benchmark --csv`, \
-         latencies in ms.",
+         latencies in ms. Each run measures both servers one after the other; \
+         `per-run ratio` is the median (min–max) of those pairs' ratios, steadier \
+         than the ratio of the medians when the machine's speed moves between runs.",
         ctx.runs()
     )?;
     writeln!(out)?;
     writeln!(
         out,
         "| test | pipeline | redis-server ops/s | ringcache ops/s | ringcache / redis | \
-         redis p50 / p99 | ringcache p50 / p99 |"
+         per-run ratio | redis p50 / p99 | ringcache p50 / p99 |"
     )?;
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for (t, test) in tests.iter().enumerate() {
         for (p, pipeline) in PIPELINES.iter().enumerate() {
             let r = &samples[Kind::Redis as usize][t][p];
             let n = &samples[Kind::Ringcache as usize][t][p];
             let (r_rps, n_rps) = (median(&r.rps), median(&n.rps));
+            let pairs = paired_ratios(&n.rps, &r.rps);
+            let (low, high) = pairs
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                    (lo.min(*x), hi.max(*x))
+                });
             writeln!(
                 out,
-                "| {test} | {pipeline} | {r_rps:.0} | {n_rps:.0} | {:.2}x | {:.3} / {:.3} | {:.3} / {:.3} |",
+                "| {test} | {pipeline} | {r_rps:.0} | {n_rps:.0} | {:.2}x | {:.2}x ({low:.2}–{high:.2}) | {:.3} / {:.3} | {:.3} / {:.3} |",
                 n_rps / r_rps,
+                median(&pairs),
                 median(&r.p50),
                 median(&r.p99),
                 median(&n.p50),
@@ -501,5 +515,13 @@ mod tests {
             }
         );
         assert!(parse_csv("no header here\n").is_err());
+    }
+
+    #[test]
+    fn paired_ratios_divide_run_by_run() {
+        // The machine slows down in the second run: the pairs stay at 1.0.
+        let ratios = paired_ratios(&[50.0, 25.0, 40.0], &[50.0, 25.0, 50.0]);
+        assert_eq!(ratios, vec![1.0, 1.0, 0.8]);
+        assert_eq!(crate::bench::median(&ratios), 1.0);
     }
 }
