@@ -1996,7 +1996,12 @@ mod model {
     }
 
     fn step() -> impl Strategy<Value = Step> {
-        let key = 0..KEYS;
+        step_on(KEYS)
+    }
+
+    /// A step on one of `keys` keys.
+    fn step_on(keys: u8) -> impl Strategy<Value = Step> {
+        let key = 0..keys;
         let version = 0u64..6;
         prop_oneof![
             2 => key.clone().prop_map(Step::Get),
@@ -2073,6 +2078,126 @@ mod model {
         Bytes::from(vec![b'k', b'0' + key])
     }
 
+    impl Step {
+        /// The key the step touches.
+        fn key(&self) -> u8 {
+            match *self {
+                Step::Get(key)
+                | Step::Set { key, .. }
+                | Step::Delete(key)
+                | Step::DeleteBelow(key, _)
+                | Step::Discard(key, _)
+                | Step::MarkClean(key, _)
+                | Step::LeaseGet(key)
+                | Step::Fill { key, .. } => key,
+            }
+        }
+    }
+
+    /// What a step other than a lease's returned.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Seen {
+        Get(Option<(Bytes, u64)>),
+        Set(SetResult),
+        Removed(bool),
+        Settled(usize),
+    }
+
+    /// Runs a step other than a lease's on the store, writing `value`.
+    fn perform(s: &Store, step: &Step, value: Bytes) -> Seen {
+        match *step {
+            Step::Get(key) => Seen::Get(
+                s.get("default", &name(key))
+                    .unwrap()
+                    .map(|h| (h.value, h.version)),
+            ),
+            Step::Set {
+                key,
+                version,
+                condition,
+                dirty,
+            } => Seen::Set(
+                s.set(
+                    "default",
+                    SetItem {
+                        key: name(key),
+                        value,
+                        version,
+                        ttl: None,
+                        condition,
+                        dirty,
+                    },
+                )
+                .unwrap(),
+            ),
+            Step::Delete(key) => Seen::Removed(s.delete("default", &name(key)).unwrap()),
+            Step::DeleteBelow(key, version) => {
+                Seen::Removed(s.delete_below("default", &name(key), version).unwrap())
+            }
+            Step::Discard(key, version) => {
+                Seen::Removed(s.discard("default", &name(key), version).unwrap())
+            }
+            Step::MarkClean(key, version) => {
+                Seen::Settled(s.mark_clean("default", &[(name(key), version)]).unwrap())
+            }
+            Step::LeaseGet(_) | Step::Fill { .. } => unreachable!("leases are checked apart"),
+        }
+    }
+
+    /// The model's result for a step other than a lease's, applied to its
+    /// key's live entry.
+    fn predict(live: &mut Option<Live>, step: &Step, value: Bytes) -> Seen {
+        match *step {
+            Step::Get(_) => Seen::Get(live.as_ref().map(|l| (l.value.clone(), l.version))),
+            Step::Set {
+                version,
+                condition,
+                dirty,
+                ..
+            } => {
+                let want = expected_set(live.as_ref(), version, condition, dirty);
+                if want.outcome == SetOutcome::Stored {
+                    *live = Some(Live {
+                        value,
+                        version,
+                        dirty,
+                    });
+                }
+                Seen::Set(want)
+            }
+            Step::Delete(_) => Seen::Removed(live.take().is_some()),
+            Step::DeleteBelow(_, version) => {
+                let gone = live.as_ref().is_some_and(|l| l.version < version);
+                if gone {
+                    *live = None;
+                }
+                Seen::Removed(gone)
+            }
+            Step::Discard(_, version) => {
+                let gone = live.as_ref().is_some_and(|l| l.version == version);
+                if gone {
+                    *live = None;
+                }
+                Seen::Removed(gone)
+            }
+            Step::MarkClean(_, version) => {
+                let settled = match live {
+                    Some(l) if l.version < version => {
+                        *live = None;
+                        true
+                    }
+                    Some(l) if l.dirty && l.version == version => {
+                        l.dirty = false;
+                        true
+                    }
+                    _ => false,
+                };
+                Seen::Settled(usize::from(settled))
+            }
+            Step::LeaseGet(_) | Step::Fill { .. } => unreachable!("leases are checked apart"),
+        }
+    }
+
     proptest! {
         #[test]
         fn the_store_follows_the_version_rules(steps in proptest::collection::vec(step(), 1..120)) {
@@ -2080,76 +2205,21 @@ mod model {
             let mut model: HashMap<u8, Key> = (0..KEYS).map(|k| (k, Key::default())).collect();
             for (n, step) in steps.into_iter().enumerate() {
                 match step {
-                    Step::Get(key) => {
-                        let got = s.get("default", &name(key)).unwrap();
-                        let want = model[&key].live.as_ref();
-                        prop_assert_eq!(
-                            got.map(|h| (h.value, h.version)),
-                            want.map(|l| (l.value.clone(), l.version)),
-                            "get of key {}", key
-                        );
-                    }
-                    Step::Set { key, version, condition, dirty } => {
+                    Step::Get(_)
+                    | Step::Set { .. }
+                    | Step::Delete(_)
+                    | Step::DeleteBelow(..)
+                    | Step::Discard(..)
+                    | Step::MarkClean(..) => {
                         let value = Bytes::from(format!("v{n}"));
-                        let result = s.set("default", SetItem {
-                            key: name(key),
-                            value: value.clone(),
-                            version,
-                            ttl: None,
-                            condition,
-                            dirty,
-                        }).unwrap();
-                        let m = model.get_mut(&key).unwrap();
-                        let want = expected_set(m.live.as_ref(), version, condition, dirty);
-                        prop_assert_eq!(result, want, "set of key {} v{} {:?} dirty {}", key, version, condition, dirty);
-                        m.drop_lease();
-                        if want.outcome == SetOutcome::Stored {
-                            m.live = Some(Live { value, version, dirty });
+                        let seen = perform(&s, &step, value.clone());
+                        let m = model.get_mut(&step.key()).unwrap();
+                        let want = predict(&mut m.live, &step, value);
+                        prop_assert_eq!(seen, want, "{:?}", step);
+                        // Every change of the key drops its lease.
+                        if !matches!(step, Step::Get(_)) {
+                            m.drop_lease();
                         }
-                    }
-                    Step::Delete(key) => {
-                        let deleted = s.delete("default", &name(key)).unwrap();
-                        let m = model.get_mut(&key).unwrap();
-                        prop_assert_eq!(deleted, m.live.is_some());
-                        m.live = None;
-                        m.drop_lease();
-                    }
-                    Step::DeleteBelow(key, version) => {
-                        let deleted = s.delete_below("default", &name(key), version).unwrap();
-                        let m = model.get_mut(&key).unwrap();
-                        let want = m.live.as_ref().is_some_and(|l| l.version < version);
-                        prop_assert_eq!(deleted, want);
-                        if want {
-                            m.live = None;
-                        }
-                        m.drop_lease();
-                    }
-                    Step::Discard(key, version) => {
-                        let gone = s.discard("default", &name(key), version).unwrap();
-                        let m = model.get_mut(&key).unwrap();
-                        let want = m.live.as_ref().is_some_and(|l| l.version == version);
-                        prop_assert_eq!(gone, want);
-                        if want {
-                            m.live = None;
-                        }
-                        m.drop_lease();
-                    }
-                    Step::MarkClean(key, version) => {
-                        let settled = s.mark_clean("default", &[(name(key), version)]).unwrap();
-                        let m = model.get_mut(&key).unwrap();
-                        let want = match &mut m.live {
-                            Some(l) if l.version < version => {
-                                m.live = None;
-                                true
-                            }
-                            Some(l) if l.dirty && l.version == version => {
-                                l.dirty = false;
-                                true
-                            }
-                            _ => false,
-                        };
-                        prop_assert_eq!(settled, usize::from(want));
-                        m.drop_lease();
                     }
                     Step::LeaseGet(key) => {
                         let read = s.lease_get("default", &name(key)).unwrap();
@@ -2226,154 +2296,22 @@ mod model {
         use proptest::prelude::*;
 
         use super::super::*;
-        use super::{Live, condition, expected_set, name};
+        use super::{Live, Seen, Step, name, perform, predict, step_on};
 
         const KEYS: u8 = 2;
         const THREADS: usize = 3;
 
-        #[derive(Clone, Debug)]
-        enum Op {
-            Get(u8),
-            Set {
-                key: u8,
-                version: u64,
-                condition: WriteCondition,
-                dirty: bool,
-            },
-            Delete(u8),
-            DeleteBelow(u8, u64),
-            Discard(u8, u64),
-            MarkClean(u8, u64),
-        }
-
-        /// What one operation returned.
-        #[derive(Clone, Debug, PartialEq, Eq)]
-        enum Seen {
-            Get(Option<(Bytes, u64)>),
-            Set(SetResult),
-            Removed(bool),
-            Settled(usize),
-        }
-
-        fn op() -> impl Strategy<Value = Op> {
-            let key = 0..KEYS;
-            let version = 0u64..5;
-            prop_oneof![
-                2 => key.clone().prop_map(Op::Get),
-                6 => (key.clone(), version.clone(), condition(), any::<bool>()).prop_map(
-                    |(key, version, condition, dirty)| Op::Set { key, version, condition, dirty }
-                ),
-                1 => key.clone().prop_map(Op::Delete),
-                1 => (key.clone(), version.clone()).prop_map(|(k, v)| Op::DeleteBelow(k, v)),
-                1 => (key.clone(), version.clone()).prop_map(|(k, v)| Op::Discard(k, v)),
-                2 => (key, version).prop_map(|(k, v)| Op::MarkClean(k, v)),
-            ]
+        /// Every step but the leases'.
+        fn op() -> impl Strategy<Value = Step> {
+            step_on(KEYS).prop_filter("leases are checked apart", |step| {
+                !matches!(step, Step::LeaseGet(_) | Step::Fill { .. })
+            })
         }
 
         /// The value thread `t` writes with its `i`th operation: every
         /// write's value is its own, so a read names the write it saw.
         fn value(t: usize, i: usize) -> Bytes {
             Bytes::from(format!("t{t}i{i}"))
-        }
-
-        fn perform(s: &Store, op: &Op, value: Bytes) -> Seen {
-            match *op {
-                Op::Get(key) => Seen::Get(
-                    s.get("default", &name(key))
-                        .unwrap()
-                        .map(|h| (h.value, h.version)),
-                ),
-                Op::Set {
-                    key,
-                    version,
-                    condition,
-                    dirty,
-                } => Seen::Set(
-                    s.set(
-                        "default",
-                        SetItem {
-                            key: name(key),
-                            value,
-                            version,
-                            ttl: None,
-                            condition,
-                            dirty,
-                        },
-                    )
-                    .unwrap(),
-                ),
-                Op::Delete(key) => Seen::Removed(s.delete("default", &name(key)).unwrap()),
-                Op::DeleteBelow(key, version) => {
-                    Seen::Removed(s.delete_below("default", &name(key), version).unwrap())
-                }
-                Op::Discard(key, version) => {
-                    Seen::Removed(s.discard("default", &name(key), version).unwrap())
-                }
-                Op::MarkClean(key, version) => {
-                    Seen::Settled(s.mark_clean("default", &[(name(key), version)]).unwrap())
-                }
-            }
-        }
-
-        /// The model's result for `op`, applied to `live` (one entry per
-        /// key).
-        fn predict(live: &mut [Option<Live>], op: &Op, value: Bytes) -> Seen {
-            match *op {
-                Op::Get(key) => Seen::Get(
-                    live[usize::from(key)]
-                        .as_ref()
-                        .map(|l| (l.value.clone(), l.version)),
-                ),
-                Op::Set {
-                    key,
-                    version,
-                    condition,
-                    dirty,
-                } => {
-                    let slot = &mut live[usize::from(key)];
-                    let want = expected_set(slot.as_ref(), version, condition, dirty);
-                    if want.outcome == SetOutcome::Stored {
-                        *slot = Some(Live {
-                            value,
-                            version,
-                            dirty,
-                        });
-                    }
-                    Seen::Set(want)
-                }
-                Op::Delete(key) => Seen::Removed(live[usize::from(key)].take().is_some()),
-                Op::DeleteBelow(key, version) => {
-                    let slot = &mut live[usize::from(key)];
-                    let gone = slot.as_ref().is_some_and(|l| l.version < version);
-                    if gone {
-                        *slot = None;
-                    }
-                    Seen::Removed(gone)
-                }
-                Op::Discard(key, version) => {
-                    let slot = &mut live[usize::from(key)];
-                    let gone = slot.as_ref().is_some_and(|l| l.version == version);
-                    if gone {
-                        *slot = None;
-                    }
-                    Seen::Removed(gone)
-                }
-                Op::MarkClean(key, version) => {
-                    let slot = &mut live[usize::from(key)];
-                    let settled = match slot {
-                        Some(l) if l.version < version => {
-                            *slot = None;
-                            true
-                        }
-                        Some(l) if l.dirty && l.version == version => {
-                            l.dirty = false;
-                            true
-                        }
-                        _ => false,
-                    };
-                    Seen::Settled(usize::from(settled))
-                }
-            }
         }
 
         /// The store's state at the end: each key's value and version, and
@@ -2399,7 +2337,7 @@ mod model {
         /// they saw and ends in `end`; `dead` holds the (positions, model)
         /// pairs already found to lead nowhere.
         fn explained(
-            ops: &[Vec<Op>],
+            ops: &[Vec<Step>],
             seen: &[Vec<Seen>],
             positions: &mut Vec<usize>,
             live: &[Option<Live>],
@@ -2418,7 +2356,8 @@ mod model {
                     continue;
                 }
                 let mut next = live.to_vec();
-                if predict(&mut next, &ops[t][i], value(t, i)) != seen[t][i] {
+                let op = &ops[t][i];
+                if predict(&mut next[usize::from(op.key())], op, value(t, i)) != seen[t][i] {
                     continue;
                 }
                 positions[t] += 1;
