@@ -182,7 +182,7 @@ pub struct ThroughputOptions {
 pub struct Tuning {
     /// The worker's `fetch_wait_max`. tansu 0.6 holds every fetch for
     /// `fetch.wait.max.ms` even when it has records to return (its fetch
-    /// loop sleeps whatever it found; Nisshi 0.7 returns as soon as
+    /// loop sleeps whatever it found; Nisshi 0.8 returns as soon as
     /// `fetch.min.bytes` is met, as Apache Kafka does), so against it the
     /// default (100 ms) caps a consumer at one fetch per 100 ms.
     pub fetch_wait_max: Option<Duration>,

@@ -7,8 +7,10 @@
 //! tables on every fetch and cannot carry the benchmark's rates. The
 //! in-memory engine is the same tansu 0.6 built with its `dynostore`
 //! feature, installed beside the build (`target/xtask/tools`) so that it
-//! never replaces the tests' binary; tansu's successor Nisshi 0.7 offers
-//! the same engines but needs a nightly toolchain.
+//! never replaces the tests' binary. tansu's successor Nisshi 0.8.1 offers
+//! the same engines but needs rustc 1.96 (a nightly here), and drains a
+//! backlog at a third of tansu 0.6's rate (docs/benchmarks.md); name it
+//! with `RINGCACHE_BENCH_BROKER_BIN` to measure with it.
 //!
 //! Environment (each optional):
 //! - `RINGCACHE_BENCH_BROKERS`: use this running broker (`host:port,...`,
