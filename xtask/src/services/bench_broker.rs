@@ -63,6 +63,8 @@ pub enum BenchBroker {
     /// A broker process of this run.
     Started {
         addr: SocketAddr,
+        /// What `BINARY --version` printed (`tansu 0.6.0`, `nisshi 0.8.1`).
+        version: String,
         storage: String,
         log: PathBuf,
         #[expect(dead_code, reason = "held to kill the broker on drop")]
@@ -91,6 +93,7 @@ impl BenchBroker {
             return Ok(BenchBroker::External(brokers));
         }
         let binary = ensure_installed(cancel).await?;
+        let version = version_of(&binary).await;
         let storage = storage_url(
             std::env::var("RINGCACHE_BENCH_BROKER_STORAGE")
                 .ok()
@@ -117,6 +120,7 @@ impl BenchBroker {
             .context("the benchmark's broker did not start")?;
         Ok(BenchBroker::Started {
             addr,
+            version,
             storage,
             log,
             process,
@@ -137,13 +141,15 @@ impl BenchBroker {
             BenchBroker::External(brokers) => {
                 format!("the broker at `{brokers}` (`RINGCACHE_BENCH_BROKERS`)")
             }
-            BenchBroker::Started { storage, .. } => {
+            BenchBroker::Started {
+                version, storage, ..
+            } => {
                 let storage = if storage.starts_with("postgres") {
                     "postgres://"
                 } else {
                     storage.as_str()
                 };
-                format!("tansu 0.6 with storage `{storage}`")
+                format!("{version} with storage `{storage}`")
             }
         }
     }
@@ -155,6 +161,31 @@ impl BenchBroker {
             BenchBroker::Started { log, .. } => Some(log),
         }
     }
+}
+
+/// The first line `binary --version` prints, else the binary's file name:
+/// the broker's name and version for the document.
+async fn version_of(binary: &Path) -> String {
+    tokio::process::Command::new(binary)
+        .arg("--version")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .map(|line| line.trim().to_owned())
+        })
+        .filter(|line| !line.is_empty())
+        .unwrap_or_else(|| {
+            binary.file_name().map_or_else(
+                || binary.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        })
 }
 
 /// `RINGCACHE_BENCH_BROKER_BIN`, else the broker installed under
