@@ -29,7 +29,7 @@ use anyhow::{Context, Result};
 
 use super::{
     Ctx, json_bench,
-    memory::{field, info, keys_held, rss_bytes},
+    memory::{field, info, keys_held, redis_cli, rss_bytes},
     resp::{Kind, Server},
 };
 
@@ -218,18 +218,8 @@ fn parse(json: &serde_json::Value, keys: Option<u64>, rss: Option<u64>) -> Resul
 /// `redis-cli CONFIG SET name value` for each pair.
 async fn redis_config(addr: std::net::SocketAddr, settings: &[(&str, String)]) -> Result<()> {
     for (name, value) in settings {
-        let output = tokio::process::Command::new("redis-cli")
-            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-            .args(["CONFIG", "SET", name, value])
-            .kill_on_drop(true)
-            .output()
-            .await
-            .context("failed to run redis-cli")?;
-        let reply = String::from_utf8_lossy(&output.stdout);
-        anyhow::ensure!(
-            output.status.success() && reply.trim() == "OK",
-            "CONFIG SET {name} {value}: {reply}"
-        );
+        let reply = redis_cli(addr, &["CONFIG", "SET", name, value]).await?;
+        anyhow::ensure!(reply.trim() == "OK", "CONFIG SET {name} {value}: {reply}");
     }
     Ok(())
 }

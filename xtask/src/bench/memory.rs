@@ -151,25 +151,32 @@ async fn load(
 /// `INFO` as `field:value` pairs (every section; the node ignores the
 /// section argument anyway).
 pub(super) async fn info(addr: SocketAddr) -> Result<Vec<(String, String)>> {
-    let output = tokio::time::timeout(
-        IO_TIMEOUT,
-        tokio::process::Command::new("redis-cli")
-            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-            .arg("INFO")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .context("redis-cli INFO timed out")?
-    .context("failed to run redis-cli")?;
-    if !output.status.success() {
-        bail!("redis-cli INFO failed ({})", output.status);
-    }
-    Ok(String::from_utf8_lossy(&output.stdout)
+    Ok(redis_cli(addr, &["INFO"])
+        .await?
         .lines()
         .filter_map(|l| l.trim().split_once(':'))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect())
+}
+
+/// What `redis-cli -h HOST -p PORT ARGS...` prints, within [`IO_TIMEOUT`].
+pub(super) async fn redis_cli(addr: SocketAddr, args: &[&str]) -> Result<String> {
+    let shown = args.join(" ");
+    let output = tokio::time::timeout(
+        IO_TIMEOUT,
+        tokio::process::Command::new("redis-cli")
+            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("redis-cli {shown} timed out"))?
+    .context("failed to run redis-cli")?;
+    if !output.status.success() {
+        bail!("redis-cli {shown} failed ({})", output.status);
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 pub(super) fn field<'a>(info: &'a [(String, String)], name: &str) -> Result<&'a str> {
