@@ -791,13 +791,8 @@ fn plan<T>(
     Plan { groups }
 }
 
-/// The node's gRPC client, as each call gets a clone of it.
-pub(crate) type NodeClient = ringcache_proto::v1::cache_node_client::CacheNodeClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        crate::cluster::Authorize,
-    >,
->;
+/// The node's client, as each call gets a clone of it.
+pub(crate) use crate::transport::NodeClient;
 
 /// How much later than its timeout a failed call must end to count as
 /// outlived by a stall of this process, at the least.

@@ -25,21 +25,21 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use ringcache_proto::v1::{self, cache_node_client::CacheNodeClient};
 use tokio::sync::Notify;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::config::{ClientConfig, Token};
 use crate::error::{Error, Result};
 use crate::ring::{Ring, RingNode};
+use crate::transport::NodeClient;
 
 /// One cache node: its identity, its channel and its health.
 pub(crate) struct NodeHandle {
     pub(crate) id: String,
     pub(crate) address: String,
     pub(crate) weight: u32,
-    /// One HTTP/2 channel per node, shared by every request to it; tonic
-    /// reconnects it when the connection breaks.
-    pub(crate) client: CacheNodeClient<InterceptedService<Channel, Authorize>>,
+    /// One HTTP/2 channel per node, shared by every request to it (tonic
+    /// reconnects it when the connection breaks), and the node's command
+    /// stream over it.
+    pub(crate) client: NodeClient,
     failures: AtomicU32,
     down: AtomicBool,
 }
@@ -112,6 +112,27 @@ impl Session {
     fn value(&self) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
         self.current.read().1.clone()
     }
+
+    /// The current generation, which a command carries.
+    pub(crate) fn generation(&self) -> u64 {
+        self.current.read().0
+    }
+
+    /// The session id as a batch of commands carries it.
+    pub(crate) fn id_text(&self) -> String {
+        format!("{:016x}", self.id)
+    }
+
+    /// The `authorization` value as a batch of commands carries it; empty
+    /// without a token.
+    pub(crate) fn authorization_text(&self) -> String {
+        self.authorization
+            .read()
+            .as_ref()
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
 }
 
 /// The `authorization` metadata value of `token`.
@@ -168,13 +189,18 @@ impl NodeHandle {
             address: address.to_owned(),
             weight,
             // Lazy: building a view never blocks on a dead node.
-            client: CacheNodeClient::with_interceptor(
-                endpoint.connect_lazy(),
-                Authorize {
-                    session: Arc::clone(session),
-                },
-            )
-            .max_decoding_message_size(usize::MAX),
+            client: NodeClient::new(
+                CacheNodeClient::with_interceptor(
+                    endpoint.connect_lazy(),
+                    Authorize {
+                        session: Arc::clone(session),
+                    },
+                )
+                .max_decoding_message_size(usize::MAX),
+                id,
+                session,
+                config,
+            ),
             failures: AtomicU32::new(0),
             down: AtomicBool::new(false),
         })

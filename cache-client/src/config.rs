@@ -129,7 +129,19 @@ pub struct ClientConfig {
     /// reach the nodes another way than the advertised one: through a
     /// proxy of its own, or a network address translation.
     pub node_addresses: HashMap<String, String>,
+    /// Whether the hot calls (reads, writes, deletes, leases and fills) go
+    /// over one `BatchCommands` stream per node, which carries the
+    /// concurrent calls to a node in batches (default true). A node that does
+    /// not offer the stream is called unary, as with `false`.
+    pub command_stream: bool,
+    /// Most commands in one batch of a node's stream (default 256). A batch
+    /// is sent as soon as the stream can take it, with what queued since
+    /// the previous one: nothing waits for a batch to fill.
+    pub max_batch_commands: usize,
 }
+
+/// [`ClientConfig::max_batch_commands`]'s default.
+pub const DEFAULT_MAX_BATCH_COMMANDS: usize = 256;
 
 /// A bearer token's secret: `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -258,7 +270,21 @@ impl ClientConfig {
             tls: None,
             writer_id: None,
             node_addresses: HashMap::new(),
+            command_stream: true,
+            max_batch_commands: DEFAULT_MAX_BATCH_COMMANDS,
         }
+    }
+
+    /// Sets [`ClientConfig::command_stream`].
+    pub fn with_command_stream(mut self, enabled: bool) -> Self {
+        self.command_stream = enabled;
+        self
+    }
+
+    /// Sets [`ClientConfig::max_batch_commands`] (at least 1).
+    pub fn with_max_batch_commands(mut self, max: usize) -> Self {
+        self.max_batch_commands = max.max(1);
+        self
     }
 
     /// Sets [`ClientConfig::writer_id`].
@@ -453,6 +479,9 @@ impl ClientConfig {
         }
         if self.vnodes == 0 {
             return bad("vnodes", "must be at least 1");
+        }
+        if self.max_batch_commands == 0 {
+            return bad("max_batch_commands", "must be at least 1");
         }
         if self
             .writer_id

@@ -66,6 +66,7 @@ pub mod ring;
 pub mod store;
 pub mod strategy;
 pub mod telemetry;
+mod transport;
 pub mod writeback;
 
 pub use client::{

@@ -35,6 +35,10 @@ pub const ERRORS: &str = "ringcache_client_errors_total";
 pub const HITS: &str = "ringcache_client_hits_total";
 /// Keys not found in the cache, labels `keyspace`, `strategy`.
 pub const MISSES: &str = "ringcache_client_misses_total";
+/// Batches sent on a node's command stream, label `node`.
+pub const COMMAND_BATCHES: &str = "ringcache_client_command_batches_total";
+/// Commands per batch of a node's command stream, label `node`.
+pub const COMMANDS_PER_BATCH: &str = "ringcache_client_commands_per_batch";
 /// Attempts after the first of a routed call, label `keyspace`.
 pub const RETRIES: &str = "ringcache_client_retries_total";
 /// Failed calls to a node (counted against its health), labels `node`,
@@ -259,6 +263,12 @@ pub(crate) fn prepare_waited(keyspace: &str, waited: std::time::Duration) {
 /// Counts a prepare refused because its wait ran out.
 pub(crate) fn prepare_wait_exhausted(keyspace: &str) {
     metrics::counter!(PREPARE_WAITS_EXHAUSTED, "keyspace" => keyspace.to_owned()).increment(1);
+}
+
+/// Records a batch of `commands` sent on `node`'s command stream.
+pub(crate) fn command_batch(node: &str, commands: usize) {
+    metrics::counter!(COMMAND_BATCHES, "node" => node.to_owned()).increment(1);
+    metrics::histogram!(COMMANDS_PER_BATCH, "node" => node.to_owned()).record(commands as f64);
 }
 
 /// Records the member list the client routes by from now on.

@@ -35,6 +35,10 @@ pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const DEFAULT_MAX_BATCH_KEYS: usize = 1000;
 /// Default maximum size of one decoded gRPC request: 64 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// The smallest `limits.max_request_bytes`: a client sends batches of
+/// commands of up to 1 MiB (`cache_client`'s `MAX_BATCH_BYTES`) on its
+/// command stream, each one message.
+pub const MIN_REQUEST_BYTES: usize = 2 * 1024 * 1024;
 /// Default maximum number of keyspaces (configured plus created on demand).
 pub const DEFAULT_MAX_KEYSPACES: usize = 1024;
 /// Default time shutdown waits for in-flight requests.
@@ -734,13 +738,23 @@ impl Config {
         if limits.max_batch_keys == 0 {
             return Err(Error::config("limits.max_batch_keys", "must be at least 1"));
         }
-        // One request must at least fit one maximal item plus framing.
+        // One request must at least fit one maximal item plus framing, and
+        // a batch of a client's command stream.
         let min_request = limits.max_key_bytes + limits.max_value_bytes + 1024;
         if limits.max_request_bytes < min_request {
             return Err(Error::config(
                 "limits.max_request_bytes",
                 format!(
                     "{} is smaller than max_key_bytes + max_value_bytes + 1024 ({min_request})",
+                    limits.max_request_bytes
+                ),
+            ));
+        }
+        if limits.max_request_bytes < MIN_REQUEST_BYTES {
+            return Err(Error::config(
+                "limits.max_request_bytes",
+                format!(
+                    "{} is smaller than {MIN_REQUEST_BYTES}, a client's largest batch of commands",
                     limits.max_request_bytes
                 ),
             ));

@@ -170,12 +170,17 @@ async fn serve(
     });
     // Whatever way `serve` returns (an early `?` included), the workers stop.
     let _stop_workers_on_return = stop_workers.clone().drop_guard();
-    #[allow(unused_mut)] // mutated only by test hooks
-    let mut service = CacheNodeService::new(&config, self_address, store, Arc::clone(&metrics));
+    let stop = CancellationToken::new();
+    let service = CacheNodeService::new(
+        &config,
+        self_address,
+        store,
+        Arc::clone(&metrics),
+        Arc::clone(&auth),
+        stop.clone(),
+    );
     #[cfg(test)]
-    {
-        service.gate = hooks.gate.clone();
-    }
+    let service = service.with_gate(hooks.gate.clone());
     #[cfg(not(test))]
     let _ = hooks;
 
@@ -198,7 +203,6 @@ async fn serve(
         .build_v1()
         .map_err(|e| Error::Server(format!("cannot build the reflection service: {e}")))?;
 
-    let stop = CancellationToken::new();
     let mut builder = tonic::transport::Server::builder();
     let cache_service = tonic::service::interceptor::InterceptedService::new(
         CacheNodeServer::new(service).max_decoding_message_size(config.limits.max_request_bytes),
@@ -665,5 +669,205 @@ pub(crate) mod tests {
         server.await.unwrap().expect("drained shutdown is clean");
         // Once drained, the port no longer accepts.
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    /// Opens a `BatchCommands` stream on `addr` with `token`: the sender of
+    /// batches and the stream of replies.
+    async fn open_stream(
+        addr: std::net::SocketAddr,
+        token: Option<&str>,
+    ) -> (
+        tokio::sync::mpsc::Sender<v1::BatchCommandsRequest>,
+        tonic::Streaming<v1::BatchCommandsResponse>,
+    ) {
+        let mut client = CacheNodeClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (batches, outbound) = tokio::sync::mpsc::channel(4);
+        let mut request =
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let replies = client.batch_commands(request).await.unwrap().into_inner();
+        (batches, replies)
+    }
+
+    fn command(id: u64, request: v1::command::Request) -> v1::Command {
+        v1::Command {
+            id,
+            request: Some(request),
+            ..v1::Command::default()
+        }
+    }
+
+    fn set(key: &str) -> v1::command::Request {
+        v1::command::Request::Set(v1::SetRequest {
+            keyspace: "default".into(),
+            item: Some(v1::SetItem {
+                key: key.as_bytes().to_vec().into(),
+                value: "v".into(),
+                version: 1,
+                ..v1::SetItem::default()
+            }),
+        })
+    }
+
+    fn get(key: &str) -> v1::command::Request {
+        v1::command::Request::Get(v1::GetRequest {
+            keyspace: "default".into(),
+            key: key.as_bytes().to_vec().into(),
+        })
+    }
+
+    /// The replies to one batch, by id: the code of an error, or `Ok`.
+    async fn replies(
+        stream: &mut tonic::Streaming<v1::BatchCommandsResponse>,
+    ) -> std::collections::BTreeMap<u64, Result<v1::command_reply::Reply, tonic::Code>> {
+        let batch = stream.message().await.unwrap().expect("a batch of replies");
+        batch
+            .replies
+            .into_iter()
+            .map(|reply| {
+                let answer = match reply.reply.expect("every reply has content") {
+                    v1::command_reply::Reply::Error(e) => Err(tonic::Code::from(e.code)),
+                    other => Ok(other),
+                };
+                (reply.id, answer)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_stream_admits_and_answers_each_command_as_its_unary_call() {
+        let config = Config::from_toml(
+            "[[auth.tokens]]\nname = \"writer\"\nsecret = \"w\"\npermissions = { \"*\" = \"write\" }\n\
+             [[auth.tokens]]\nname = \"reader\"\nsecret = \"r\"\npermissions = { \"*\" = \"read\" }",
+        )
+        .unwrap();
+        let (addr, _gate, stop_tx, server) = start_gated(config).await;
+        // Opening needs a token, as a unary call does.
+        let mut client = CacheNodeClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (_unused, outbound) = tokio::sync::mpsc::channel::<v1::BatchCommandsRequest>(1);
+        let refused = client
+            .batch_commands(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+        let (batches, mut stream) = open_stream(addr, Some("w")).await;
+        // A writer's batch: a write, a malformed write, a read of the
+        // written key; the malformed one fails alone.
+        let malformed = v1::command::Request::Set(v1::SetRequest {
+            keyspace: "default".into(),
+            item: None,
+        });
+        batches
+            .send(v1::BatchCommandsRequest {
+                commands: vec![command(1, set("k")), command(2, malformed), command(3, get("k"))],
+                authorization: "Bearer w".into(),
+                session: String::new(),
+            })
+            .await
+            .unwrap();
+        let answered = replies(&mut stream).await;
+        assert!(matches!(answered[&1], Ok(v1::command_reply::Reply::Set(_))));
+        assert_eq!(answered[&2], Err(tonic::Code::InvalidArgument));
+        match &answered[&3] {
+            Ok(v1::command_reply::Reply::Get(reply)) => {
+                assert_eq!(reply.entry.as_ref().unwrap().value, "v");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The token is checked per batch: on the same stream, a reader's
+        // batch may read but not write, and an unknown token nothing.
+        batches
+            .send(v1::BatchCommandsRequest {
+                commands: vec![command(4, set("k2")), command(5, get("k"))],
+                authorization: "Bearer r".into(),
+                session: String::new(),
+            })
+            .await
+            .unwrap();
+        let answered = replies(&mut stream).await;
+        assert_eq!(answered[&4], Err(tonic::Code::PermissionDenied));
+        assert!(matches!(answered[&5], Ok(v1::command_reply::Reply::Get(_))));
+        batches
+            .send(v1::BatchCommandsRequest {
+                commands: vec![command(6, get("k"))],
+                authorization: "Bearer nobody".into(),
+                session: String::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            replies(&mut stream).await[&6],
+            Err(tonic::Code::Unauthenticated)
+        );
+        drop(batches);
+        assert!(stream.message().await.unwrap().is_none(), "the stream ends with its requests");
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_streamed_write_issued_before_a_flush_is_refused_after_it() {
+        let (addr, _gate, stop_tx, server) = start_gated(Config::default()).await;
+        let session = "00000000000000aa";
+        let mut client = CacheNodeClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let mut flush = tonic::Request::new(v1::FlushRequest::default());
+        flush
+            .metadata_mut()
+            .insert(crate::sessions::SESSION_HEADER, format!("{session}-2").parse().unwrap());
+        client.flush(flush).await.unwrap();
+
+        let (batches, mut stream) = open_stream(addr, None).await;
+        let mut before = command(1, set("late"));
+        before.generation = 1;
+        let mut after = command(2, set("fresh"));
+        after.generation = 2;
+        batches
+            .send(v1::BatchCommandsRequest {
+                commands: vec![before, after],
+                authorization: String::new(),
+                session: session.into(),
+            })
+            .await
+            .unwrap();
+        let answered = replies(&mut stream).await;
+        assert_eq!(answered[&1], Err(tonic::Code::DeadlineExceeded), "{answered:?}");
+        assert!(matches!(answered[&2], Ok(v1::command_reply::Reply::Set(_))));
+        drop(batches);
+        stop_tx.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_draining_node_ends_its_command_streams() {
+        let (addr, _gate, stop_tx, server) = start_gated(Config::default()).await;
+        let (batches, mut stream) = open_stream(addr, None).await;
+        batches
+            .send(v1::BatchCommandsRequest {
+                commands: vec![command(1, set("k"))],
+                ..v1::BatchCommandsRequest::default()
+            })
+            .await
+            .unwrap();
+        assert!(replies(&mut stream).await[&1].is_ok());
+        // The client keeps its side open; the drain must not wait for it.
+        stop_tx.send(()).unwrap();
+        assert!(
+            stream.message().await.unwrap().is_none(),
+            "the node ends the stream when it drains"
+        );
+        server.await.unwrap().expect("drained shutdown is clean");
+        drop(batches);
     }
 }

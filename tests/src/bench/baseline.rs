@@ -93,6 +93,21 @@ impl CacheNode for Baseline {
         Err(unimplemented("Delete"))
     }
 
+    type BatchCommandsStream = std::pin::Pin<
+        Box<
+            dyn futures::Stream<Item = Result<v1::BatchCommandsResponse, Status>> + Send + 'static,
+        >,
+    >;
+
+    /// Unary calls only: the `grpc` suite compares unary calls, and a client
+    /// with its stream on falls back to them here.
+    async fn batch_commands(
+        &self,
+        _: Request<tonic::Streaming<v1::BatchCommandsRequest>>,
+    ) -> Result<Response<Self::BatchCommandsStream>, Status> {
+        Err(unimplemented("BatchCommands"))
+    }
+
     async fn stats(
         &self,
         _: Request<v1::StatsRequest>,

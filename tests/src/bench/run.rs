@@ -30,6 +30,9 @@ pub enum Target {
         seeds: Vec<String>,
         /// The keyspace the keys live in.
         keyspace: String,
+        /// Whether the client's command stream carries the calls
+        /// (`grpc://`), or every call is unary (`grpc-unary://`).
+        stream: bool,
     },
     /// Any RESP server, one connection per worker.
     Resp {
@@ -46,13 +49,19 @@ pub enum Target {
         servers: Vec<(String, String)>,
         /// The keyspace the keys are hashed in.
         keyspace: String,
+        /// One connection per server shared by every worker
+        /// (`resp-ring-mux://`): the `redis` crate's multiplexed connection
+        /// pipelines the concurrent workers' commands on it, the best a
+        /// Redis client does. Otherwise one connection per worker per server
+        /// (`resp-ring://`).
+        shared: bool,
     },
 }
 
 impl Target {
-    /// Parses `grpc://host:port[,host:port...]`, `resp://host:port` or
-    /// `resp-ring://[id=]host:port,...` (a server's ring id is its address
-    /// unless given).
+    /// Parses `grpc://host:port[,host:port...]` (or `grpc-unary://`),
+    /// `resp://host:port` or `resp-ring://[id=]host:port,...` (or
+    /// `resp-ring-mux://`; a server's ring id is its address unless given).
     ///
     /// # Errors
     ///
@@ -65,7 +74,13 @@ impl Target {
                 .map(str::to_owned)
                 .collect()
         };
-        if let Some(rest) = target.strip_prefix("grpc://") {
+        let grpc = [("grpc://", true), ("grpc-unary://", false)]
+            .into_iter()
+            .find_map(|(scheme, stream)| Some((target.strip_prefix(scheme)?, stream)));
+        let resp_ring = [("resp-ring://", false), ("resp-ring-mux://", true)]
+            .into_iter()
+            .find_map(|(scheme, shared)| Some((target.strip_prefix(scheme)?, shared)));
+        if let Some((rest, stream)) = grpc {
             let seeds = list(rest);
             if seeds.is_empty() {
                 bail!("target {target:?} names no seed address");
@@ -73,8 +88,9 @@ impl Target {
             Ok(Self::Grpc {
                 seeds,
                 keyspace: keyspace.to_owned(),
+                stream,
             })
-        } else if let Some(rest) = target.strip_prefix("resp-ring://") {
+        } else if let Some((rest, shared)) = resp_ring {
             let servers: Vec<(String, String)> = list(rest)
                 .into_iter()
                 .map(|entry| match entry.split_once('=') {
@@ -93,6 +109,7 @@ impl Target {
             Ok(Self::RespRing {
                 servers,
                 keyspace: keyspace.to_owned(),
+                shared,
             })
         } else if let Some(addr) = target.strip_prefix("resp://") {
             if addr.is_empty() || addr.contains(',') {
@@ -102,7 +119,9 @@ impl Target {
                 addr: addr.to_owned(),
             })
         } else {
-            bail!("target {target:?} must start with grpc://, resp:// or resp-ring://")
+            bail!(
+                "target {target:?} must start with grpc://, grpc-unary://, resp://, resp-ring:// or resp-ring-mux://"
+            )
         }
     }
 }
@@ -210,7 +229,9 @@ enum Conn {
     },
 }
 
-/// A RESP connection that reopens itself.
+/// A RESP connection that reopens itself. Clones share the connection (and
+/// pipeline on it) until one of them has to reopen it.
+#[derive(Clone)]
 struct RespConn {
     client: redis::Client,
     /// `None` once the server closed it (as it does after a protocol
@@ -385,8 +406,12 @@ async fn connect(
     request_timeout: Option<Duration>,
 ) -> Result<Vec<Conn>> {
     match target {
-        Target::Grpc { seeds, keyspace } => {
-            let mut config = ClientConfig::new(seeds.iter().cloned());
+        Target::Grpc {
+            seeds,
+            keyspace,
+            stream,
+        } => {
+            let mut config = ClientConfig::new(seeds.iter().cloned()).with_command_stream(*stream);
             if let Some(timeout) = request_timeout {
                 config = config
                     .with_request_timeout(timeout)
@@ -410,7 +435,28 @@ async fn connect(
             }
             Ok(conns)
         }
-        Target::RespRing { servers, keyspace } => {
+        Target::RespRing {
+            servers,
+            keyspace,
+            shared: true,
+        } => {
+            let route = Arc::new(RingRoute::new(servers, keyspace));
+            let mut per_server = Vec::with_capacity(servers.len());
+            for (_, addr) in servers {
+                per_server.push(RespConn::open(addr).await?);
+            }
+            Ok((0..clients)
+                .map(|_| Conn::RespRing {
+                    route: route.clone(),
+                    conns: per_server.clone(),
+                })
+                .collect())
+        }
+        Target::RespRing {
+            servers,
+            keyspace,
+            shared: false,
+        } => {
             let route = Arc::new(RingRoute::new(servers, keyspace));
             let mut conns = Vec::with_capacity(clients);
             for _ in 0..clients {
@@ -623,11 +669,27 @@ mod tests {
                     ("127.0.0.1:2".into(), "127.0.0.1:2".into()),
                 ],
                 keyspace: "ks".into(),
+                shared: false,
             }
         );
+        assert!(matches!(
+            Target::parse("resp-ring-mux://a=127.0.0.1:1", "ks").unwrap(),
+            Target::RespRing { shared: true, .. }
+        ));
         assert!(Target::parse("resp-ring://", "ks").is_err());
         assert!(Target::parse("resp-ring://x=h:1,x=h:2", "ks").is_err());
         assert!(Target::parse("resp-ring://=h:1", "ks").is_err());
+    }
+
+    #[test]
+    fn grpc_targets_stream_unless_asked_for_unary_calls() {
+        let stream = |target: &str| match Target::parse(target, "ks").unwrap() {
+            Target::Grpc { stream, .. } => stream,
+            other => panic!("{other:?}"),
+        };
+        assert!(stream("grpc://h:1,h:2"));
+        assert!(!stream("grpc-unary://h:1"));
+        assert!(Target::parse("grpc-unary://", "ks").is_err());
     }
 
     #[test]

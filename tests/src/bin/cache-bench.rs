@@ -21,9 +21,11 @@ enum Distribution {
     about = "Benchmark a ringcache cluster (gRPC) or any RESP server: closed or open loop"
 )]
 struct Cli {
-    /// `grpc://host:port[,host:port...]` (cluster seeds), `resp://host:port`,
-    /// or `resp-ring://[id=]host:port,...` (RESP servers, each key sent to
-    /// the one the client's ring names).
+    /// `grpc://host:port[,host:port...]` (cluster seeds; `grpc-unary://`
+    /// turns the client's command stream off), `resp://host:port`, or
+    /// `resp-ring://[id=]host:port,...` (RESP servers, each key sent to the
+    /// one the client's ring names, one connection per client per server;
+    /// `resp-ring-mux://` shares one multiplexed connection per server).
     #[arg(long)]
     target: String,
     /// Keyspace of the keys (gRPC; for resp-ring, the keyspace keys are

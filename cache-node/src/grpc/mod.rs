@@ -1,12 +1,22 @@
 //! The gRPC transport: converts `ringcache.v1` messages to the store's types,
 //! calls the store, and converts back. No cache logic lives here.
+//!
+//! - this file: the unary calls, each a thin wrapper over an `exec_*`
+//!   function that checks the caller's permission and runs the command;
+//! - [`batch`]: the `BatchCommands` stream, which runs the same `exec_*`
+//!   functions command by command, with the admission the interceptor gives
+//!   a unary call done per command.
 
+mod batch;
+
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ringcache_proto::ServiceError;
 use ringcache_proto::v1::{self, cache_node_server::CacheNode};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Auth, Principal};
@@ -99,6 +109,21 @@ fn stamp_of<T>(request: &Request<T>) -> Option<Stamp> {
 
 /// The `CacheNode` service of one node.
 pub struct CacheNodeService {
+    /// What the handlers share; behind an `Arc` so that a command stream's
+    /// task can hold it.
+    shared: Arc<Shared>,
+}
+
+impl Deref for CacheNodeService {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// The state of the [`CacheNodeService`].
+pub struct Shared {
     store: Arc<Store>,
     /// The flush generations of client sessions, and the fence between
     /// their writes and flushes.
@@ -107,6 +132,12 @@ pub struct CacheNodeService {
     topology: v1::TopologyResponse,
     started: Instant,
     node_id: String,
+    /// Admission of the commands of a stream (the interceptor admits each
+    /// unary call).
+    auth: Arc<Auth>,
+    /// Cancelled when the node starts draining: command streams end once
+    /// they answered what they received.
+    stop: CancellationToken,
     #[cfg(test)]
     pub(crate) gate: Option<Arc<crate::server::tests::Gate>>,
 }
@@ -114,11 +145,15 @@ pub struct CacheNodeService {
 impl CacheNodeService {
     /// A service over `store` answering `Topology` from `config.cluster`;
     /// without a member list it reports itself alone at `self_address`.
+    /// `auth` admits the commands of streams; `stop` ends the streams when
+    /// the node drains.
     pub fn new(
         config: &Config,
         self_address: String,
         store: Arc<Store>,
         metrics: Arc<NodeMetrics>,
+        auth: Arc<Auth>,
+        stop: CancellationToken,
     ) -> Self {
         let members = if config.cluster.members.is_empty() {
             vec![v1::Member {
@@ -138,7 +173,7 @@ impl CacheNodeService {
                 })
                 .collect()
         };
-        CacheNodeService {
+        let shared = Shared {
             store,
             sessions: Sessions::default(),
             metrics,
@@ -149,10 +184,27 @@ impl CacheNodeService {
             },
             started: Instant::now(),
             node_id: config.node_id.clone(),
+            auth,
+            stop,
             #[cfg(test)]
             gate: None,
+        };
+        CacheNodeService {
+            shared: Arc::new(shared),
         }
     }
+
+    /// Holds `Get` calls at `gate` (tests of the drain).
+    #[cfg(test)]
+    pub(crate) fn with_gate(mut self, gate: Option<Arc<crate::server::tests::Gate>>) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("the service is not shared before it serves")
+            .gate = gate;
+        self
+    }
+}
+
+impl Shared {
 
     /// For a write stamped `stamp`: the read side of the session fence, to
     /// hold while the write is applied, or the refusal of a write sent
@@ -182,9 +234,14 @@ impl CacheNodeService {
         rpc: Rpc,
         f: impl FnOnce() -> Result<T, Error>,
     ) -> Result<Response<T>, Status> {
+        self.reply(rpc, f).map(Response::new)
+    }
+
+    /// [`Shared::call`] without the response wrapper (a stream's command).
+    #[allow(clippy::result_large_err)] // `Status` is what tonic handlers return
+    fn reply<T>(&self, rpc: Rpc, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Status> {
         let _timer = self.metrics.time(rpc);
-        f().map(Response::new)
-            .map_err(|error| self.refuse(rpc, error))
+        f().map_err(|error| self.refuse(rpc, error))
     }
 
     /// Counts and converts the error of a call of `rpc`.
@@ -196,6 +253,114 @@ impl CacheNodeService {
         self.metrics.count_error(rpc, status.code());
         tracing::debug!(rpc = ?rpc, %error, "request refused");
         status
+    }
+
+    fn exec_get(&self, principal: &Principal, req: v1::GetRequest) -> Result<v1::GetResponse, Error> {
+        principal.check(&req.keyspace, Permission::Read)?;
+        self.store.get(&req.keyspace, &req.key).map(hit_to_proto)
+    }
+
+    fn exec_set(
+        &self,
+        principal: &Principal,
+        stamp: Option<Stamp>,
+        req: v1::SetRequest,
+    ) -> Result<v1::SetResponse, Error> {
+        principal.check(&req.keyspace, Permission::Write)?;
+        let item = required_item(req.item, "set")?;
+        let _fence = self.admit_write(stamp)?;
+        self.store.set(&req.keyspace, item).map(set_result_to_proto)
+    }
+
+    fn exec_delete(
+        &self,
+        principal: &Principal,
+        req: v1::DeleteRequest,
+    ) -> Result<v1::DeleteResponse, Error> {
+        principal.check(&req.keyspace, Permission::Write)?;
+        let deleted = match (req.only_version, req.below_version) {
+            (0, 0) => self.store.delete(&req.keyspace, &req.key)?,
+            (0, below) => self.store.delete_below(&req.keyspace, &req.key, below)?,
+            (version, _) => self.store.discard(&req.keyspace, &req.key, version)?,
+        };
+        Ok(v1::DeleteResponse { deleted })
+    }
+
+    fn exec_multi_get(
+        &self,
+        principal: &Principal,
+        req: v1::MultiGetRequest,
+    ) -> Result<v1::MultiGetResponse, Error> {
+        principal.check(&req.keyspace, Permission::Read)?;
+        let hits = self.store.multi_get(&req.keyspace, &req.keys)?;
+        Ok(v1::MultiGetResponse {
+            results: hits.into_iter().map(hit_to_proto).collect(),
+        })
+    }
+
+    fn exec_multi_set(
+        &self,
+        principal: &Principal,
+        stamp: Option<Stamp>,
+        req: v1::MultiSetRequest,
+    ) -> Result<v1::MultiSetResponse, Error> {
+        principal.check(&req.keyspace, Permission::Write)?;
+        let items = req
+            .items
+            .into_iter()
+            .map(item_from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        let _fence = self.admit_write(stamp)?;
+        let results = self.store.multi_set(&req.keyspace, items)?;
+        Ok(v1::MultiSetResponse {
+            results: results.into_iter().map(set_result_to_proto).collect(),
+        })
+    }
+
+    fn exec_lease_get(
+        &self,
+        principal: &Principal,
+        req: v1::LeaseGetRequest,
+    ) -> Result<v1::LeaseGetResponse, Error> {
+        principal.check(&req.keyspace, Permission::Read)?;
+        self.store
+            .lease_get(&req.keyspace, &req.key)
+            .map(lease_read_to_proto)
+    }
+
+    fn exec_fill(
+        &self,
+        principal: &Principal,
+        stamp: Option<Stamp>,
+        req: v1::FillRequest,
+    ) -> Result<v1::FillResponse, Error> {
+        principal.check(&req.keyspace, Permission::Write)?;
+        let item = required_item(req.item, "fill")?;
+        let _fence = self.admit_write(stamp)?;
+        let result = self.store.fill(&req.keyspace, item, req.lease_token)?;
+        let outcome = match result.outcome {
+            FillOutcome::Stored => v1::FillOutcome::Stored,
+            FillOutcome::LeaseInvalid => v1::FillOutcome::LeaseInvalid,
+            FillOutcome::StaleVersion => v1::FillOutcome::StaleVersion,
+        };
+        Ok(v1::FillResponse {
+            outcome: outcome as i32,
+            current_version: result.current_version,
+        })
+    }
+
+    fn exec_release_lease(
+        &self,
+        principal: &Principal,
+        req: v1::ReleaseLeaseRequest,
+    ) -> Result<v1::ReleaseLeaseResponse, Error> {
+        // The holder got the lease by reading: reading is all it takes to
+        // hand it back.
+        principal.check(&req.keyspace, Permission::Read)?;
+        let released = self
+            .store
+            .release_lease(&req.keyspace, &req.key, req.lease_token)?;
+        Ok(v1::ReleaseLeaseResponse { released })
     }
 }
 
@@ -319,10 +484,7 @@ impl CacheNode for CacheNodeService {
             gate.pass().await;
         }
         let (caller, req) = admitted(request)?;
-        self.call(Rpc::Get, || {
-            caller.check(&req.keyspace, Permission::Read)?;
-            self.store.get(&req.keyspace, &req.key).map(hit_to_proto)
-        })
+        self.call(Rpc::Get, || self.exec_get(&caller.principal, req))
     }
 
     async fn set(
@@ -331,12 +493,7 @@ impl CacheNode for CacheNodeService {
     ) -> Result<Response<v1::SetResponse>, Status> {
         let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
-        self.call(Rpc::Set, || {
-            caller.check(&req.keyspace, Permission::Write)?;
-            let item = required_item(req.item, "set")?;
-            let _fence = self.admit_write(stamp)?;
-            self.store.set(&req.keyspace, item).map(set_result_to_proto)
-        })
+        self.call(Rpc::Set, || self.exec_set(&caller.principal, stamp, req))
     }
 
     async fn delete(
@@ -344,15 +501,7 @@ impl CacheNode for CacheNodeService {
         request: Request<v1::DeleteRequest>,
     ) -> Result<Response<v1::DeleteResponse>, Status> {
         let (caller, req) = admitted(request)?;
-        self.call(Rpc::Delete, || {
-            caller.check(&req.keyspace, Permission::Write)?;
-            let deleted = match (req.only_version, req.below_version) {
-                (0, 0) => self.store.delete(&req.keyspace, &req.key)?,
-                (0, below) => self.store.delete_below(&req.keyspace, &req.key, below)?,
-                (version, _) => self.store.discard(&req.keyspace, &req.key, version)?,
-            };
-            Ok(v1::DeleteResponse { deleted })
-        })
+        self.call(Rpc::Delete, || self.exec_delete(&caller.principal, req))
     }
 
     async fn multi_get(
@@ -360,13 +509,7 @@ impl CacheNode for CacheNodeService {
         request: Request<v1::MultiGetRequest>,
     ) -> Result<Response<v1::MultiGetResponse>, Status> {
         let (caller, req) = admitted(request)?;
-        self.call(Rpc::MultiGet, || {
-            caller.check(&req.keyspace, Permission::Read)?;
-            let hits = self.store.multi_get(&req.keyspace, &req.keys)?;
-            Ok(v1::MultiGetResponse {
-                results: hits.into_iter().map(hit_to_proto).collect(),
-            })
-        })
+        self.call(Rpc::MultiGet, || self.exec_multi_get(&caller.principal, req))
     }
 
     async fn multi_set(
@@ -376,17 +519,7 @@ impl CacheNode for CacheNodeService {
         let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
         self.call(Rpc::MultiSet, || {
-            caller.check(&req.keyspace, Permission::Write)?;
-            let items = req
-                .items
-                .into_iter()
-                .map(item_from_proto)
-                .collect::<Result<Vec<_>, _>>()?;
-            let _fence = self.admit_write(stamp)?;
-            let results = self.store.multi_set(&req.keyspace, items)?;
-            Ok(v1::MultiSetResponse {
-                results: results.into_iter().map(set_result_to_proto).collect(),
-            })
+            self.exec_multi_set(&caller.principal, stamp, req)
         })
     }
 
@@ -464,10 +597,7 @@ impl CacheNode for CacheNodeService {
     ) -> Result<Response<v1::LeaseGetResponse>, Status> {
         let (caller, req) = admitted(request)?;
         self.call(Rpc::LeaseGet, || {
-            caller.check(&req.keyspace, Permission::Read)?;
-            self.store
-                .lease_get(&req.keyspace, &req.key)
-                .map(lease_read_to_proto)
+            self.exec_lease_get(&caller.principal, req)
         })
     }
 
@@ -477,21 +607,7 @@ impl CacheNode for CacheNodeService {
     ) -> Result<Response<v1::FillResponse>, Status> {
         let stamp = stamp_of(&request);
         let (caller, req) = admitted(request)?;
-        self.call(Rpc::Fill, || {
-            caller.check(&req.keyspace, Permission::Write)?;
-            let item = required_item(req.item, "fill")?;
-            let _fence = self.admit_write(stamp)?;
-            let result = self.store.fill(&req.keyspace, item, req.lease_token)?;
-            let outcome = match result.outcome {
-                FillOutcome::Stored => v1::FillOutcome::Stored,
-                FillOutcome::LeaseInvalid => v1::FillOutcome::LeaseInvalid,
-                FillOutcome::StaleVersion => v1::FillOutcome::StaleVersion,
-            };
-            Ok(v1::FillResponse {
-                outcome: outcome as i32,
-                current_version: result.current_version,
-            })
-        })
+        self.call(Rpc::Fill, || self.exec_fill(&caller.principal, stamp, req))
     }
 
     async fn release_lease(
@@ -500,13 +616,7 @@ impl CacheNode for CacheNodeService {
     ) -> Result<Response<v1::ReleaseLeaseResponse>, Status> {
         let (caller, req) = admitted(request)?;
         self.call(Rpc::ReleaseLease, || {
-            // The holder got the lease by reading: reading is all it takes
-            // to hand it back.
-            caller.check(&req.keyspace, Permission::Read)?;
-            let released = self
-                .store
-                .release_lease(&req.keyspace, &req.key, req.lease_token)?;
-            Ok(v1::ReleaseLeaseResponse { released })
+            self.exec_release_lease(&caller.principal, req)
         })
     }
 
@@ -667,6 +777,25 @@ impl CacheNode for CacheNodeService {
                 more,
             })
         })
+    }
+
+    type BatchCommandsStream = batch::ReplyStream;
+
+    async fn batch_commands(
+        &self,
+        request: Request<tonic::Streaming<v1::BatchCommandsRequest>>,
+    ) -> Result<Response<Self::BatchCommandsStream>, Status> {
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        // Opening the stream passed the interceptor like any call; its slot
+        // of the concurrency limit is given back at once: each command takes
+        // its own.
+        let (caller, incoming) = admitted(request)?;
+        drop(caller);
+        Ok(Response::new(batch::serve(
+            Arc::clone(&self.shared),
+            incoming,
+            peer,
+        )))
     }
 
     async fn topology(
