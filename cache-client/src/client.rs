@@ -653,7 +653,16 @@ impl Client {
                 let fut = send(Arc::clone(&node), idxs, timeout, fallback);
                 async move { (node, members, fut.await) }
             });
-            for (node, members, result) in futures::future::join_all(sends).await {
+            // Most calls go to one node: awaited in place, without the
+            // join's vector of (large) futures.
+            let answers = if sends.len() == 1 {
+                let mut sends = sends;
+                let only = sends.next().expect("one group");
+                vec![only.await]
+            } else {
+                futures::future::join_all(sends).await
+            };
+            for (node, members, result) in answers {
                 match result {
                     Ok(replies) => {
                         self.inner.cluster.record_success(&node);

@@ -2,8 +2,9 @@
 //!
 //! Services link this crate to use a ringcache pool: it hashes each
 //! `(keyspace, key)` onto a consistent-hash ring of cache nodes, keeps one
-//! HTTP/2 channel per node, routes around nodes that fail, and replicates
-//! keyspaces that ask for it.
+//! HTTP/2 channel per node (with one command stream on it that carries the
+//! concurrent calls to the node in batches), routes around nodes that fail,
+//! and replicates keyspaces that ask for it.
 //!
 //! - [`ring`]: the pure consistent-hash ring (placement in `docs/ring.md`).
 //! - [`config`]: [`ClientConfig`] with documented defaults.

@@ -44,6 +44,29 @@ struct State {
     release: Notify,
     /// Keys whose commands the node refuses.
     refused_keys: Mutex<Vec<Vec<u8>>>,
+    /// How many of the next batches are answered only once `released`
+    /// gives them a permit each.
+    hold: AtomicUsize,
+    released: Permits,
+    /// A permit per batch received.
+    received: Permits,
+}
+
+/// A semaphore that starts empty.
+struct Permits(tokio::sync::Semaphore);
+
+impl Default for Permits {
+    fn default() -> Self {
+        Permits(tokio::sync::Semaphore::new(0))
+    }
+}
+
+impl std::ops::Deref for Permits {
+    type Target = tokio::sync::Semaphore;
+
+    fn deref(&self) -> &tokio::sync::Semaphore {
+        &self.0
+    }
 }
 
 #[derive(Clone)]
@@ -156,6 +179,24 @@ impl CacheNode for Fake {
         tokio::spawn(async move {
             while let Ok(Some(batch)) = incoming.message().await {
                 fake.0.batches.lock().push(batch.commands.len());
+                fake.0.received.add_permits(1);
+                let held = fake
+                    .0
+                    .hold
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if held {
+                    let fake = fake.clone();
+                    let replies = replies.clone();
+                    tokio::spawn(async move {
+                        fake.0.released.acquire().await.unwrap().forget();
+                        let answered = v1::BatchCommandsResponse {
+                            replies: batch.commands.into_iter().map(|c| fake.run(c)).collect(),
+                        };
+                        let _ = replies.send(Ok(answered)).await;
+                    });
+                    continue;
+                }
                 let doomed = fake.0.break_next.lock().take();
                 if let Some(status) = doomed {
                     fake.0.received_doomed.notify_one();
@@ -328,6 +369,47 @@ async fn concurrent_calls_to_a_node_share_batches() {
     assert_eq!(node.streams_opened.load(Ordering::SeqCst), 1);
     let read = client.get("ks", "k499").await.unwrap().unwrap();
     assert_eq!(read.value, "v");
+}
+
+#[tokio::test]
+async fn the_next_batch_fills_while_the_batches_in_flight_are_out() {
+    let node = start(true).await;
+    let client = client(&node).await;
+    client.get("ks", "warm").await.unwrap();
+    node.received.acquire().await.unwrap().forget();
+
+    // Two batches go out and are not answered...
+    node.hold.store(2, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.get("ks", "x").await }
+    });
+    node.received.acquire().await.unwrap().forget();
+    let second = tokio::spawn({
+        let client = client.clone();
+        async move { client.get("ks", "y").await }
+    });
+    node.received.acquire().await.unwrap().forget();
+    // ... so ten more calls, issued one by one with the driver free to run
+    // between them (without the bound, each would go alone), wait together,
+    let mut calls = Vec::new();
+    for i in 0..10 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            client.set("ks", format!("z{i}"), "v", SetOptions::new()).await
+        }));
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(node.batches.lock().len(), 3, "nothing more went out");
+    // and go as one batch once a batch in flight is answered.
+    node.released.add_permits(2);
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    assert!(first.await.unwrap().unwrap().is_none());
+    assert!(second.await.unwrap().unwrap().is_none());
+    assert_eq!(*node.batches.lock(), [1, 1, 1, 10]);
 }
 
 #[tokio::test]
