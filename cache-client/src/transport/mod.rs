@@ -16,6 +16,7 @@
 //! Either way a call gets the same answer, with the same status on failure:
 //! the node serves a command as it serves its unary call.
 
+mod session;
 mod stream;
 
 use std::sync::Arc;
@@ -26,9 +27,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Response, Status};
 
-use crate::cluster::{Authorize, Session};
 use crate::config::ClientConfig;
 
+pub(crate) use session::{Authorize, Session};
 pub(crate) use stream::CommandStream;
 
 /// The generated client over one node's channel, with the client's token
@@ -49,14 +50,21 @@ pub(crate) struct NodeClient {
 }
 
 impl NodeClient {
-    /// Calls `node` over `raw`, streaming the hot calls unless `config`
-    /// turns the stream off.
+    /// Calls `node` over `channel`, every call with `session`'s token and
+    /// stamp, streaming the hot calls unless `config` turns the stream off.
     pub(crate) fn new(
-        raw: RawClient,
+        channel: Channel,
         node: &str,
         session: &Arc<Session>,
         config: &ClientConfig,
     ) -> Self {
+        let raw = CacheNodeClient::with_interceptor(
+            channel,
+            Authorize {
+                session: Arc::clone(session),
+            },
+        )
+        .max_decoding_message_size(usize::MAX);
         let stream = config.command_stream.then(|| {
             Arc::new(CommandStream::new(
                 raw.clone(),

@@ -45,8 +45,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::metadata::{KeyAndValueRef, MetadataMap};
 
-use super::RawClient;
-use crate::cluster::Session;
+use super::{RawClient, Session};
 use crate::telemetry;
 
 /// Most bytes of commands in one batch, well under the node's smallest

@@ -100,7 +100,7 @@ pub fn generate(shape: Shape) -> Result<impl Iterator<Item = Request>, String> {
                 let phase = i / phase_len;
                 // Each phase moves the ranks by a large odd stride, so the
                 // new hot set is keys the previous phases kept cold.
-                (rank + phase * (shape.keys / (shape.shifts + 1) | 1)) % shape.keys
+                (rank + phase * ((shape.keys / (shape.shifts + 1)) | 1)) % shape.keys
             }
             Kind::Zipf | Kind::Scan => rank,
         };
