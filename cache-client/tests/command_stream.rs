@@ -81,7 +81,9 @@ impl Fake {
     }
 
     fn set(&self, req: v1::SetRequest) -> Result<v1::SetResponse, Status> {
-        let item = req.item.ok_or_else(|| Status::invalid_argument("no item"))?;
+        let item = req
+            .item
+            .ok_or_else(|| Status::invalid_argument("no item"))?;
         self.check(&item.key)?;
         let mut entries = self.0.entries.lock();
         let outcome = if item.condition == v1::WriteCondition::IfAbsent as i32
@@ -362,7 +364,9 @@ async fn concurrent_calls_to_a_node_share_batches() {
         batches.len() - 1
     );
     assert!(
-        batches.iter().all(|&n| n <= cache_client::config::DEFAULT_MAX_BATCH_COMMANDS),
+        batches
+            .iter()
+            .all(|&n| n <= cache_client::config::DEFAULT_MAX_BATCH_COMMANDS),
         "{batches:?}"
     );
     assert_eq!(node.unary_calls.load(Ordering::SeqCst), 0);
@@ -396,7 +400,9 @@ async fn the_next_batch_fills_while_the_batches_in_flight_are_out() {
     for i in 0..10 {
         let client = client.clone();
         calls.push(tokio::spawn(async move {
-            client.set("ks", format!("z{i}"), "v", SetOptions::new()).await
+            client
+                .set("ks", format!("z{i}"), "v", SetOptions::new())
+                .await
         }));
         tokio::task::yield_now().await;
         tokio::task::yield_now().await;
@@ -438,7 +444,10 @@ async fn a_broken_stream_fails_its_commands_in_flight_which_follow_the_retry_rul
     owner.received_doomed.notified().await;
     owner.release.notify_one();
     let read = read.await.unwrap().unwrap();
-    assert!(read.is_none(), "the other node, which never held the key, answered");
+    assert!(
+        read.is_none(),
+        "the other node, which never held the key, answered"
+    );
     assert_eq!(other.batches.lock().len(), 1);
 
     // One failure does not mark the owner down: the next call goes to it,
@@ -500,10 +509,7 @@ async fn a_refused_command_fails_alone() {
         client.set("ks", "secret", "v", SetOptions::new()),
         client.set("ks", "public", "v", SetOptions::new()),
     );
-    assert!(
-        matches!(refused, Err(Error::Refused { .. })),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Err(Error::Refused { .. })), "{refused:?}");
     assert!(allowed.unwrap().is_stored());
     assert_eq!(
         node.batches.lock()[1..],
@@ -515,9 +521,10 @@ async fn a_refused_command_fails_alone() {
 #[tokio::test]
 async fn the_stream_can_be_turned_off() {
     let node = start(true).await;
-    let client = Client::connect(ClientConfig::new([node.address.clone()]).with_command_stream(false))
-        .await
-        .unwrap();
+    let client =
+        Client::connect(ClientConfig::new([node.address.clone()]).with_command_stream(false))
+            .await
+            .unwrap();
     client.set("ks", "k", "v", SetOptions::new()).await.unwrap();
     assert!(client.get("ks", "k").await.unwrap().is_some());
     assert_eq!(node.unary_calls.load(Ordering::SeqCst), 2);

@@ -768,7 +768,11 @@ pub(crate) mod tests {
         });
         batches
             .send(v1::BatchCommandsRequest {
-                commands: vec![command(1, set("k")), command(2, malformed), command(3, get("k"))],
+                commands: vec![
+                    command(1, set("k")),
+                    command(2, malformed),
+                    command(3, get("k")),
+                ],
                 authorization: "Bearer w".into(),
                 session: String::new(),
             })
@@ -810,7 +814,10 @@ pub(crate) mod tests {
             Err(tonic::Code::Unauthenticated)
         );
         drop(batches);
-        assert!(stream.message().await.unwrap().is_none(), "the stream ends with its requests");
+        assert!(
+            stream.message().await.unwrap().is_none(),
+            "the stream ends with its requests"
+        );
         stop_tx.send(()).unwrap();
         server.await.unwrap().unwrap();
     }
@@ -823,9 +830,10 @@ pub(crate) mod tests {
             .await
             .unwrap();
         let mut flush = tonic::Request::new(v1::FlushRequest::default());
-        flush
-            .metadata_mut()
-            .insert(crate::sessions::SESSION_HEADER, format!("{session}-2").parse().unwrap());
+        flush.metadata_mut().insert(
+            crate::sessions::SESSION_HEADER,
+            format!("{session}-2").parse().unwrap(),
+        );
         client.flush(flush).await.unwrap();
 
         let (batches, mut stream) = open_stream(addr, None).await;
@@ -842,7 +850,11 @@ pub(crate) mod tests {
             .await
             .unwrap();
         let answered = replies(&mut stream).await;
-        assert_eq!(answered[&1], Err(tonic::Code::DeadlineExceeded), "{answered:?}");
+        assert_eq!(
+            answered[&1],
+            Err(tonic::Code::DeadlineExceeded),
+            "{answered:?}"
+        );
         assert!(matches!(answered[&2], Ok(v1::command_reply::Reply::Set(_))));
         drop(batches);
         stop_tx.send(()).unwrap();

@@ -133,9 +133,11 @@ impl CommandStream {
             .send(queued)
             .await
             .map_err(|_| Status::unavailable("the node's command stream is closed"))?;
-        replied
-            .await
-            .unwrap_or_else(|_| Err(Status::unavailable("the command stream dropped the command")))
+        replied.await.unwrap_or_else(|_| {
+            Err(Status::unavailable(
+                "the command stream dropped the command",
+            ))
+        })
     }
 
     /// The driver's queue; the first call starts the driver, which ends when

@@ -127,7 +127,9 @@ impl Shared {
             .map_err(|e| self.refuse_admission("overloaded", e))?;
         if command.timeout_ms > 0 && received.elapsed() > Duration::from_millis(command.timeout_ms)
         {
-            return Err(Status::deadline_exceeded("the command waited past its timeout"));
+            return Err(Status::deadline_exceeded(
+                "the command waited past its timeout",
+            ));
         }
         let stamp = session.map(|session| Stamp {
             session,
@@ -163,7 +165,9 @@ impl Shared {
                 .reply(Rpc::Fill, || self.exec_fill(principal, stamp, req))
                 .map(Reply::Fill),
             Command::ReleaseLease(req) => self
-                .reply(Rpc::ReleaseLease, || self.exec_release_lease(principal, req))
+                .reply(Rpc::ReleaseLease, || {
+                    self.exec_release_lease(principal, req)
+                })
                 .map(Reply::ReleaseLease),
         }
     }

@@ -205,7 +205,6 @@ impl CacheNodeService {
 }
 
 impl Shared {
-
     /// For a write stamped `stamp`: the read side of the session fence, to
     /// hold while the write is applied, or the refusal of a write sent
     /// before its session's last flush of this node. Unstamped writes are
@@ -255,7 +254,11 @@ impl Shared {
         status
     }
 
-    fn exec_get(&self, principal: &Principal, req: v1::GetRequest) -> Result<v1::GetResponse, Error> {
+    fn exec_get(
+        &self,
+        principal: &Principal,
+        req: v1::GetRequest,
+    ) -> Result<v1::GetResponse, Error> {
         principal.check(&req.keyspace, Permission::Read)?;
         self.store.get(&req.keyspace, &req.key).map(hit_to_proto)
     }
@@ -509,7 +512,9 @@ impl CacheNode for CacheNodeService {
         request: Request<v1::MultiGetRequest>,
     ) -> Result<Response<v1::MultiGetResponse>, Status> {
         let (caller, req) = admitted(request)?;
-        self.call(Rpc::MultiGet, || self.exec_multi_get(&caller.principal, req))
+        self.call(Rpc::MultiGet, || {
+            self.exec_multi_get(&caller.principal, req)
+        })
     }
 
     async fn multi_set(

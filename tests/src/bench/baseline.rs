@@ -94,9 +94,7 @@ impl CacheNode for Baseline {
     }
 
     type BatchCommandsStream = std::pin::Pin<
-        Box<
-            dyn futures::Stream<Item = Result<v1::BatchCommandsResponse, Status>> + Send + 'static,
-        >,
+        Box<dyn futures::Stream<Item = Result<v1::BatchCommandsResponse, Status>> + Send + 'static>,
     >;
 
     /// Unary calls only: the `grpc` suite compares unary calls, and a client
