@@ -519,6 +519,28 @@ async fn a_refused_command_fails_alone() {
 }
 
 #[tokio::test]
+async fn a_command_too_large_to_share_a_batch_goes_unary() {
+    let node = start(true).await;
+    let client = client(&node).await;
+    client.get("ks", "warm").await.unwrap();
+    let large = vec![b'x'; 300 * 1024];
+    client
+        .set("ks", "large", large.clone(), SetOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(node.unary_calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        *node.batches.lock(),
+        [1],
+        "only the first read was streamed"
+    );
+    assert_eq!(
+        client.get("ks", "large").await.unwrap().unwrap().value,
+        large
+    );
+}
+
+#[tokio::test]
 async fn the_stream_can_be_turned_off() {
     let node = start(true).await;
     let client =

@@ -740,21 +740,13 @@ impl Config {
         }
         // One request must at least fit one maximal item plus framing, and
         // a batch of a client's command stream.
-        let min_request = limits.max_key_bytes + limits.max_value_bytes + 1024;
+        let min_request =
+            (limits.max_key_bytes + limits.max_value_bytes + 1024).max(MIN_REQUEST_BYTES);
         if limits.max_request_bytes < min_request {
             return Err(Error::config(
                 "limits.max_request_bytes",
                 format!(
-                    "{} is smaller than max_key_bytes + max_value_bytes + 1024 ({min_request})",
-                    limits.max_request_bytes
-                ),
-            ));
-        }
-        if limits.max_request_bytes < MIN_REQUEST_BYTES {
-            return Err(Error::config(
-                "limits.max_request_bytes",
-                format!(
-                    "{} is smaller than {MIN_REQUEST_BYTES}, a client's largest batch of commands",
+                    "{} is smaller than {min_request}: the larger of max_key_bytes + max_value_bytes + 1024 and {MIN_REQUEST_BYTES} (a client's largest batch of commands)",
                     limits.max_request_bytes
                 ),
             ));
@@ -1168,6 +1160,10 @@ mod tests {
             (
                 "[cluster]\nmembers = [{ id = \"x\", address = \"h:1\" }]",
                 "cluster.members",
+            ),
+            (
+                "[limits]\nmax_value_bytes = 1024\nmax_request_bytes = 1048576",
+                "limits.max_request_bytes",
             ),
             (
                 "node_id = \"x\"\n[cluster]\nmembers = [{ id = \"x\", address = \"h:1\" }, { id = \"x\", address = \"h:2\" }]",

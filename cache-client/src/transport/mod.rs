@@ -85,10 +85,11 @@ macro_rules! streamed {
             &mut self,
             request: tonic::Request<$request>,
         ) -> Result<Response<$response>, Status> {
+            let bytes = request.get_ref().encoded_len();
             match &self.stream {
-                Some(stream) if request.get_ref().encoded_len() <= MAX_STREAMED_COMMAND_BYTES => {
+                Some(stream) if bytes <= MAX_STREAMED_COMMAND_BYTES => {
                     let (metadata, _, message) = request.into_parts();
-                    match stream.call(&metadata, Command::$variant(message)).await? {
+                    match stream.call(&metadata, Command::$variant(message), bytes).await? {
                         v1::command_reply::Reply::$variant(reply) => Ok(Response::new(reply)),
                         _ => Err(Status::internal(concat!(
                             "the node answered a ",

@@ -37,7 +37,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use prost::Message as _;
 use ringcache_proto::v1::{self, command::Request as Command, command_reply::Reply};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -109,12 +108,14 @@ impl CommandStream {
         }
     }
 
-    /// Sends `request` as a command with what `metadata` says of the call
-    /// (its timeout, its trace context) and waits for its reply.
+    /// Sends `request` (of `bytes` encoded, as the caller measured it) as a
+    /// command with what `metadata` says of the call (its timeout, its trace
+    /// context) and waits for its reply.
     pub(crate) async fn call(
         &self,
         metadata: &MetadataMap,
         request: Command,
+        bytes: usize,
     ) -> Result<Reply, Status> {
         let command = v1::Command {
             id: 0,
@@ -125,7 +126,9 @@ impl CommandStream {
         };
         let (reply, replied) = oneshot::channel();
         let queued = Queued {
-            bytes: command.encoded_len(),
+            // The command's own fields add a few bytes to its request's:
+            // within the batches' margin under the node's limit.
+            bytes,
             command,
             reply,
         };
